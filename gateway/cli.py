@@ -29,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from gateway import cli_pki
+    from gateway import cli_node, cli_pki
 
     cli_pki.register(sub)
+    cli_node.register(sub)
     return parser
 
 

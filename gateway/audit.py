@@ -1,0 +1,723 @@
+"""The one audit writer of yigong-gateway: an append-only, hash-chained, signed event log.
+
+Format
+    A separate SQLite file (WAL, ``synchronous=FULL``; schema version in
+    ``PRAGMA user_version``). Table ``events`` holds one row per event::
+
+        seq, time, event, actor, outcome, object_id, transfer_id, peer, case_id,
+        details, prev_hash, entry_hash
+
+    ``time`` is ISO-8601 UTC with microseconds (``2025-01-31T08:15:02.123456Z``);
+    ``details`` is canonical JSON (``sort_keys``, separators ``(',', ':')``,
+    ``ensure_ascii=False``) of a flat object, ``{}`` when there are none.
+    ``entry_hash = sha256_hex(prev_hash + "\\n" + canonical_json([seq, time, event,
+    actor, outcome, object_id, transfer_id, peer, case_id, details]))`` where
+    ``details`` is the stored JSON *text* (so every stored byte is covered). The
+    first entry's ``prev_hash`` is ``sha256_hex("yigong-audit-genesis:" + node_id)``.
+    Table ``checkpoints(seq, time, head_hash, signature)`` holds signatures of
+    :func:`checkpoint_signing_bytes` over the chain head at ``seq``.
+
+Guarantees
+    * an entry :meth:`AuditLog.record` returned a seq for is durable;
+    * :meth:`AuditLog.verify` detects an edited, deleted, inserted or reordered
+      entry, and truncation below a checkpoint; signatures make checkpoints
+      unforgeable without the node key. SQLite triggers refuse UPDATE and DELETE
+      (and inserts that do not extend the chain) as defence in depth; verification
+      never relies on them. Someone with write access who rewrites the whole chain
+      *and* drops the checkpoints is only caught by a checkpoint exported earlier
+      (:meth:`AuditLog.export_checkpoint`, kept by the peer or a security officer,
+      checked with :meth:`AuditLog.check_against_checkpoint`).
+
+What must never go in it
+    Patient data. Callers pass UIDs, hashes, case ids and pseudonyms only; never
+    names, patient ids, birth dates, addresses or free text copied from a DICOM
+    header. ``details`` values must be flat scalars and a denylist of identifying
+    keys is refused with :class:`~gateway.errors.AuditError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from gateway.errors import AuditError
+from gateway.hashing import sha256_hex
+
+log = logging.getLogger(__name__)
+
+# --- event types ----------------------------------------------------------------------------
+NODE_START: Final = "node.start"
+NODE_STOP: Final = "node.stop"
+CONFIG_LOADED: Final = "config.loaded"
+AUTH_REFUSED: Final = "auth.refused"  # certificate refused
+AUTHZ_REFUSED: Final = "authz.refused"  # identity known, role not allowed
+TRANSFER_QUEUED: Final = "transfer.queued"
+TRANSFER_BEGUN: Final = "transfer.begun"
+TRANSFER_COMPLETED: Final = "transfer.completed"
+TRANSFER_FAILED: Final = "transfer.failed"
+TRANSFER_RECEIVED: Final = "transfer.received"
+TRANSFER_INTEGRITY_FAILED: Final = "transfer.integrity_failed"
+OBJECT_STORED: Final = "object.stored"
+QUERY: Final = "query"  # a listing / metadata lookup
+OBJECT_DOWNLOADED: Final = "object.downloaded"
+RESIDENCY_REFUSED: Final = "residency.refused"
+DICOM_ASSOCIATION_ACCEPTED: Final = "dicom.association_accepted"
+DICOM_ASSOCIATION_REFUSED: Final = "dicom.association_refused"
+DICOM_INSTANCE_RECEIVED: Final = "dicom.instance_received"
+DEID_APPLIED: Final = "deid.applied"
+CASE_CONFIRMATION: Final = "case.confirmation"
+CASE_RECORD: Final = "case.record"  # a signed case document (order, design, delivery, ...)
+FIDELITY_RESULT: Final = "fidelity.result"
+SECURITY_ALERT: Final = "security.alert"
+
+EVENT_TYPES: Final[frozenset[str]] = frozenset({
+    NODE_START, NODE_STOP, CONFIG_LOADED, AUTH_REFUSED, AUTHZ_REFUSED, TRANSFER_QUEUED,
+    TRANSFER_BEGUN, TRANSFER_COMPLETED, TRANSFER_FAILED, TRANSFER_RECEIVED,
+    TRANSFER_INTEGRITY_FAILED, OBJECT_STORED, QUERY, OBJECT_DOWNLOADED, RESIDENCY_REFUSED,
+    DICOM_ASSOCIATION_ACCEPTED, DICOM_ASSOCIATION_REFUSED, DICOM_INSTANCE_RECEIVED,
+    DEID_APPLIED, CASE_CONFIRMATION, CASE_RECORD, FIDELITY_RESULT, SECURITY_ALERT,
+})  # fmt: skip
+
+OUTCOMES: Final = frozenset({"success", "failure"})
+SCHEMA_VERSION: Final = 1
+CHECKPOINT_FORMAT: Final = "yigong-audit-checkpoint/1"
+MAX_DETAIL_KEYS: Final = 32
+MAX_DETAIL_CHARS: Final = 4096
+REORDER_WINDOW: Final = 1000
+"""How far (in seqs) verification looks for the true position of a misplaced entry."""
+
+Scalar = str | int | float | bool | None
+Signer = Callable[[bytes], bytes]
+"""Signs checkpoint bytes with the node key (ECDSA P-256 / SHA-256 in the federation)."""
+Verifier = Callable[[bytes, bytes], None]
+"""``verify(data, signature)``; raises (e.g. BadSignature) when the signature does not verify."""
+
+_DENIED_KEYS: Final = frozenset(
+    """name fullname firstname lastname givenname familyname birthname patient patientname
+    patientsname patientid patientsid otherpatientids otherpatientnames birthdate dateofbirth
+    dob patientbirthdate patientsbirthdate address patientaddress patientsaddress phone
+    telephone phonenumber patienttelephonenumbers mobile email idcard idnumber nationalid ssn
+    mrn medicalrecordnumber insurancenumber 姓名 患者姓名 病人姓名 身份证 身份证号 出生日期 住址
+    地址 电话 手机 手机号 病历号 住院号 医保号""".split()
+)
+"""Keys (lowercased, punctuation and ``_`` removed) that name patient data."""
+
+_COLUMNS: Final = (
+    "seq, time, event, actor, outcome, object_id, transfer_id, peer, case_id, details, "
+    "prev_hash, entry_hash"
+)
+_HEAD_SQL: Final = "SELECT seq, entry_hash FROM events ORDER BY seq DESC LIMIT 1"
+_TABLES: Final = ("events", "checkpoints", "meta")
+_TRIGGERS: Final = (
+    "events_append_only",
+    *(f"{t}_no_{o}" for t in _TABLES for o in ("update", "delete")),
+)
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY, time TEXT NOT NULL, event TEXT NOT NULL, actor TEXT,
+    outcome TEXT NOT NULL CHECK (outcome IN ('success', 'failure')), object_id TEXT,
+    transfer_id TEXT, peer TEXT, case_id TEXT, details TEXT NOT NULL,
+    prev_hash TEXT NOT NULL, entry_hash TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_time ON events(time);
+CREATE INDEX IF NOT EXISTS events_event ON events(event);
+CREATE INDEX IF NOT EXISTS events_object ON events(object_id);
+CREATE INDEX IF NOT EXISTS events_transfer ON events(transfer_id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    seq INTEGER PRIMARY KEY, time TEXT NOT NULL, head_hash TEXT NOT NULL,
+    signature BLOB NOT NULL);
+"""
+_TRIGGER_SQL: Final = "".join(
+    f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op} BEFORE {op.upper()} ON {table} BEGIN "
+    f"SELECT RAISE(ABORT, 'audit log is append-only: {op.upper()} of {table} is not allowed'); "
+    "END;\n"
+    for table in _TABLES
+    for op in ("update", "delete")
+) + (
+    "CREATE TRIGGER IF NOT EXISTS events_append_only BEFORE INSERT ON events WHEN "
+    "NEW.seq IS NOT (SELECT COALESCE(MAX(seq), 0) + 1 FROM events) OR NEW.prev_hash IS NOT "
+    "COALESCE((SELECT entry_hash FROM events WHERE seq = NEW.seq - 1), "
+    "(SELECT value FROM meta WHERE key = 'genesis')) BEGIN "
+    "SELECT RAISE(ABORT, 'audit log is append-only: a new entry must extend the chain'); END;\n"
+)
+
+
+# --- pure functions: the format -------------------------------------------------------------
+def canonical_json(value: Any) -> str:
+    """The canonical JSON text used for ``details`` and for hashing."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def genesis_hash(node_id: str) -> str:
+    """``prev_hash`` of the first entry of ``node_id``'s log."""
+    return sha256_hex(f"yigong-audit-genesis:{node_id}".encode())
+
+
+def entry_hash(prev_hash: str, fields: Sequence[Any]) -> str:
+    """Hash of one entry; ``fields`` = [seq, time, event, actor, outcome, object_id,
+    transfer_id, peer, case_id, details-json-text]."""
+    return sha256_hex(f"{prev_hash}\n{canonical_json(list(fields))}".encode())
+
+
+def checkpoint_signing_bytes(node_id: str, seq: int, head_hash: str) -> bytes:
+    """The exact bytes a checkpoint signature covers."""
+    return f"yigong-audit-checkpoint\n{node_id}\n{seq}\n{head_hash}".encode()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _fmt_time(when: datetime) -> str:
+    if when.tzinfo is None:
+        raise AuditError(f"audit time filter {when.isoformat()} has no time zone; pass UTC")
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _safe_hash(prev_hash: object, fields: Sequence[Any]) -> str | None:
+    """:func:`entry_hash` of a stored row, or None when the row holds foreign types."""
+    if not isinstance(prev_hash, str):
+        return None
+    try:
+        return entry_hash(prev_hash, fields)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_details(details: Mapping[str, Scalar] | None) -> str:
+    if details is None:
+        return "{}"
+    if not isinstance(details, Mapping):
+        raise AuditError(f"audit details must be a mapping, not {type(details).__name__}")
+    if len(details) > MAX_DETAIL_KEYS:
+        raise AuditError(f"audit details have {len(details)} keys; at most {MAX_DETAIL_KEYS}")
+    for key, value in details.items():
+        if not isinstance(key, str) or not key:
+            raise AuditError(f"audit details key {key!r} must be a non-empty string")
+        if re.sub(r"[\W_]", "", key.lower()) in _DENIED_KEYS:
+            raise AuditError(
+                f"audit details key {key!r} is not allowed: it names patient data; "
+                "record UIDs, hashes, case ids or pseudonyms instead"
+            )
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise AuditError(
+                f"audit details[{key!r}] is a {type(value).__name__}: values must be flat "
+                "scalars (str, int, float, bool or None), never nested structures"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise AuditError(f"audit details[{key!r}] is {value}: only finite numbers")
+        if isinstance(value, str) and len(value) > MAX_DETAIL_CHARS:
+            raise AuditError(f"audit details[{key!r}] is longer than {MAX_DETAIL_CHARS} chars")
+    return canonical_json(dict(details))
+
+
+# --- records --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AuditEvent:
+    """One row of ``events``; ``details`` parsed to a dict."""
+
+    seq: int
+    time: str
+    event: str
+    actor: str | None
+    outcome: str
+    object_id: str | None
+    transfer_id: str | None
+    peer: str | None
+    case_id: str | None
+    details: dict[str, Scalar] = field(hash=False)
+    prev_hash: str
+    entry_hash: str
+
+    @property
+    def timestamp(self) -> datetime:
+        return datetime.fromisoformat(self.time)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A signature by the node over the chain head at ``seq``."""
+
+    node_id: str
+    seq: int
+    time: str
+    head_hash: str
+    signature: bytes
+
+    def signing_bytes(self) -> bytes:
+        return checkpoint_signing_bytes(self.node_id, self.seq, self.head_hash)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, **asdict(self), "signature": self.signature.hex()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
+        try:
+            if data.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"format is {data.get('format')!r}, not {CHECKPOINT_FORMAT!r}")
+            seq, head = data["seq"], data["head_hash"]
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+                raise ValueError(f"seq {seq!r} is not a positive integer")
+            if not isinstance(head, str) or not re.fullmatch(r"[0-9a-f]{64}", head):
+                raise ValueError("head_hash is not 64 lowercase hex digits")
+            return cls(
+                str(data["node_id"]), seq, str(data["time"]), head, bytes.fromhex(data["signature"])
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AuditError(f"exported audit checkpoint is malformed: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Outcome of a verification; ``reason`` names the first bad entry and what is wrong.
+
+    ``entries`` and ``checkpoints`` count what the log holds (including any exported
+    checkpoint checked against it)."""
+
+    ok: bool
+    entries: int
+    checkpoints: int
+    first_bad_seq: int | None
+    reason: str
+
+
+# --- verification ---------------------------------------------------------------------------
+def _missing_triggers(conn: sqlite3.Connection) -> list[str]:
+    present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+    return [name for name in _TRIGGERS if name not in present]
+
+
+def _true_seq(row: Sequence[Any]) -> int | None:
+    """The seq a misplaced row's hash was computed for, searched near its current seq."""
+    seq = row[0]
+    for delta in range(1, REORDER_WINDOW + 1):
+        for cand in (seq + delta, seq - delta):
+            if cand >= 1 and _safe_hash(row[10], (cand, *row[1:10])) == row[11]:
+                return cand
+    return None
+
+
+def _chain_fault(row: Sequence[Any], expected_seq: int) -> tuple[int, str]:
+    """(first bad seq, reason) for the first row that does not continue the chain."""
+    seq, prev_seq = row[0], expected_seq - 1
+    if seq != expected_seq:
+        single = seq == expected_seq + 1
+        what = f"entry {expected_seq}" if single else f"entries {expected_seq}-{seq - 1}"
+        after = f"previous entry is {prev_seq}" if prev_seq else "log starts there"
+        return expected_seq, f"{what}: missing (deleted) — entry {seq} follows, {after}"
+    if _safe_hash(row[10], row[:10]) != row[11]:
+        true = _true_seq(row)
+        if true is None:
+            return seq, f"entry {seq}: content does not match its hash (edited)"
+        if true > seq:
+            return seq, f"entry {seq}: holds the entry recorded as {true} (reordered)"
+        return true, f"entry {true}: inserted — the entry recorded as {true} now sits at {seq}"
+    if seq == 1:
+        return 1, "entry 1: does not start from this node's genesis hash (rewritten)"
+    return prev_seq, f"entry {prev_seq}: rewritten — entry {seq} does not link to its hash"
+
+
+def _checkpoint_fault(
+    cps: Sequence[Checkpoint], node_id: str, verify_signature: Verifier | None
+) -> tuple[int, str] | None:
+    for cp in cps:
+        if cp.node_id != node_id:
+            return cp.seq, f"checkpoint at entry {cp.seq} belongs to node {cp.node_id!r}"
+        if verify_signature is not None:
+            try:
+                if not isinstance(cp.signature, bytes):
+                    raise TypeError("signature is not bytes")
+                verify_signature(cp.signing_bytes(), cp.signature)
+            except Exception as exc:
+                why = type(exc).__name__
+                return cp.seq, f"checkpoint at entry {cp.seq}: signature does not verify ({why})"
+    return None
+
+
+def _chain_fault_after(
+    rows: Iterable[Sequence[Any]], prev: str, last: int, cps: Sequence[Checkpoint] = ()
+) -> tuple[int, str] | None:
+    """First fault in ``rows`` (entries after ``last``, whose hash is ``prev``), or None."""
+    heads: dict[int, list[str]] = {}
+    for cp in cps:
+        heads.setdefault(cp.seq, []).append(cp.head_hash)
+    for row in rows:
+        if row[0] != last + 1 or row[10] != prev or _safe_hash(prev, row[:10]) != row[11]:
+            return _chain_fault(row, last + 1)
+        prev, last = row[11], row[0]
+        if any(head != prev for head in heads.get(last, ())):
+            return (
+                last,
+                f"checkpoint at entry {last}: signed head hash does not match the log "
+                "(rewritten after it was signed)",
+            )
+    if cps and cps[-1].seq > last:
+        ends = f"log ends at entry {last}" if last else "log is empty"
+        return last + 1, f"log truncated: checkpoint at entry {cps[-1].seq} but {ends}"
+    return None
+
+
+def verify_log(
+    path: Path,
+    node_id: str,
+    *,
+    verify_signature: Verifier | None = None,
+    extra_checkpoints: Sequence[Checkpoint] = (),
+) -> VerifyReport:
+    """Verify the audit log file at ``path`` (read-only; safe while a writer is running).
+
+    Recomputes the chain from genesis; compares every checkpoint's head hash with
+    the recomputed hash at its seq; verifies each checkpoint signature with
+    ``verify_signature(data, signature)`` (which raises when it does not verify)
+    if given. Without ``verify_signature`` checkpoints are consistency checks only.
+    """
+    if not Path(path).exists():
+        raise AuditError(f"audit log {path} does not exist")
+    try:
+        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise AuditError(f"cannot open audit log {path}: {exc}") from exc
+    try:
+        conn.execute("BEGIN")  # one snapshot for checkpoints and events
+        if missing := _missing_triggers(conn):
+            log.warning("audit log %s: append-only triggers missing: %s", path, missing)
+        stored = [
+            Checkpoint(node_id, r[0], r[1], r[2], r[3])
+            for r in conn.execute(
+                "SELECT seq, time, head_hash, signature FROM checkpoints ORDER BY seq"
+            )
+        ]
+        cps = sorted([*stored, *extra_checkpoints], key=lambda c: c.seq)
+        n_entries = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+        fault = _checkpoint_fault(cps, node_id, verify_signature) or _chain_fault_after(
+            conn.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq"),
+            genesis_hash(node_id),
+            0,
+            cps,
+        )
+        if fault is not None:
+            return VerifyReport(False, n_entries, len(cps), fault[0], fault[1])
+        reason = f"ok: {n_entries} entries, {len(cps)} checkpoints verified"
+        return VerifyReport(True, n_entries, len(cps), None, reason)
+    except sqlite3.Error as exc:
+        raise AuditError(f"cannot read audit log {path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+# --- the writer -----------------------------------------------------------------------------
+class AuditLog:
+    """The one writer of a node's audit log. Thread-safe; one instance per file per process."""
+
+    def __init__(
+        self,
+        path: Path,
+        node_id: str,
+        *,
+        signer: Signer | None = None,
+        checkpoint_every: int = 1000,
+    ) -> None:
+        if not node_id or not isinstance(node_id, str) or "\n" in node_id:
+            raise AuditError(f"invalid audit node id {node_id!r}")
+        if checkpoint_every < 1:
+            raise AuditError(f"checkpoint_every must be >= 1, not {checkpoint_every}")
+        self.path = Path(path)
+        self.node_id = node_id
+        self._signer = signer
+        self._checkpoint_every = checkpoint_every
+        self._lock = threading.Lock()
+        self._genesis = genesis_hash(node_id)
+        new_file = not self.path.exists()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn: sqlite3.Connection | None = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30
+            )
+            if new_file:
+                os.chmod(self.path, 0o600)
+            self._open_schema()
+        except (sqlite3.Error, OSError) as exc:
+            self._close_conn()
+            raise AuditError(f"cannot open audit log {self.path}: {exc}") from exc
+        except AuditError:
+            self._close_conn()
+            raise
+
+    def _open_schema(self) -> None:
+        conn = self._db()
+        if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise AuditError(f"audit log {self.path}: cannot enable WAL journal mode")
+        conn.execute("PRAGMA synchronous=FULL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise AuditError(
+                f"audit log {self.path} has schema version {version}; this "
+                f"gateway reads up to {SCHEMA_VERSION}: upgrade the gateway"
+            )
+        with self._tx() as c:
+            existed = version == SCHEMA_VERSION
+            missing = _missing_triggers(c) if existed else []
+            for stmt in (_SCHEMA + _TRIGGER_SQL).split(";\n"):
+                if stmt.strip():
+                    c.execute(stmt)
+            c.execute("INSERT OR IGNORE INTO meta VALUES ('node_id', ?)", (self.node_id,))
+            c.execute("INSERT OR IGNORE INTO meta VALUES ('genesis', ?)", (self._genesis,))
+            owner = c.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()[0]
+            if owner != self.node_id:
+                raise AuditError(
+                    f"audit log {self.path} belongs to node {owner!r}, not {self.node_id!r}"
+                )
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            row = c.execute("SELECT MAX(seq) FROM checkpoints").fetchone()
+            self._last_checkpoint = row[0] or 0
+        if missing:
+            log.error("audit log %s: restored missing triggers %s", self.path, missing)
+            alert: dict[str, Scalar] = {
+                "reason": "audit triggers missing",
+                "restored": len(missing),
+            }
+            self.record(SECURITY_ALERT, outcome="failure", details=alert)
+
+    # -- plumbing --
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise AuditError(f"audit log {self.path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise AuditError(f"audit log {self.path}: cannot begin a write: {exc}") from exc
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.warning("audit log %s: rollback failed", self.path)
+            if isinstance(exc, sqlite3.Error):
+                raise AuditError(f"audit log {self.path}: write failed: {exc}") from exc
+            raise
+
+    def _close_conn(self) -> None:
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.close()
+        self._conn = None
+
+    # -- writing --
+    def record(
+        self,
+        event: str,
+        *,
+        actor: str | None = None,
+        outcome: str = "success",
+        object_id: str | None = None,
+        transfer_id: str | None = None,
+        peer: str | None = None,
+        case_id: str | None = None,
+        details: Mapping[str, Scalar] | None = None,
+    ) -> int:
+        """Append one event durably and return its seq.
+
+        Pass UIDs, hashes, case ids and pseudonyms only — never patient names, ids,
+        birth dates, addresses or free text from a DICOM header. ``details`` must be
+        a flat mapping of str keys to str/int/float/bool/None; nested values and
+        identifying keys (``patient_name``, ``patient_id``, ``birth_date``, ``name``,
+        ``address``, ...) raise :class:`AuditError`, as do unknown event types.
+        """
+        if event not in EVENT_TYPES:
+            raise AuditError(f"unknown audit event type {event!r}; see gateway.audit.EVENT_TYPES")
+        if outcome not in OUTCOMES:
+            raise AuditError(f"audit outcome must be 'success' or 'failure', not {outcome!r}")
+        refs = (actor, outcome, object_id, transfer_id, peer, case_id)
+        if any(value is not None and not isinstance(value, str) for value in refs):
+            kinds = ", ".join(type(value).__name__ for value in refs)
+            raise AuditError(f"audit reference fields must be str or None, got {kinds}")
+        details_json = _check_details(details)
+        try:
+            canonical_json([event, *refs, details_json]).encode()
+        except UnicodeEncodeError as exc:
+            raise AuditError(f"audit fields are not valid Unicode text: {exc.reason}") from exc
+        with self._lock:
+            with self._tx() as conn:
+                head = conn.execute(_HEAD_SQL).fetchone()
+                seq, prev = (head[0] + 1, head[1]) if head else (1, self._genesis)
+                fields = (seq, _now(), event, *refs, details_json)
+                conn.execute(
+                    f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*fields, prev, entry_hash(prev, fields)),
+                )
+            log.debug("audit %s seq=%d outcome=%s", event, seq, outcome)
+            if self._signer is not None and seq - self._last_checkpoint >= self._checkpoint_every:
+                try:
+                    self._checkpoint_locked()
+                except AuditError:
+                    log.exception("audit log %s: checkpoint at %d failed", self.path, seq)
+        return seq
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign the current chain head; None when no signer is configured or the log is empty.
+
+        Returns the existing checkpoint when the head is already covered."""
+        with self._lock:
+            self._db()
+            return self._checkpoint_locked() if self._signer is not None else None
+
+    def _checkpoint_locked(self) -> Checkpoint | None:
+        assert self._signer is not None
+        with self._tx() as conn:
+            head = conn.execute(_HEAD_SQL).fetchone()
+            if head is None:
+                return None
+            seq, head_hash = head
+            row = conn.execute(
+                "SELECT time, head_hash, signature FROM checkpoints WHERE seq = ?", (seq,)
+            ).fetchone()
+            if row is not None:
+                return Checkpoint(self.node_id, seq, row[0], row[1], row[2])
+            # never sign over a chain that does not extend the last signed head
+            last_seq, last_head = conn.execute(
+                "SELECT seq, head_hash FROM checkpoints ORDER BY seq DESC LIMIT 1"
+            ).fetchone() or (0, self._genesis)
+            sql = f"SELECT {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq"
+            rows = conn.execute(sql, (last_seq,))
+            fault = _chain_fault_after(rows, last_head, last_seq)
+            if fault is not None or last_seq > seq:
+                why = fault[1] if fault else f"log truncated below checkpoint {last_seq}"
+                raise AuditError(f"audit log {self.path}: refusing to sign a checkpoint: {why}")
+            try:
+                signature = self._signer(checkpoint_signing_bytes(self.node_id, seq, head_hash))
+            except Exception as exc:
+                raise AuditError(f"audit checkpoint at entry {seq}: signing failed: {exc}") from exc
+            if not isinstance(signature, bytes | bytearray) or not signature:
+                raise AuditError(f"audit checkpoint at entry {seq}: signer returned no bytes")
+            cp = Checkpoint(self.node_id, seq, _now(), head_hash, bytes(signature))
+            conn.execute(
+                "INSERT INTO checkpoints (seq, time, head_hash, signature) VALUES (?, ?, ?, ?)",
+                (cp.seq, cp.time, cp.head_hash, cp.signature),
+            )
+        self._last_checkpoint = seq
+        log.info("audit log %s: checkpoint at entry %d", self.path, seq)
+        return cp
+
+    def export_checkpoint(self) -> dict[str, Any]:
+        """Checkpoint the current head and return it JSON-serialisable (hex signature).
+
+        Hand it to someone who does not share this node's storage (the peer, a
+        security officer); :meth:`check_against_checkpoint` later proves the log
+        still contains exactly what it covered."""
+        if self._signer is None:
+            raise AuditError("cannot export an audit checkpoint: no signer is configured")
+        cp = self.checkpoint()
+        if cp is None:
+            raise AuditError("cannot export an audit checkpoint: the audit log is empty")
+        return cp.to_dict()
+
+    # -- reading --
+    def events(
+        self,
+        *,
+        event: str | None = None,
+        actor: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        object_id: str | None = None,
+        transfer_id: str | None = None,
+        peer: str | None = None,
+        after_seq: int | None = None,
+        limit: int = 1000,
+    ) -> list[AuditEvent]:
+        """The first ``limit`` matching events with seq > ``after_seq``, oldest first.
+
+        ``since`` is inclusive, ``until`` exclusive; page with ``after_seq=last.seq``."""
+        if event is not None and event not in EVENT_TYPES:
+            raise AuditError(f"unknown audit event type {event!r}; see gateway.audit.EVENT_TYPES")
+        if not 1 <= limit <= 100_000:
+            raise AuditError(f"audit query limit must be 1-100000, not {limit}")
+        where: list[str] = ["1"]
+        args: list[str | int] = []
+        equal = dict(event=event, actor=actor, object_id=object_id, transfer_id=transfer_id)
+        for column, value in (*equal.items(), ("peer", peer)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("time >= ?")
+            args.append(_fmt_time(since))
+        if until is not None:
+            where.append("time < ?")
+            args.append(_fmt_time(until))
+        if after_seq is not None:
+            where.append("seq > ?")
+            args.append(int(after_seq))
+        sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+        with self._lock:
+            try:
+                rows = self._db().execute(sql, (*args, limit)).fetchall()
+            except sqlite3.Error as exc:
+                raise AuditError(f"cannot read audit log {self.path}: {exc}") from exc
+        out = []
+        for r in rows:
+            try:
+                details = json.loads(r[9])
+            except (TypeError, ValueError) as exc:
+                raise AuditError(f"audit entry {r[0]}: details are not JSON; verify()") from exc
+            out.append(AuditEvent(*(*r[:9], details, *r[10:])))
+        return out
+
+    def verify(self, verify_signature: Verifier | None = None) -> VerifyReport:
+        """Recompute the whole chain and check every checkpoint; see :func:`verify_log`."""
+        return verify_log(self.path, self.node_id, verify_signature=verify_signature)
+
+    def check_against_checkpoint(
+        self,
+        cp: Mapping[str, Any],
+        verify_signature: Verifier | None = None,
+    ) -> VerifyReport:
+        """Verify the log and that an exported checkpoint still matches it."""
+        exported = Checkpoint.from_dict(cp)
+        report = verify_log(
+            self.path, self.node_id, verify_signature=verify_signature, extra_checkpoints=[exported]
+        )
+        if report.ok:
+            reason = f"ok: matches the exported checkpoint at entry {exported.seq}; {report.reason}"
+            return VerifyReport(True, report.entries, report.checkpoints, None, reason)
+        return report
+
+    def close(self) -> None:
+        """Checkpoint entries not yet covered (if a signer is configured) and close."""
+        with self._lock:
+            if self._conn is None:
+                return
+            try:
+                if self._signer is not None:
+                    self._checkpoint_locked()
+            except AuditError:
+                log.exception("audit log %s: final checkpoint failed", self.path)
+            finally:
+                self._close_conn()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,479 @@
+"""Catalog: metadata of every object and transfer this node holds (SQLite).
+
+Schema changes are numbered migrations applied in order and recorded in
+``PRAGMA user_version``; a database newer than this code is refused.
+The outbox is the set of outbound transfers in status ``queued``/``sending``:
+it lives here, so queued sends survive restarts.
+
+Statuses: outbound ``queued`` → ``sending`` → ``done`` (``sending`` falls back
+to ``queued`` on failure or restart); inbound ``receiving`` → ``done``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import CatalogError, NotFound, ValidationError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: Sequence[str] = (
+    # 1: objects, transfers (both directions, outbox included), transfer history
+    """
+    CREATE TABLE objects (
+        object_id   TEXT PRIMARY KEY,
+        size        INTEGER NOT NULL,
+        name        TEXT NOT NULL,
+        media_type  TEXT NOT NULL,
+        case_id     TEXT NOT NULL DEFAULT '',
+        origin_node TEXT NOT NULL,
+        labels      TEXT NOT NULL DEFAULT '{}',
+        created_at  TEXT NOT NULL
+    );
+    CREATE INDEX objects_case ON objects(case_id);
+    CREATE INDEX objects_created ON objects(created_at);
+    CREATE TABLE transfers (
+        transfer_id     TEXT NOT NULL,
+        direction       TEXT NOT NULL CHECK (direction IN ('outbound', 'inbound')),
+        object_id       TEXT NOT NULL,
+        peer_node       TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL DEFAULT '',
+        last_error      TEXT NOT NULL DEFAULT '',
+        bytes_done      INTEGER NOT NULL DEFAULT 0,
+        size            INTEGER NOT NULL,
+        name            TEXT NOT NULL DEFAULT '',
+        case_id         TEXT NOT NULL DEFAULT '',
+        header          TEXT NOT NULL DEFAULT '{}',
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        completed_at    TEXT NOT NULL DEFAULT '',
+        receipt         BLOB,
+        PRIMARY KEY (transfer_id, direction)
+    );
+    CREATE INDEX transfers_status ON transfers(direction, status, next_attempt_at);
+    CREATE INDEX transfers_object ON transfers(object_id);
+    CREATE INDEX transfers_peer ON transfers(peer_node, created_at);
+    CREATE TABLE transfer_history (
+        id          INTEGER PRIMARY KEY,
+        transfer_id TEXT NOT NULL,
+        direction   TEXT NOT NULL,
+        time        TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        detail      TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX history_transfer ON transfer_history(transfer_id);
+    """,
+)
+
+
+def utcnow() -> str:
+    """Current time as ISO-8601 UTC with microseconds (sorts lexically)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    object_id: str
+    size: int
+    name: str
+    media_type: str
+    case_id: str
+    origin_node: str
+    labels: dict[str, str]
+    created_at: str
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    transfer_id: str
+    direction: str
+    object_id: str
+    peer_node: str
+    status: str
+    attempts: int
+    next_attempt_at: str
+    last_error: str
+    bytes_done: int
+    size: int
+    name: str
+    case_id: str
+    header: dict[str, Any]
+    created_at: str
+    updated_at: str
+    completed_at: str
+    receipt: bytes | None
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    time: str
+    kind: str
+    detail: str
+
+
+class Catalog:
+    """Thread-safe access to the node's catalog database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+        except (sqlite3.Error, OSError) as exc:
+            raise CatalogError(f"cannot open catalog {path}: {exc}") from exc
+        self._lock = threading.RLock()
+        self._migrate()
+
+    # -- plumbing ---------------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise CatalogError(f"catalog {self.path}: {exc}") from exc
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return list(self._db.execute(sql, params))
+            except sqlite3.Error as exc:
+                raise CatalogError(f"catalog {self.path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        (version,) = self._query("PRAGMA user_version")[0]
+        if version > len(MIGRATIONS):
+            raise CatalogError(
+                f"catalog {self.path} has schema version {version}, newer than this "
+                f"yigong-gateway supports ({len(MIGRATIONS)}); upgrade yigong-gateway"
+            )
+        for number in range(version + 1, len(MIGRATIONS) + 1):
+            log.info("catalog %s: applying schema migration %d", self.path, number)
+            with self._tx() as db:
+                for statement in MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._query("PRAGMA user_version")[0][0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- objects ----------------------------------------------------------
+    def add_object(
+        self,
+        *,
+        object_id: str,
+        size: int,
+        name: str,
+        media_type: str,
+        case_id: str,
+        origin_node: str,
+        labels: Mapping[str, str] | None = None,
+    ) -> ObjectRecord:
+        """Record an object; an object with the same id (same bytes) is kept as first seen."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    object_id,
+                    size,
+                    name,
+                    media_type,
+                    case_id,
+                    origin_node,
+                    json.dumps(dict(labels or {}), sort_keys=True),
+                    utcnow(),
+                ),
+            )
+        return self.get_object(object_id)
+
+    def find_object(self, object_id: str) -> ObjectRecord | None:
+        rows = self._query("SELECT * FROM objects WHERE object_id = ?", (object_id,))
+        return _object(rows[0]) if rows else None
+
+    def get_object(self, object_id: str) -> ObjectRecord:
+        found = self.find_object(object_id)
+        if found is None:
+            raise NotFound(f"object {object_id} is not in the catalog of this node")
+        return found
+
+    def list_objects(
+        self,
+        *,
+        case_id: str = "",
+        peer: str = "",
+        since: str = "",
+        until: str = "",
+        limit: int = 100,
+    ) -> list[ObjectRecord]:
+        sql = "SELECT * FROM objects WHERE 1=1"
+        params: list[Any] = []
+        if case_id:
+            sql += " AND case_id = ?"
+            params.append(case_id)
+        if peer:
+            sql += (
+                " AND (origin_node = ? OR object_id IN "
+                "(SELECT object_id FROM transfers WHERE peer_node = ?))"
+            )
+            params += [peer, peer]
+        sql, params = _time_filter(sql, params, "created_at", since, until)
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        params.append(limit)
+        return [_object(r) for r in self._query(sql, params)]
+
+    # -- transfers --------------------------------------------------------
+    def add_transfer(
+        self,
+        *,
+        transfer_id: str,
+        direction: str,
+        obj: ObjectRecord | None = None,
+        object_id: str = "",
+        peer_node: str,
+        status: str,
+        size: int = 0,
+        name: str = "",
+        case_id: str = "",
+        header: Mapping[str, Any] | None = None,
+    ) -> TransferRecord:
+        now = utcnow()
+        if obj is not None:
+            object_id, size, name, case_id = obj.object_id, obj.size, obj.name, obj.case_id
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO transfers (transfer_id, direction, object_id, peer_node,"
+                " status, size, name, case_id, header, created_at, updated_at, next_attempt_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    transfer_id,
+                    direction,
+                    object_id,
+                    peer_node,
+                    status,
+                    size,
+                    name,
+                    case_id,
+                    json.dumps(dict(header or {}), sort_keys=True),
+                    now,
+                    now,
+                    now,
+                ),
+            )
+            db.execute(
+                "INSERT INTO transfer_history (transfer_id, direction, time, kind, detail)"
+                " VALUES (?,?,?,?,?)",
+                (transfer_id, direction, now, status, ""),
+            )
+        return self.get_transfer(transfer_id, direction)
+
+    def find_transfer(self, transfer_id: str, direction: str) -> TransferRecord | None:
+        rows = self._query(
+            "SELECT * FROM transfers WHERE transfer_id = ? AND direction = ?",
+            (transfer_id, direction),
+        )
+        return _transfer(rows[0]) if rows else None
+
+    def get_transfer(self, transfer_id: str, direction: str) -> TransferRecord:
+        found = self.find_transfer(transfer_id, direction)
+        if found is None:
+            raise NotFound(f"{direction} transfer {transfer_id} is not in the catalog")
+        return found
+
+    def update_transfer(
+        self,
+        transfer_id: str,
+        direction: str,
+        *,
+        history: tuple[str, str] | None = None,
+        **fields: Any,
+    ) -> None:
+        """Update columns of one transfer; optionally append a history entry (kind, detail)."""
+        allowed = {
+            "status",
+            "attempts",
+            "next_attempt_at",
+            "last_error",
+            "bytes_done",
+            "completed_at",
+            "receipt",
+        }
+        bad = set(fields) - allowed
+        if bad:
+            raise CatalogError(f"cannot update transfer column(s) {sorted(bad)}")
+        now = utcnow()
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE transfers SET {sets}{', ' if sets else ''}updated_at = ?"
+                " WHERE transfer_id = ? AND direction = ?",
+                (*fields.values(), now, transfer_id, direction),
+            )
+            if cur.rowcount != 1:
+                raise NotFound(f"{direction} transfer {transfer_id} is not in the catalog")
+            if history is not None:
+                db.execute(
+                    "INSERT INTO transfer_history (transfer_id, direction, time, kind, detail)"
+                    " VALUES (?,?,?,?,?)",
+                    (transfer_id, direction, now, history[0], history[1]),
+                )
+
+    def claim_due_outbound(self, now: str, limit: int, exclude: set[str]) -> list[TransferRecord]:
+        """Queued outbound transfers whose retry time has come, marked ``sending``."""
+        with self._tx() as db:
+            rows = list(
+                db.execute(
+                    "SELECT * FROM transfers WHERE direction = 'outbound' AND status = 'queued'"
+                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, created_at LIMIT ?",
+                    (now, limit + len(exclude)),
+                )
+            )
+            picked = [r for r in rows if r["transfer_id"] not in exclude][:limit]
+            for row in picked:
+                db.execute(
+                    "UPDATE transfers SET status = 'sending', updated_at = ?"
+                    " WHERE transfer_id = ? AND direction = 'outbound'",
+                    (utcnow(), row["transfer_id"]),
+                )
+        return [_transfer(r) for r in picked]
+
+    def requeue_interrupted(self) -> int:
+        """At start-up: outbound transfers left ``sending`` by a stop go back to ``queued``."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE transfers SET status = 'queued', updated_at = ?"
+                " WHERE direction = 'outbound' AND status = 'sending'",
+                (utcnow(),),
+            )
+            return cur.rowcount
+
+    def next_due_time(self) -> str | None:
+        rows = self._query(
+            "SELECT MIN(next_attempt_at) FROM transfers"
+            " WHERE direction = 'outbound' AND status = 'queued'"
+        )
+        value = rows[0][0] if rows else None
+        return str(value) if value else None
+
+    def list_transfers(
+        self,
+        *,
+        case_id: str = "",
+        peer: str = "",
+        status: str = "",
+        direction: str = "",
+        object_id: str = "",
+        since: str = "",
+        until: str = "",
+        limit: int = 100,
+    ) -> list[TransferRecord]:
+        sql = "SELECT * FROM transfers WHERE 1=1"
+        params: list[Any] = []
+        for column, value in (
+            ("case_id", case_id),
+            ("peer_node", peer),
+            ("status", status),
+            ("direction", direction),
+            ("object_id", object_id),
+        ):
+            if value:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        sql, params = _time_filter(sql, params, "created_at", since, until)
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        params.append(limit)
+        return [_transfer(r) for r in self._query(sql, params)]
+
+    def history(self, transfer_id: str, direction: str) -> list[HistoryEntry]:
+        rows = self._query(
+            "SELECT time, kind, detail FROM transfer_history"
+            " WHERE transfer_id = ? AND direction = ? ORDER BY id",
+            (transfer_id, direction),
+        )
+        return [HistoryEntry(r["time"], r["kind"], r["detail"]) for r in rows]
+
+
+def _time_filter(
+    sql: str, params: list[Any], column: str, since: str, until: str
+) -> tuple[str, list[Any]]:
+    if since:
+        sql += f" AND {column} >= ?"
+        params.append(_normalise_time(since))
+    if until:
+        sql += f" AND {column} < ?"
+        params.append(_normalise_time(until))
+    return sql, params
+
+
+def _normalise_time(value: str) -> str:
+    """Accept ISO dates/times (naive = UTC) and return the catalog's UTC form."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValidationError(
+            f"time {value!r} is not ISO-8601 (e.g. 2026-11-22 or 2026-11-22T08:00:00Z)"
+        ) from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _object(row: sqlite3.Row) -> ObjectRecord:
+    return ObjectRecord(
+        object_id=row["object_id"],
+        size=row["size"],
+        name=row["name"],
+        media_type=row["media_type"],
+        case_id=row["case_id"],
+        origin_node=row["origin_node"],
+        labels=json.loads(row["labels"]),
+        created_at=row["created_at"],
+    )
+
+
+def _transfer(row: sqlite3.Row) -> TransferRecord:
+    return TransferRecord(
+        transfer_id=row["transfer_id"],
+        direction=row["direction"],
+        object_id=row["object_id"],
+        peer_node=row["peer_node"],
+        status=row["status"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+        bytes_done=row["bytes_done"],
+        size=row["size"],
+        name=row["name"],
+        case_id=row["case_id"],
+        header=json.loads(row["header"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        completed_at=row["completed_at"],
+        receipt=row["receipt"],
+    )

@@ -1,0 +1,290 @@
+"""``yigong serve``, ``yigong send`` and ``yigong query``: run a node and talk to one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from gateway.client import NodeClient
+from gateway.config import load_config
+from gateway.errors import ConfigError
+from gateway.rpc.channel import ClientCredentials
+from yigong.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+
+def add_connection_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "connection",
+        "either --config NODE.toml (act as that node, on its host) or --address with "
+        "--cert/--key/--ca (a person's or tool's certificate); YIGONG_ADDRESS, YIGONG_CERT, "
+        "YIGONG_KEY, YIGONG_CA and YIGONG_NODE_ID are read when the options are absent",
+    )
+    g.add_argument("--config", type=Path, help="node configuration file")
+    g.add_argument("--address", help="HOST:PORT of the node")
+    g.add_argument("--cert", type=Path, help="client certificate (PEM)")
+    g.add_argument("--key", type=Path, help="client private key (PEM)")
+    g.add_argument("--ca", type=Path, help="federation CA certificate (PEM)")
+    g.add_argument("--node-id", help="expected node id of the server (pins its certificate)")
+
+
+def connect(args: argparse.Namespace) -> NodeClient:
+    """A client from --config or --address/--cert/--key/--ca (or YIGONG_* variables)."""
+    address = args.address or os.environ.get("YIGONG_ADDRESS")
+    node_id = args.node_id or os.environ.get("YIGONG_NODE_ID")
+    if args.config:
+        cfg = load_config(args.config)
+        creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        if not address:
+            host, _, port = cfg.server.listen.rpartition(":")
+            if port == "0":
+                raise ConfigError(
+                    f"{cfg.source} listens on port 0 (chosen at start-up); pass --address"
+                )
+            address = f"{'127.0.0.1' if host in {'0.0.0.0', '[::]'} else host}:{port}"
+        return NodeClient(address, creds, node_id=node_id or cfg.node.id)
+    cert = args.cert or _env_path("YIGONG_CERT")
+    key = args.key or _env_path("YIGONG_KEY")
+    ca = args.ca or _env_path("YIGONG_CA")
+    if not (address and cert and key and ca):
+        raise ConfigError(
+            "say which node to talk to: --config NODE.toml, or --address HOST:PORT with "
+            "--cert, --key and --ca"
+        )
+    return NodeClient(address, ClientCredentials.from_files(ca, cert, key), node_id=node_id)
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run a node from its configuration file")
+    p.add_argument("config", type=Path, help="node configuration (TOML)")
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        help="write {port, pid, node} as JSON here once listening (for supervisors/tests)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("send", help="upload a file to a node and queue it for peers")
+    p.add_argument("file", type=Path)
+    p.add_argument("--to", action="append", required=True, metavar="PEER", help="peer node id")
+    p.add_argument("--case", default="", help="case id")
+    p.add_argument("--media-type", default="application/octet-stream")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_connection_options(p)
+    p.set_defaults(func=cmd_send)
+
+    q = sub.add_parser("query", help="list and fetch what a node holds")
+    qs = q.add_subparsers(dest="what", metavar="WHAT")
+    qs.required = True
+    for name, helptext in (
+        ("objects", "list objects"),
+        ("transfers", "list transfers"),
+    ):
+        p = qs.add_parser(name, help=helptext)
+        p.add_argument("--case", default="")
+        p.add_argument("--peer", default="")
+        p.add_argument("--since", default="", help="ISO-8601 date/time (UTC if no zone)")
+        p.add_argument("--until", default="")
+        p.add_argument("--limit", type=int, default=0)
+        if name == "transfers":
+            p.add_argument("--status", default="")
+            p.add_argument("--direction", choices=["inbound", "outbound"])
+            p.add_argument("--object", default="", help="object id")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        add_connection_options(p)
+        p.set_defaults(func=cmd_query)
+    p = qs.add_parser("object", help="one object: metadata, hashes, transfers, receipts")
+    p.add_argument("object_id")
+    p.add_argument("--json", action="store_true")
+    add_connection_options(p)
+    p.set_defaults(func=cmd_query)
+    p = qs.add_parser("download", help="stream an object's bytes to a file (verified)")
+    p.add_argument("object_id")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    add_connection_options(p)
+    p.set_defaults(func=cmd_query)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.server import Node, write_ready_file
+
+    cfg = load_config(args.config)
+    node = Node(cfg)
+    port = node.start()
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    host = cfg.server.listen.rpartition(":")[0]
+    print(
+        f"node {cfg.node.id} ({cfg.node.role}, region {cfg.node.region}) listening on "
+        f"{host}:{port}",
+        flush=True,
+    )
+    if args.ready_file:
+        write_ready_file(
+            args.ready_file,
+            json.dumps({"node": cfg.node.id, "port": port, "pid": os.getpid()}),
+        )
+    done.wait()
+    node.stop()
+    print(f"node {cfg.node.id} stopped", flush=True)
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        reply = client.submit(args.file, args.to, case_id=args.case, media_type=args.media_type)
+    if args.json:
+        print(json.dumps(_dict(reply), indent=2))
+    else:
+        print(f"stored object {reply.object.object_id} ({reply.object.size} bytes)")
+        for t in reply.queued:
+            print(f"queued transfer {t.transfer_id} to {t.peer_node}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        if args.what == "objects":
+            objects = client.list_objects(
+                case_id=args.case,
+                peer=args.peer,
+                since=args.since,
+                until=args.until,
+                limit=args.limit,
+            )
+            if args.json:
+                print(json.dumps([_dict(o) for o in objects], indent=2))
+            else:
+                _table(
+                    ["OBJECT (SHA-256)", "SIZE", "NAME", "CASE", "ORIGIN", "CREATED"],
+                    [
+                        [
+                            o.object_id,
+                            str(o.size),
+                            o.name,
+                            o.case_id,
+                            o.origin_node,
+                            _t(o.created_at),
+                        ]
+                        for o in objects
+                    ],
+                )
+        elif args.what == "transfers":
+            transfers = client.list_transfers(
+                case_id=args.case,
+                peer=args.peer,
+                status=args.status,
+                direction=args.direction or "",
+                object_id=args.object,
+                since=args.since,
+                until=args.until,
+                limit=args.limit,
+            )
+            if args.json:
+                print(json.dumps([_transfer_dict(t) for t in transfers], indent=2))
+            else:
+                _table(
+                    ["TRANSFER", "DIR", "PEER", "STATUS", "TRIES", "OBJECT", "SIZE", "UPDATED"],
+                    [
+                        [
+                            t.transfer_id,
+                            t.direction[:3],
+                            t.peer_node,
+                            t.status,
+                            str(t.attempts),
+                            t.object_id[:16] + "…",
+                            str(t.size),
+                            _t(t.updated_at),
+                        ]
+                        for t in transfers
+                    ],
+                )
+        elif args.what == "object":
+            detail = client.get_object(args.object_id)
+            if args.json:
+                out = _dict(detail.object)
+                out["transfers"] = [_transfer_dict(t) for t in detail.transfers]
+                print(json.dumps(out, indent=2))
+            else:
+                o = detail.object
+                for label, value in (
+                    ("object id", o.object_id),
+                    ("sha-256", o.object_id),
+                    ("size", o.size),
+                    ("name", o.name),
+                    ("media type", o.media_type),
+                    ("case", o.case_id),
+                    ("origin", o.origin_node),
+                    ("created", _t(o.created_at)),
+                ):
+                    print(f"{label:>12}: {value}")
+                for t in detail.transfers:
+                    print(
+                        f"\n  transfer {t.transfer_id} {t.direction} {t.peer_node}: "
+                        f"{t.status} (attempts {t.attempts})"
+                    )
+                    if t.HasField("receipt"):
+                        body = common_pb2.ReceiptBody.FromString(t.receipt.body)
+                        print(
+                            f"    receipt signed by {body.receiver_node}: sha256 {body.sha256}, "
+                            f"{body.size} bytes, completed {_t(body.completed_at)}"
+                        )
+                    if t.last_error:
+                        print(f"    last error: {t.last_error}")
+        else:
+            digest, size = client.download(args.object_id, args.output)
+            print(f"wrote {args.output} ({size} bytes, sha256 {digest}, verified)")
+    return 0
+
+
+def _t(iso: str) -> str:
+    """Readable UTC time: 2026-11-22 06:13:33Z."""
+    return iso[:19].replace("T", " ") + "Z" if iso else ""
+
+
+def _dict(msg: Any) -> dict[str, Any]:
+    return MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _transfer_dict(t: common_pb2.TransferInfo) -> dict[str, Any]:
+    out = _dict(t)
+    out.pop("receipt", None)
+    if t.HasField("receipt"):
+        body = common_pb2.ReceiptBody.FromString(t.receipt.body)
+        out["receipt"] = _dict(body)
+        out["receipt"]["signature_hex"] = t.receipt.signature.hex()
+    return out
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    sys.stdout.flush()

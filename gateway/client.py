@@ -1,0 +1,167 @@
+"""A small Python client for a node's gRPC API.
+
+Used by the ``yigong`` CLI, the demo and the tests, and a worked example for
+engineering tools: everything here is plain calls on stubs generated from
+``proto/yigong/v1`` over an mTLS channel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from gateway.errors import IntegrityError, ValidationError
+from gateway.grpc_status import error_from_rpc
+from gateway.hashing import DEFAULT_CHUNK_BYTES, iter_file_chunks
+from gateway.rpc.channel import ClientCredentials, open_channel
+from yigong.v1 import (
+    common_pb2,
+    exchange_pb2,
+    exchange_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+)
+
+
+class NodeClient:
+    """Calls on one node, presenting one certificate."""
+
+    def __init__(
+        self,
+        address: str,
+        creds: ClientCredentials,
+        *,
+        node_id: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.address = address
+        self.target = f"node {node_id or ''} at {address}".replace("node  at", "node at")
+        self.timeout = timeout
+        self.channel = open_channel(address, creds, peer_node_id=node_id)
+        self.query = query_pb2_grpc.QueryStub(self.channel)
+        self.exchange = exchange_pb2_grpc.ExchangeStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> NodeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, fn, request, **kw):  # type: ignore[no-untyped-def]
+        try:
+            return fn(request, timeout=self.timeout, **kw)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.target) from exc
+
+    def submit(
+        self,
+        path: Path,
+        destinations: list[str],
+        *,
+        case_id: str = "",
+        media_type: str = "application/octet-stream",
+        name: str | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> exchange_pb2.SubmitResponse:
+        """Upload ``path`` to the node and queue it for ``destinations``."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValidationError(f"{path} is not a readable file")
+        size = path.stat().st_size
+
+        def messages() -> Iterator[exchange_pb2.SubmitMessage]:
+            yield exchange_pb2.SubmitMessage(
+                start=exchange_pb2.SubmitStart(
+                    name=name or path.name,
+                    media_type=media_type,
+                    case_id=case_id,
+                    destinations=destinations,
+                    size=size,
+                )
+            )
+            offset = 0
+            with open(path, "rb") as fh:
+                for data in iter_file_chunks(fh, chunk_bytes):
+                    yield exchange_pb2.SubmitMessage(
+                        chunk=common_pb2.Chunk(
+                            offset=offset, data=data, sha256=hashlib.sha256(data).digest()
+                        )
+                    )
+                    offset += len(data)
+
+        try:
+            return self.exchange.Submit(messages(), timeout=None)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.target) from exc
+
+    def list_objects(self, **filters: str | int) -> list[common_pb2.ObjectInfo]:
+        req = query_pb2.ListObjectsRequest(
+            case_id=str(filters.get("case_id", "")),
+            peer=str(filters.get("peer", "")),
+            time=query_pb2.TimeRange(
+                since=str(filters.get("since", "")), until=str(filters.get("until", ""))
+            ),
+            limit=int(filters.get("limit", 0)),
+        )
+        return list(self._call(self.query.ListObjects, req).objects)
+
+    def get_object(self, object_id: str) -> query_pb2.ObjectDetail:
+        return self._call(self.query.GetObject, query_pb2.GetObjectRequest(object_id=object_id))
+
+    def list_transfers(self, **filters: str | int) -> list[common_pb2.TransferInfo]:
+        req = query_pb2.ListTransfersRequest(
+            case_id=str(filters.get("case_id", "")),
+            peer=str(filters.get("peer", "")),
+            status=str(filters.get("status", "")),
+            direction=str(filters.get("direction", "")),
+            object_id=str(filters.get("object_id", "")),
+            time=query_pb2.TimeRange(
+                since=str(filters.get("since", "")), until=str(filters.get("until", ""))
+            ),
+            limit=int(filters.get("limit", 0)),
+        )
+        return list(self._call(self.query.ListTransfers, req).transfers)
+
+    def download(self, object_id: str, dest: Path) -> tuple[str, int]:
+        """Stream an object to ``dest`` (atomically), verifying every chunk and the whole."""
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.part")
+        hasher = hashlib.sha256()
+        size = 0
+        expected_sha, expected_size = "", -1
+        try:
+            stream = self.query.ReadObject(query_pb2.ReadObjectRequest(object_id=object_id))
+            with open(tmp, "wb") as fh:
+                for msg in stream:
+                    if msg.object_sha256:
+                        expected_sha, expected_size = msg.object_sha256, msg.object_size
+                    data = msg.chunk.data
+                    if data and hashlib.sha256(data).digest() != msg.chunk.sha256:
+                        raise IntegrityError(
+                            f"{self.target}: chunk at offset {msg.chunk.offset} of object "
+                            f"{object_id} does not match its SHA-256"
+                        )
+                    hasher.update(data)
+                    size += len(data)
+                    fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            digest = hasher.hexdigest()
+            if digest != expected_sha or size != expected_size or digest != object_id:
+                raise IntegrityError(
+                    f"{self.target}: object {object_id} arrived with SHA-256 {digest} and "
+                    f"{size} bytes; expected {expected_sha} and {expected_size}"
+                )
+            os.replace(tmp, dest)
+            return digest, size
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.target) from exc
+        finally:
+            tmp.unlink(missing_ok=True)

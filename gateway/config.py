@@ -1,0 +1,319 @@
+"""The one configuration loader: one TOML file per node.
+
+Every option has a default that works for the embedded setup (filesystem
+storage and SQLite under ``node.data_dir``); an unknown key anywhere is an
+error naming the key and the file. Relative paths are resolved against the
+directory holding the configuration file. See README "Configuration
+reference" for every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import CertificateError, ConfigError
+from gateway.hashing import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+from gateway.identity import NODE_ROLES, validate_id
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    id: str = ""
+    role: str = ""
+    region: str = ""
+    data_dir: Path = Path("data")
+
+
+@dataclass(frozen=True)
+class TLSSection:
+    ca: Path = Path("pki/ca.crt")
+    cert: Path = Path("pki/node.crt")
+    key: Path = Path("pki/node.key")
+    crl: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    listen: str = "127.0.0.1:7443"
+    max_workers: int = 16
+    grace_seconds: float = 10.0
+    max_message_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class S3Section:
+    endpoint: str = ""
+    bucket: str = ""
+    access_key: str = ""
+    secret_key: str = ""
+    secret_key_env: str = ""
+    secure: bool = True
+    region: str = ""
+    part_size_mb: int = 64
+    create_bucket: bool = False
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    backend: str = "filesystem"
+    path: Path = Path("objects")
+    s3: S3Section = field(default_factory=S3Section)
+
+
+@dataclass(frozen=True)
+class CatalogSection:
+    path: Path = Path("catalog.sqlite")
+
+
+@dataclass(frozen=True)
+class AuditSection:
+    path: Path = Path("audit.sqlite")
+    checkpoint_every: int = 1000
+
+
+@dataclass(frozen=True)
+class TransferSection:
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    retry_initial_seconds: float = 1.0
+    retry_max_seconds: float = 60.0
+    max_bytes_per_second: int = 0
+    max_object_bytes: int = 64 * 1024**3
+    connect_timeout_seconds: float = 10.0
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class PeerSection:
+    id: str = ""
+    address: str = ""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    source: Path
+    node: NodeSection
+    tls: TLSSection
+    server: ServerSection
+    storage: StorageSection
+    catalog: CatalogSection
+    audit: AuditSection
+    transfer: TransferSection
+    peers: tuple[PeerSection, ...]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+    def peer(self, node_id: str) -> PeerSection:
+        for peer in self.peers:
+            if peer.id == node_id:
+                return peer
+        known = ", ".join(p.id for p in self.peers) or "none"
+        raise ConfigError(
+            f"peer {node_id!r} is not configured in {self.source} (known peers: {known}); "
+            "add a [[peers]] entry with its id and address"
+        )
+
+
+def _build(cls: type[Any], raw: Any, where: str, source: Path, base: Path) -> Any:
+    """Build dataclass ``cls`` from TOML table ``raw``, refusing unknown keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{where}] must be a table, not {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(repr(k) for k in unknown)} in [{where}]; "
+            f"allowed: {', '.join(sorted(fields))}"
+        )
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for name, value in raw.items():
+        default = getattr(defaults, name)
+        key = f"{where}.{name}"
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, key, source, base)
+        elif isinstance(default, Path) or name in {"crl"}:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{source}: {key} must be a non-empty path string")
+            path = Path(os.path.expanduser(value))
+            values[name] = path if path.is_absolute() else base / path
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: {key} must be true or false, not {value!r}")
+            values[name] = value
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{source}: {key} must be an integer, not {value!r}")
+            values[name] = value
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{source}: {key} must be a number, not {value!r}")
+            values[name] = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ConfigError(f"{source}: {key} must be a string, not {value!r}")
+            values[name] = value
+    # Paths left at their defaults are relative to the config file too.
+    for name in fields:
+        if name not in values:
+            default = getattr(defaults, name)
+            if isinstance(default, Path) and not default.is_absolute():
+                values[name] = base / default
+    return cls(**values)
+
+
+def _check(cfg: NodeConfig) -> None:
+    src = cfg.source
+    try:
+        validate_id(cfg.node.id, "node.id")
+        validate_id(cfg.node.region, "node.region")
+    except CertificateError as exc:
+        raise ConfigError(f"{src}: {exc}") from exc
+    if cfg.node.role not in NODE_ROLES:
+        raise ConfigError(
+            f"{src}: node.role must be one of {sorted(NODE_ROLES)}, not {cfg.node.role!r}"
+        )
+    host, sep, port = cfg.server.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"{src}: server.listen must be HOST:PORT (PORT 0 picks a free port), "
+            f"not {cfg.server.listen!r}"
+        )
+    if cfg.storage.backend not in {"filesystem", "s3"}:
+        raise ConfigError(
+            f"{src}: storage.backend must be 'filesystem' or 's3', not {cfg.storage.backend!r}"
+        )
+    if cfg.storage.backend == "s3":
+        s3 = cfg.storage.s3
+        missing = [k for k in ("endpoint", "bucket", "access_key") if not getattr(s3, k)]
+        if not s3.secret_key and not s3.secret_key_env:
+            missing.append("secret_key or secret_key_env")
+        if missing:
+            raise ConfigError(f"{src}: storage.backend = 's3' needs storage.s3.{missing}")
+    t = cfg.transfer
+    if not 4096 <= t.chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ConfigError(
+            f"{src}: transfer.chunk_bytes must be between 4096 and {MAX_CHUNK_BYTES}, "
+            f"not {t.chunk_bytes}"
+        )
+    if t.retry_initial_seconds <= 0 or t.retry_max_seconds < t.retry_initial_seconds:
+        raise ConfigError(
+            f"{src}: need 0 < transfer.retry_initial_seconds <= transfer.retry_max_seconds"
+        )
+    if t.max_bytes_per_second < 0 or t.workers < 1:
+        raise ConfigError(f"{src}: transfer.max_bytes_per_second >= 0 and transfer.workers >= 1")
+    if cfg.server.max_message_bytes < t.chunk_bytes + 64 * 1024:
+        raise ConfigError(f"{src}: server.max_message_bytes must exceed transfer.chunk_bytes")
+    seen: set[str] = set()
+    for peer in cfg.peers:
+        if not peer.id or not peer.address:
+            raise ConfigError(f"{src}: every [[peers]] entry needs id and address")
+        if peer.id in seen or peer.id == cfg.node.id:
+            raise ConfigError(f"{src}: peer {peer.id!r} is listed twice or is this node itself")
+        seen.add(peer.id)
+
+
+def load_config(path: Path | str) -> NodeConfig:
+    """Load and validate a node configuration file."""
+    source = Path(path).resolve()
+    try:
+        with open(source, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"configuration file {source} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {source}: {exc}") from exc
+    base = source.parent
+    sections = {
+        "node": NodeSection,
+        "tls": TLSSection,
+        "server": ServerSection,
+        "storage": StorageSection,
+        "catalog": CatalogSection,
+        "audit": AuditSection,
+        "transfer": TransferSection,
+    }
+    unknown = sorted(set(raw) - set(sections) - {"peers"})
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(sorted([*sections, 'peers']))}"
+        )
+    if "node" not in raw:
+        raise ConfigError(f"{source}: missing [node] section with id, role and region")
+    built = {
+        name: _build(cls, raw.get(name, {}), name, source, base) for name, cls in sections.items()
+    }
+    node: NodeSection = built["node"]
+    # Catalog, audit and filesystem storage paths default to inside data_dir.
+    data_dir = node.data_dir
+
+    def under_data(section: str, key: str, default: Path) -> Path:
+        explicit = key in raw.get(section, {})
+        value: Path = getattr(built[section], key)
+        return value if explicit else data_dir / default
+
+    built["catalog"] = dataclasses.replace(
+        built["catalog"], path=under_data("catalog", "path", CatalogSection.path)
+    )
+    built["audit"] = dataclasses.replace(
+        built["audit"], path=under_data("audit", "path", AuditSection.path)
+    )
+    built["storage"] = dataclasses.replace(
+        built["storage"], path=under_data("storage", "path", StorageSection.path)
+    )
+    peers_raw = raw.get("peers", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigError(f"{source}: peers must be an array of tables ([[peers]])")
+    peers = tuple(
+        _build(PeerSection, p, f"peers[{i}]", source, base) for i, p in enumerate(peers_raw)
+    )
+    cfg = NodeConfig(source=source, peers=peers, **built)
+    _check(cfg)
+    return cfg
+
+
+def render_config(
+    *,
+    node_id: str,
+    role: str,
+    region: str,
+    data_dir: Path,
+    ca: Path,
+    cert: Path,
+    key: Path,
+    crl: Path | None,
+    listen: str,
+    peers: list[tuple[str, str]],
+    extra: str = "",
+) -> str:
+    """A complete configuration file for the embedded setup (used by demo and tests)."""
+    lines = [
+        "# yigong node configuration; see README 'Configuration reference'",
+        "[node]",
+        f'id = "{node_id}"',
+        f'role = "{role}"',
+        f'region = "{region}"',
+        f'data_dir = "{data_dir}"',
+        "",
+        "[tls]",
+        f'ca = "{ca}"',
+        f'cert = "{cert}"',
+        f'key = "{key}"',
+    ]
+    if crl is not None:
+        lines.append(f'crl = "{crl}"')
+    lines += ["", "[server]", f'listen = "{listen}"', ""]
+    if extra:
+        lines += [extra.strip(), ""]
+    for peer_id, address in peers:
+        lines += ["[[peers]]", f'id = "{peer_id}"', f'address = "{address}"', ""]
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""Local submission: take an object from a person, tool or the node itself,
+store it durably, and queue it for delivery to peers.
+
+The upload is spooled, each chunk checked against its SHA-256, the whole
+checked against the SHA-256/size the client announced (if any), then stored
+in the object store (content-addressed) and catalogued. Destinations are
+checked before any byte is accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.audit import AuditLog
+from gateway.catalog import Catalog, ObjectRecord, TransferRecord
+from gateway.errors import ConfigError, IntegrityError, ValidationError
+from gateway.identity import Identity
+from gateway.storage import ObjectStore
+from gateway.transfer.model import ChunkMsg, check_name
+from gateway.transfer.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Submission:
+    name: str
+    media_type: str
+    case_id: str
+    destinations: tuple[str, ...]
+    sha256: str = ""
+    size: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Exchange:
+    def __init__(
+        self,
+        node_id: str,
+        store: ObjectStore,
+        catalog: Catalog,
+        audit: AuditLog,
+        outbox: Outbox,
+        spool_dir: Path,
+        max_object_bytes: int,
+    ) -> None:
+        self.node_id = node_id
+        self.store = store
+        self.catalog = catalog
+        self.audit = audit
+        self.outbox = outbox
+        self.spool_dir = spool_dir
+        self.max_object_bytes = max_object_bytes
+        spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def submit(
+        self, caller: Identity, sub: Submission, chunks: Iterator[ChunkMsg]
+    ) -> tuple[ObjectRecord, list[TransferRecord]]:
+        check_name(sub.name)
+        for dest in sub.destinations:
+            if dest not in self.outbox.settings.known_peers:
+                raise ConfigError(
+                    f"destination {dest!r} is not a configured peer of node {self.node_id} "
+                    f"(known: {', '.join(sorted(self.outbox.settings.known_peers)) or 'none'})"
+                )
+        part = self.spool_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            digest, size = self._spool(part, chunks)
+            if sub.sha256 and sub.sha256 != digest:
+                raise IntegrityError(
+                    f"upload of {sub.name!r}: SHA-256 is {digest}, client announced "
+                    f"{sub.sha256}; nothing was stored"
+                )
+            if sub.size and sub.size != size:
+                raise IntegrityError(
+                    f"upload of {sub.name!r}: {size} bytes arrived, client announced "
+                    f"{sub.size}; nothing was stored"
+                )
+            if self.store.size(digest) != size:
+                self.store.put_file(digest, part)
+        finally:
+            part.unlink(missing_ok=True)
+        obj = self.catalog.add_object(
+            object_id=digest,
+            size=size,
+            name=sub.name,
+            media_type=sub.media_type or "application/octet-stream",
+            case_id=sub.case_id,
+            origin_node=self.node_id,
+            labels=sub.labels,
+        )
+        self.audit.record(
+            "object.stored",
+            actor=caller.label(),
+            object_id=digest,
+            case_id=sub.case_id or None,
+            details={"size": size, "store": self.store.describe(), "source": "submit"},
+        )
+        queued = [self.outbox.queue(obj, dest, actor=caller.label()) for dest in sub.destinations]
+        log.info(
+            "object %s (%d bytes) submitted by %s, queued for %s",
+            digest,
+            size,
+            caller.label(),
+            ",".join(sub.destinations) or "nobody",
+        )
+        return obj, queued
+
+    def _spool(self, part: Path, chunks: Iterator[ChunkMsg]) -> tuple[str, int]:
+        hasher = hashlib.sha256()
+        size = 0
+        with open(part, "wb") as fh:
+            for chunk in chunks:
+                if chunk.offset != size:
+                    raise ValidationError(f"upload chunk at offset {chunk.offset}, expected {size}")
+                if chunk.sha256 and hashlib.sha256(chunk.data).digest() != chunk.sha256:
+                    raise IntegrityError(
+                        f"upload chunk at offset {chunk.offset} does not match its SHA-256; "
+                        "nothing was stored"
+                    )
+                size += len(chunk.data)
+                if size > self.max_object_bytes:
+                    raise ValidationError(
+                        f"upload exceeds transfer.max_object_bytes ({self.max_object_bytes})"
+                    )
+                hasher.update(chunk.data)
+                fh.write(chunk.data)
+        return hasher.hexdigest(), size

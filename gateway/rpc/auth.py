@@ -1,0 +1,155 @@
+"""Per-call authentication and authorization for the node's gRPC server.
+
+TLS with a required client certificate is the first gate (no certificate,
+or one from another CA, does not get past the handshake). gRPC's Python API
+has no CRL option and checks validity only at the handshake, so this
+interceptor checks the caller's certificate on *every* call — issuer,
+validity period, revocation — reads the identity from it, and asks the one
+decision point (:func:`gateway.authz.authorize`) whether that identity may
+call the method. Refusals are audited and answered with UNAUTHENTICATED or
+PERMISSION_DENIED and a message saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import grpc
+
+from gateway.audit import AuditLog
+from gateway.authz import NodeSelf, authorize
+from gateway.errors import AuthenticationError, AuthError, PKIError, YigongError
+from gateway.grpc_status import status_for
+from gateway.identity import Identity
+from gateway.pki import TrustStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Gatekeeper:
+    def __init__(self, trust: TrustStore, node: NodeSelf, audit: AuditLog) -> None:
+        self.trust = trust
+        self.node = node
+        self.audit = audit
+
+    def identity(self, context: grpc.ServicerContext) -> Identity:
+        """The verified identity of the caller (raises AuthError/CertificateError)."""
+        auth = context.auth_context()
+        pems: list[bytes] | bytes = auth.get("x509_pem_cert") or []
+        assert isinstance(pems, list)
+        if not pems:
+            raise AuthenticationError(
+                f"no client certificate presented to node {self.node.node_id}; "
+                "connect with a certificate issued by the federation CA"
+            )
+        return self.trust.verify_pem(bytes(pems[0]))
+
+    def check(self, context: grpc.ServicerContext, method: str) -> Identity:
+        try:
+            caller = self.identity(context)
+        except (AuthError, PKIError) as exc:  # PKIError: CRL unusable → refuse (fail closed)
+            self._refuse(context, "auth.refused", None, method, exc)
+            raise AssertionError("unreachable") from exc
+        try:
+            authorize(caller, method, self.node)
+        except AuthError as exc:
+            self._refuse(context, "authz.refused", caller, method, exc)
+            raise AssertionError("unreachable") from exc
+        return caller
+
+    def _refuse(
+        self,
+        context: grpc.ServicerContext,
+        event: str,
+        caller: Identity | None,
+        method: str,
+        exc: YigongError,
+    ) -> None:
+        peer = context.peer()
+        log.warning("refused %s from %s: %s", method, peer, exc)
+        try:
+            self.audit.record(
+                event,
+                actor=caller.label() if caller else None,
+                outcome="failure",
+                details={"method": method, "address": peer, "reason": type(exc).__name__},
+            )
+        except YigongError:
+            log.exception("could not audit refusal of %s", method)
+        context.abort(status_for(exc), str(exc))
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Runs :meth:`Gatekeeper.check` before every handler."""
+
+    def __init__(self, gate: Gatekeeper) -> None:
+        self.gate = gate
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        gate = self.gate
+
+        def guard(inner: Callable[..., Any] | None) -> Callable[..., Any]:
+            assert inner is not None
+            def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+                gate.check(context, method)
+                return inner(request, context)
+
+            return behavior
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                guard(handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                guard(handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                guard(handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            guard(handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+
+@contextmanager
+def wire_errors(context: grpc.ServicerContext, what: str) -> Iterator[None]:
+    """Answer domain errors with their status code; never leak a traceback to the caller.
+
+    Code inside the block must not call ``context.abort`` itself.
+    """
+    try:
+        yield
+    except YigongError as exc:
+        context.abort(status_for(exc), str(exc))
+    except Exception:
+        log.exception("internal error in %s", what)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error in {what}; see the node's log")
+
+
+def stream_with_errors(context: grpc.ServicerContext, what: str, items: Iterator[T]) -> Iterator[T]:
+    """Like :func:`wire_errors` for response streams (errors raised while iterating)."""
+    with wire_errors(context, what):
+        yield from items

@@ -1,0 +1,194 @@
+"""Thin gRPC servicers: wire → domain call → wire.
+
+Authentication and authorization already happened in the interceptor; the
+servicers only ask the gatekeeper for the caller's identity, convert
+messages, call the domain and convert the answer or error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from gateway.catalog import ObjectRecord
+from gateway.errors import ValidationError
+from gateway.exchange import Exchange, Submission
+from gateway.query import ObjectFilter, QueryService, TransferFilter
+from gateway.rpc.auth import Gatekeeper, stream_with_errors, wire_errors
+from gateway.rpc.wire import announce_from_pb, object_to_pb, transfer_to_pb
+from gateway.transfer.model import ChunkMsg, EndMsg, PushItem, StartMsg
+from gateway.transfer.receiver import Receiver
+from yigong.v1 import (
+    common_pb2,
+    exchange_pb2,
+    exchange_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+    transfer_pb2,
+    transfer_pb2_grpc,
+)
+
+
+class TransferServicer(transfer_pb2_grpc.TransferServicer):
+    def __init__(self, gate: Gatekeeper, receiver: Receiver) -> None:
+        self.gate = gate
+        self.receiver = receiver
+
+    def Offer(
+        self, request: transfer_pb2.OfferRequest, context: grpc.ServicerContext
+    ) -> transfer_pb2.OfferResponse:
+        with wire_errors(context, "Transfer.Offer"):
+            caller = self.gate.identity(context)
+            result = self.receiver.offer(
+                caller, request.transfer_id, announce_from_pb(request.object)
+            )
+            reply = transfer_pb2.OfferResponse(
+                resume_offset=result.resume_offset,
+                complete=result.complete,
+                max_chunk_bytes=self.receiver.settings.max_chunk_bytes,
+            )
+            if result.receipt:
+                reply.receipt.ParseFromString(result.receipt)
+            return reply
+        raise AssertionError("unreachable")
+
+    def Push(
+        self, request_iterator: Iterator[transfer_pb2.PushMessage], context: grpc.ServicerContext
+    ) -> common_pb2.SignedReceipt:
+        with wire_errors(context, "Transfer.Push"):
+            caller = self.gate.identity(context)
+            receipt = self.receiver.receive(caller, _push_items(request_iterator))
+            return common_pb2.SignedReceipt.FromString(receipt)
+        raise AssertionError("unreachable")
+
+
+def _push_items(messages: Iterator[transfer_pb2.PushMessage]) -> Iterator[PushItem]:
+    for msg in messages:
+        kind = msg.WhichOneof("kind")
+        if kind == "chunk":
+            c = msg.chunk
+            yield ChunkMsg(c.offset, c.data, c.sha256)
+        elif kind == "end":
+            yield EndMsg(msg.end.sha256, msg.end.size)
+        elif kind == "start":
+            s = msg.start
+            yield StartMsg(s.transfer_id, announce_from_pb(s.object), s.offset)
+        else:
+            raise ValidationError("empty PushMessage")
+
+
+class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
+    def __init__(self, gate: Gatekeeper, exchange: Exchange) -> None:
+        self.gate = gate
+        self.exchange = exchange
+
+    def Submit(
+        self, request_iterator: Iterator[exchange_pb2.SubmitMessage], context: grpc.ServicerContext
+    ) -> exchange_pb2.SubmitResponse:
+        with wire_errors(context, "Exchange.Submit"):
+            caller = self.gate.identity(context)
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("kind") != "start":
+                raise ValidationError("Submit must begin with SubmitStart")
+            s = first.start
+            sub = Submission(
+                name=s.name,
+                media_type=s.media_type,
+                case_id=s.case_id,
+                destinations=tuple(s.destinations),
+                sha256=s.sha256,
+                size=s.size,
+                labels=dict(s.labels),
+            )
+            obj, queued = self.exchange.submit(caller, sub, _submit_chunks(request_iterator))
+            return exchange_pb2.SubmitResponse(
+                object=object_to_pb(obj), queued=[transfer_to_pb(t) for t in queued]
+            )
+        raise AssertionError("unreachable")
+
+
+def _submit_chunks(messages: Iterator[exchange_pb2.SubmitMessage]) -> Iterator[ChunkMsg]:
+    for msg in messages:
+        if msg.WhichOneof("kind") != "chunk":
+            raise ValidationError("only chunks may follow SubmitStart")
+        yield ChunkMsg(msg.chunk.offset, msg.chunk.data, msg.chunk.sha256)
+
+
+class QueryServicer(query_pb2_grpc.QueryServicer):
+    def __init__(self, gate: Gatekeeper, query: QueryService) -> None:
+        self.gate = gate
+        self.query = query
+
+    def ListObjects(
+        self, request: query_pb2.ListObjectsRequest, context: grpc.ServicerContext
+    ) -> query_pb2.ListObjectsResponse:
+        with wire_errors(context, "Query.ListObjects"):
+            found = self.query.list_objects(
+                self.gate.identity(context),
+                ObjectFilter(
+                    case_id=request.case_id,
+                    peer=request.peer,
+                    since=request.time.since,
+                    until=request.time.until,
+                    limit=request.limit,
+                ),
+            )
+            return query_pb2.ListObjectsResponse(objects=[object_to_pb(o) for o in found])
+        raise AssertionError("unreachable")
+
+    def GetObject(
+        self, request: query_pb2.GetObjectRequest, context: grpc.ServicerContext
+    ) -> query_pb2.ObjectDetail:
+        with wire_errors(context, "Query.GetObject"):
+            obj, transfers = self.query.get_object(self.gate.identity(context), request.object_id)
+            return query_pb2.ObjectDetail(
+                object=object_to_pb(obj), transfers=[transfer_to_pb(t) for t in transfers]
+            )
+        raise AssertionError("unreachable")
+
+    def ListTransfers(
+        self, request: query_pb2.ListTransfersRequest, context: grpc.ServicerContext
+    ) -> query_pb2.ListTransfersResponse:
+        with wire_errors(context, "Query.ListTransfers"):
+            found = self.query.list_transfers(
+                self.gate.identity(context),
+                TransferFilter(
+                    case_id=request.case_id,
+                    peer=request.peer,
+                    status=request.status,
+                    direction=request.direction,
+                    object_id=request.object_id,
+                    since=request.time.since,
+                    until=request.time.until,
+                    limit=request.limit,
+                ),
+            )
+            return query_pb2.ListTransfersResponse(transfers=[transfer_to_pb(t) for t in found])
+        raise AssertionError("unreachable")
+
+    def ReadObject(
+        self, request: query_pb2.ReadObjectRequest, context: grpc.ServicerContext
+    ) -> Iterator[query_pb2.ReadObjectResponse]:
+        with wire_errors(context, "Query.ReadObject"):
+            obj, chunks = self.query.read_object(
+                self.gate.identity(context), request.object_id, request.offset
+            )
+        return stream_with_errors(context, "Query.ReadObject", _read_responses(obj, chunks))
+
+
+def _read_responses(
+    obj: ObjectRecord, chunks: Iterator[ChunkMsg]
+) -> Iterator[query_pb2.ReadObjectResponse]:
+    first = True
+    for c in chunks:
+        msg = query_pb2.ReadObjectResponse(
+            chunk=common_pb2.Chunk(offset=c.offset, data=c.data, sha256=c.sha256)
+        )
+        if first:
+            msg.object_size = obj.size
+            msg.object_sha256 = obj.object_id
+            first = False
+        yield msg
+    if first:  # empty object or offset at the end: still tell size and digest
+        yield query_pb2.ReadObjectResponse(object_size=obj.size, object_sha256=obj.object_id)

@@ -1,0 +1,250 @@
+"""Node process wiring: configuration → PKI, storage, catalog, audit, transfer,
+query → one mTLS gRPC port with health and reflection."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway import __version__
+from gateway.audit import AuditLog
+from gateway.authz import NodeSelf
+from gateway.catalog import Catalog
+from gateway.config import NodeConfig
+from gateway.errors import CertificateError, ConfigError
+from gateway.exchange import Exchange
+from gateway.pki import TrustStore, load_certificate, load_private_key, sign
+from gateway.query import QueryService
+from gateway.rpc.auth import AuthInterceptor, Gatekeeper
+from gateway.rpc.channel import MESSAGE_LIMIT, ClientCredentials
+from gateway.rpc.peer_link import GrpcPeerLink
+from gateway.rpc.servicers import ExchangeServicer, QueryServicer, TransferServicer
+from gateway.storage.factory import open_store
+from gateway.transfer.outbox import Outbox, OutboxSettings, PeerLink
+from gateway.transfer.receiver import Receiver, ReceiverSettings
+from yigong.v1 import (
+    exchange_pb2,
+    exchange_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+    transfer_pb2,
+    transfer_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    transfer_pb2.DESCRIPTOR.services_by_name["Transfer"].full_name,
+    exchange_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name,
+    query_pb2.DESCRIPTOR.services_by_name["Query"].full_name,
+)
+
+
+class Node:
+    """One running gateway node (hospital or factory)."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        node_id = cfg.node.id
+        self.trust = TrustStore(cfg.tls.ca, cfg.tls.crl)
+        cert = load_certificate(cfg.tls.cert)
+        self._key = load_private_key(cfg.tls.key)
+        try:
+            me = self.trust.verify(cert)
+        except CertificateError as exc:
+            raise ConfigError(
+                f"{cfg.source}: this node's own certificate {cfg.tls.cert}: {exc}"
+            ) from exc
+        claimed = (me.kind, me.subject_id, me.role, me.region)
+        wanted = ("node", node_id, cfg.node.role, cfg.node.region)
+        if claimed != wanted:
+            raise ConfigError(
+                f"{cfg.source}: certificate {cfg.tls.cert} asserts {me.kind} {me.subject_id!r}, "
+                f"role {me.role!r}, region {me.region!r}, but the configuration says node "
+                f"{node_id!r}, role {cfg.node.role!r}, region {cfg.node.region!r}"
+            )
+        pub = serialization.PublicFormat.SubjectPublicKeyInfo
+        enc = serialization.Encoding.DER
+        if self._key.public_key().public_bytes(enc, pub) != cert.public_key().public_bytes(
+            enc, pub
+        ):
+            raise ConfigError(f"{cfg.source}: key {cfg.tls.key} does not belong to {cfg.tls.cert}")
+        self.identity = me
+        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        self.key_pem = cfg.tls.key.read_bytes()
+        self.ca_pem = cfg.tls.ca.read_bytes()
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+
+        self.store = open_store(cfg)
+        self.store.check()
+        self.catalog = Catalog(cfg.catalog.path)
+        self.audit = AuditLog(
+            cfg.audit.path,
+            node_id,
+            signer=self.sign,
+            checkpoint_every=cfg.audit.checkpoint_every,
+        )
+        self.client_credentials = ClientCredentials(self.ca_pem, self.cert_pem, self.key_pem)
+        t = cfg.transfer
+        self.outbox = Outbox(
+            OutboxSettings(
+                node_id=node_id,
+                chunk_bytes=t.chunk_bytes,
+                retry_initial_seconds=t.retry_initial_seconds,
+                retry_max_seconds=t.retry_max_seconds,
+                max_bytes_per_second=t.max_bytes_per_second,
+                workers=t.workers,
+                known_peers=frozenset(p.id for p in cfg.peers),
+            ),
+            self.store,
+            self.catalog,
+            self.audit,
+            self.trust,
+            self._link,
+        )
+        self.receiver = Receiver(
+            ReceiverSettings(
+                node_id=node_id,
+                spool_dir=cfg.data_dir / "spool" / "inbound",
+                max_chunk_bytes=max(t.chunk_bytes, 4 * 1024 * 1024 - 64 * 1024),
+                max_object_bytes=t.max_object_bytes,
+            ),
+            self.store,
+            self.catalog,
+            self.audit,
+            self.sign,
+            self.cert_pem,
+        )
+        self.exchange = Exchange(
+            node_id,
+            self.store,
+            self.catalog,
+            self.audit,
+            self.outbox,
+            cfg.data_dir / "spool" / "submit",
+            t.max_object_bytes,
+        )
+        self.query = QueryService(node_id, self.catalog, self.store, self.audit, t.chunk_bytes)
+        self.gate = Gatekeeper(self.trust, NodeSelf(node_id, cfg.node.role), self.audit)
+        self._server: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._stopped = threading.Event()
+        self.port = 0
+
+    def sign(self, data: bytes) -> bytes:
+        return sign(self._key, data)
+
+    def _link(self, peer_id: str) -> PeerLink:
+        peer = self.cfg.peer(peer_id)
+        return GrpcPeerLink(
+            peer_id,
+            peer.address,
+            self.client_credentials,
+            self.cfg.transfer.connect_timeout_seconds,
+        )
+
+    def start(self) -> int:
+        """Bind, start serving and start the outbox; returns the bound port."""
+        cfg = self.cfg
+        options = [
+            ("grpc.max_receive_message_length", max(MESSAGE_LIMIT, cfg.server.max_message_bytes)),
+            ("grpc.max_send_message_length", max(MESSAGE_LIMIT, cfg.server.max_message_bytes)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=cfg.server.max_workers, thread_name_prefix="rpc"),
+            interceptors=[AuthInterceptor(self.gate)],
+            options=options,
+        )
+        transfer_pb2_grpc.add_TransferServicer_to_server(
+            TransferServicer(self.gate, self.receiver), server
+        )
+        exchange_pb2_grpc.add_ExchangeServicer_to_server(
+            ExchangeServicer(self.gate, self.exchange), server
+        )
+        query_pb2_grpc.add_QueryServicer_to_server(QueryServicer(self.gate, self.query), server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        creds = grpc.ssl_server_credentials(
+            [(self.key_pem, self.cert_pem)],
+            root_certificates=self.ca_pem,
+            require_client_auth=True,
+        )
+        try:
+            port = server.add_secure_port(cfg.server.listen, creds)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"{cfg.source}: cannot listen on {cfg.server.listen}: {exc}; "
+                "is another process using the port?"
+            ) from exc
+        if port == 0:
+            raise ConfigError(
+                f"{cfg.source}: cannot listen on {cfg.server.listen}; is the port in use?"
+            )
+        server.start()
+        self._server = server
+        self.port = port
+        for name in ("", *SERVICE_NAMES):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.outbox.start()
+        self.audit.record(
+            "node.start",
+            actor=f"node:{cfg.node.id}",
+            details={
+                "version": __version__,
+                "listen": cfg.server.listen,
+                "port": port,
+                "store": self.store.describe(),
+                "pid": os.getpid(),
+            },
+        )
+        log.info(
+            "node %s (%s, region %s) listening on port %d, store %s",
+            cfg.node.id,
+            cfg.node.role,
+            cfg.node.region,
+            port,
+            self.store.describe(),
+        )
+        return port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: refuse new calls, let in-flight transfers finish for ``grace``
+        seconds, then cancel them (their verified bytes stay spooled for resume)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.cfg.server.grace_seconds if grace is None else grace
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        self.outbox.stop(timeout=grace)
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        self.audit.record("node.stop", actor=f"node:{self.cfg.node.id}")
+        self.audit.close()
+        self.catalog.close()
+        log.info("node %s stopped", self.cfg.node.id)
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()
+
+
+def write_ready_file(path: Path, payload: str) -> None:
+    """Atomically write the ready file a supervisor or test waits for."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(payload)
+    os.replace(tmp, path)

@@ -1,0 +1,250 @@
+"""Filesystem object store: the embedded default.
+
+Layout: ``root/<key[0:2]>/<key[2:4]>/<key>`` for keys of 4 or more characters,
+``root/<key>`` for shorter ones; a ``/`` inside the two shard prefixes is written
+as ``_`` (the full key follows the shards, so the mapping stays one-to-one).
+
+Writes go to ``.tmp-*`` in the final directory, are flushed and fsynced, renamed
+onto the final name with :func:`os.replace`, and the directory is fsynced, so a
+returned put survives a crash and a reader only ever sees a whole object. Newly
+created shard directories are fsynced into their parents too. Objects are
+created with mode 0600.
+
+Limitation: unlike S3, a key cannot be both an object and a prefix of another
+key (``a/b`` and ``a/b/c``); such a put fails with :class:`StorageError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from gateway.errors import NotFound, StorageError, ValidationError
+from gateway.hashing import DEFAULT_CHUNK_BYTES, iter_file_chunks
+from gateway.storage.base import TEMP_PREFIX, ChunkReader, ObjectStore, check_read_args
+
+log = logging.getLogger(__name__)
+
+_ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemStore(ObjectStore):
+    """Objects as files under ``root``, written atomically and fsynced."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = Path(os.path.abspath(root))
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def describe(self) -> str:
+        return f"filesystem:{self._root}"
+
+    # -- paths and errors ---------------------------------------------------
+
+    def path_for(self, key: str) -> Path:
+        """The file that holds ``key`` (whether or not it exists)."""
+        self.validate_key(key)
+        if len(key) < 4:
+            return self._root / key
+        return self._root / key[0:2].replace("/", "_") / key[2:4].replace("/", "_") / key
+
+    def _error(self, action: str, path: Path | str, exc: OSError) -> StorageError:
+        reason = exc.strerror or str(exc)
+        code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+        if code:
+            reason = f"{reason} [{code}]"
+        if exc.filename and str(exc.filename) != str(path):
+            reason = f"{reason} at {exc.filename}"
+        return StorageError(
+            f"filesystem store {self._root} could not {action} {path}: {reason}; "
+            "check disk space/permissions"
+        )
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def check(self) -> None:
+        try:
+            self._ensure_dir(self._root)
+        except OSError as exc:
+            raise self._error("create root directory", self._root, exc) from exc
+        if not self._root.is_dir():
+            raise StorageError(
+                f"filesystem store root {self._root} is not a directory; "
+                "point [storage] path at a writable directory"
+            )
+        probe: str | None = None
+        try:
+            fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX + "check-", dir=self._root)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(b"yigong storage check\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.unlink(probe)
+            probe = None
+            _fsync_dir(self._root)
+        except OSError as exc:
+            raise self._error("write a probe file in", self._root, exc) from exc
+        finally:
+            if probe is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(probe)
+        log.info("object store %s ready", self.describe())
+
+    def region(self) -> str | None:
+        return None
+
+    # -- writing ------------------------------------------------------------
+
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create ``directory`` and missing parents, fsyncing each new entry's parent."""
+        missing: list[Path] = []
+        current = directory
+        while not current.is_dir():
+            missing.append(current)
+            if current.parent == current:
+                break
+            current = current.parent
+        for new_dir in reversed(missing):
+            try:
+                new_dir.mkdir()
+            except FileExistsError:
+                if not new_dir.is_dir():
+                    raise
+                continue
+            _fsync_dir(new_dir.parent)
+
+    def _write(self, key: str, chunks: Iterable[bytes]) -> int:
+        """Write ``chunks`` to a temp file next to ``key``'s path, then publish it."""
+        final = self.path_for(key)
+        try:
+            self._ensure_dir(final.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=final.parent)
+        except OSError as exc:
+            raise self._error("create a file in", final.parent, exc) from exc
+        tmp = Path(tmp_name)
+        published = False
+        try:
+            written = 0
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in chunks:  # exceptions from the caller's iterator pass unchanged
+                    try:
+                        fh.write(chunk)
+                    except OSError as exc:
+                        raise self._error("write", tmp, exc) from exc
+                    written += len(chunk)
+                try:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                except OSError as exc:
+                    raise self._error("flush", tmp, exc) from exc
+            try:
+                os.replace(tmp, final)
+                published = True
+                _fsync_dir(final.parent)
+            except OSError as exc:
+                raise self._error("publish", final, exc) from exc
+        finally:
+            if not published:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+        log.debug("stored %s (%d bytes) in %s", key, written, self.describe())
+        return written
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.validate_key(key)
+        try:
+            src: BinaryIO = open(path, "rb")  # closed by the with below
+        except OSError as exc:
+            raise self._error("read source file", path, exc) from exc
+        with src:
+            self._write(key, self._translated(iter_file_chunks(src), "read source file", path))
+
+    def _translated(self, chunks: Iterator[bytes], action: str, path: Path) -> Iterator[bytes]:
+        """Pass ``chunks`` through, turning an OSError while reading into StorageError."""
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            except OSError as exc:
+                raise self._error(action, path, exc) from exc
+            yield chunk
+
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
+        self.validate_key(key)
+        return self._write(key, chunks)
+
+    # -- reading ------------------------------------------------------------
+
+    def open_read(
+        self, key: str, offset: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> ChunkReader:
+        check_read_args(key, offset, chunk_bytes)
+        path = self.path_for(key)
+        try:
+            fh: BinaryIO = open(path, "rb")  # owned by the ChunkReader
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise NotFound(f"object {key!r} not found in {self.describe()}") from exc
+        except OSError as exc:
+            raise self._error("open", path, exc) from exc
+        try:
+            total = os.fstat(fh.fileno()).st_size
+            if offset > total:
+                raise ValidationError(
+                    f"read offset {offset} is past the end of object {key!r} "
+                    f"({total} bytes) in {self.describe()}"
+                )
+            if offset:
+                fh.seek(offset)
+        except OSError as exc:
+            fh.close()
+            raise self._error("read", path, exc) from exc
+        except BaseException:
+            fh.close()
+            raise
+        return ChunkReader(
+            self._translated(iter_file_chunks(fh, chunk_bytes), "read", path), fh.close
+        )
+
+    def size(self, key: str) -> int | None:
+        path = self.path_for(key)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            if exc.errno in _ABSENT_ERRNOS:
+                return None
+            raise self._error("stat", path, exc) from exc
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def delete(self, key: str) -> None:
+        path = self.path_for(key)
+        if self.size(key) is None:
+            return
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._error("delete", path, exc) from exc
+        try:
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise self._error("sync directory", path.parent, exc) from exc
+        log.debug("deleted %s from %s", key, self.describe())

@@ -1,0 +1,91 @@
+"""Domain types of a transfer, independent of the wire encoding."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from gateway.errors import ValidationError
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_TRANSFER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
+_NAME_BAD = re.compile(r"[/\\\x00-\x1f]")
+
+
+@dataclass(frozen=True)
+class Announce:
+    """What a sender says about an object before sending it."""
+
+    object_id: str
+    size: int
+    name: str
+    media_type: str
+    case_id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, max_object_bytes: int) -> None:
+        check_object_id(self.object_id)
+        if self.size < 0 or self.size > max_object_bytes:
+            raise ValidationError(
+                f"object {self.object_id}: size {self.size} is outside 0..{max_object_bytes} "
+                "bytes allowed by this node (transfer.max_object_bytes)"
+            )
+        check_name(self.name)
+        if len(self.media_type) > 200 or len(self.case_id) > 200:
+            raise ValidationError(f"object {self.object_id}: media type or case id too long")
+
+
+def check_object_id(object_id: str) -> str:
+    if not _HEX64.match(object_id):
+        raise ValidationError(
+            f"object id {object_id[:80]!r} is not a lowercase hex SHA-256 (64 characters)"
+        )
+    return object_id
+
+
+def check_transfer_id(transfer_id: str) -> str:
+    if not _TRANSFER_ID.match(transfer_id):
+        raise ValidationError(
+            f"transfer id {transfer_id[:80]!r} must be 8-64 characters of "
+            "letters, digits, '-' or '_'"
+        )
+    return transfer_id
+
+
+def check_name(name: str) -> str:
+    if not name or len(name) > 255 or _NAME_BAD.search(name) or name in {".", ".."}:
+        raise ValidationError(
+            f"file name {name[:80]!r} must be 1-255 characters with no path separators "
+            "or control characters"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class StartMsg:
+    transfer_id: str
+    announce: Announce
+    offset: int
+
+
+@dataclass(frozen=True)
+class ChunkMsg:
+    offset: int
+    data: bytes
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class EndMsg:
+    sha256: str
+    size: int
+
+
+PushItem = StartMsg | ChunkMsg | EndMsg
+
+
+@dataclass(frozen=True)
+class OfferResult:
+    resume_offset: int
+    complete: bool
+    receipt: bytes | None  # serialized SignedReceipt when complete

@@ -1,0 +1,322 @@
+"""Sending side: the durable outbox and the verified send of one object.
+
+Queued sends are outbound transfer rows in the catalog, so they survive a
+restart. Worker threads claim due rows, offer the object to the peer, push
+it from the offset the peer names, and verify the signed receipt (signature,
+signer = the peer, same SHA-256 and size) before marking the transfer done.
+Any failure is recorded in the transfer's history and the audit log, and the
+send is retried with exponential backoff; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from gateway.audit import AuditLog
+from gateway.catalog import Catalog, ObjectRecord, TransferRecord, utcnow
+from gateway.errors import ConfigError, IntegrityError, ShuttingDown, YigongError
+from gateway.pki import TrustStore
+from gateway.storage import ObjectStore
+from gateway.transfer.model import (
+    Announce,
+    ChunkMsg,
+    EndMsg,
+    OfferResult,
+    PushItem,
+    StartMsg,
+)
+from gateway.transfer.receipts import verify_receipt
+
+log = logging.getLogger(__name__)
+
+
+class PeerLink(Protocol):
+    """The wire to one peer node (implemented over gRPC in gateway.rpc.peer_link)."""
+
+    def offer(self, transfer_id: str, announce: Announce) -> OfferResult: ...
+
+    def push(self, items: Iterator[PushItem]) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+LinkFactory = Callable[[str], PeerLink]
+"""Opens a link to the peer with the given node id."""
+
+
+@dataclass
+class OutboxSettings:
+    node_id: str
+    chunk_bytes: int
+    retry_initial_seconds: float
+    retry_max_seconds: float
+    max_bytes_per_second: int
+    workers: int
+    known_peers: frozenset[str]
+
+
+class _SendState:
+    """What the chunk generator found while reading the local copy."""
+
+    def __init__(self) -> None:
+        self.corrupt: str | None = None
+        self.stopped = False
+        self.sent = 0
+
+
+class Outbox:
+    def __init__(
+        self,
+        settings: OutboxSettings,
+        store: ObjectStore,
+        catalog: Catalog,
+        audit: AuditLog,
+        trust: TrustStore,
+        link_factory: LinkFactory,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalog = catalog
+        self.audit = audit
+        self.trust = trust
+        self._link_factory = link_factory
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- queueing ---------------------------------------------------------
+    def queue(self, obj: ObjectRecord, peer_node: str, *, actor: str) -> TransferRecord:
+        """Durably queue ``obj`` for ``peer_node``; returns the outbound transfer."""
+        if peer_node not in self.settings.known_peers:
+            known = ", ".join(sorted(self.settings.known_peers)) or "none"
+            raise ConfigError(
+                f"cannot send to {peer_node!r}: not a configured peer of node "
+                f"{self.settings.node_id} (known: {known})"
+            )
+        record = self.catalog.add_transfer(
+            transfer_id=uuid.uuid4().hex,
+            direction="outbound",
+            obj=obj,
+            peer_node=peer_node,
+            status="queued",
+        )
+        self.audit.record(
+            "transfer.queued",
+            actor=actor,
+            peer=peer_node,
+            object_id=obj.object_id,
+            transfer_id=record.transfer_id,
+            case_id=obj.case_id or None,
+            details={"size": obj.size},
+        )
+        self._wake.set()
+        return record
+
+    # -- workers ----------------------------------------------------------
+    def start(self) -> None:
+        requeued = self.catalog.requeue_interrupted()
+        if requeued:
+            log.info("outbox: %d interrupted send(s) queued again", requeued)
+        for n in range(self.settings.workers):
+            thread = threading.Thread(target=self._worker, name=f"outbox-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop workers; a send in progress is cut at a chunk boundary and stays queued."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                claimed = self.catalog.claim_due_outbound(utcnow(), 1, set())
+            except YigongError:
+                log.exception("outbox: catalog unavailable; retrying in 1 s")
+                self._stop.wait(1.0)
+                continue
+            if claimed:
+                self.send(claimed[0])
+                continue
+            self._wake.clear()
+            self._wake.wait(self._idle_seconds())
+
+    def _idle_seconds(self) -> float:
+        due = self.catalog.next_due_time()
+        if due is None:
+            return 5.0
+        delta = (datetime.fromisoformat(due) - datetime.now(UTC)).total_seconds()
+        return min(5.0, max(0.05, delta))
+
+    # -- one send ---------------------------------------------------------
+    def send(self, rec: TransferRecord) -> bool:
+        """Try one outbound transfer (already marked sending). True when done."""
+        attempt = rec.attempts + 1
+        peer = rec.peer_node
+        self.audit.record(
+            "transfer.begun",
+            actor=f"node:{self.settings.node_id}",
+            peer=peer,
+            object_id=rec.object_id,
+            transfer_id=rec.transfer_id,
+            details={"attempt": attempt},
+        )
+        state = _SendState()
+        link: PeerLink | None = None
+        try:
+            obj = self.catalog.get_object(rec.object_id)
+            announce = Announce(
+                object_id=obj.object_id,
+                size=obj.size,
+                name=obj.name,
+                media_type=obj.media_type,
+                case_id=obj.case_id,
+                labels=obj.labels,
+            )
+            link = self._link_factory(peer)
+            offer = link.offer(rec.transfer_id, announce)
+            if offer.complete and offer.receipt:
+                receipt_bytes = offer.receipt
+            else:
+                items = self._items(rec.transfer_id, announce, offer.resume_offset, state)
+                receipt_bytes = link.push(items)
+            receipt = verify_receipt(
+                receipt_bytes,
+                self.trust,
+                expect_receiver=peer,
+                expect_sender=self.settings.node_id,
+                expect_sha256=obj.object_id,
+                expect_size=obj.size,
+                expect_transfer_id=rec.transfer_id,
+            )
+        except YigongError:
+            if state.corrupt:
+                exc = IntegrityError(state.corrupt)
+            if state.stopped or isinstance(exc, ShuttingDown) or self._stop.is_set():
+                self._requeue_on_stop(rec, state)
+                return False
+            self._failed(rec, attempt, exc)
+            return False
+        finally:
+            if link is not None:
+                link.close()
+        self.catalog.update_transfer(
+            rec.transfer_id,
+            "outbound",
+            status="done",
+            attempts=attempt,
+            bytes_done=obj.size,
+            completed_at=receipt.body.completed_at,
+            last_error="",
+            receipt=receipt.signed,
+            history=("done", f"receipt verified, sha256 {receipt.body.sha256}"),
+        )
+        self.audit.record(
+            "transfer.completed",
+            actor=f"node:{self.settings.node_id}",
+            peer=peer,
+            object_id=obj.object_id,
+            transfer_id=rec.transfer_id,
+            case_id=obj.case_id or None,
+            details={"size": obj.size, "attempt": attempt, "sent_bytes": state.sent},
+        )
+        log.info(
+            "transfer %s to %s done (object %s, %d bytes, attempt %d)",
+            rec.transfer_id,
+            peer,
+            obj.object_id,
+            obj.size,
+            attempt,
+        )
+        return True
+
+    def _items(
+        self, transfer_id: str, announce: Announce, offset: int, state: _SendState
+    ) -> Iterator[PushItem]:
+        """Start, verified chunks from ``offset``, then End — unless something is wrong."""
+        yield StartMsg(transfer_id, announce, offset)
+        hasher = hashlib.sha256() if offset == 0 else None
+        position = offset
+        limit = self.settings.max_bytes_per_second
+        began = time.monotonic()
+        for data in self.store.open_read(announce.object_id, offset, self.settings.chunk_bytes):
+            if self._stop.is_set():
+                state.stopped = True
+                return
+            if hasher is not None:
+                hasher.update(data)
+            yield ChunkMsg(position, data, hashlib.sha256(data).digest())
+            position += len(data)
+            state.sent += len(data)
+            if limit:
+                ahead = state.sent / limit - (time.monotonic() - began)
+                if ahead > 0:
+                    self._stop.wait(ahead)
+        if position != announce.size or (
+            hasher is not None and hasher.hexdigest() != announce.object_id
+        ):
+            state.corrupt = (
+                f"local copy of object {announce.object_id} in {self.store.describe()} does not "
+                "match its SHA-256; not sent. Restore the object or re-submit it."
+            )
+            return
+        yield EndMsg(announce.object_id, announce.size)
+
+    def _backoff(self, attempt: int) -> float:
+        s = self.settings
+        return float(min(s.retry_max_seconds, s.retry_initial_seconds * 2 ** (attempt - 1)))
+
+    def _failed(self, rec: TransferRecord, attempt: int, exc: YigongError) -> None:
+        delay = self._backoff(attempt)
+        retry_at = (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(timespec="microseconds")
+        kind = "integrity_failed" if isinstance(exc, IntegrityError) else "attempt_failed"
+        self.catalog.update_transfer(
+            rec.transfer_id,
+            "outbound",
+            status="queued",
+            attempts=attempt,
+            last_error=str(exc)[:2000],
+            next_attempt_at=retry_at,
+            history=(kind, f"attempt {attempt}: {type(exc).__name__}: {exc}"[:2000]),
+        )
+        self.audit.record(
+            "transfer.failed",
+            actor=f"node:{self.settings.node_id}",
+            outcome="failure",
+            peer=rec.peer_node,
+            object_id=rec.object_id,
+            transfer_id=rec.transfer_id,
+            details={"attempt": attempt, "error": type(exc).__name__, "retry_in_s": delay},
+        )
+        log.warning(
+            "transfer %s to %s failed (attempt %d, retry in %.1f s): %s",
+            rec.transfer_id,
+            rec.peer_node,
+            attempt,
+            delay,
+            exc,
+        )
+
+    def _requeue_on_stop(self, rec: TransferRecord, state: _SendState) -> None:
+        self.catalog.update_transfer(
+            rec.transfer_id,
+            "outbound",
+            status="queued",
+            history=("interrupted", f"node stopping after {state.sent} bytes"),
+        )
+        log.info("transfer %s interrupted by shutdown; stays queued", rec.transfer_id)

@@ -1,0 +1,358 @@
+"""Receiving side of a verified transfer.
+
+Bytes of an interrupted transfer wait in ``<data_dir>/spool/inbound/<transfer
+id>.part``; every chunk is checked against its SHA-256 before it is written,
+so the spool file is always a verified prefix and a resumed transfer starts
+at its size. When the stream ends the object is stored, read back from the
+store and hashed again; only then is it catalogued and a signed receipt
+returned. Identical content is stored once (objects are content-addressed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.audit import AuditLog
+from gateway.catalog import Catalog, utcnow
+from gateway.errors import (
+    IntegrityError,
+    ShuttingDown,
+    StorageError,
+    TransferError,
+    ValidationError,
+)
+from gateway.hashing import hash_chunks
+from gateway.identity import Identity
+from gateway.storage import ObjectStore
+from gateway.transfer.model import (
+    Announce,
+    ChunkMsg,
+    EndMsg,
+    OfferResult,
+    PushItem,
+    StartMsg,
+    check_transfer_id,
+)
+from gateway.transfer.receipts import make_receipt
+
+log = logging.getLogger(__name__)
+
+FactsHook = Callable[[Announce, ObjectStore], Mapping[str, str]]
+"""Format-aware checks run on a stored object; their facts go into the receipt."""
+
+
+@dataclass
+class ReceiverSettings:
+    node_id: str
+    spool_dir: Path
+    max_chunk_bytes: int
+    max_object_bytes: int
+
+
+class Receiver:
+    def __init__(
+        self,
+        settings: ReceiverSettings,
+        store: ObjectStore,
+        catalog: Catalog,
+        audit: AuditLog,
+        sign: Callable[[bytes], bytes],
+        cert_pem: bytes,
+        facts_hook: FactsHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalog = catalog
+        self.audit = audit
+        self._sign = sign
+        self._cert_pem = cert_pem
+        self._facts_hook = facts_hook
+        self._active: set[str] = set()
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+        settings.spool_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- helpers ----------------------------------------------------------
+    def _part(self, transfer_id: str) -> Path:
+        return self.settings.spool_dir / f"{check_transfer_id(transfer_id)}.part"
+
+    def _already_held(self, announce: Announce) -> bool:
+        """Whether this node already holds these exact bytes (catalogued or not)."""
+        stored = self.store.size(announce.object_id)
+        if stored != announce.size:
+            if self.catalog.find_object(announce.object_id) is not None:
+                log.error(
+                    "object %s is catalogued but missing from %s; accepting it again",
+                    announce.object_id,
+                    self.store.describe(),
+                )
+            return False
+        if self.catalog.find_object(announce.object_id) is not None:
+            return True
+        # Stored but not catalogued (stopped in between): verify before adopting it.
+        digest, size = hash_chunks(self.store.open_read(announce.object_id))
+        if digest == announce.object_id and size == announce.size:
+            return True
+        self.store.delete(announce.object_id)
+        return False
+
+    def _finish(
+        self, sender: Identity, transfer_id: str, announce: Announce, started_at: str
+    ) -> bytes:
+        """Catalogue a stored, verified object and sign the receipt."""
+        obj = self.catalog.add_object(
+            object_id=announce.object_id,
+            size=announce.size,
+            name=announce.name,
+            media_type=announce.media_type,
+            case_id=announce.case_id,
+            origin_node=sender.subject_id,
+            labels=announce.labels,
+        )
+        facts = dict(self._facts_hook(announce, self.store)) if self._facts_hook else {}
+        receipt = make_receipt(
+            self._sign,
+            self._cert_pem,
+            transfer_id=transfer_id,
+            object_id=obj.object_id,
+            size=obj.size,
+            sha256=obj.object_id,
+            sender_node=sender.subject_id,
+            receiver_node=self.settings.node_id,
+            started_at=started_at,
+            completed_at=utcnow(),
+            name=announce.name,
+            case_id=announce.case_id,
+            facts=facts,
+        )
+        self._record_inbound(sender, transfer_id, announce)
+        self.catalog.update_transfer(
+            transfer_id,
+            "inbound",
+            status="done",
+            bytes_done=announce.size,
+            completed_at=utcnow(),
+            receipt=receipt,
+            history=("done", f"sha256 {announce.object_id}"),
+        )
+        self.audit.record(
+            "transfer.received",
+            actor=sender.label(),
+            peer=sender.subject_id,
+            object_id=announce.object_id,
+            transfer_id=transfer_id,
+            case_id=announce.case_id or None,
+            details={"size": announce.size, "name_sha256": _name_digest(announce.name)},
+        )
+        return receipt
+
+    def _record_inbound(self, sender: Identity, transfer_id: str, announce: Announce) -> None:
+        existing = self.catalog.find_transfer(transfer_id, "inbound")
+        if existing is None:
+            self.catalog.add_transfer(
+                transfer_id=transfer_id,
+                direction="inbound",
+                object_id=announce.object_id,
+                size=announce.size,
+                name=announce.name,
+                case_id=announce.case_id,
+                peer_node=sender.subject_id,
+                status="receiving",
+                header={"media_type": announce.media_type},
+            )
+        elif existing.peer_node != sender.subject_id or existing.object_id != announce.object_id:
+            raise ValidationError(
+                f"transfer {transfer_id} was announced by {existing.peer_node} for object "
+                f"{existing.object_id}; a different sender or object may not reuse its id"
+            )
+
+    # -- protocol ---------------------------------------------------------
+    def offer(self, sender: Identity, transfer_id: str, announce: Announce) -> OfferResult:
+        """Where the sender should start, or a receipt if the object is already here."""
+        if self.stopping.is_set():
+            raise ShuttingDown(f"node {self.settings.node_id} is shutting down; retry later")
+        check_transfer_id(transfer_id)
+        announce.validate(self.settings.max_object_bytes)
+        if self._already_held(announce):
+            done = self.catalog.find_transfer(transfer_id, "inbound")
+            if done is not None and done.status == "done" and done.receipt:
+                return OfferResult(announce.size, True, done.receipt)
+            receipt = self._finish(sender, transfer_id, announce, utcnow())
+            log.info(
+                "transfer %s: object %s already held; receipt re-issued",
+                transfer_id,
+                announce.object_id,
+            )
+            return OfferResult(announce.size, True, receipt)
+        self._record_inbound(sender, transfer_id, announce)
+        part = self._part(transfer_id)
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > announce.size:
+            part.unlink()
+            offset = 0
+        self.catalog.update_transfer(
+            transfer_id,
+            "inbound",
+            status="receiving",
+            bytes_done=offset,
+            history=("resume", f"offset {offset}") if offset else None,
+        )
+        return OfferResult(offset, False, None)
+
+    def receive(self, sender: Identity, items: Iterator[PushItem]) -> bytes:
+        """Consume one Push stream; return the serialized signed receipt."""
+        first = next(items, None)
+        if not isinstance(first, StartMsg):
+            raise ValidationError("a Push stream must begin with PushStart")
+        transfer_id = check_transfer_id(first.transfer_id)
+        announce = first.announce
+        announce.validate(self.settings.max_object_bytes)
+        with self._lock:
+            if transfer_id in self._active:
+                raise TransferError(
+                    f"transfer {transfer_id} is already being received; wait for it to end"
+                )
+            self._active.add(transfer_id)
+        try:
+            return self._receive(sender, transfer_id, announce, first.offset, items)
+        finally:
+            with self._lock:
+                self._active.discard(transfer_id)
+
+    def _receive(
+        self,
+        sender: Identity,
+        transfer_id: str,
+        announce: Announce,
+        offset: int,
+        items: Iterator[PushItem],
+    ) -> bytes:
+        started_at = utcnow()
+        record = self.catalog.find_transfer(transfer_id, "inbound")
+        if record is None:
+            raise ValidationError(f"transfer {transfer_id} was not offered; call Offer first")
+        if record.peer_node != sender.subject_id or record.object_id != announce.object_id:
+            raise ValidationError(f"transfer {transfer_id} belongs to another sender or object")
+        if record.status == "done" and record.receipt:
+            return record.receipt
+        part = self._part(transfer_id)
+        have = part.stat().st_size if part.exists() else 0
+        if offset != have:
+            raise ValidationError(
+                f"transfer {transfer_id}: push starts at offset {offset} but {have} verified "
+                "bytes are held; call Offer again for the resume offset"
+            )
+        expected = offset
+        max_chunk = self.settings.max_chunk_bytes
+        end: EndMsg | None = None
+        with open(part, "ab") as fh:
+            try:
+                for item in items:
+                    if self.stopping.is_set():
+                        raise ShuttingDown(
+                            f"node {self.settings.node_id} is shutting down; transfer "
+                            f"{transfer_id} will resume at offset {expected}"
+                        )
+                    if isinstance(item, ChunkMsg):
+                        if item.offset != expected:
+                            raise ValidationError(
+                                f"transfer {transfer_id}: chunk at offset {item.offset}, "
+                                f"expected {expected}"
+                            )
+                        if len(item.data) > max_chunk or expected + len(item.data) > announce.size:
+                            raise ValidationError(
+                                f"transfer {transfer_id}: chunk of {len(item.data)} bytes at "
+                                f"{item.offset} exceeds the chunk limit or the announced size"
+                            )
+                        if hashlib.sha256(item.data).digest() != item.sha256:
+                            self._integrity_failed(sender, transfer_id, announce, expected)
+                        fh.write(item.data)
+                        expected += len(item.data)
+                    elif isinstance(item, EndMsg):
+                        end = item
+                        break
+                    else:
+                        raise ValidationError(f"transfer {transfer_id}: unexpected second start")
+            finally:
+                fh.flush()
+                os.fsync(fh.fileno())
+                self.catalog.update_transfer(transfer_id, "inbound", bytes_done=expected)
+        if end is None:
+            raise TransferError(
+                f"transfer {transfer_id}: stream ended at offset {expected} without PushEnd; "
+                "resume with Offer"
+            )
+        if end.sha256 != announce.object_id or end.size != announce.size or expected != end.size:
+            part.unlink(missing_ok=True)
+            self._integrity_failed(sender, transfer_id, announce, expected, whole=True)
+        self._store_verified(sender, transfer_id, announce, part)
+        return self._finish(sender, transfer_id, announce, started_at)
+
+    def _store_verified(
+        self, sender: Identity, transfer_id: str, announce: Announce, part: Path
+    ) -> None:
+        """Store the spooled object, read it back from the store and hash it again."""
+        try:
+            self.store.put_file(announce.object_id, part)
+        except StorageError:
+            log.error(
+                "transfer %s: storing object %s failed; spool kept for retry",
+                transfer_id,
+                announce.object_id,
+            )
+            raise
+        digest, size = hash_chunks(self.store.open_read(announce.object_id))
+        if digest != announce.object_id or size != announce.size:
+            self.store.delete(announce.object_id)
+            part.unlink(missing_ok=True)
+            self._integrity_failed(sender, transfer_id, announce, size, whole=True)
+        part.unlink(missing_ok=True)
+        self.audit.record(
+            "object.stored",
+            actor=sender.label(),
+            object_id=announce.object_id,
+            transfer_id=transfer_id,
+            details={"size": size, "store": self.store.describe()},
+        )
+
+    def _integrity_failed(
+        self,
+        sender: Identity,
+        transfer_id: str,
+        announce: Announce,
+        offset: int,
+        *,
+        whole: bool = False,
+    ) -> None:
+        what = "object SHA-256/size" if whole else f"chunk at offset {offset}"
+        self.catalog.update_transfer(
+            transfer_id,
+            "inbound",
+            status="failed" if whole else "receiving",
+            last_error=f"{what} did not match",
+            history=("integrity_failed", what),
+        )
+        self.audit.record(
+            "transfer.integrity_failed",
+            actor=sender.label(),
+            outcome="failure",
+            peer=sender.subject_id,
+            object_id=announce.object_id,
+            transfer_id=transfer_id,
+            details={"where": what},
+        )
+        raise IntegrityError(
+            f"transfer {transfer_id} from {sender.subject_id}: {what} does not match its "
+            "SHA-256; the bytes were not stored as complete. The sender should retry."
+        )
+
+
+def _name_digest(name: str) -> str:
+    """File names may carry patient data: audit only a digest of them."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]

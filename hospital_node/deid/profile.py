@@ -1,0 +1,366 @@
+"""PS3.15 Annex E, Table E.1-1 (edition 2024b): the attribute table and its actions.
+
+Source: DICOM PS3.15 2024b, Annex E "Attribute Confidentiality Profiles", Table E.1-1
+"Application Level Confidentiality Profile Attributes", as extracted to JSON by the
+innolitics/dicom-standard project (MIT licence). The file ships with this package
+(``ps3.15-table-e1-1-2024b.json``) and is loaded once at import.
+
+Each row has a ``basicProfile`` action code and, per option column, an optional
+override. We implement the Basic Application Level Confidentiality Profile with the
+options *Retain Longitudinal Temporal Information with Modified Dates*
+(``rtnLongModifDatesOpt``), *Retain Patient Characteristics* (``rtnPatCharsOpt``)
+and *Clean Descriptors* (``cleanDescOpt``).
+
+Action resolution (:func:`resolve_action`), in order:
+
+1. An enabled option column that has a cell for the row overrides ``basicProfile``.
+   If several enabled option columns have cells and disagree, the most protective
+   wins (X > Z > D > U > C > K); in 2024b the only overlaps (Allergies, Patient
+   State) agree on C.
+2. Combined codes depend on the attribute's type in the IOD, which we do not know
+   per attribute, so we choose conservatively and never produce an invalid object:
+   ``X/Z`` -> Z, ``X/D`` -> D, ``Z/D`` -> D, ``X/Z/D`` -> D, ``X/Z/U*`` -> U.
+   Z keeps a type-2 attribute present but empty; D keeps a type-1 attribute valid
+   with a dummy value; U keeps reference sequences (Referenced Image / Source Image)
+   and replaces every UID inside them consistently, preserving the links between
+   instances.
+3. C ("clean") is applied by VR: DA/DT dates are shifted by the per-patient offset;
+   TM is kept (the shift is a whole number of days, so time of day is unchanged);
+   text VRs are cleaned with the allowlist (:mod:`hospital_node.deid.clean`);
+   sequences are kept and everything textual inside them is cleaned. C on a VR
+   that cannot be cleaned (OB, UN, ...) falls back to the basic-profile action
+   resolved by rule 2.
+
+Beyond the table (decided in :meth:`ConfidentialityProfile.treatment`):
+private attributes, group lengths and command-group elements are removed; Patient's
+Name and Patient ID get the case pseudonym; any other PN attribute gets a dummy;
+a public attribute unknown to the data dictionary with VR UN (an opaque blob that
+cannot be inspected) is removed; everything else not in the table is kept, with
+dates shifted and sequences recursed into.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from importlib import resources
+from typing import Any
+
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
+
+from gateway.errors import ConfigError
+
+TABLE_EDITION = "2024b"
+TABLE_RESOURCE = "ps3.15-table-e1-1-2024b.json"
+TABLE_CITATION = (
+    "DICOM PS3.15 2024b Annex E Table E.1-1 "
+    "(Application Level Confidentiality Profile Attributes)"
+)
+
+PATIENT_NAME_TAG = 0x00100010
+PATIENT_ID_TAG = 0x00100020
+
+
+class Action(StrEnum):
+    """Action codes of Table E.1-1 after resolution."""
+
+    KEEP = "K"
+    REMOVE = "X"
+    ZERO = "Z"
+    DUMMY = "D"
+    CLEAN = "C"
+    UID = "U"
+
+
+class Option(StrEnum):
+    """Option columns of Table E.1-1 we support (value = JSON key)."""
+
+    RETAIN_LONG_MODIFIED_DATES = "rtnLongModifDatesOpt"
+    RETAIN_PATIENT_CHARACTERISTICS = "rtnPatCharsOpt"
+    CLEAN_DESCRIPTORS = "cleanDescOpt"
+
+
+DEFAULT_OPTIONS: frozenset[Option] = frozenset(Option)
+
+BASIC_PROFILE_CODE: tuple[str, str] = ("113100", "Basic Application Confidentiality Profile")
+"""CID 7050 code (scheme DCM) for the profile itself."""
+
+OPTION_CODES: Mapping[Option, tuple[str, str]] = {
+    Option.RETAIN_LONG_MODIFIED_DATES: (
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
+    Option.RETAIN_PATIENT_CHARACTERISTICS: ("113108", "Retain Patient Characteristics Option"),
+    Option.CLEAN_DESCRIPTORS: ("113105", "Clean Descriptors Option"),
+}
+"""CID 7050 codes (scheme DCM) for the options, in the order they are declared."""
+
+_KNOWN_CODES = {"K", "X", "Z", "D", "C", "U", "X/Z", "X/D", "Z/D", "X/Z/D", "X/Z/U*"}
+COMBINED_RULES: Mapping[str, Action] = {
+    "X/Z": Action.ZERO,
+    "X/D": Action.DUMMY,
+    "Z/D": Action.DUMMY,
+    "X/Z/D": Action.DUMMY,
+    "X/Z/U*": Action.UID,
+}
+_STRICTNESS = "XZDUCK"  # most protective first
+
+TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "CS"})
+FREE_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC"})
+"""VRs cleaned inside a sequence whose action is C (CS holds defined terms, not prose)."""
+DATE_VRS = frozenset({"DA", "DT"})
+
+CODED_ENTRY_TAGS = frozenset(
+    {
+        0x00080100,  # Code Value
+        0x00080102,  # Coding Scheme Designator
+        0x00080103,  # Coding Scheme Version
+        0x00080119,  # Long Code Value
+        0x00080120,  # URN Code Value
+    }
+)
+"""Coded-entry identifiers kept inside cleaned sequences: they come from a coding scheme."""
+
+DUMMY_TEXT = "X"
+DUMMY_NAME = "ANONYMOUS"
+DUMMY_VALUES: Mapping[str, Any] = {
+    "PN": DUMMY_NAME,
+    "AE": DUMMY_NAME,
+    "AS": "000Y",
+    "DA": "19000101",
+    "DT": "19000101000000",
+    "TM": "000000",
+    "DS": "0",
+    "IS": "0",
+    "UR": DUMMY_TEXT,
+    **{vr: DUMMY_TEXT for vr in ("SH", "LO", "ST", "LT", "UT", "UC", "CS")},
+    **{vr: 0 for vr in ("US", "SS", "UL", "SL", "UV", "SV", "AT")},
+    **{vr: 0.0 for vr in ("FL", "FD")},
+    **{vr: b"\x00" * 8 for vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN")},
+}
+"""Fixed dummy values for action D by VR (UI gets a mapped UID, SQ an empty sequence).
+
+Dummy dates are fixed, not shifted: they carry no information to preserve.
+"""
+
+
+class Treatment(Enum):
+    """What the de-identifier does to one element; the scanner checks the same."""
+
+    REMOVE = "remove"
+    EMPTY = "empty"
+    DUMMY = "dummy"
+    MAP_UID = "map-uid"
+    PSEUDONYM = "pseudonym"
+    CLEAN_TEXT = "clean-text"
+    SHIFT_DATE = "shift-date"
+    RECURSE = "recurse"
+    RECURSE_CLEAN = "recurse-clean"
+    KEEP = "keep"
+
+
+@dataclass(frozen=True, slots=True)
+class TableRow:
+    """One row of Table E.1-1 with its tag pattern parsed and its action resolved."""
+
+    name: str
+    tag_text: str
+    row_id: str
+    basic: str
+    cells: Mapping[str, str]
+    action: Action
+    fallback: Action
+    tag: int | None
+    mask: int
+    value: int
+    odd_groups: bool
+
+    def matches(self, tag: int) -> bool:
+        if self.odd_groups:
+            return bool((tag >> 16) & 1)
+        return (tag & self.mask) == self.value
+
+
+def parse_tag_pattern(text: str) -> tuple[int | None, int, int, bool]:
+    """Parse a Table E.1-1 tag cell into (tag or None, mask, value, odd-groups).
+
+    ``(0008,0050)`` is concrete; ``(50XX,XXXX)`` and ``(60XX,3000)`` are wildcard
+    patterns matched with ``tag & mask == value``; ``(GGGG,EEEE) WHERE GGGG IS ODD``
+    denotes all private attributes.
+    """
+    norm = text.strip().upper()
+    if norm.startswith("(GGGG,EEEE)") and "ODD" in norm:
+        return None, 0, 0, True
+    m = re.fullmatch(r"\(([0-9A-FX]{4}),([0-9A-FX]{4})\)", norm)
+    if not m:
+        raise ConfigError(f"Table E.1-1 row has an unparseable tag {text!r}")
+    digits = m.group(1) + m.group(2)
+    mask = int("".join("0" if c == "X" else "F" for c in digits), 16)
+    value = int(digits.replace("X", "0"), 16)
+    concrete = value if mask == 0xFFFFFFFF else None
+    return concrete, mask, value, False
+
+
+def resolve_combined(code: str) -> Action:
+    """Resolve a basic-profile code, combined or not, to one action (rule 2)."""
+    if code in COMBINED_RULES:
+        return COMBINED_RULES[code]
+    return Action(code)
+
+
+def resolve_action(basic: str, cells: Mapping[str, str], options: Iterable[Option]) -> Action:
+    """Resolve a row's action under ``options`` (rules 1 and 2 of the module docstring)."""
+    chosen = [cells[opt.value] for opt in options if opt.value in cells]
+    if not chosen:
+        return resolve_combined(basic)
+    strictest = min(
+        (resolve_combined(code) for code in chosen), key=lambda a: _STRICTNESS.index(a.value)
+    )
+    return strictest
+
+
+@functools.cache
+def load_table() -> tuple[Mapping[str, str], ...]:
+    """The raw rows of the packaged Table E.1-1 (validated once, then cached)."""
+    text = resources.files(__package__).joinpath(TABLE_RESOURCE).read_text("utf-8")
+    rows = json.loads(text)
+    if not isinstance(rows, list) or not rows:
+        raise ConfigError(f"{TABLE_RESOURCE} is not a non-empty JSON list")
+    for row in rows:
+        if not isinstance(row, dict) or "tag" not in row or "basicProfile" not in row:
+            raise ConfigError(f"{TABLE_RESOURCE} has a row without tag/basicProfile")
+        codes = [v for k, v in row.items() if k == "basicProfile" or k.endswith("Opt")]
+        bad = [c for c in codes if c not in _KNOWN_CODES]
+        if bad:
+            raise ConfigError(f"{TABLE_RESOURCE} row {row['tag']} has unknown action {bad[0]!r}")
+    return tuple(rows)
+
+
+class ConfidentialityProfile:
+    """Table E.1-1 resolved under a set of options; answers "what to do with this tag"."""
+
+    def __init__(self, options: Iterable[Option] = DEFAULT_OPTIONS) -> None:
+        self.options: frozenset[Option] = frozenset(options)
+        rows: list[TableRow] = []
+        for raw in load_table():
+            tag, mask, value, odd = parse_tag_pattern(raw["tag"])
+            cells = {k: v for k, v in raw.items() if k.endswith("Opt")}
+            rows.append(
+                TableRow(
+                    name=raw.get("name", ""),
+                    tag_text=raw["tag"],
+                    row_id=raw.get("id", ""),
+                    basic=raw["basicProfile"],
+                    cells=cells,
+                    action=resolve_action(raw["basicProfile"], cells, self.options),
+                    fallback=resolve_combined(raw["basicProfile"]),
+                    tag=tag,
+                    mask=mask,
+                    value=value,
+                    odd_groups=odd,
+                )
+            )
+        self.rows: tuple[TableRow, ...] = tuple(rows)
+        self._exact = {r.tag: r for r in rows if r.tag is not None}
+        self._patterns = tuple(r for r in rows if r.tag is None and not r.odd_groups)
+        self._private = next((r for r in rows if r.odd_groups), None)
+        self.shift_dates = Option.RETAIN_LONG_MODIFIED_DATES in self.options
+
+    def lookup(self, tag: int) -> TableRow | None:
+        """The table row governing ``tag``, or None when the table does not list it."""
+        row = self._exact.get(tag)
+        if row is not None:
+            return row
+        if (tag >> 16) & 1:
+            return self._private
+        for pattern in self._patterns:
+            if pattern.matches(tag):
+                return pattern
+        return None
+
+    def treatment(self, tag: int, vr: str, *, in_clean_sequence: bool) -> tuple[Treatment, str]:
+        """Decide what happens to element ``tag`` with runtime ``vr``.
+
+        Returns the treatment and the table code it came from (for counting and for
+        the scanner's messages; "" when the table does not list the attribute).
+        """
+        group = tag >> 16
+        if group & 1 or group == 0 or (tag & 0xFFFF) == 0:
+            return Treatment.REMOVE, "X"
+        if tag in (PATIENT_NAME_TAG, PATIENT_ID_TAG):
+            return Treatment.PSEUDONYM, "D"
+        row = self.lookup(tag)
+        if row is None:
+            return self._untabled(tag, vr, in_clean_sequence), ""
+        action = row.action
+        if action is Action.CLEAN:
+            treatment = self._clean_treatment(vr)
+            if treatment is not None:
+                return treatment, action.value
+            action = row.fallback
+        return self._basic_treatment(action, vr), action.value
+
+    def _untabled(self, tag: int, vr: str, in_clean_sequence: bool) -> Treatment:
+        if vr == "SQ":
+            return Treatment.RECURSE_CLEAN if in_clean_sequence else Treatment.RECURSE
+        if vr in DATE_VRS and self.shift_dates:
+            return Treatment.SHIFT_DATE
+        if vr == "PN":
+            return Treatment.DUMMY
+        if vr == "UN" and not dictionary_has_tag(tag):
+            return Treatment.REMOVE
+        if in_clean_sequence and vr in FREE_TEXT_VRS and tag not in CODED_ENTRY_TAGS:
+            return Treatment.CLEAN_TEXT
+        return Treatment.KEEP
+
+    def _clean_treatment(self, vr: str) -> Treatment | None:
+        if vr in DATE_VRS:
+            return Treatment.SHIFT_DATE if self.shift_dates else None
+        if vr == "TM":
+            return Treatment.KEEP if self.shift_dates else None
+        if vr in TEXT_VRS:
+            return Treatment.CLEAN_TEXT
+        if vr == "SQ":
+            return Treatment.RECURSE_CLEAN
+        return None
+
+    def _basic_treatment(self, action: Action, vr: str) -> Treatment:
+        if action is Action.REMOVE:
+            return Treatment.REMOVE
+        if action is Action.ZERO or (action is Action.DUMMY and vr == "SQ"):
+            # A dummy sequence cannot be synthesised without IOD knowledge: emptied.
+            return Treatment.EMPTY
+        if action is Action.DUMMY:
+            return Treatment.MAP_UID if vr == "UI" else Treatment.DUMMY
+        if action is Action.UID:
+            if vr == "UI":
+                return Treatment.MAP_UID
+            return Treatment.RECURSE if vr == "SQ" else Treatment.DUMMY
+        # KEEP (retained patient characteristics and the like)
+        if vr == "SQ":
+            return Treatment.RECURSE
+        if vr in DATE_VRS and self.shift_dates:
+            return Treatment.SHIFT_DATE
+        return Treatment.KEEP
+
+    def concrete_rows(self) -> tuple[TableRow, ...]:
+        """Rows naming exactly one tag (used by the generated per-attribute tests)."""
+        return tuple(r for r in self.rows if r.tag is not None)
+
+
+def dictionary_vr(tag: int) -> str:
+    """VR of ``tag`` in the data dictionary ("UN" when unknown)."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+
+
+@functools.cache
+def default_profile() -> ConfidentialityProfile:
+    """The profile with all our options enabled (shared, immutable)."""
+    return ConfidentialityProfile(DEFAULT_OPTIONS)

@@ -1,0 +1,183 @@
+"""Test harness: a throwaway federation, node configs, nodes in-process or as
+``yigong serve`` subprocesses. Everything binds port 0 and reports its port;
+everything started here is stopped by the fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway import pki
+from gateway.client import NodeClient
+from gateway.config import load_config, render_config
+from gateway.rpc.channel import ClientCredentials
+from gateway.server import Node
+
+
+@dataclass
+class Federation:
+    root: Path
+    ca_dir: Path = field(init=False)
+    _issued: dict[str, pki.IssuedCert] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ca_dir = self.root / "ca"
+        pki.create_ca(self.ca_dir, "testfed")
+
+    @property
+    def ca(self) -> Path:
+        return self.ca_dir / "ca.crt"
+
+    @property
+    def crl(self) -> Path:
+        return self.ca_dir / "crl.pem"
+
+    def node(self, node_id: str, role: str, region: str = "cn-east") -> pki.IssuedCert:
+        if node_id not in self._issued:
+            self._issued[node_id] = pki.issue_node_cert(
+                self.ca_dir, node_id, role, region, self.root / "certs" / node_id
+            )
+        return self._issued[node_id]
+
+    def person(self, person_id: str, role: str, org: str, **kw: object) -> pki.IssuedCert:
+        key = f"person:{person_id}"
+        if key not in self._issued or kw:
+            out = self.root / "certs" / f"{person_id}-{len(self._issued)}"
+            self._issued[key] = pki.issue_person_cert(
+                self.ca_dir,
+                person_id,
+                role,
+                org,
+                out,
+                **kw,  # type: ignore[arg-type]
+            )
+        return self._issued[key]
+
+    def creds(self, issued: pki.IssuedCert) -> ClientCredentials:
+        return ClientCredentials.from_files(self.ca, issued.cert_path, issued.key_path)
+
+
+def write_config(
+    fed: Federation,
+    workdir: Path,
+    node_id: str,
+    role: str,
+    *,
+    region: str = "cn-east",
+    peers: dict[str, str] | None = None,
+    listen: str = "127.0.0.1:0",
+    extra: str = "",
+) -> Path:
+    issued = fed.node(node_id, role, region)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"{node_id}.toml"
+    path.write_text(
+        render_config(
+            node_id=node_id,
+            role=role,
+            region=region,
+            data_dir=workdir / f"{node_id}-data",
+            ca=fed.ca,
+            cert=issued.cert_path,
+            key=issued.key_path,
+            crl=fed.crl,
+            listen=listen,
+            peers=sorted((peers or {}).items()),
+            extra=extra or "[transfer]\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0",
+        )
+    )
+    return path
+
+
+class InProcessNode:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.node = Node(load_config(config))
+        self.port = self.node.start()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def client(self, creds: ClientCredentials) -> NodeClient:
+        return NodeClient(self.address, creds, node_id=self.node.cfg.node.id)
+
+    def self_client(self) -> NodeClient:
+        return self.client(self.node.client_credentials)
+
+    def stop(self) -> None:
+        self.node.stop(grace=1.0)
+
+
+class NodeProcess:
+    """``yigong serve`` in a child process."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self, timeout: float = 30.0) -> int:
+        ready = self.config.with_suffix(".ready")
+        ready.unlink(missing_ok=True)
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "-v",
+                "serve",
+                str(self.config),
+                "--ready-file",
+                str(ready),
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready.exists():
+                self.port = int(json.loads(ready.read_text())["port"])
+                return self.port
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"node {self.config} did not start:\n{self.log_path.read_text()[-4000:]}"
+        )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode if self.proc else None
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = ""):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")

@@ -1,0 +1,90 @@
+from yigong.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TimeRange(_message.Message):
+    __slots__ = ("since", "until")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    since: str
+    until: str
+    def __init__(self, since: _Optional[str] = ..., until: _Optional[str] = ...) -> None: ...
+
+class ListObjectsRequest(_message.Message):
+    __slots__ = ("case_id", "peer", "time", "limit")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    peer: str
+    time: TimeRange
+    limit: int
+    def __init__(self, case_id: _Optional[str] = ..., peer: _Optional[str] = ..., time: _Optional[_Union[TimeRange, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListObjectsResponse(_message.Message):
+    __slots__ = ("objects",)
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    objects: _containers.RepeatedCompositeFieldContainer[_common_pb2.ObjectInfo]
+    def __init__(self, objects: _Optional[_Iterable[_Union[_common_pb2.ObjectInfo, _Mapping]]] = ...) -> None: ...
+
+class GetObjectRequest(_message.Message):
+    __slots__ = ("object_id",)
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    def __init__(self, object_id: _Optional[str] = ...) -> None: ...
+
+class ObjectDetail(_message.Message):
+    __slots__ = ("object", "transfers")
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    object: _common_pb2.ObjectInfo
+    transfers: _containers.RepeatedCompositeFieldContainer[_common_pb2.TransferInfo]
+    def __init__(self, object: _Optional[_Union[_common_pb2.ObjectInfo, _Mapping]] = ..., transfers: _Optional[_Iterable[_Union[_common_pb2.TransferInfo, _Mapping]]] = ...) -> None: ...
+
+class ListTransfersRequest(_message.Message):
+    __slots__ = ("case_id", "peer", "status", "direction", "object_id", "time", "limit")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    peer: str
+    status: str
+    direction: str
+    object_id: str
+    time: TimeRange
+    limit: int
+    def __init__(self, case_id: _Optional[str] = ..., peer: _Optional[str] = ..., status: _Optional[str] = ..., direction: _Optional[str] = ..., object_id: _Optional[str] = ..., time: _Optional[_Union[TimeRange, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListTransfersResponse(_message.Message):
+    __slots__ = ("transfers",)
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    transfers: _containers.RepeatedCompositeFieldContainer[_common_pb2.TransferInfo]
+    def __init__(self, transfers: _Optional[_Iterable[_Union[_common_pb2.TransferInfo, _Mapping]]] = ...) -> None: ...
+
+class ReadObjectRequest(_message.Message):
+    __slots__ = ("object_id", "offset")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    offset: int
+    def __init__(self, object_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ReadObjectResponse(_message.Message):
+    __slots__ = ("chunk", "object_size", "object_sha256")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    chunk: _common_pb2.Chunk
+    object_size: int
+    object_sha256: str
+    def __init__(self, chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ..., object_size: _Optional[int] = ..., object_sha256: _Optional[str] = ...) -> None: ...
