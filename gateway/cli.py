@@ -29,10 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from gateway import cli_node, cli_pki
+    from gateway import cli_node, cli_pki, demo
 
     cli_pki.register(sub)
     cli_node.register(sub)
+    demo.register(sub)
     return parser
 
 

@@ -95,6 +95,13 @@ def write_config(
     return path
 
 
+def pin_port(config: Path, port: int) -> None:
+    """Make a node listen on ``port`` from now on (to restart it on the same address)."""
+    text = config.read_text()
+    assert 'listen = "127.0.0.1:0"' in text
+    config.write_text(text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
+
+
 class InProcessNode:
     def __init__(self, config: Path) -> None:
         self.config = config

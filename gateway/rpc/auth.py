@@ -77,7 +77,7 @@ class Gatekeeper:
                 event,
                 actor=caller.label() if caller else None,
                 outcome="failure",
-                details={"method": method, "address": peer, "reason": type(exc).__name__},
+                details={"method": method, "remote": peer, "reason": type(exc).__name__},
             )
         except YigongError:
             log.exception("could not audit refusal of %s", method)
@@ -103,6 +103,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
         def guard(inner: Callable[..., Any] | None) -> Callable[..., Any]:
             assert inner is not None
+
             def behavior(request: Any, context: grpc.ServicerContext) -> Any:
                 gate.check(context, method)
                 return inner(request, context)

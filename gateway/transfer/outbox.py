@@ -145,16 +145,23 @@ class Outbox:
     def _worker(self) -> None:
         while not self._stop.is_set():
             try:
-                claimed = self.catalog.claim_due_outbound(utcnow(), 1, set())
-            except YigongError:
-                log.exception("outbox: catalog unavailable; retrying in 1 s")
+                self._tick()
+            except Exception:  # never let a worker die: the outbox must keep draining
+                log.exception("outbox worker error; retrying in 1 s")
                 self._stop.wait(1.0)
-                continue
-            if claimed:
-                self.send(claimed[0])
-                continue
+
+    def _tick(self) -> None:
+        claimed = self.catalog.claim_due_outbound(utcnow(), 1, set())
+        if not claimed:
             self._wake.clear()
             self._wake.wait(self._idle_seconds())
+            return
+        rec = claimed[0]
+        try:
+            self.send(rec)
+        except Exception as exc:  # a bug must not strand the send: record it and retry later
+            log.exception("outbox: unexpected error sending %s", rec.transfer_id)
+            self._failed(rec, rec.attempts + 1, YigongError(f"internal error: {exc!r}"))
 
     def _idle_seconds(self) -> float:
         due = self.catalog.next_due_time()
@@ -204,9 +211,8 @@ class Outbox:
                 expect_size=obj.size,
                 expect_transfer_id=rec.transfer_id,
             )
-        except YigongError:
-            if state.corrupt:
-                exc = IntegrityError(state.corrupt)
+        except YigongError as err:
+            exc: YigongError = IntegrityError(state.corrupt) if state.corrupt else err
             if state.stopped or isinstance(exc, ShuttingDown) or self._stop.is_set():
                 self._requeue_on_stop(rec, state)
                 return False
