@@ -77,9 +77,15 @@ MIGRATIONS: Sequence[str] = (
 )
 
 
+def iso_utc(when: datetime) -> str:
+    """``when`` as ISO-8601 UTC with microseconds and a ``Z``: the one time format of the
+    catalog, receipts and audit log (fixed width, so it sorts lexically)."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def utcnow() -> str:
-    """Current time as ISO-8601 UTC with microseconds (sorts lexically)."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+    """Current time in the :func:`iso_utc` format."""
+    return iso_utc(datetime.now(UTC))
 
 
 @dataclass(frozen=True)
@@ -441,7 +447,7 @@ def _normalise_time(value: str) -> str:
         ) from exc
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC).isoformat(timespec="microseconds")
+    return iso_utc(parsed)
 
 
 def _object(row: sqlite3.Row) -> ObjectRecord:

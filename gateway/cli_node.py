@@ -124,16 +124,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import Node, write_ready_file
 
     cfg = load_config(args.config)
-    node = Node(cfg)
-    port = node.start()
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping", signum)
         done.set()
 
+    # Handlers first: a SIGTERM during start-up still ends in a clean stop.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    node = Node(cfg)
+    try:
+        port = node.start()
+    except BaseException:
+        node.stop(grace=0)
+        raise
     host = cfg.server.listen.rpartition(":")[0]
     print(
         f"node {cfg.node.id} ({cfg.node.role}, region {cfg.node.region}) listening on "

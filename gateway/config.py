@@ -10,6 +10,7 @@ reference" for every key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -296,24 +297,29 @@ def render_config(
     extra: str = "",
 ) -> str:
     """A complete configuration file for the embedded setup (used by demo and tests)."""
+
+    def q(value: object) -> str:
+        # JSON string escapes are valid TOML basic-string escapes.
+        return json.dumps(str(value), ensure_ascii=False)
+
     lines = [
         "# yigong node configuration; see README 'Configuration reference'",
         "[node]",
-        f'id = "{node_id}"',
-        f'role = "{role}"',
-        f'region = "{region}"',
-        f'data_dir = "{data_dir}"',
+        f"id = {q(node_id)}",
+        f"role = {q(role)}",
+        f"region = {q(region)}",
+        f"data_dir = {q(data_dir)}",
         "",
         "[tls]",
-        f'ca = "{ca}"',
-        f'cert = "{cert}"',
-        f'key = "{key}"',
+        f"ca = {q(ca)}",
+        f"cert = {q(cert)}",
+        f"key = {q(key)}",
     ]
     if crl is not None:
-        lines.append(f'crl = "{crl}"')
-    lines += ["", "[server]", f'listen = "{listen}"', ""]
+        lines.append(f"crl = {q(crl)}")
+    lines += ["", "[server]", f"listen = {q(listen)}", ""]
     if extra:
         lines += [extra.strip(), ""]
     for peer_id, address in peers:
-        lines += ["[[peers]]", f'id = "{peer_id}"', f'address = "{address}"', ""]
+        lines += ["[[peers]]", f"id = {q(peer_id)}", f"address = {q(address)}", ""]
     return "\n".join(lines)

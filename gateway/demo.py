@@ -7,7 +7,9 @@ Ports: both nodes listen on ``127.0.0.1:0`` (the kernel picks a free port, so th
 pick-then-bind race). The factory starts first; its ready file names its port, which goes
 into the hospital's configuration as its one peer. The factory needs no peer entry: it
 accepts transfers from any hospital node of the federation (the role in the certificate
-decides, see :mod:`gateway.authz`) and sends nothing in this demo.
+decides, see :mod:`gateway.authz`) and sends nothing in this demo. Once a node is up, the
+port it got is written back into its configuration, so ``yigong ... --config NODE.toml``
+works and a restarted node comes back at the address its peer knows.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from gateway import pki
 from gateway.client import NodeClient
@@ -75,7 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo.say(
         f"\nEverything is in {demo.root}:",
         "  ca/ (throwaway federation CA)  certs/  hospital-1.toml  factory-1.toml",
-        "  data/ (object stores, catalogs, audit logs)  logs/  sample/  downloads/",
+        "  data/ (object stores, catalogs, audit logs)  logs/  run/  sample/  downloads/",
     )
     return 0 if ok else 1
 
@@ -84,7 +86,9 @@ def _prepare_dir(arg: Path | None) -> Path:
     if arg is None:
         return Path(tempfile.mkdtemp(prefix="yigong-demo-")).resolve()
     root = arg.expanduser().resolve()
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"demo directory {root} exists and is not a directory")
+    if root.exists() and any(root.iterdir()):
         raise ConfigError(
             f"demo directory {root} is not empty; give a new or empty directory with --dir "
             "(the demo never touches existing files)"
@@ -124,11 +128,6 @@ class Demo:
     nodes: dict[str, NodeProc] = field(default_factory=dict)
 
     @property
-    def out(self) -> TextIO:
-        """Human output: stdout, or stderr when stdout carries the JSON document."""
-        return sys.stderr if self.keep else sys.stdout
-
-    @property
     def ca_dir(self) -> Path:
         return self.root / "ca"
 
@@ -137,7 +136,8 @@ class Demo:
         return self.ca_dir / pki.CA_CERT
 
     def say(self, *lines: str) -> None:
-        print(*lines, sep="\n", file=self.out, flush=True)
+        """Human output: stdout, or stderr when stdout carries the --keep-running JSON."""
+        print(*lines, sep="\n", file=sys.stderr if self.keep else sys.stdout, flush=True)
 
     def client(self, node_id: str, who: str) -> NodeClient:
         """``who``'s certificate talking to node ``node_id`` (pinned to its certificate)."""
@@ -178,7 +178,9 @@ class Demo:
         ):
             self.say(f"  {who:<11} {what:<32} {self.issued[who].cert_path.relative_to(self.root)}")
 
-    def start_node(self, node_id: str, role: str, peers: list[tuple[str, str]]) -> None:
+    def write_config(
+        self, node_id: str, role: str, peers: list[tuple[str, str]], listen: str
+    ) -> Path:
         config, cert = self.root / f"{node_id}.toml", self.issued[node_id]
         config.write_text(
             render_config(
@@ -190,11 +192,17 @@ class Demo:
                 cert=cert.cert_path,
                 key=cert.key_path,
                 crl=self.ca_dir / pki.CRL_FILE,
-                listen="127.0.0.1:0",
+                listen=listen,
                 peers=peers,
                 extra=TRANSFER_TUNING,
             )
         )
+        return config
+
+    def start_node(self, node_id: str, role: str, peers: list[tuple[str, str]]) -> None:
+        """Start ``yigong serve`` on port 0, wait for its ready file, then pin the port it got
+        in its configuration (so ``--config`` and a restart find it at the same address)."""
+        config = self.write_config(node_id, role, peers, "127.0.0.1:0")
         ready, log_path = self.root / "run" / f"{node_id}.ready", self.root / f"logs/{node_id}.log"
         ready.parent.mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "gateway.cli", "-v", "serve", str(config)]
@@ -219,6 +227,7 @@ class Demo:
             )
             raise YigongError(f"node {node_id} {why}; end of {log_path}:\n{_tail(log_path)}")
         node.port = int(json.loads(ready.read_text())["port"])
+        self.write_config(node_id, role, peers, node.address)
         peer = f"  peer {peers[0][0]} at {peers[0][1]}" if peers else ""
         log_name = log_path.relative_to(self.root)
         self.say(f"  {node_id:<11} {node.address:<16} pid {proc.pid:<7} log {log_name}{peer}")
@@ -368,6 +377,9 @@ class Demo:
                 cli("query transfers", FACTORY, ENGINEER),
                 cli("query transfers", HOSPITAL, OFFICER),
                 cli(f"send FILE --to {FACTORY} --case {CASE_ID}", HOSPITAL, HOSPITAL),
+                shlex.join(
+                    ["yigong", "query", "transfers", "--config", str(self.nodes[HOSPITAL].config)]
+                ),
             ],
             "stop": self.stop_command(),
         }

@@ -31,6 +31,7 @@ Tree::
     │   ├── IntegrityError          bytes did not match their SHA-256
     │   ├── ReceiptError            a receipt is unsigned, badly signed or disagrees
     │   └── PeerUnavailable         the peer could not be reached (retry later)
+    ├── NotReady                    the node cannot serve now (e.g. unusable CRL); retry later
     └── ShuttingDown                the node is stopping; retry against it later
 """
 
@@ -115,6 +116,10 @@ class ReceiptError(TransferError):
 
 class PeerUnavailable(TransferError):
     """The peer node could not be reached; the send stays queued."""
+
+
+class NotReady(YigongError):
+    """The node cannot serve calls now (e.g. its CRL is unusable); its operator must act."""
 
 
 class ShuttingDown(YigongError):

@@ -22,6 +22,7 @@ _CODES: tuple[tuple[type[e.YigongError], grpc.StatusCode], ...] = (
     (e.ReceiptError, grpc.StatusCode.DATA_LOSS),
     (e.PeerUnavailable, grpc.StatusCode.UNAVAILABLE),
     (e.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (e.NotReady, grpc.StatusCode.UNAVAILABLE),
     (e.StorageError, grpc.StatusCode.UNAVAILABLE),
     (e.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.TransferError, grpc.StatusCode.ABORTED),
@@ -39,8 +40,20 @@ _ERRORS: dict[grpc.StatusCode, type[e.YigongError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: e.TransferError,
 }
 
-# What TLS alerts mean for a person reading the error.
+# What handshake failures mean for a person reading the error. Under TLS 1.3 a
+# server that refuses the client certificate just closes the connection: the
+# client sees "failed to connect ... Socket closed" and no alert text.
+_HANDSHAKE_CLOSED = (
+    "the node closed the connection during the TLS handshake: it did not accept our client "
+    "certificate (no client certificate sent, expired, revoked at handshake, or not issued "
+    "by the federation CA). Check the certificate with 'yigong pki show CERT'"
+)
 _TLS_HINTS = (
+    (
+        "HOSTNAME VERIFICATION",
+        "the server's certificate is not the certificate of the node we expected "
+        "(wrong address, or another node answering there)",
+    ),
     ("CERTIFICATE_REQUIRED", "the node requires a client certificate and none was sent"),
     ("CERTIFICATE_EXPIRED", "the node refused our certificate: it has expired"),
     ("UNKNOWN_CA", "the certificate is not from the federation CA"),
@@ -62,6 +75,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 def tls_hint(details: str) -> str | None:
     """A readable reason for a TLS handshake failure in a gRPC error text, if any."""
     upper = details.upper()
+    if "FAILED TO CONNECT" in upper and "SOCKET CLOSED" in upper:
+        return _HANDSHAKE_CLOSED
     for marker, hint in _TLS_HINTS:
         if marker in upper:
             return hint

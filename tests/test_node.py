@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def test_unreachable_s3_refused_at_startup(
         "factory",
         extra=_s3_extra(s3_server, "b-unreach", endpoint="127.0.0.1:9"),
     )
-    with pytest.raises(StorageError, match="127.0.0.1:9"):
+    with pytest.raises(StorageError, match=re.escape("127.0.0.1:9")):
         Node(load_config(cfg))
 
 

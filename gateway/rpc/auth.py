@@ -18,10 +18,18 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import grpc
+from cryptography import x509
 
 from gateway.audit import AuditLog
 from gateway.authz import NodeSelf, authorize
-from gateway.errors import AuthenticationError, AuthError, PKIError, YigongError
+from gateway.errors import (
+    AuthenticationError,
+    AuthError,
+    CertificateError,
+    NotReady,
+    PKIError,
+    YigongError,
+)
 from gateway.grpc_status import status_for
 from gateway.identity import Identity
 from gateway.pki import TrustStore
@@ -52,8 +60,17 @@ class Gatekeeper:
     def check(self, context: grpc.ServicerContext, method: str) -> Identity:
         try:
             caller = self.identity(context)
-        except (AuthError, PKIError) as exc:  # PKIError: CRL unusable → refuse (fail closed)
-            self._refuse(context, "auth.refused", None, method, exc)
+        except (AuthError, CertificateError) as exc:
+            self._refuse(context, "auth.refused", None, method, exc, _presented(context))
+            raise AssertionError("unreachable") from exc
+        except PKIError as exc:  # e.g. the CRL is unusable: fail closed
+            log.error("cannot check certificates: %s", exc)
+            public = NotReady(
+                f"node {self.node.node_id} cannot check certificate revocation: its revocation "
+                "list is unusable; calls are refused until its operator installs the "
+                "federation CA's current crl.pem"
+            )
+            self._refuse(context, "auth.refused", None, method, public, _presented(context))
             raise AssertionError("unreachable") from exc
         try:
             authorize(caller, method, self.node)
@@ -69,6 +86,7 @@ class Gatekeeper:
         caller: Identity | None,
         method: str,
         exc: YigongError,
+        presented: dict[str, str] | None = None,
     ) -> None:
         peer = context.peer()
         log.warning("refused %s from %s: %s", method, peer, exc)
@@ -77,11 +95,32 @@ class Gatekeeper:
                 event,
                 actor=caller.label() if caller else None,
                 outcome="failure",
-                details={"method": method, "remote": peer, "reason": type(exc).__name__},
+                details={
+                    "method": method,
+                    "remote": peer,
+                    "reason": type(exc).__name__,
+                    **(presented or {}),
+                },
             )
         except YigongError:
             log.exception("could not audit refusal of %s", method)
         context.abort(status_for(exc), str(exc))
+
+
+def _presented(context: grpc.ServicerContext) -> dict[str, str]:
+    """Serial and subject of a refused certificate, read without trusting it (for audit)."""
+    pems: list[bytes] | bytes = context.auth_context().get("x509_pem_cert") or []
+    if not pems or not isinstance(pems, list):
+        return {}
+    try:
+        cert = x509.load_pem_x509_certificate(bytes(pems[0]))
+    except ValueError:
+        return {"cert_serial": "unparseable"}
+    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return {
+        "cert_serial": f"{cert.serial_number:x}",
+        "cert_subject": str(cns[0].value) if cns else "",
+    }
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

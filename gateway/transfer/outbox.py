@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from gateway.audit import AuditLog
-from gateway.catalog import Catalog, ObjectRecord, TransferRecord, utcnow
+from gateway.catalog import Catalog, ObjectRecord, TransferRecord, iso_utc, utcnow
 from gateway.errors import ConfigError, IntegrityError, ShuttingDown, YigongError
 from gateway.pki import TrustStore
 from gateway.storage import ObjectStore
@@ -289,7 +289,7 @@ class Outbox:
 
     def _failed(self, rec: TransferRecord, attempt: int, exc: YigongError) -> None:
         delay = self._backoff(attempt)
-        retry_at = (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(timespec="microseconds")
+        retry_at = iso_utc(datetime.now(UTC) + timedelta(seconds=delay))
         kind = "integrity_failed" if isinstance(exc, IntegrityError) else "attempt_failed"
         self.catalog.update_transfer(
             rec.transfer_id,
