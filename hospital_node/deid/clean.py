@@ -32,6 +32,8 @@ import functools
 import re
 from importlib import resources
 
+from gateway.errors import ConfigError
+
 WORDS_RESOURCE = "clean_words.txt"
 REPLACEMENT = "X"
 
@@ -54,7 +56,10 @@ _DIMENSION_RE = re.compile(rf"{_NUM}(?:x{_NUM})+(?:{_UNITS})?", re.IGNORECASE)
 @functools.cache
 def allowed_words() -> frozenset[str]:
     """The packaged allowlist, upper-cased (``#`` starts a comment)."""
-    text = resources.files(__package__).joinpath(WORDS_RESOURCE).read_text("utf-8")
+    try:
+        text = resources.files(__package__).joinpath(WORDS_RESOURCE).read_text("utf-8")
+    except OSError as exc:  # e.g. a wheel built without *.txt package data
+        raise ConfigError(f"cannot load packaged {WORDS_RESOURCE}: {exc}") from exc
     words = set()
     for line in text.splitlines():
         word = line.split("#", 1)[0].strip()
@@ -127,7 +132,7 @@ def clean_text(value: str) -> str:
 
 def _blank_number_runs(pieces: list[tuple[str, bool]], out: list[str]) -> None:
     run: list[int] = []
-    for idx, (text, is_tok) in enumerate(pieces):
+    for idx, (_text, is_tok) in enumerate(pieces):
         if not is_tok:
             continue
         if _is_number(out[idx]):

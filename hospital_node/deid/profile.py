@@ -18,10 +18,12 @@ Action resolution (:func:`resolve_action`), in order:
    wins (X > Z > D > U > C > K); in 2024b the only overlaps (Allergies, Patient
    State) agree on C.
 2. Combined codes depend on the attribute's type in the IOD, which we do not know
-   per attribute, so we choose conservatively and never produce an invalid object:
+   per attribute, so we choose conservatively, aiming to keep the object valid:
    ``X/Z`` -> Z, ``X/D`` -> D, ``Z/D`` -> D, ``X/Z/D`` -> D, ``X/Z/U*`` -> U.
    Z keeps a type-2 attribute present but empty; D keeps a type-1 attribute valid
-   with a dummy value; U keeps reference sequences (Referenced Image / Source Image)
+   with a dummy value (fixed per VR, see :data:`DUMMY_VALUES`; a UID gets its mapped
+   UID; a sequence, for which no dummy can be made without IOD knowledge, is emptied);
+   U keeps reference sequences (Referenced Image / Source Image)
    and replaces every UID inside them consistently, preserving the links between
    instances.
 3. C ("clean") is applied by VR: DA/DT dates are shifted by the per-patient offset;
@@ -32,7 +34,8 @@ Action resolution (:func:`resolve_action`), in order:
    resolved by rule 2.
 
 Beyond the table (decided in :meth:`ConfidentialityProfile.treatment`):
-private attributes, group lengths and command-group elements are removed; Patient's
+private attributes, group lengths, command-group elements and file-meta elements
+misplaced in a data set body are removed (the file meta itself is rebuilt); Patient's
 Name and Patient ID get the case pseudonym; any other PN attribute gets a dummy;
 a public attribute unknown to the data dictionary with VR UN (an opaque blob that
 cannot be inspected) is removed; everything else not in the table is kept, with
@@ -226,8 +229,11 @@ def resolve_action(basic: str, cells: Mapping[str, str], options: Iterable[Optio
 @functools.cache
 def load_table() -> tuple[Mapping[str, str], ...]:
     """The raw rows of the packaged Table E.1-1 (validated once, then cached)."""
-    text = resources.files(__package__).joinpath(TABLE_RESOURCE).read_text("utf-8")
-    rows = json.loads(text)
+    try:
+        text = resources.files(__package__).joinpath(TABLE_RESOURCE).read_text("utf-8")
+        rows = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load packaged {TABLE_RESOURCE}: {exc}") from exc
     if not isinstance(rows, list) or not rows:
         raise ConfigError(f"{TABLE_RESOURCE} is not a non-empty JSON list")
     for row in rows:
@@ -289,7 +295,9 @@ class ConfidentialityProfile:
         the scanner's messages; "" when the table does not list the attribute).
         """
         group = tag >> 16
-        if group & 1 or group == 0 or (tag & 0xFFFF) == 0:
+        if group & 1 or group in (0x0000, 0x0002) or (tag & 0xFFFF) == 0:
+            # private, command group, file meta in a data set body (the file meta is
+            # rebuilt from scratch), group lengths
             return Treatment.REMOVE, "X"
         if tag in (PATIENT_NAME_TAG, PATIENT_ID_TAG):
             return Treatment.PSEUDONYM, "D"

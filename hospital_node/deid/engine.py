@@ -1,0 +1,417 @@
+"""The DICOM de-identifier of the hospital node (invariants 2 and 4).
+
+Implements PS3.15 Annex E (Table E.1-1, edition 2024b, see :mod:`.profile`): the Basic
+Application Level Confidentiality Profile with the options Retain Longitudinal
+Temporal Information with Modified Dates, Retain Patient Characteristics and Clean
+Descriptors, applied recursively to every sequence item.
+
+- UIDs (action U, and D on UI) are replaced by ``2.25.<n>`` where ``n`` is the first
+  128 bits of HMAC-SHA256(key, "yigong.deid.uid.v1\\0" + uid) as a decimal integer:
+  deterministic, so references within and across a patient's studies stay consistent
+  (Frame of Reference UIDs included, which keeps spatial relationships), and
+  unlinkable without the key. UIDs under the DICOM root (1.2.840.10008.) are
+  well-known UIDs, not instance identifiers, and are kept.
+- Dates (every DA and the date part of every DT that is kept) are shifted by a whole
+  number of days in [-3650, -365] derived from the key and the case pseudonym, so all
+  intervals of one patient are preserved; times are unchanged. Partial DT values keep
+  their precision. A value that is not a date is replaced by a fixed dummy date.
+- Patient's Name and Patient ID become the case pseudonym; Patient Identity Removed,
+  De-identification Method (+ Code Sequence, CID 7050) and Longitudinal Temporal
+  Information Modified (PS3.15 E.3.6) are set.
+- Pixel data and geometry are never touched: both hashes of :mod:`gateway.fidelity.dicom`
+  are computed before and after, and any difference raises ``IntegrityError``.
+
+The key must never leave the hospital node: with the key and a pseudonym anybody can
+undo the date shift.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import io
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, MutableSequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+
+from pydicom import dcmread, dcmwrite
+from pydicom.dataelem import DataElement, empty_value_for_VR
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
+from gateway.errors import ConfigError, IntegrityError, ValidationError
+from gateway.fidelity.dicom import geometry_hash, pixel_hash
+from hospital_node.deid.clean import clean_text
+from hospital_node.deid.profile import (
+    BASIC_PROFILE_CODE,
+    DEFAULT_OPTIONS,
+    DUMMY_VALUES,
+    OPTION_CODES,
+    TABLE_EDITION,
+    ConfidentialityProfile,
+    Option,
+    Treatment,
+    default_profile,
+    dictionary_vr,
+)
+
+log = logging.getLogger(__name__)
+
+MAPPED_UID_ROOT = "2.25."
+DICOM_UID_ROOT = "1.2.840.10008."
+DATE_OFFSET_RANGE: tuple[int, int] = (-3650, -365)
+MIN_KEY_BYTES = 16
+_UID_LABEL = b"yigong.deid.uid.v1\x00"
+_DATE_LABEL = b"yigong.deid.date-offset.v1\x00"
+
+BURNED_IN_MODALITIES = frozenset({"US", "SC", "XC", "OT", "ES"})
+SECONDARY_CAPTURE_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+        "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit SC
+        "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+        "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+        "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color SC
+    }
+)
+_PSEUDONYM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DA_RE = re.compile(r"(\d{4})\.?(\d{2})\.?(\d{2})")  # also the ACR-NEMA "YYYY.MM.DD"
+_DT_RE = re.compile(
+    r"(\d{4})(\d{2})?(\d{2})?(\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?([+-]\d{4})?"
+)
+IMPLEMENTATION_VERSION_NAME = "YIGONG_DEID_1"
+
+
+class BurnedInAnnotationHeld(ValidationError):
+    """The instance may show patient data in its pixels; it is held for a clinician."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeidResult:
+    """A de-identified instance and what was done to it."""
+
+    dataset: Dataset
+    original_sop_uid: str
+    new_sop_uid: str
+    geometry_hash: str
+    pixel_hash: str
+    actions_applied: Mapping[str, int]
+
+
+def map_uid(key: bytes, uid: str) -> str:
+    """The keyed, deterministic replacement of ``uid`` (``2.25.`` + 128-bit decimal)."""
+    uid = uid.strip(" \x00")
+    if not uid or uid.startswith(DICOM_UID_ROOT):
+        return uid
+    digest = hmac.new(key, _UID_LABEL + uid.encode("ascii", "replace"), hashlib.sha256).digest()
+    return MAPPED_UID_ROOT + str(int.from_bytes(digest[:16], "big"))
+
+
+def date_offset_days(key: bytes, pseudonym: str) -> int:
+    """The per-patient date shift in days, in :data:`DATE_OFFSET_RANGE`."""
+    digest = hmac.new(key, _DATE_LABEL + pseudonym.encode("utf-8"), hashlib.sha256).digest()
+    low, high = DATE_OFFSET_RANGE
+    return low + int.from_bytes(digest[:8], "big") % (high - low + 1)
+
+
+def _shifted(year: str, month: str | None, day: str | None, days: int) -> date | None:
+    # A partial value is anchored in the middle of its period, so that the truncated
+    # result is the period the shifted interval mostly falls into.
+    if month is None:
+        month, day = "07", "02"
+    try:
+        return date(int(year), int(month), int(day or 15)) + timedelta(days=days)
+    except (ValueError, OverflowError):
+        return None
+
+
+def shift_date(value: str, days: int) -> str | None:
+    """Shift a DA value by ``days``; "" stays "", None when it is not a date."""
+    text = value.strip(" \x00")
+    if not text:
+        return ""
+    m = _DA_RE.fullmatch(text)
+    new = _shifted(m.group(1), m.group(2), m.group(3), days) if m else None
+    return None if new is None else f"{new.year:04d}{new.month:02d}{new.day:02d}"
+
+
+def shift_datetime(value: str, days: int) -> str | None:
+    """Shift the date part of a DT value by ``days``, keeping time, offset and precision."""
+    text = value.strip(" \x00")
+    if not text:
+        return ""
+    m = _DT_RE.fullmatch(text)
+    if not m:
+        return None
+    year, month, day, time_part, offset = m.groups()
+    if time_part and not day:
+        return None
+    new = _shifted(year, month, day, days)
+    if new is None or new.year < 1:
+        return None
+    out = f"{new.year:04d}"
+    if month:
+        out += f"{new.month:02d}"
+    if day:
+        out += f"{new.day:02d}"
+    return out + (time_part or "") + (offset or "")
+
+
+def burned_in_reason(ds: Dataset) -> str | None:
+    """Why ``ds`` may carry burned-in patient data, or None when it does not."""
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "YES":
+        return "Burned In Annotation is YES"
+    if flag == "NO":
+        return None
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in BURNED_IN_MODALITIES:
+        return f"modality {modality} often has burned-in text and Burned In Annotation is not NO"
+    sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+    if sop_class in SECONDARY_CAPTURE_CLASSES:
+        return f"Secondary Capture ({sop_class}) without Burned In Annotation = NO"
+    return None
+
+
+def method_description(options: Iterable[Option]) -> list[str]:
+    """De-identification Method (0012,0063) values (LO, each at most 64 characters)."""
+    enabled = frozenset(options)
+    values = [f"PS3.15 E.1-1 {TABLE_EDITION} {BASIC_PROFILE_CODE[1]}"]
+    values += [OPTION_CODES[opt][1] for opt in Option if opt in enabled]
+    return values
+
+
+def method_code_items(options: Iterable[Option]) -> list[Dataset]:
+    """De-identification Method Code Sequence items (CID 7050, scheme DCM)."""
+    enabled = frozenset(options)
+    codes = [BASIC_PROFILE_CODE] + [OPTION_CODES[opt] for opt in Option if opt in enabled]
+    items = []
+    for value, meaning in codes:
+        item = Dataset()
+        item.CodeValue = value
+        item.CodingSchemeDesignator = "DCM"
+        item.CodeMeaning = meaning
+        items.append(item)
+    return items
+
+
+def check_pseudonym(pseudonym: str) -> None:
+    """Raise ValidationError unless ``pseudonym`` fits PN and LO: 1-64 of [A-Za-z0-9._-]."""
+    if not isinstance(pseudonym, str) or not _PSEUDONYM_RE.fullmatch(pseudonym):
+        raise ValidationError(
+            "case pseudonym must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-' "
+            "starting with a letter or digit"
+        )
+
+
+def element_vr(ds: Dataset, tag: int) -> str:
+    """VR of element ``tag`` of ``ds`` without parsing its value when possible."""
+    raw = ds.get_item(tag)
+    vr = raw.VR if raw is not None else None
+    if not vr or vr == "UN":  # implicit VR, or stored as UN: pydicom will use the dictionary
+        return dictionary_vr(tag)
+    return str(vr)
+
+
+def element_values(elem: DataElement) -> list[Any]:
+    """The values of ``elem`` as a list ([] when empty)."""
+    value = elem.value
+    if isinstance(value, MutableSequence):  # MultiValue, Sequence, list
+        return list(value)
+    if value is None or (isinstance(value, bytes) and not value) or str(value) == "":
+        return []
+    return [value]
+
+
+def _assign(elem: DataElement, values: list[Any]) -> None:
+    elem.value = values[0] if len(values) == 1 else (values or empty_value_for_VR(elem.VR))
+
+
+def dummy_value(vr: str) -> Any:
+    """The fixed dummy value for action D on ``vr``."""
+    return DUMMY_VALUES.get(vr, "X")
+
+
+class _Pass:
+    """One de-identification pass over one instance."""
+
+    def __init__(self, deid: Deidentifier, pseudonym: str) -> None:
+        self.deid = deid
+        self.profile = deid.profile
+        self.pseudonym = pseudonym
+        self.offset = deid.date_offset_days(pseudonym)
+        self.counts: Counter[str] = Counter()
+
+    def walk(self, ds: Dataset, in_clean: bool) -> None:
+        for tag in list(ds.keys()):
+            vr = element_vr(ds, tag)
+            treatment, _code = self.profile.treatment(tag, vr, in_clean_sequence=in_clean)
+            if treatment is Treatment.KEEP:
+                continue
+            if treatment is Treatment.REMOVE:
+                del ds[tag]
+                self.counts["private" if (tag >> 16) & 1 else treatment.value] += 1
+                continue
+            self.apply(ds[tag], treatment, in_clean)
+
+    def apply(self, elem: DataElement, treatment: Treatment, in_clean: bool) -> None:
+        if treatment in (Treatment.RECURSE, Treatment.RECURSE_CLEAN):
+            for item in elem.value or ():
+                self.walk(item, in_clean or treatment is Treatment.RECURSE_CLEAN)
+            return
+        self.counts[treatment.value] += 1
+        if treatment is Treatment.EMPTY:
+            elem.value = empty_value_for_VR(elem.VR)
+        elif treatment is Treatment.DUMMY:
+            elem.value = dummy_value(elem.VR)
+        elif treatment is Treatment.PSEUDONYM:
+            elem.value = self.pseudonym
+        elif treatment is Treatment.MAP_UID:
+            _assign(elem, [self.deid.map_uid(str(v)) for v in element_values(elem)])
+        elif treatment is Treatment.CLEAN_TEXT:
+            _assign(elem, [clean_text(str(v)) for v in element_values(elem)])
+        elif treatment is Treatment.SHIFT_DATE:
+            self.shift(elem)
+
+    def shift(self, elem: DataElement) -> None:
+        shifter = shift_datetime if elem.VR == "DT" else shift_date
+        values = []
+        for value in element_values(elem):
+            new = shifter(str(value), self.offset)
+            if new is None:
+                self.counts[Treatment.DUMMY.value] += 1
+                new = dummy_value(elem.VR)
+            values.append(new)
+        _assign(elem, values)
+
+
+class Deidentifier:
+    """De-identifies DICOM instances under one federation key and one set of options."""
+
+    def __init__(self, key: bytes, *, options: Iterable[Option] = DEFAULT_OPTIONS) -> None:
+        if not isinstance(key, bytes | bytearray) or len(key) < MIN_KEY_BYTES:
+            raise ConfigError(f"the de-identification key must be at least {MIN_KEY_BYTES} bytes")
+        self._key = bytes(key)
+        opts = frozenset(options)
+        self.profile = (
+            default_profile() if opts == DEFAULT_OPTIONS else ConfidentialityProfile(opts)
+        )
+
+    def __repr__(self) -> str:
+        return f"Deidentifier(options={sorted(o.value for o in self.profile.options)})"
+
+    def map_uid(self, uid: str) -> str:
+        """The replacement of ``uid`` under this key."""
+        return map_uid(self._key, uid)
+
+    def date_offset_days(self, pseudonym: str) -> int:
+        """The date shift (days) of the patient behind ``pseudonym``."""
+        return date_offset_days(self._key, pseudonym)
+
+    def deidentify(
+        self, ds: Dataset, pseudonym: str, *, allow_burned_in: bool = False
+    ) -> DeidResult:
+        """De-identify a copy of ``ds`` (``ds`` itself is not modified).
+
+        Raises BurnedInAnnotationHeld (unless ``allow_burned_in``), ValidationError for a
+        bad pseudonym and IntegrityError if geometry or pixel data changed.
+        """
+        return self._run(ds, pseudonym, allow_burned_in=allow_burned_in, in_place=False)
+
+    def deidentify_part10(
+        self, data: bytes, pseudonym: str, *, allow_burned_in: bool = False
+    ) -> tuple[bytes, DeidResult]:
+        """De-identify a Part-10 file; the output keeps the transfer syntax and pixel bytes."""
+        try:
+            ds = dcmread(io.BytesIO(data))
+        except Exception as exc:
+            raise ValidationError(
+                f"not a readable DICOM Part-10 file: {type(exc).__name__}"
+            ) from exc
+        meta = getattr(ds, "file_meta", None)
+        if meta is None or "TransferSyntaxUID" not in meta:
+            raise ValidationError("not a DICOM Part-10 file: no Transfer Syntax UID in file meta")
+        result = self._run(ds, pseudonym, allow_burned_in=allow_burned_in, in_place=True)
+        out = result.dataset
+        out.preamble = b"\x00" * 128  # the input preamble may hold anything (e.g. TIFF)
+        buffer = io.BytesIO()
+        try:
+            dcmwrite(buffer, out, enforce_file_format=True)
+        except Exception as exc:
+            raise ValidationError(
+                f"could not encode de-identified instance {result.new_sop_uid}: "
+                f"{type(exc).__name__}"
+            ) from exc
+        return buffer.getvalue(), result
+
+    def deidentify_bytes(
+        self, data: bytes, pseudonym: str, *, allow_burned_in: bool = False
+    ) -> bytes:
+        """:meth:`deidentify_part10` without the result details."""
+        return self.deidentify_part10(data, pseudonym, allow_burned_in=allow_burned_in)[0]
+
+    def _run(
+        self, ds: Dataset, pseudonym: str, *, allow_burned_in: bool, in_place: bool
+    ) -> DeidResult:
+        check_pseudonym(pseudonym)
+        original_sop = str(ds.get("SOPInstanceUID", "") or "")
+        reason = burned_in_reason(ds)
+        if reason is not None and not allow_burned_in:
+            log.info("instance held back for burned-in annotation review")
+            raise BurnedInAnnotationHeld(
+                f"instance {original_sop or '(no SOP Instance UID)'} held back: {reason}; "
+                "it may only be de-identified with a clinician's explicit permission "
+                "(allow_burned_in=True)"
+            )
+        geo_before, pix_before = geometry_hash(ds), pixel_hash(ds)
+        out = ds if in_place else copy.deepcopy(ds)
+        run = _Pass(self, pseudonym)
+        run.walk(out, in_clean=False)
+        self._finish(out, pseudonym)
+        new_sop = str(out.get("SOPInstanceUID", "") or "")
+        geo_after, pix_after = geometry_hash(out), pixel_hash(out)
+        if (geo_before, pix_before) != (geo_after, pix_after):
+            what = "geometry" if geo_before != geo_after else "pixel data"
+            raise IntegrityError(
+                f"de-identification changed the {what} of instance {new_sop}; "
+                "the instance was not produced"
+            )
+        log.debug("de-identified instance %s (%d changes)", new_sop, sum(run.counts.values()))
+        return DeidResult(
+            dataset=out,
+            original_sop_uid=original_sop,
+            new_sop_uid=new_sop,
+            geometry_hash=geo_after,
+            pixel_hash=pix_after,
+            actions_applied=dict(run.counts),
+        )
+
+    def _finish(self, ds: Dataset, pseudonym: str) -> None:
+        options = self.profile.options
+        ds.PatientName = pseudonym
+        ds.PatientID = pseudonym
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = method_description(options)
+        ds.DeidentificationMethodCodeSequence = method_code_items(options)
+        ds.LongitudinalTemporalInformationModified = (
+            "MODIFIED" if Option.RETAIN_LONG_MODIFIED_DATES in options else "REMOVED"
+        )
+        old_meta = getattr(ds, "file_meta", None)
+        if old_meta is None:
+            return
+        meta = FileMetaDataset()
+        meta.FileMetaInformationVersion = b"\x00\x01"
+        meta.MediaStorageSOPClassUID = ds.get(
+            "SOPClassUID", old_meta.get("MediaStorageSOPClassUID")
+        )
+        meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+        if "TransferSyntaxUID" in old_meta:
+            meta.TransferSyntaxUID = old_meta.TransferSyntaxUID
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        ds.file_meta = meta
