@@ -37,6 +37,13 @@ POLICY: Mapping[str, frozenset[str]] = {
     "/yigong.v1.Query/GetObject": frozenset({SELF, "engineer", "clinician", "officer"}),
     "/yigong.v1.Query/ListTransfers": frozenset({SELF, PEER, "engineer", "clinician", "officer"}),
     "/yigong.v1.Query/ReadObject": frozenset({SELF, "engineer", "clinician"}),
+    # hospital node: received studies, completeness, clinician confirmation and send
+    "/yigong.v1.Hospital/ListStudies": frozenset({SELF, "clinician", "officer"}),
+    "/yigong.v1.Hospital/GetStudy": frozenset({SELF, "clinician", "officer"}),
+    "/yigong.v1.Hospital/ConfirmStudy": frozenset({"clinician"}),
+    # factory node: received studies per case and their suitability check
+    "/yigong.v1.Factory/ListStudies": frozenset({SELF, "engineer", "officer"}),
+    "/yigong.v1.Factory/GetStudy": frozenset({SELF, "engineer", "officer"}),
     # infrastructure
     "/grpc.health.v1.Health/Check": frozenset({ANY}),
     "/grpc.health.v1.Health/Watch": frozenset({ANY}),

@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,6 +181,44 @@ class Catalog:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
+
+    def extend(self, namespace: str, migrations: Sequence[str]) -> None:
+        """Apply a role module's own numbered migrations (e.g. ``hospital_node``).
+
+        Each namespace's version is kept in ``schema_versions``; like the core
+        schema, a database newer than the code is refused.
+        """
+        with self._tx() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_versions"
+                " (namespace TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+            )
+        rows = self._query("SELECT version FROM schema_versions WHERE namespace = ?", (namespace,))
+        version = int(rows[0][0]) if rows else 0
+        if version > len(migrations):
+            raise CatalogError(
+                f"catalog {self.path} has {namespace} schema version {version}, newer than "
+                f"this yigong-gateway supports ({len(migrations)}); upgrade yigong-gateway"
+            )
+        for number in range(version + 1, len(migrations) + 1):
+            log.info("catalog %s: applying %s migration %d", self.path, namespace, number)
+            with self._tx() as db:
+                for statement in migrations[number - 1].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_versions VALUES (?, ?) ON CONFLICT(namespace)"
+                    " DO UPDATE SET version = excluded.version",
+                    (namespace, number),
+                )
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE … COMMIT) for role modules' own tables."""
+        return self._tx()
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Read rows (for role modules' own tables); errors become CatalogError."""
+        return self._query(sql, params)
 
     @property
     def schema_version(self) -> int:

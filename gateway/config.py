@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,43 @@ class TransferSection:
 
 
 @dataclass(frozen=True)
+class DicomSection:
+    """Hospital only: the DICOM SCP that PACS push to."""
+
+    enabled: bool = True
+    ae_title: str = "YIGONG"
+    listen: str = "127.0.0.1:11112"
+    allowed_calling_aes: tuple[str, ...] = ()
+    allowed_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
+    max_associations: int = 8
+    max_pdu_bytes: int = 262144
+    quiet_period_seconds: float = 30.0
+    auto_forward_called_ae: str = ""
+    auto_forward_to: str = ""
+
+
+@dataclass(frozen=True)
+class DeidSection:
+    """Hospital only: de-identification and the pseudonym vault."""
+
+    key_file: Path | None = None
+    vault_key_file: Path | None = None
+    allow_burned_in: bool = False
+
+
+@dataclass(frozen=True)
+class SuitabilitySection:
+    """Factory only: thresholds of the suitability check of received studies (§9.3.4)."""
+
+    max_slice_thickness_mm: float = 1.0
+    allow_missing_slices: bool = False
+    spacing_tolerance_mm: float = 0.05
+    allow_gantry_tilt: bool = False
+    require_single_orientation: bool = True
+    min_slices: int = 10
+
+
+@dataclass(frozen=True)
 class PeerSection:
     id: str = ""
     address: str = ""
@@ -105,6 +143,9 @@ class NodeConfig:
     audit: AuditSection
     transfer: TransferSection
     peers: tuple[PeerSection, ...]
+    dicom: DicomSection = field(default_factory=DicomSection)
+    deid: DeidSection = field(default_factory=DeidSection)
+    suitability: SuitabilitySection = field(default_factory=SuitabilitySection)
 
     @property
     def data_dir(self) -> Path:
@@ -139,7 +180,11 @@ def _build(cls: type[Any], raw: Any, where: str, source: Path, base: Path) -> An
         key = f"{where}.{name}"
         if dataclasses.is_dataclass(default):
             values[name] = _build(type(default), value, key, source, base)
-        elif isinstance(default, Path) or name in {"crl"}:
+        elif isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{source}: {key} must be a list of strings, not {value!r}")
+            values[name] = tuple(value)
+        elif isinstance(default, Path) or "Path" in str(fields[name].type):
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{source}: {key} must be a non-empty path string")
             path = Path(os.path.expanduser(value))
@@ -211,6 +256,20 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(f"{src}: transfer.max_bytes_per_second >= 0 and transfer.workers >= 1")
     if cfg.server.max_message_bytes < t.chunk_bytes + 64 * 1024:
         raise ConfigError(f"{src}: server.max_message_bytes must exceed transfer.chunk_bytes")
+    d = cfg.dicom
+    dhost, dsep, dport = d.listen.rpartition(":")
+    if not dsep or not dhost or not dport.isdigit() or int(dport) > 65535:
+        raise ConfigError(f"{src}: dicom.listen must be HOST:PORT, not {d.listen!r}")
+    if not 1 <= len(d.ae_title) <= 16 or not d.ae_title.isascii():
+        raise ConfigError(f"{src}: dicom.ae_title must be 1-16 ASCII characters")
+    if d.max_associations < 1 or not 4096 <= d.max_pdu_bytes <= 4 * 1024 * 1024:
+        raise ConfigError(
+            f"{src}: dicom.max_associations >= 1 and 4096 <= dicom.max_pdu_bytes <= 4194304"
+        )
+    if bool(d.auto_forward_called_ae) != bool(d.auto_forward_to):
+        raise ConfigError(
+            f"{src}: dicom.auto_forward_called_ae and dicom.auto_forward_to go together"
+        )
     seen: set[str] = set()
     for peer in cfg.peers:
         if not peer.id or not peer.address:
@@ -241,6 +300,9 @@ def load_config(path: Path | str) -> NodeConfig:
         "catalog": CatalogSection,
         "audit": AuditSection,
         "transfer": TransferSection,
+        "dicom": DicomSection,
+        "deid": DeidSection,
+        "suitability": SuitabilitySection,
     }
     unknown = sorted(set(raw) - set(sections) - {"peers"})
     if unknown:
@@ -271,6 +333,12 @@ def load_config(path: Path | str) -> NodeConfig:
     built["storage"] = dataclasses.replace(
         built["storage"], path=under_data("storage", "path", StorageSection.path)
     )
+    deid: DeidSection = built["deid"]
+    built["deid"] = dataclasses.replace(
+        deid,
+        key_file=deid.key_file or data_dir / "deid.key",
+        vault_key_file=deid.vault_key_file or data_dir / "vault.key",
+    )
     peers_raw = raw.get("peers", [])
     if not isinstance(peers_raw, list):
         raise ConfigError(f"{source}: peers must be an array of tables ([[peers]])")
@@ -295,6 +363,7 @@ def render_config(
     listen: str,
     peers: list[tuple[str, str]],
     extra: str = "",
+    dicom: Mapping[str, Any] | None = None,
 ) -> str:
     """A complete configuration file for the embedded setup (used by demo and tests)."""
 
@@ -318,6 +387,9 @@ def render_config(
     if crl is not None:
         lines.append(f"crl = {q(crl)}")
     lines += ["", "[server]", f"listen = {q(listen)}", ""]
+    if dicom is not None:
+        # JSON renders strings, numbers, booleans and string lists as valid TOML values.
+        lines += ["[dicom]", *(f"{k} = {json.dumps(v)}" for k, v in dicom.items()), ""]
     if extra:
         lines += [extra.strip(), ""]
     for peer_id, address in peers:

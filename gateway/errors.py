@@ -14,15 +14,16 @@ Tree::
     YigongError
     ├── ConfigError                 bad or missing configuration (file, key, value)
     ├── PKIError                    CA / certificate / key handling failed
-    │   └── CertificateError        a certificate is not acceptable
-    │       ├── UntrustedCertificate    not issued by the federation CA
-    │       ├── ExpiredCertificate      outside its validity period
-    │       └── RevokedCertificate      listed in the federation CRL
+    │   ├── CertificateError        a certificate is not acceptable
+    │   │   ├── UntrustedCertificate    not issued by the federation CA
+    │   │   ├── ExpiredCertificate      outside its validity period
+    │   │   └── RevokedCertificate      listed in the federation CRL
     │   └── BadSignature            a signature does not verify against its certificate
     ├── AuthError
     │   ├── AuthenticationError     no usable client identity
     │   └── PermissionDenied        identity known, action not allowed for its role
     ├── ValidationError             a request or input is malformed
+    │   └── IdentifiableData        an object still identifies a patient: never sent
     ├── NotFound                    a requested object / transfer / record does not exist
     ├── StorageError                object store failed (I/O, S3)
     ├── CatalogError                catalog database failed or is inconsistent
@@ -84,6 +85,10 @@ class PermissionDenied(AuthError):
 
 class ValidationError(YigongError):
     """A request or an input file is malformed."""
+
+
+class IdentifiableData(ValidationError):
+    """An object bound for another node still carries patient-identifying data."""
 
 
 class NotFound(YigongError):

@@ -101,6 +101,8 @@ class Exchange:
             case_id=sub.case_id or None,
             details={"size": size, "store": self.store.describe(), "source": "submit"},
         )
+        for dest in sub.destinations:
+            self.outbox.hooks.check_outgoing(obj, self.store, dest)
         queued = [self.outbox.queue(obj, dest, actor=caller.label()) for dest in sub.destinations]
         log.info(
             "object %s (%d bytes) submitted by %s, queued for %s",

@@ -23,6 +23,7 @@ from gateway.errors import CertificateError, ConfigError
 from gateway.exchange import Exchange
 from gateway.pki import TrustStore, load_certificate, load_private_key, sign
 from gateway.query import QueryService
+from gateway.roles import RoleHooks
 from gateway.rpc.auth import AuthInterceptor, Gatekeeper
 from gateway.rpc.channel import MESSAGE_LIMIT, ClientCredentials
 from gateway.rpc.peer_link import GrpcPeerLink
@@ -133,6 +134,9 @@ class Node:
             t.max_object_bytes,
         )
         self.query = QueryService(node_id, self.catalog, self.store, self.audit, t.chunk_bytes)
+        self.hooks: RoleHooks = _role_hooks(self)
+        self.outbox.hooks = self.hooks
+        self.receiver.facts_hook = self.hooks.receipt_facts
         self.gate = Gatekeeper(self.trust, NodeSelf(node_id, cfg.node.role), self.audit)
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
@@ -173,10 +177,12 @@ class Node:
             ExchangeServicer(self.gate, self.exchange), server
         )
         query_pb2_grpc.add_QueryServicer_to_server(QueryServicer(self.gate, self.query), server)
+        self.hooks.add_services(server, self.gate)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        services = (*SERVICE_NAMES, *self.hooks.service_names)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         creds = grpc.ssl_server_credentials(
             [(self.key_pem, self.cert_pem)],
@@ -197,9 +203,10 @@ class Node:
         server.start()
         self._server = server
         self.port = port
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *services):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.outbox.start()
+        self.hooks.start()
         self.audit.record(
             "node.start",
             actor=f"node:{cfg.node.id}",
@@ -230,6 +237,7 @@ class Node:
         grace = self.cfg.server.grace_seconds if grace is None else grace
         if self._health is not None:
             self._health.enter_graceful_shutdown()
+        self.hooks.stop()
         self.outbox.stop(timeout=grace)
         if self._server is not None:
             self._server.stop(grace).wait()
@@ -241,6 +249,17 @@ class Node:
     def wait(self) -> None:
         if self._server is not None:
             self._server.wait_for_termination()
+
+
+def _role_hooks(node: Node) -> RoleHooks:
+    """The hooks of this node's role (hospital_node or factory_node)."""
+    if node.cfg.node.role == "hospital":
+        from hospital_node.role import HospitalRole
+
+        return HospitalRole(node)
+    from factory_node.role import FactoryRole
+
+    return FactoryRole(node)
 
 
 def write_ready_file(path: Path, payload: str) -> None:

@@ -73,6 +73,7 @@ def write_config(
     peers: dict[str, str] | None = None,
     listen: str = "127.0.0.1:0",
     extra: str = "",
+    dicom: dict[str, object] | None = None,
 ) -> Path:
     issued = fed.node(node_id, role, region)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,7 @@ def write_config(
             key=issued.key_path,
             crl=fed.crl,
             listen=listen,
+            dicom={"listen": "127.0.0.1:0", **(dicom or {})} if role == "hospital" else None,
             peers=sorted((peers or {}).items()),
             extra=extra or "[transfer]\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0",
         )

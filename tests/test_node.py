@@ -154,3 +154,16 @@ def test_catalog_migrations_and_newer_schema_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(CatalogError, match="schema version 99, newer than"):
         Catalog(path)
+
+
+def test_catalog_extension_migrations(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    cat = Catalog(path)
+    cat.extend("hospital_node", ["CREATE TABLE h1 (x INTEGER)"])
+    cat.extend("hospital_node", ["CREATE TABLE h1 (x INTEGER)", "CREATE TABLE h2 (y TEXT)"])
+    with cat.transaction() as db:
+        db.execute("INSERT INTO h2 VALUES ('a')")
+    assert [r[0] for r in cat.query("SELECT y FROM h2")] == ["a"]
+    with pytest.raises(CatalogError, match="hospital_node schema version 2, newer than"):
+        cat.extend("hospital_node", ["CREATE TABLE h1 (x INTEGER)"])
+    cat.close()

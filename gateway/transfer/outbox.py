@@ -22,8 +22,16 @@ from typing import Protocol
 
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, ObjectRecord, TransferRecord, iso_utc, utcnow
-from gateway.errors import ConfigError, IntegrityError, ShuttingDown, YigongError
+from gateway.errors import (
+    ConfigError,
+    IdentifiableData,
+    IntegrityError,
+    ReceiptError,
+    ShuttingDown,
+    YigongError,
+)
 from gateway.pki import TrustStore
+from gateway.roles import RoleHooks
 from gateway.storage import ObjectStore
 from gateway.transfer.model import (
     Announce,
@@ -63,6 +71,10 @@ class OutboxSettings:
     known_peers: frozenset[str]
 
 
+class FactsDisagree(ReceiptError):
+    """The receiver's format-aware facts differ from the sender's: do not retry."""
+
+
 class _SendState:
     """What the chunk generator found while reading the local copy."""
 
@@ -88,6 +100,7 @@ class Outbox:
         self.audit = audit
         self.trust = trust
         self._link_factory = link_factory
+        self.hooks = RoleHooks()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -195,6 +208,7 @@ class Outbox:
                 case_id=obj.case_id,
                 labels=obj.labels,
             )
+            self.hooks.check_outgoing(obj, self.store, peer)  # re-checked on every attempt
             link = self._link_factory(peer)
             offer = link.offer(rec.transfer_id, announce)
             if offer.complete and offer.receipt:
@@ -211,6 +225,13 @@ class Outbox:
                 expect_size=obj.size,
                 expect_transfer_id=rec.transfer_id,
             )
+            try:
+                self.hooks.check_receipt(obj, dict(receipt.body.facts), self.store)
+            except ReceiptError as err:
+                raise FactsDisagree(str(err)) from err
+        except (IdentifiableData, FactsDisagree) as err:
+            self._refused(rec, attempt, err)
+            return False
         except YigongError as err:
             exc: YigongError = IntegrityError(state.corrupt) if state.corrupt else err
             if state.stopped or isinstance(exc, ShuttingDown) or self._stop.is_set():
@@ -317,6 +338,28 @@ class Outbox:
             delay,
             exc,
         )
+
+    def _refused(self, rec: TransferRecord, attempt: int, exc: YigongError) -> None:
+        """A send that must never happen (identifiable data) or whose receipt facts
+        disagree: stop retrying, keep it visible as ``failed``, raise a security alert."""
+        self.catalog.update_transfer(
+            rec.transfer_id,
+            "outbound",
+            status="failed",
+            attempts=attempt,
+            last_error=str(exc)[:2000],
+            history=("refused", f"{type(exc).__name__}: {exc}"[:2000]),
+        )
+        self.audit.record(
+            "security.alert",
+            actor=f"node:{self.settings.node_id}",
+            outcome="failure",
+            peer=rec.peer_node,
+            object_id=rec.object_id,
+            transfer_id=rec.transfer_id,
+            details={"reason": type(exc).__name__, "action": "send refused"},
+        )
+        log.error("transfer %s to %s refused: %s", rec.transfer_id, rec.peer_node, exc)
 
     def _requeue_on_stop(self, rec: TransferRecord, state: _SendState) -> None:
         self.catalog.update_transfer(

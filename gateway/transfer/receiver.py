@@ -72,7 +72,7 @@ class Receiver:
         self.audit = audit
         self._sign = sign
         self._cert_pem = cert_pem
-        self._facts_hook = facts_hook
+        self.facts_hook = facts_hook
         self._active: set[str] = set()
         self._lock = threading.Lock()
         self.stopping = threading.Event()
@@ -115,7 +115,7 @@ class Receiver:
             origin_node=sender.subject_id,
             labels=announce.labels,
         )
-        facts = dict(self._facts_hook(announce, self.store)) if self._facts_hook else {}
+        facts = dict(self.facts_hook(announce, self.store)) if self.facts_hook else {}
         receipt = make_receipt(
             self._sign,
             self._cert_pem,
