@@ -28,6 +28,7 @@ ANY = "any"
 
 POLICY: Mapping[str, frozenset[str]] = {
     # node-to-node transfer
+    "/yigong.v1.Transfer/Identify": frozenset({PEER}),
     "/yigong.v1.Transfer/Offer": frozenset({PEER}),
     "/yigong.v1.Transfer/Push": frozenset({PEER}),
     # local submission of objects to send

@@ -127,6 +127,14 @@ class SuitabilitySection:
 
 
 @dataclass(frozen=True)
+class ResidencySection:
+    """Where data may go and be stored. Empty lists mean: only this node's own region."""
+
+    allowed_peer_regions: tuple[str, ...] = ()
+    allowed_storage_regions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class PeerSection:
     id: str = ""
     address: str = ""
@@ -146,6 +154,15 @@ class NodeConfig:
     dicom: DicomSection = field(default_factory=DicomSection)
     deid: DeidSection = field(default_factory=DeidSection)
     suitability: SuitabilitySection = field(default_factory=SuitabilitySection)
+    residency: ResidencySection = field(default_factory=ResidencySection)
+
+    @property
+    def peer_regions(self) -> frozenset[str]:
+        return frozenset(self.residency.allowed_peer_regions or (self.node.region,))
+
+    @property
+    def storage_regions(self) -> frozenset[str]:
+        return frozenset(self.residency.allowed_storage_regions or (self.node.region,))
 
     @property
     def data_dir(self) -> Path:
@@ -270,6 +287,11 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(
             f"{src}: dicom.auto_forward_called_ae and dicom.auto_forward_to go together"
         )
+    try:
+        for region in (*cfg.residency.allowed_peer_regions, *cfg.residency.allowed_storage_regions):
+            validate_id(region, "residency region")
+    except CertificateError as exc:
+        raise ConfigError(f"{src}: [residency] {exc}") from exc
     seen: set[str] = set()
     for peer in cfg.peers:
         if not peer.id or not peer.address:
@@ -303,6 +325,7 @@ def load_config(path: Path | str) -> NodeConfig:
         "dicom": DicomSection,
         "deid": DeidSection,
         "suitability": SuitabilitySection,
+        "residency": ResidencySection,
     }
     unknown = sorted(set(raw) - set(sections) - {"peers"})
     if unknown:

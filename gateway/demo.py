@@ -195,6 +195,7 @@ class Demo:
                 listen=listen,
                 peers=peers,
                 extra=TRANSFER_TUNING,
+                dicom={"listen": "127.0.0.1:0"} if role == "hospital" else None,
             )
         )
         return config

@@ -22,6 +22,7 @@ Tree::
     ├── AuthError
     │   ├── AuthenticationError     no usable client identity
     │   └── PermissionDenied        identity known, action not allowed for its role
+    │       └── ResidencyViolation  data would go to / be stored in a region the policy forbids
     ├── ValidationError             a request or input is malformed
     │   └── IdentifiableData        an object still identifies a patient: never sent
     ├── NotFound                    a requested object / transfer / record does not exist
@@ -81,6 +82,10 @@ class AuthenticationError(AuthError):
 
 class PermissionDenied(AuthError):
     """The caller is known but may not perform this action."""
+
+
+class ResidencyViolation(PermissionDenied):
+    """Data would go to, or be stored in, a region the node's residency policy forbids."""
 
 
 class ValidationError(YigongError):

@@ -19,7 +19,7 @@ from gateway.audit import AuditLog
 from gateway.authz import NodeSelf
 from gateway.catalog import Catalog
 from gateway.config import NodeConfig
-from gateway.errors import CertificateError, ConfigError
+from gateway.errors import CertificateError, ConfigError, ResidencyViolation
 from gateway.exchange import Exchange
 from gateway.pki import TrustStore, load_certificate, load_private_key, sign
 from gateway.query import QueryService
@@ -84,15 +84,20 @@ class Node:
         self.ca_pem = cfg.tls.ca.read_bytes()
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
 
-        self.store = open_store(cfg)
-        self.store.check()
-        self.catalog = Catalog(cfg.catalog.path)
         self.audit = AuditLog(
             cfg.audit.path,
             node_id,
             signer=self.sign,
             checkpoint_every=cfg.audit.checkpoint_every,
         )
+        try:
+            self.store = open_store(cfg)
+            self.store.check()
+            self._check_storage_region()
+            self.catalog = Catalog(cfg.catalog.path)
+        except BaseException:
+            self.audit.close()
+            raise
         self.client_credentials = ClientCredentials(self.ca_pem, self.cert_pem, self.key_pem)
         t = cfg.transfer
         self.outbox = Outbox(
@@ -104,6 +109,7 @@ class Node:
                 max_bytes_per_second=t.max_bytes_per_second,
                 workers=t.workers,
                 known_peers=frozenset(p.id for p in cfg.peers),
+                allowed_peer_regions=cfg.peer_regions,
             ),
             self.store,
             self.catalog,
@@ -142,6 +148,25 @@ class Node:
         self._health: health.HealthServicer | None = None
         self._stopped = threading.Event()
         self.port = 0
+
+    def _check_storage_region(self) -> None:
+        """Refuse to start on storage outside the allowed regions (invariant 3)."""
+        region = self.store.region() or self.cfg.node.region
+        allowed = self.cfg.storage_regions
+        if region in allowed:
+            return
+        for event in ("residency.refused", "security.alert"):
+            self.audit.record(
+                event,
+                actor=f"node:{self.cfg.node.id}",
+                outcome="failure",
+                details={"reason": "storage region not allowed", "region": region},
+            )
+        raise ResidencyViolation(
+            f"{self.cfg.source}: storage {self.store.describe()} is in region {region!r}, "
+            f"but [residency] allowed_storage_regions allows only {', '.join(sorted(allowed))}; "
+            "use storage in an allowed region or change the policy"
+        )
 
     def sign(self, data: bytes) -> bytes:
         return sign(self._key, data)

@@ -25,7 +25,8 @@ def _s3_extra(s3: S3Server, bucket: str, endpoint: str | None = None) -> str:
         f'endpoint = "{endpoint or s3.endpoint}"\nbucket = "{bucket}"\n'
         f'access_key = "{s3.access_key}"\nsecret_key_env = "YIGONG_TEST_S3_SECRET"\n'
         "secure = false\ncreate_bucket = true\npart_size_mb = 5\n\n"
-        "[transfer]\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0"
+        "[transfer]\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0\n\n"
+        f'[residency]\nallowed_storage_regions = ["{s3.region}"]'
     )
 
 

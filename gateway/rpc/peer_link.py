@@ -23,6 +23,13 @@ class GrpcPeerLink:
         self._channel = open_channel(address, creds, peer_node_id=peer_id)
         self._stub = transfer_pb2_grpc.TransferStub(self._channel)
 
+    def identify(self) -> bytes:
+        try:
+            reply = self._stub.Identify(transfer_pb2.IdentifyRequest(), timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.target) from exc
+        return bytes(reply.node_certificate)
+
     def offer(self, transfer_id: str, announce: Announce) -> OfferResult:
         request = transfer_pb2.OfferRequest(
             transfer_id=transfer_id, object=announce_to_pb(announce)

@@ -35,6 +35,11 @@ class TransferServicer(transfer_pb2_grpc.TransferServicer):
         self.gate = gate
         self.receiver = receiver
 
+    def Identify(
+        self, request: transfer_pb2.IdentifyRequest, context: grpc.ServicerContext
+    ) -> transfer_pb2.IdentifyResponse:
+        return transfer_pb2.IdentifyResponse(node_certificate=self.receiver.cert_pem)
+
     def Offer(
         self, request: transfer_pb2.OfferRequest, context: grpc.ServicerContext
     ) -> transfer_pb2.OfferResponse:

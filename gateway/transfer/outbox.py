@@ -20,13 +20,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from cryptography import x509
+
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, ObjectRecord, TransferRecord, iso_utc, utcnow
 from gateway.errors import (
+    CertificateError,
     ConfigError,
     IdentifiableData,
     IntegrityError,
     ReceiptError,
+    ResidencyViolation,
     ShuttingDown,
     YigongError,
 )
@@ -49,6 +53,10 @@ log = logging.getLogger(__name__)
 class PeerLink(Protocol):
     """The wire to one peer node (implemented over gRPC in gateway.rpc.peer_link)."""
 
+    def identify(self) -> bytes:
+        """The peer's node certificate (PEM)."""
+        ...
+
     def offer(self, transfer_id: str, announce: Announce) -> OfferResult: ...
 
     def push(self, items: Iterator[PushItem]) -> bytes: ...
@@ -69,6 +77,7 @@ class OutboxSettings:
     max_bytes_per_second: int
     workers: int
     known_peers: frozenset[str]
+    allowed_peer_regions: frozenset[str]
 
 
 class FactsDisagree(ReceiptError):
@@ -210,6 +219,7 @@ class Outbox:
             )
             self.hooks.check_outgoing(obj, self.store, peer)  # re-checked on every attempt
             link = self._link_factory(peer)
+            self._check_residency(link, peer)
             offer = link.offer(rec.transfer_id, announce)
             if offer.complete and offer.receipt:
                 receipt_bytes = offer.receipt
@@ -229,7 +239,7 @@ class Outbox:
                 self.hooks.check_receipt(obj, dict(receipt.body.facts), self.store)
             except ReceiptError as err:
                 raise FactsDisagree(str(err)) from err
-        except (IdentifiableData, FactsDisagree) as err:
+        except (IdentifiableData, FactsDisagree, ResidencyViolation) as err:
             self._refused(rec, attempt, err)
             return False
         except YigongError as err:
@@ -339,6 +349,26 @@ class Outbox:
             exc,
         )
 
+    def _check_residency(self, link: PeerLink, peer: str) -> None:
+        """Refuse a peer whose certified region the policy does not allow (nothing sent yet)."""
+        pem = link.identify()
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+            who = self.trust.verify(cert)
+        except (ValueError, CertificateError) as exc:
+            raise ReceiptError(
+                f"peer {peer} identified itself with an unusable certificate: {exc}"
+            ) from exc
+        if not who.is_node or who.subject_id != peer:
+            raise ReceiptError(f"peer {peer} identified itself as {who.label()}")
+        allowed = self.settings.allowed_peer_regions
+        if who.region not in allowed:
+            raise ResidencyViolation(
+                f"peer {peer} is certified for region {who.region!r}; this node's residency "
+                f"policy allows only {', '.join(sorted(allowed))} "
+                "([residency] allowed_peer_regions). Nothing was sent."
+            )
+
     def _refused(self, rec: TransferRecord, attempt: int, exc: YigongError) -> None:
         """A send that must never happen (identifiable data) or whose receipt facts
         disagree: stop retrying, keep it visible as ``failed``, raise a security alert."""
@@ -350,6 +380,16 @@ class Outbox:
             last_error=str(exc)[:2000],
             history=("refused", f"{type(exc).__name__}: {exc}"[:2000]),
         )
+        if isinstance(exc, ResidencyViolation):
+            self.audit.record(
+                "residency.refused",
+                actor=f"node:{self.settings.node_id}",
+                outcome="failure",
+                peer=rec.peer_node,
+                object_id=rec.object_id,
+                transfer_id=rec.transfer_id,
+                details={"reason": "peer region not allowed"},
+            )
         self.audit.record(
             "security.alert",
             actor=f"node:{self.settings.node_id}",

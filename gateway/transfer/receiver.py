@@ -71,7 +71,7 @@ class Receiver:
         self.catalog = catalog
         self.audit = audit
         self._sign = sign
-        self._cert_pem = cert_pem
+        self.cert_pem = cert_pem
         self.facts_hook = facts_hook
         self._active: set[str] = set()
         self._lock = threading.Lock()
@@ -118,7 +118,7 @@ class Receiver:
         facts = dict(self.facts_hook(announce, self.store)) if self.facts_hook else {}
         receipt = make_receipt(
             self._sign,
-            self._cert_pem,
+            self.cert_pem,
             transfer_id=transfer_id,
             object_id=obj.object_id,
             size=obj.size,

@@ -60,8 +60,7 @@ from gateway.errors import ConfigError
 TABLE_EDITION = "2024b"
 TABLE_RESOURCE = "ps3.15-table-e1-1-2024b.json"
 TABLE_CITATION = (
-    "DICOM PS3.15 2024b Annex E Table E.1-1 "
-    "(Application Level Confidentiality Profile Attributes)"
+    "DICOM PS3.15 2024b Annex E Table E.1-1 (Application Level Confidentiality Profile Attributes)"
 )
 
 PATIENT_NAME_TAG = 0x00100010

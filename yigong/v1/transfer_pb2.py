@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from yigong.v1 import common_pb2 as yigong_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18yigong/v1/transfer.proto\x12\tyigong.v1\x1a\x16yigong/v1/common.proto\"L\n\x0cOfferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\'\n\x06object\x18\x02 \x01(\x0b\x32\x17.yigong.v1.ObjectHeader\"|\n\rOfferResponse\x12\x15\n\rresume_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12)\n\x07receipt\x18\x03 \x01(\x0b\x32\x18.yigong.v1.SignedReceipt\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"Y\n\tPushStart\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\'\n\x06object\x18\x02 \x01(\x0b\x32\x17.yigong.v1.ObjectHeader\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\'\n\x07PushEnd\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x82\x01\n\x0bPushMessage\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.yigong.v1.PushStartH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.yigong.v1.ChunkH\x00\x12!\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x12.yigong.v1.PushEndH\x00\x42\x06\n\x04kind2\x82\x01\n\x08Transfer\x12:\n\x05Offer\x12\x17.yigong.v1.OfferRequest\x1a\x18.yigong.v1.OfferResponse\x12:\n\x04Push\x12\x16.yigong.v1.PushMessage\x1a\x18.yigong.v1.SignedReceipt(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18yigong/v1/transfer.proto\x12\tyigong.v1\x1a\x16yigong/v1/common.proto\"L\n\x0cOfferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\'\n\x06object\x18\x02 \x01(\x0b\x32\x17.yigong.v1.ObjectHeader\"|\n\rOfferResponse\x12\x15\n\rresume_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12)\n\x07receipt\x18\x03 \x01(\x0b\x32\x18.yigong.v1.SignedReceipt\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"\x11\n\x0fIdentifyRequest\",\n\x10IdentifyResponse\x12\x18\n\x10node_certificate\x18\x01 \x01(\x0c\"Y\n\tPushStart\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\'\n\x06object\x18\x02 \x01(\x0b\x32\x17.yigong.v1.ObjectHeader\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\'\n\x07PushEnd\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x82\x01\n\x0bPushMessage\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.yigong.v1.PushStartH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.yigong.v1.ChunkH\x00\x12!\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x12.yigong.v1.PushEndH\x00\x42\x06\n\x04kind2\xc7\x01\n\x08Transfer\x12\x43\n\x08Identify\x12\x1a.yigong.v1.IdentifyRequest\x1a\x1b.yigong.v1.IdentifyResponse\x12:\n\x05Offer\x12\x17.yigong.v1.OfferRequest\x1a\x18.yigong.v1.OfferResponse\x12:\n\x04Push\x12\x16.yigong.v1.PushMessage\x1a\x18.yigong.v1.SignedReceipt(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OFFERREQUEST']._serialized_end=139
   _globals['_OFFERRESPONSE']._serialized_start=141
   _globals['_OFFERRESPONSE']._serialized_end=265
-  _globals['_PUSHSTART']._serialized_start=267
-  _globals['_PUSHSTART']._serialized_end=356
-  _globals['_PUSHEND']._serialized_start=358
-  _globals['_PUSHEND']._serialized_end=397
-  _globals['_PUSHMESSAGE']._serialized_start=400
-  _globals['_PUSHMESSAGE']._serialized_end=530
-  _globals['_TRANSFER']._serialized_start=533
-  _globals['_TRANSFER']._serialized_end=663
+  _globals['_IDENTIFYREQUEST']._serialized_start=267
+  _globals['_IDENTIFYREQUEST']._serialized_end=284
+  _globals['_IDENTIFYRESPONSE']._serialized_start=286
+  _globals['_IDENTIFYRESPONSE']._serialized_end=330
+  _globals['_PUSHSTART']._serialized_start=332
+  _globals['_PUSHSTART']._serialized_end=421
+  _globals['_PUSHEND']._serialized_start=423
+  _globals['_PUSHEND']._serialized_end=462
+  _globals['_PUSHMESSAGE']._serialized_start=465
+  _globals['_PUSHMESSAGE']._serialized_end=595
+  _globals['_TRANSFER']._serialized_start=598
+  _globals['_TRANSFER']._serialized_end=797
 # @@protoc_insertion_point(module_scope)

@@ -26,6 +26,16 @@ class OfferResponse(_message.Message):
     max_chunk_bytes: int
     def __init__(self, resume_offset: _Optional[int] = ..., complete: _Optional[bool] = ..., receipt: _Optional[_Union[_common_pb2.SignedReceipt, _Mapping]] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
+class IdentifyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class IdentifyResponse(_message.Message):
+    __slots__ = ("node_certificate",)
+    NODE_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    node_certificate: bytes
+    def __init__(self, node_certificate: _Optional[bytes] = ...) -> None: ...
+
 class PushStart(_message.Message):
     __slots__ = ("transfer_id", "object", "offset")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -35,6 +35,11 @@ class TransferStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Identify = channel.unary_unary(
+                '/yigong.v1.Transfer/Identify',
+                request_serializer=yigong_dot_v1_dot_transfer__pb2.IdentifyRequest.SerializeToString,
+                response_deserializer=yigong_dot_v1_dot_transfer__pb2.IdentifyResponse.FromString,
+                _registered_method=True)
         self.Offer = channel.unary_unary(
                 '/yigong.v1.Transfer/Offer',
                 request_serializer=yigong_dot_v1_dot_transfer__pb2.OfferRequest.SerializeToString,
@@ -49,6 +54,15 @@ class TransferStub:
 
 class TransferServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Identify(self, request, context):
+        """Who is this node, as its certificate says: the sender checks the
+        receiver's certified residency region before anything about an object
+        is sent (not even its name).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Offer(self, request, context):
         """Announce an object. The receiver answers where to start (0, or the
@@ -72,6 +86,11 @@ class TransferServicer:
 
 def add_TransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Identify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Identify,
+                    request_deserializer=yigong_dot_v1_dot_transfer__pb2.IdentifyRequest.FromString,
+                    response_serializer=yigong_dot_v1_dot_transfer__pb2.IdentifyResponse.SerializeToString,
+            ),
             'Offer': grpc.unary_unary_rpc_method_handler(
                     servicer.Offer,
                     request_deserializer=yigong_dot_v1_dot_transfer__pb2.OfferRequest.FromString,
@@ -92,6 +111,33 @@ def add_TransferServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Transfer:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Identify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/yigong.v1.Transfer/Identify',
+            yigong_dot_v1_dot_transfer__pb2.IdentifyRequest.SerializeToString,
+            yigong_dot_v1_dot_transfer__pb2.IdentifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Offer(request,
