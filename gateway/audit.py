@@ -370,6 +370,83 @@ def _chain_fault_after(
     return None
 
 
+def _select_events(
+    conn: sqlite3.Connection,
+    path: Path,
+    *,
+    event: str | None = None,
+    actor: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    object_id: str | None = None,
+    transfer_id: str | None = None,
+    peer: str | None = None,
+    after_seq: int | None = None,
+    limit: int = 1000,
+) -> list[AuditEvent]:
+    if event is not None and event not in EVENT_TYPES:
+        raise AuditError(f"unknown audit event type {event!r}; see gateway.audit.EVENT_TYPES")
+    if not 1 <= limit <= 100_000:
+        raise AuditError(f"audit query limit must be 1-100000, not {limit}")
+    where: list[str] = ["1"]
+    args: list[str | int] = []
+    equal = dict(event=event, actor=actor, object_id=object_id, transfer_id=transfer_id)
+    for column, value in (*equal.items(), ("peer", peer)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if since is not None:
+        where.append("time >= ?")
+        args.append(_fmt_time(since))
+    if until is not None:
+        where.append("time < ?")
+        args.append(_fmt_time(until))
+    if after_seq is not None:
+        where.append("seq > ?")
+        args.append(int(after_seq))
+    sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+    try:
+        rows = conn.execute(sql, (*args, limit)).fetchall()
+    except sqlite3.Error as exc:
+        raise AuditError(f"cannot read audit log {path}: {exc}") from exc
+    out = []
+    for r in rows:
+        try:
+            details = json.loads(r[9])
+        except (TypeError, ValueError) as exc:
+            raise AuditError(f"audit entry {r[0]}: details are not JSON; verify()") from exc
+        out.append(AuditEvent(*(*r[:9], details, *r[10:])))
+    return out
+
+
+def read_events(path: Path, **filters: Any) -> list[AuditEvent]:
+    """:meth:`AuditLog.events` on a log file, read-only (safe while the node runs)."""
+    if not Path(path).exists():
+        raise AuditError(f"audit log {path} does not exist")
+    conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        return _select_events(conn, Path(path), **filters)
+    finally:
+        conn.close()
+
+
+def latest_checkpoint(path: Path) -> Checkpoint | None:
+    """The newest signed checkpoint of a log file, read-only (to hand to an officer)."""
+    conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        row = conn.execute(
+            "SELECT seq, time, head_hash, signature FROM checkpoints ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        node = conn.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
+    except sqlite3.Error as exc:
+        raise AuditError(f"cannot read audit log {path}: {exc}") from exc
+    finally:
+        conn.close()
+    if row is None:
+        return None
+    return Checkpoint(node[0] if node else "", int(row[0]), row[1], row[2], bytes(row[3]))
+
+
 def verify_log(
     path: Path,
     node_id: str,
@@ -649,40 +726,20 @@ class AuditLog:
         """The first ``limit`` matching events with seq > ``after_seq``, oldest first.
 
         ``since`` is inclusive, ``until`` exclusive; page with ``after_seq=last.seq``."""
-        if event is not None and event not in EVENT_TYPES:
-            raise AuditError(f"unknown audit event type {event!r}; see gateway.audit.EVENT_TYPES")
-        if not 1 <= limit <= 100_000:
-            raise AuditError(f"audit query limit must be 1-100000, not {limit}")
-        where: list[str] = ["1"]
-        args: list[str | int] = []
-        equal = dict(event=event, actor=actor, object_id=object_id, transfer_id=transfer_id)
-        for column, value in (*equal.items(), ("peer", peer)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if since is not None:
-            where.append("time >= ?")
-            args.append(_fmt_time(since))
-        if until is not None:
-            where.append("time < ?")
-            args.append(_fmt_time(until))
-        if after_seq is not None:
-            where.append("seq > ?")
-            args.append(int(after_seq))
-        sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
         with self._lock:
-            try:
-                rows = self._db().execute(sql, (*args, limit)).fetchall()
-            except sqlite3.Error as exc:
-                raise AuditError(f"cannot read audit log {self.path}: {exc}") from exc
-        out = []
-        for r in rows:
-            try:
-                details = json.loads(r[9])
-            except (TypeError, ValueError) as exc:
-                raise AuditError(f"audit entry {r[0]}: details are not JSON; verify()") from exc
-            out.append(AuditEvent(*(*r[:9], details, *r[10:])))
-        return out
+            return _select_events(
+                self._db(),
+                self.path,
+                event=event,
+                actor=actor,
+                since=since,
+                until=until,
+                object_id=object_id,
+                transfer_id=transfer_id,
+                peer=peer,
+                after_seq=after_seq,
+                limit=limit,
+            )
 
     def verify(self, verify_signature: Verifier | None = None) -> VerifyReport:
         """Recompute the whole chain and check every checkpoint; see :func:`verify_log`."""

@@ -29,11 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from gateway import cli_node, cli_pki, demo
+    from gateway import cli_audit, cli_node, cli_pki, demo
 
     cli_pki.register(sub)
     cli_node.register(sub)
     demo.register(sub)
+    cli_audit.register(sub)
     return parser
 
 

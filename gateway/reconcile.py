@@ -1,0 +1,116 @@
+"""Cross-node reconciliation of shared transfers.
+
+Both ends of every transfer keep the same signed receipt. Given this node's
+records of the transfers it shares with one peer and the peer's records of
+the same (fetched over the peer's query endpoint), :func:`reconcile` reports
+every transfer one side has and the other lacks, and every pair whose digest,
+size or receipt bytes disagree or whose receipt does not verify.
+
+A transfer still in progress (queued, sending, receiving) on either side is
+reported as ``in_progress``, not as a discrepancy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from gateway.errors import ReceiptError
+from gateway.pki import TrustStore
+from gateway.transfer.receipts import verify_receipt
+
+OPPOSITE = {"outbound": "inbound", "inbound": "outbound"}
+IN_PROGRESS = frozenset({"queued", "sending", "receiving"})
+
+
+@dataclass(frozen=True)
+class SharedTransfer:
+    """One side's record of a transfer, as either catalog or query endpoint shows it."""
+
+    transfer_id: str
+    direction: str
+    peer_node: str
+    object_id: str
+    size: int
+    status: str
+    receipt: bytes | None
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # missing_at_peer | missing_here | digest | size | receipt | signature | in_progress
+    transfer_id: str
+    detail: str
+
+    @property
+    def is_discrepancy(self) -> bool:
+        return self.kind != "in_progress"
+
+
+def reconcile(
+    node_id: str,
+    peer: str,
+    ours: Iterable[SharedTransfer],
+    theirs: Iterable[SharedTransfer],
+    trust: TrustStore,
+) -> list[Finding]:
+    """Compare both sides' records of the transfers between ``node_id`` and ``peer``."""
+    mine = {t.transfer_id: t for t in ours if t.peer_node == peer}
+    other = {t.transfer_id: t for t in theirs if t.peer_node == node_id}
+    findings: list[Finding] = []
+    for tid in sorted(set(mine) | set(other)):
+        a, b = mine.get(tid), other.get(tid)
+        if a is None or b is None:
+            present = a or b
+            assert present is not None
+            if present.status in IN_PROGRESS:
+                findings.append(Finding("in_progress", tid, f"{present.status} on one side only"))
+            elif a is None:
+                findings.append(
+                    Finding(
+                        "missing_here",
+                        tid,
+                        f"{peer} has it ({b.status if b else ''}); {node_id} has no record",
+                    )
+                )
+            else:
+                findings.append(
+                    Finding(
+                        "missing_at_peer",
+                        tid,
+                        f"{node_id} has it ({a.status}); {peer} has no record",
+                    )
+                )
+            continue
+        if b.direction != OPPOSITE.get(a.direction):
+            findings.append(Finding("direction", tid, f"both sides say {a.direction}"))
+        if a.object_id != b.object_id:
+            findings.append(
+                Finding("digest", tid, f"SHA-256 {a.object_id} here, {b.object_id} at {peer}")
+            )
+        if a.size != b.size:
+            findings.append(Finding("size", tid, f"{a.size} bytes here, {b.size} at {peer}"))
+        if a.status in IN_PROGRESS or b.status in IN_PROGRESS:
+            findings.append(Finding("in_progress", tid, f"{a.status} here, {b.status} at {peer}"))
+            continue
+        if a.status != b.status:
+            findings.append(Finding("status", tid, f"{a.status} here, {b.status} at {peer}"))
+        if a.receipt != b.receipt:
+            findings.append(Finding("receipt", tid, "the two sides hold different receipts"))
+        receiver = a.peer_node if a.direction == "outbound" else node_id
+        for side, record in (("here", a), (f"at {peer}", b)):
+            if record.receipt is None:
+                if record.status == "done":
+                    findings.append(Finding("receipt", tid, f"done {side} but no receipt"))
+                continue
+            try:
+                verify_receipt(
+                    record.receipt,
+                    trust,
+                    expect_receiver=receiver,
+                    expect_sha256=record.object_id,
+                    expect_transfer_id=tid,
+                )
+            except ReceiptError as exc:
+                findings.append(Finding("signature", tid, f"receipt {side}: {exc}"))
+    return findings

@@ -1,0 +1,112 @@
+"""The security officer's view: listing, verifying and checkpointing the audit log with
+the CLI, and reconciling shared transfers between two running nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from tests.cluster import InProcessNode, wait_for
+
+Pair = tuple[InProcessNode, InProcessNode]
+
+
+def _send(hospital: InProcessNode, tmp_path: Path, name: str) -> str:
+    src = tmp_path / name
+    src.write_bytes(os.urandom(50_000))
+    with hospital.self_client() as client:
+        tid = client.submit(src, ["factory-1"], case_id="case-o").queued[0].transfer_id
+    wait_for(lambda: hospital.node.catalog.get_transfer(tid, "outbound").status == "done")
+    return tid
+
+
+def test_list_filter_and_follow_free_json(
+    pair: Pair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital, _ = pair
+    tid = _send(hospital, tmp_path, "a.bin")
+    cfg = str(hospital.config)
+    assert main(["audit", "list", "--config", cfg, "--transfer", tid, "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["transfer.queued", "transfer.begun", "transfer.completed"]
+    assert all(e["transfer_id"] == tid for e in events)
+    assert main(["audit", "list", "--config", cfg, "--event", "node.start"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("SEQ") and "node.start" in table and "node:hospital-1" in table
+
+
+def test_verify_detects_an_edited_entry(
+    pair: Pair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital, _ = pair
+    _send(hospital, tmp_path, "b.bin")
+    cfg = str(hospital.config)
+    assert main(["audit", "verify", "--config", cfg]) == 0
+    assert "OK" in capsys.readouterr().out
+    hospital.stop()  # the log is closed (and checkpointed); now someone edits it
+    path = hospital.node.cfg.audit.path
+    db = sqlite3.connect(path)
+    for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        db.execute(f"DROP TRIGGER {name}")
+    db.execute("UPDATE events SET actor = 'node:someone-else' WHERE seq = 3")
+    db.commit()
+    db.close()
+    assert main(["audit", "verify", "--config", cfg]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "entry 3" in out and "first bad entry: 3" in out
+
+
+def test_checkpoint_export_then_check(
+    pair: Pair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital, _ = pair
+    cfg = str(hospital.config)
+    _send(hospital, tmp_path, "c.bin")
+    hospital.node.audit.checkpoint()
+    cp_file = tmp_path / "cp.json"
+    assert main(["audit", "checkpoint", "--config", cfg, "-o", str(cp_file)]) == 0
+    _send(hospital, tmp_path, "d.bin")  # the log grows
+    assert main(["audit", "check", str(cp_file), "--config", cfg]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("OK")
+    tampered = json.loads(cp_file.read_text())
+    tampered["head_hash"] = "0" * 64
+    cp_file.write_text(json.dumps(tampered))
+    assert main(["audit", "check", str(cp_file), "--config", cfg]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_reconcile_silent_when_records_agree(
+    pair: Pair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital, _ = pair
+    _send(hospital, tmp_path, "e.bin")
+    _send(hospital, tmp_path, "f.bin")
+    assert main(["audit", "reconcile", "--config", str(hospital.config)]) == 0
+    assert capsys.readouterr().out.strip() == "hospital-1 <-> factory-1: records agree"
+
+
+def test_reconcile_reports_injected_discrepancies(
+    pair: Pair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital, factory = pair
+    lost = _send(hospital, tmp_path, "g.bin")
+    forged = _send(hospital, tmp_path, "h.bin")
+    _send(hospital, tmp_path, "i.bin")  # this one stays in agreement
+    with factory.node.catalog.transaction() as db:
+        db.execute("DELETE FROM transfers WHERE transfer_id = ?", (lost,))
+        db.execute(
+            "UPDATE transfers SET receipt = ? WHERE transfer_id = ?",
+            (hospital.node.catalog.get_transfer(lost, "outbound").receipt, forged),
+        )
+    assert main(["audit", "reconcile", "--config", str(hospital.config), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)["factory-1"]
+    kinds = {(f["kind"], f["transfer_id"]) for f in report if f["discrepancy"]}
+    assert ("missing_at_peer", lost) in kinds
+    assert ("receipt", forged) in kinds and ("signature", forged) in kinds
+    assert {tid for _, tid in kinds} == {lost, forged}
