@@ -82,7 +82,7 @@ class Exchange:
                     f"{sub.size}; nothing was stored"
                 )
             if self.store.size(digest) != size:
-                self.store.put_file(digest, part)
+                self.store.adopt_file(digest, part)
         finally:
             part.unlink(missing_ok=True)
         obj = self.catalog.add_object(

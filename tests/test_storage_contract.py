@@ -7,6 +7,7 @@ abort) follow at the end.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -444,3 +445,25 @@ def test_s3_missing_source_file(s3_store: S3Store, tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="source file"):
         s3_store.put_file("abcd", tmp_path / "missing")
     assert not os.path.exists(tmp_path / "missing")
+
+
+def test_adopt_file_moves_the_file_in(store: ObjectStore, tmp_path: Path) -> None:
+    src = tmp_path / "spooled.bin"
+    payload = os.urandom(3 * 1024 * 1024 + 1)
+    src.write_bytes(payload)
+    key = hashlib.sha256(payload).hexdigest()
+    store.adopt_file(key, src)
+    assert not src.exists()
+    assert b"".join(store.open_read(key)) == payload
+
+
+def test_filesystem_adopt_renames_same_inode(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path / "objects")
+    store.check()
+    src = tmp_path / "spooled.bin"
+    src.write_bytes(b"spooled bytes")
+    inode = src.stat().st_ino
+    store.adopt_file("ab" * 32, src)
+    final = store.path_for("ab" * 32)
+    assert final.stat().st_ino == inode and final.read_bytes() == b"spooled bytes"
+    assert oct(final.stat().st_mode & 0o777) == "0o600"

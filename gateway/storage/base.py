@@ -147,6 +147,16 @@ class ObjectStore(abc.ABC):
         The caller's file is read, never moved or modified.
         """
 
+    def adopt_file(self, key: str, path: Path) -> None:
+        """Store the local file ``path`` under ``key`` and remove ``path``.
+
+        Like :meth:`put_file`, but the caller gives the file up: a store may move
+        it into place instead of copying it (the filesystem store renames it when
+        it is on the same filesystem). Durable and atomic when it returns.
+        """
+        self.put_file(key, path)
+        path.unlink(missing_ok=True)
+
     @abc.abstractmethod
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
         """Store the concatenation of ``chunks`` under ``key``; return the bytes written.

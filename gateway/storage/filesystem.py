@@ -176,6 +176,30 @@ class FilesystemStore(ObjectStore):
         with src:
             self._write(key, self._translated(iter_file_chunks(src), "read source file", path))
 
+    def adopt_file(self, key: str, path: Path) -> None:
+        """Move ``path`` into the store: fsync it, rename it onto the key, fsync the directory.
+
+        Falls back to a copy (:meth:`put_file`) when ``path`` is on another filesystem.
+        """
+        self.validate_key(key)
+        final = self.path_for(key)
+        try:
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(path, 0o600)
+            self._ensure_dir(final.parent)
+            os.replace(path, final)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                super().adopt_file(key, path)
+                return
+            raise self._error("move into the store", path, exc) from exc
+        try:
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise self._error("publish", final, exc) from exc
+        log.debug("adopted %s into %s", key, self.describe())
+
     def _translated(self, chunks: Iterator[bytes], action: str, path: Path) -> Iterator[bytes]:
         """Pass ``chunks`` through, turning an OSError while reading into StorageError."""
         while True:

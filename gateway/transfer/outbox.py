@@ -10,6 +10,7 @@ send is retried with exponential backoff; nothing is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -34,6 +35,7 @@ from gateway.errors import (
     ShuttingDown,
     YigongError,
 )
+from gateway.hashing import hash_chunks
 from gateway.pki import TrustStore
 from gateway.roles import RoleHooks
 from gateway.storage import ObjectStore
@@ -207,6 +209,7 @@ class Outbox:
         )
         state = _SendState()
         link: PeerLink | None = None
+        announce: Announce | None = None
         try:
             obj = self.catalog.get_object(rec.object_id)
             announce = Announce(
@@ -243,6 +246,11 @@ class Outbox:
             self._refused(rec, attempt, err)
             return False
         except YigongError as err:
+            if isinstance(err, IntegrityError) and not state.corrupt and announce is not None:
+                # The receiver found the object's SHA-256 wrong: is our own copy bad?
+                with contextlib.suppress(YigongError):
+                    if not self._local_copy_intact(announce):
+                        state.corrupt = self._corrupt_message(announce)
             exc: YigongError = IntegrityError(state.corrupt) if state.corrupt else err
             if state.stopped or isinstance(exc, ShuttingDown) or self._stop.is_set():
                 self._requeue_on_stop(rec, state)
@@ -285,9 +293,12 @@ class Outbox:
     def _items(
         self, transfer_id: str, announce: Announce, offset: int, state: _SendState
     ) -> Iterator[PushItem]:
-        """Start, verified chunks from ``offset``, then End — unless something is wrong."""
+        """Start, chunks from ``offset`` each with its SHA-256, then End.
+
+        The whole-object SHA-256 is the receiver's to check (and it does, after
+        storing); the sender re-checks its own copy only when that fails.
+        """
         yield StartMsg(transfer_id, announce, offset)
-        hasher = hashlib.sha256() if offset == 0 else None
         position = offset
         limit = self.settings.max_bytes_per_second
         began = time.monotonic()
@@ -295,8 +306,6 @@ class Outbox:
             if self._stop.is_set():
                 state.stopped = True
                 return
-            if hasher is not None:
-                hasher.update(data)
             yield ChunkMsg(position, data, hashlib.sha256(data).digest())
             position += len(data)
             state.sent += len(data)
@@ -304,15 +313,20 @@ class Outbox:
                 ahead = state.sent / limit - (time.monotonic() - began)
                 if ahead > 0:
                     self._stop.wait(ahead)
-        if position != announce.size or (
-            hasher is not None and hasher.hexdigest() != announce.object_id
-        ):
-            state.corrupt = (
-                f"local copy of object {announce.object_id} in {self.store.describe()} does not "
-                "match its SHA-256; not sent. Restore the object or re-submit it."
-            )
+        if position != announce.size:
+            state.corrupt = self._corrupt_message(announce)
             return
         yield EndMsg(announce.object_id, announce.size)
+
+    def _corrupt_message(self, announce: Announce) -> str:
+        return (
+            f"local copy of object {announce.object_id} in {self.store.describe()} does not "
+            "match its SHA-256; not sent. Restore the object or re-submit it."
+        )
+
+    def _local_copy_intact(self, announce: Announce) -> bool:
+        digest, size = hash_chunks(self.store.open_read(announce.object_id))
+        return digest == announce.object_id and size == announce.size
 
     def _backoff(self, attempt: int) -> float:
         s = self.settings

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, utcnow
@@ -251,7 +252,7 @@ class Receiver:
         expected = offset
         max_chunk = self.settings.max_chunk_bytes
         end: EndMsg | None = None
-        with open(part, "ab") as fh:
+        with open(part, "ab") as fh, _Writeback(fh.fileno()) as writeback:
             try:
                 for item in items:
                     if self.stopping.is_set():
@@ -274,6 +275,7 @@ class Receiver:
                             self._integrity_failed(sender, transfer_id, announce, expected)
                         fh.write(item.data)
                         expected += len(item.data)
+                        writeback.wrote(len(item.data), fh)
                     elif isinstance(item, EndMsg):
                         end = item
                         break
@@ -299,7 +301,7 @@ class Receiver:
     ) -> None:
         """Store the spooled object, read it back from the store and hash it again."""
         try:
-            self.store.put_file(announce.object_id, part)
+            self.store.adopt_file(announce.object_id, part)
         except StorageError:
             log.error(
                 "transfer %s: storing object %s failed; spool kept for retry",
@@ -351,6 +353,39 @@ class Receiver:
             f"transfer {transfer_id} from {sender.subject_id}: {what} does not match its "
             "SHA-256; the bytes were not stored as complete. The sender should retry."
         )
+
+
+class _Writeback:
+    """Flush a growing spool file to disk in the background every ``every`` bytes, so
+    the final fsync has little left to do (it is still done, and waited for)."""
+
+    def __init__(self, fd: int, every: int = 32 * 1024 * 1024) -> None:
+        self._fd = fd
+        self._every = every
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Writeback:
+        return self
+
+    def wrote(self, n: int, fh: BinaryIO) -> None:
+        self._pending += n
+        if self._pending < self._every or (self._thread and self._thread.is_alive()):
+            return
+        self._pending = 0
+        fh.flush()
+        self._thread = threading.Thread(target=self._sync, name="spool-writeback", daemon=True)
+        self._thread.start()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError:  # the final fsync reports real errors
+            pass
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _name_digest(name: str) -> str:
