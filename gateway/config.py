@@ -135,6 +135,15 @@ class ResidencySection:
 
 
 @dataclass(frozen=True)
+class TelemetrySection:
+    """OpenTelemetry export; off unless an OTLP endpoint is given."""
+
+    otlp_endpoint: str = ""
+    otlp_insecure: bool = False
+    metrics_interval_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class PeerSection:
     id: str = ""
     address: str = ""
@@ -155,6 +164,7 @@ class NodeConfig:
     deid: DeidSection = field(default_factory=DeidSection)
     suitability: SuitabilitySection = field(default_factory=SuitabilitySection)
     residency: ResidencySection = field(default_factory=ResidencySection)
+    telemetry: TelemetrySection = field(default_factory=TelemetrySection)
 
     @property
     def peer_regions(self) -> frozenset[str]:
@@ -326,6 +336,7 @@ def load_config(path: Path | str) -> NodeConfig:
         "deid": DeidSection,
         "suitability": SuitabilitySection,
         "residency": ResidencySection,
+        "telemetry": TelemetrySection,
     }
     unknown = sorted(set(raw) - set(sections) - {"peers"})
     if unknown:

@@ -29,6 +29,7 @@ from gateway.rpc.channel import MESSAGE_LIMIT, ClientCredentials
 from gateway.rpc.peer_link import GrpcPeerLink
 from gateway.rpc.servicers import ExchangeServicer, QueryServicer, TransferServicer
 from gateway.storage.factory import open_store
+from gateway.telemetry import Telemetry
 from gateway.transfer.outbox import Outbox, OutboxSettings, PeerLink
 from gateway.transfer.receiver import Receiver, ReceiverSettings
 from yigong.v1 import (
@@ -84,6 +85,14 @@ class Node:
         self.ca_pem = cfg.tls.ca.read_bytes()
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
 
+        tel = cfg.telemetry
+        self.telemetry = Telemetry(
+            node_id,
+            cfg.node.role,
+            otlp_endpoint=tel.otlp_endpoint,
+            otlp_insecure=tel.otlp_insecure,
+            metrics_interval_seconds=tel.metrics_interval_seconds,
+        )
         self.audit = AuditLog(
             cfg.audit.path,
             node_id,
@@ -142,6 +151,7 @@ class Node:
         self.query = QueryService(node_id, self.catalog, self.store, self.audit, t.chunk_bytes)
         self.hooks: RoleHooks = _role_hooks(self)
         self.outbox.hooks = self.hooks
+        self.outbox.telemetry = self.receiver.telemetry = self.telemetry
         self.receiver.facts_hook = self.hooks.receipt_facts
         self.gate = Gatekeeper(self.trust, NodeSelf(node_id, cfg.node.role), self.audit)
         self._server: grpc.Server | None = None
@@ -178,6 +188,7 @@ class Node:
             peer.address,
             self.client_credentials,
             self.cfg.transfer.connect_timeout_seconds,
+            self.telemetry,
         )
 
     def start(self) -> int:
@@ -192,7 +203,7 @@ class Node:
         ]
         server = grpc.server(
             ThreadPoolExecutor(max_workers=cfg.server.max_workers, thread_name_prefix="rpc"),
-            interceptors=[AuthInterceptor(self.gate)],
+            interceptors=[self.telemetry.server_interceptor(), AuthInterceptor(self.gate)],
             options=options,
         )
         transfer_pb2_grpc.add_TransferServicer_to_server(
@@ -269,6 +280,7 @@ class Node:
         self.audit.record("node.stop", actor=f"node:{self.cfg.node.id}")
         self.audit.close()
         self.catalog.close()
+        self.telemetry.shutdown()
         log.info("node %s stopped", self.cfg.node.id)
 
     def wait(self) -> None:

@@ -110,7 +110,7 @@ def test_unknown_config_key_is_an_error(federation: Federation, tmp_path: Path) 
     cfg.write_text(cfg.read_text().replace("[server]", "[server]\nlisten_port = 7"))
     with pytest.raises(ConfigError, match=r"unknown key\(s\) 'listen_port' in \[server\]"):
         load_config(cfg)
-    cfg.write_text(cfg.read_text().replace("listen_port = 7", "") + "\n[telemetry]\nx = 1\n")
+    cfg.write_text(cfg.read_text().replace("listen_port = 7", "") + "\n[tracing]\nx = 1\n")
     with pytest.raises(ConfigError, match="unknown section"):
         load_config(cfg)
 

@@ -9,19 +9,26 @@ import grpc
 from gateway.grpc_status import error_from_rpc
 from gateway.rpc.channel import ClientCredentials, open_channel
 from gateway.rpc.wire import announce_to_pb
+from gateway.telemetry import Telemetry
 from gateway.transfer.model import Announce, ChunkMsg, EndMsg, OfferResult, PushItem
 from yigong.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc
 
 
 class GrpcPeerLink:
     def __init__(
-        self, peer_id: str, address: str, creds: ClientCredentials, timeout: float
+        self,
+        peer_id: str,
+        address: str,
+        creds: ClientCredentials,
+        timeout: float,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.peer_id = peer_id
         self.target = f"peer {peer_id} at {address}"
         self._timeout = timeout
         self._channel = open_channel(address, creds, peer_node_id=peer_id)
-        self._stub = transfer_pb2_grpc.TransferStub(self._channel)
+        calls = telemetry.instrument_channel(self._channel) if telemetry else self._channel
+        self._stub = transfer_pb2_grpc.TransferStub(calls)
 
     def identify(self) -> bytes:
         try:

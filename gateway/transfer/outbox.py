@@ -39,6 +39,7 @@ from gateway.hashing import hash_chunks
 from gateway.pki import TrustStore
 from gateway.roles import RoleHooks
 from gateway.storage import ObjectStore
+from gateway.telemetry import Telemetry
 from gateway.transfer.model import (
     Announce,
     ChunkMsg,
@@ -112,6 +113,7 @@ class Outbox:
         self.trust = trust
         self._link_factory = link_factory
         self.hooks = RoleHooks()
+        self.telemetry: Telemetry | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -196,7 +198,31 @@ class Outbox:
 
     # -- one send ---------------------------------------------------------
     def send(self, rec: TransferRecord) -> bool:
-        """Try one outbound transfer (already marked sending). True when done."""
+        """Try one outbound transfer (already marked sending). True when done.
+
+        The attempt is one ``yigong.transfer.send`` span; the calls to the peer
+        carry its context, so the receiver's spans join the same trace."""
+        tel = self.telemetry
+        if tel is None:
+            return self._send(rec)
+        began = time.monotonic()
+        with tel.span(
+            "yigong.transfer.send",
+            transfer_id=rec.transfer_id,
+            object_id=rec.object_id,
+            peer=rec.peer_node,
+            size=rec.size,
+            attempt=rec.attempts + 1,
+        ) as span:
+            done = self._send(rec)
+            span.set_attribute("yigong.outcome", "done" if done else "not done")
+        if done:
+            tel.transferred("outbound", rec.size, time.monotonic() - began)
+        else:
+            tel.failed("outbound", "attempt")
+        return done
+
+    def _send(self, rec: TransferRecord) -> bool:
         attempt = rec.attempts + 1
         peer = rec.peer_node
         self.audit.record(

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from gateway.errors import (
 from gateway.hashing import hash_chunks
 from gateway.identity import Identity
 from gateway.storage import ObjectStore
+from gateway.telemetry import Telemetry
 from gateway.transfer.model import (
     Announce,
     ChunkMsg,
@@ -74,6 +76,7 @@ class Receiver:
         self._sign = sign
         self.cert_pem = cert_pem
         self.facts_hook = facts_hook
+        self.telemetry: Telemetry | None = None
         self._active: set[str] = set()
         self._lock = threading.Lock()
         self.stopping = threading.Event()
@@ -220,8 +223,17 @@ class Receiver:
                     f"transfer {transfer_id} is already being received; wait for it to end"
                 )
             self._active.add(transfer_id)
+        began = time.monotonic()
         try:
-            return self._receive(sender, transfer_id, announce, first.offset, items)
+            receipt = self._receive(sender, transfer_id, announce, first.offset, items)
+        except IntegrityError:
+            if self.telemetry:
+                self.telemetry.failed("inbound", "integrity")
+            raise
+        else:
+            if self.telemetry:
+                self.telemetry.transferred("inbound", announce.size, time.monotonic() - began)
+            return receipt
         finally:
             with self._lock:
                 self._active.discard(transfer_id)
