@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import pki
+from gateway.atna import is_exported, to_atna_xml
 from gateway.audit import (
     EVENT_TYPES,
     AuditEvent,
@@ -68,6 +69,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("checkpoint", type=Path, help="JSON from 'yigong audit checkpoint'")
     p.add_argument("--config", type=Path, required=True)
     p.set_defaults(func=cmd_check)
+
+    p = cmds.add_parser(
+        "export", help="export events as IHE ATNA (PS3.15 A.5) XML files or as JSON lines"
+    )
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--format", choices=["atna", "json"], default="atna")
+    p.add_argument("--since", help="ISO-8601 (UTC if no zone)")
+    p.add_argument("--until", help="ISO-8601 (UTC if no zone)")
+    p.add_argument("--after", type=int, help="only entries after this sequence number")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="atna: a directory (one SEQ-EVENT.xml per message); json: a file",
+    )
+    p.set_defaults(func=cmd_export)
 
     p = cmds.add_parser(
         "reconcile", help="compare shared transfers with each peer's records (over mTLS)"
@@ -227,6 +245,44 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
     print(("OK: " if report.ok else "FAILED: ") + report.reason)
     return 0 if report.ok else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    after, count = args.after, 0
+    if args.format == "json":
+        out = args.output.open("w")
+    else:
+        args.output.mkdir(parents=True, exist_ok=True)
+    federation = pki.TrustStore(cfg.tls.ca).federation_name
+    peers = {p.id: p.address for p in cfg.peers}
+    try:
+        while True:
+            page = read_events(
+                cfg.audit.path,
+                after_seq=after,
+                since=_when(args.since),
+                until=_when(args.until),
+                limit=10_000,
+            )
+            for event in page:
+                if args.format == "json":
+                    out.write(_event_json(event) + "\n")
+                    count += 1
+                elif is_exported(event):
+                    xml = to_atna_xml(
+                        event, node_id=cfg.node.id, federation=federation, peer_addresses=peers
+                    )
+                    (args.output / f"{event.seq:08d}-{event.event}.xml").write_bytes(xml)
+                    count += 1
+            if len(page) < 10_000:
+                break
+            after = page[-1].seq
+    finally:
+        if args.format == "json":
+            out.close()
+    print(f"exported {count} event(s) as {args.format} to {args.output}")
+    return 0
 
 
 def _remote_transfers(cfg: NodeConfig, peer_id: str) -> list[SharedTransfer]:

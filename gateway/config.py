@@ -144,6 +144,20 @@ class TelemetrySection:
 
 
 @dataclass(frozen=True)
+class AtnaSection:
+    """Optional: forward audit events as DICOM PS3.15 A.5 / IHE ATNA messages (docs/atna.md)."""
+
+    enabled: bool = False
+    host: str = ""
+    port: int = 6514
+    ca: Path | None = None  # the collector's CA; default tls.ca
+    cert: Path | None = None  # client certificate for mutual TLS; default tls.cert
+    key: Path | None = None  # default tls.key
+    facility: int = 10  # 10 authpriv (PS3.15 A.6) or 13 log audit
+    poll_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class PeerSection:
     id: str = ""
     address: str = ""
@@ -165,6 +179,7 @@ class NodeConfig:
     suitability: SuitabilitySection = field(default_factory=SuitabilitySection)
     residency: ResidencySection = field(default_factory=ResidencySection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+    atna: AtnaSection = field(default_factory=AtnaSection)
 
     @property
     def peer_regions(self) -> frozenset[str]:
@@ -302,6 +317,11 @@ def _check(cfg: NodeConfig) -> None:
             validate_id(region, "residency region")
     except CertificateError as exc:
         raise ConfigError(f"{src}: [residency] {exc}") from exc
+    a = cfg.atna
+    if a.enabled and (not a.host or not 1 <= a.port <= 65535):
+        raise ConfigError(f"{src}: [atna] enabled needs atna.host and atna.port 1-65535")
+    if a.facility not in {10, 13} or a.poll_seconds <= 0:
+        raise ConfigError(f"{src}: atna.facility must be 10 or 13 and atna.poll_seconds > 0")
     seen: set[str] = set()
     for peer in cfg.peers:
         if not peer.id or not peer.address:
@@ -337,6 +357,7 @@ def load_config(path: Path | str) -> NodeConfig:
         "suitability": SuitabilitySection,
         "residency": ResidencySection,
         "telemetry": TelemetrySection,
+        "atna": AtnaSection,
     }
     unknown = sorted(set(raw) - set(sections) - {"peers"})
     if unknown:

@@ -59,14 +59,18 @@ class QueryService:
         self.audit = audit
         self.chunk_bytes = chunk_bytes
 
-    def list_objects(self, caller: Identity, f: ObjectFilter) -> list[ObjectRecord]:
+    def list_objects(
+        self, caller: Identity, f: ObjectFilter, *, remote: str = ""
+    ) -> list[ObjectRecord]:
         found = self.catalog.list_objects(
             case_id=f.case_id, peer=f.peer, since=f.since, until=f.until, limit=_limit(f.limit)
         )
-        self._audit(caller, "list_objects", f.case_id, count=len(found), peer_filter=f.peer)
+        self._audit(caller, "list_objects", f.case_id, remote, count=len(found), peer_filter=f.peer)
         return found
 
-    def list_transfers(self, caller: Identity, f: TransferFilter) -> list[TransferRecord]:
+    def list_transfers(
+        self, caller: Identity, f: TransferFilter, *, remote: str = ""
+    ) -> list[TransferRecord]:
         if f.direction and f.direction not in {"inbound", "outbound"}:
             raise ValidationError("direction must be 'inbound' or 'outbound'")
         peer = f.peer
@@ -83,20 +87,22 @@ class QueryService:
             until=f.until,
             limit=_limit(f.limit),
         )
-        self._audit(caller, "list_transfers", f.case_id, count=len(found), peer_filter=f.peer)
+        self._audit(
+            caller, "list_transfers", f.case_id, remote, count=len(found), peer_filter=f.peer
+        )
         return found
 
     def get_object(
-        self, caller: Identity, object_id: str
+        self, caller: Identity, object_id: str, *, remote: str = ""
     ) -> tuple[ObjectRecord, list[TransferRecord]]:
         check_object_id(object_id)
         obj = self.catalog.get_object(object_id)
         transfers = self.catalog.list_transfers(object_id=object_id, limit=MAX_LIMIT)
-        self._audit(caller, "get_object", obj.case_id, object_id=object_id)
+        self._audit(caller, "get_object", obj.case_id, remote, object_id=object_id)
         return obj, transfers
 
     def read_object(
-        self, caller: Identity, object_id: str, offset: int
+        self, caller: Identity, object_id: str, offset: int, *, remote: str = ""
     ) -> tuple[ObjectRecord, Iterator[ChunkMsg]]:
         check_object_id(object_id)
         obj = self.catalog.get_object(object_id)
@@ -114,7 +120,7 @@ class QueryService:
             actor=caller.label(),
             object_id=object_id,
             case_id=obj.case_id or None,
-            details={"offset": offset, "size": obj.size},
+            details={"offset": offset, "size": obj.size, **({"remote": remote} if remote else {})},
         )
 
         def chunks() -> Iterator[ChunkMsg]:
@@ -125,7 +131,11 @@ class QueryService:
 
         return obj, chunks()
 
-    def _audit(self, caller: Identity, what: str, case_id: str, **details: str | int) -> None:
+    def _audit(
+        self, caller: Identity, what: str, case_id: str, remote: str, **details: str | int
+    ) -> None:
+        if remote:
+            details["remote"] = remote
         self.audit.record(
             "query",
             actor=caller.label(),

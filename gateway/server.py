@@ -29,6 +29,7 @@ from gateway.rpc.channel import MESSAGE_LIMIT, ClientCredentials
 from gateway.rpc.peer_link import GrpcPeerLink
 from gateway.rpc.servicers import ExchangeServicer, QueryServicer, TransferServicer
 from gateway.storage.factory import open_store
+from gateway.syslog_tls import AtnaForwarder, SyslogTLSSender, default_state_file
 from gateway.telemetry import Telemetry
 from gateway.transfer.outbox import Outbox, OutboxSettings, PeerLink
 from gateway.transfer.receiver import Receiver, ReceiverSettings
@@ -99,6 +100,26 @@ class Node:
             signer=self.sign,
             checkpoint_every=cfg.audit.checkpoint_every,
         )
+        self.atna: AtnaForwarder | None = None
+        if (a := cfg.atna).enabled:
+            sender = SyslogTLSSender(
+                a.host,
+                a.port,
+                ca=a.ca or cfg.tls.ca,
+                cert=a.cert or cfg.tls.cert,
+                key=a.key or cfg.tls.key,
+                hostname=node_id,
+                facility=a.facility,
+            )
+            self.atna = AtnaForwarder(
+                cfg.audit.path,
+                node_id,
+                self.trust.federation_name,
+                sender,
+                default_state_file(cfg.audit.path),
+                poll_seconds=a.poll_seconds,
+                peer_addresses={p.id: p.address for p in cfg.peers},
+            )
         try:
             self.store = open_store(cfg)
             self.store.check()
@@ -254,6 +275,8 @@ class Node:
                 "pid": os.getpid(),
             },
         )
+        if self.atna is not None:
+            self.atna.start()
         log.info(
             "node %s (%s, region %s) listening on port %d, store %s",
             cfg.node.id,
@@ -278,6 +301,8 @@ class Node:
         if self._server is not None:
             self._server.stop(grace).wait()
         self.audit.record("node.stop", actor=f"node:{self.cfg.node.id}")
+        if self.atna is not None:
+            self.atna.stop()
         self.audit.close()
         self.catalog.close()
         self.telemetry.shutdown()

@@ -110,3 +110,69 @@ def test_reconcile_reports_injected_discrepancies(
     assert ("missing_at_peer", lost) in kinds
     assert ("receipt", forged) in kinds and ("signature", forged) in kinds
     assert {tid for _, tid in kinds} == {lost, forged}
+
+
+def test_export_atna_and_json(
+    pair: Pair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import xml.etree.ElementTree as ET
+
+    hospital, _ = pair
+    tid = _send(hospital, tmp_path, "j.bin")
+    cfg = str(hospital.config)
+    out = tmp_path / "atna"
+    assert main(["audit", "export", "--config", cfg, "-o", str(out)]) == 0
+    files = sorted(out.iterdir())
+    events = {f.name.split("-", 1)[1].removesuffix(".xml"): f for f in files}
+    assert {"node.start", "transfer.begun", "transfer.completed"} <= set(events)
+    root = ET.fromstring(events["transfer.completed"].read_bytes())
+    event_id = root.find("EventIdentification/EventID")
+    assert event_id is not None and event_id.get("csd-code") == "110104"
+    assert tid in events["transfer.completed"].read_text()
+    lines = tmp_path / "audit.jsonl"
+    assert main(["audit", "export", "--config", cfg, "--format", "json", "-o", str(lines)]) == 0
+    seqs = [json.loads(line)["seq"] for line in lines.read_text().splitlines()]
+    assert seqs == sorted(seqs) and len(seqs) >= len(files)
+
+
+def test_running_node_forwards_atna_to_syslog_collector(federation, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A node with [atna] enabled delivers its audit events over mutual TLS (RFC 5425)."""
+    import xml.etree.ElementTree as ET
+
+    from tests.cluster import write_config
+    from tests.test_atna import Collector
+
+    issued = federation.node("syslog-1", "factory")
+    collector = Collector(issued.cert_path, issued.key_path, federation.ca)
+    atna = (
+        f'[atna]\nenabled = true\nhost = "127.0.0.1"\nport = {collector.port}\n'
+        "poll_seconds = 0.2\n\n[transfer]\nretry_initial_seconds = 0.2\n"
+    )
+    factory = InProcessNode(write_config(federation, tmp_path, "factory-1", "factory"))
+    hospital = InProcessNode(
+        write_config(
+            federation,
+            tmp_path,
+            "hospital-1",
+            "hospital",
+            peers={"factory-1": factory.address},
+            extra=atna,
+        )
+    )
+    try:
+        tid = _send(hospital, tmp_path, "k.bin")
+        messages = wait_for(
+            lambda: (m := list(collector.messages)) and any(tid.encode() in x for x in m) and m,
+            what="the transfer's ATNA message at the collector",
+        )
+        ids = set()
+        for raw in messages:
+            xml = raw[raw.index(b"<?xml") if b"<?xml" in raw else raw.index(b"<AuditMessage") :]
+            found = ET.fromstring(xml).find("EventIdentification/EventID")
+            assert found is not None
+            ids.add(found.get("csd-code"))
+        assert {"110100", "110102", "110104"} <= ids  # start, begin transferring, transferred
+    finally:
+        hospital.stop()
+        factory.stop()
+        collector.stop()

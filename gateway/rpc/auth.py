@@ -31,7 +31,7 @@ from gateway.errors import (
     YigongError,
 )
 from gateway.grpc_status import status_for
-from gateway.identity import Identity
+from gateway.identity import URN_PREFIX, Identity
 from gateway.pki import TrustStore
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,16 @@ def _presented(context: grpc.ServicerContext) -> dict[str, str]:
     except ValueError:
         return {"cert_serial": "unparseable"}
     cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    kind = "person" if any(u.startswith(f"{URN_PREFIX}person:") for u in uris) else "node"
     return {
         "cert_serial": f"{cert.serial_number:x}",
         "cert_subject": str(cns[0].value) if cns else "",
+        "cert_kind": kind,
     }
 
 

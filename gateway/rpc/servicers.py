@@ -138,6 +138,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                     until=request.time.until,
                     limit=request.limit,
                 ),
+                remote=context.peer(),
             )
             return query_pb2.ListObjectsResponse(objects=[object_to_pb(o) for o in found])
         raise AssertionError("unreachable")
@@ -146,7 +147,9 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
         self, request: query_pb2.GetObjectRequest, context: grpc.ServicerContext
     ) -> query_pb2.ObjectDetail:
         with wire_errors(context, "Query.GetObject"):
-            obj, transfers = self.query.get_object(self.gate.identity(context), request.object_id)
+            obj, transfers = self.query.get_object(
+                self.gate.identity(context), request.object_id, remote=context.peer()
+            )
             return query_pb2.ObjectDetail(
                 object=object_to_pb(obj), transfers=[transfer_to_pb(t) for t in transfers]
             )
@@ -168,6 +171,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                     until=request.time.until,
                     limit=request.limit,
                 ),
+                remote=context.peer(),
             )
             return query_pb2.ListTransfersResponse(transfers=[transfer_to_pb(t) for t in found])
         raise AssertionError("unreachable")
@@ -177,7 +181,10 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
     ) -> Iterator[query_pb2.ReadObjectResponse]:
         with wire_errors(context, "Query.ReadObject"):
             obj, chunks = self.query.read_object(
-                self.gate.identity(context), request.object_id, request.offset
+                self.gate.identity(context),
+                request.object_id,
+                request.offset,
+                remote=context.peer(),
             )
         return stream_with_errors(context, "Query.ReadObject", _read_responses(obj, chunks))
 
