@@ -45,6 +45,11 @@ POLICY: Mapping[str, frozenset[str]] = {
     # factory node: received studies per case and their suitability check
     "/yigong.v1.Factory/ListStudies": frozenset({SELF, "engineer", "officer"}),
     "/yigong.v1.Factory/GetStudy": frozenset({SELF, "engineer", "officer"}),
+    # case workflow of the standard: signed records and stage gates
+    "/yigong.v1.Case/CreateCase": frozenset({"clinician"}),
+    "/yigong.v1.Case/SubmitRecord": frozenset({"clinician", "engineer"}),
+    "/yigong.v1.Case/GetCase": frozenset({SELF, "clinician", "engineer", "officer"}),
+    "/yigong.v1.Case/ListCases": frozenset({SELF, "clinician", "engineer", "officer"}),
     # infrastructure
     "/grpc.health.v1.Health/Check": frozenset({ANY}),
     "/grpc.health.v1.Health/Watch": frozenset({ANY}),
