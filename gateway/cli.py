@@ -29,12 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    # Command groups, in the order of the help text. Role commands (study, factory)
+    # live with their role; the rest are the shared core's.
+    from factory_node import cli_factory
     from gateway import cli_audit, cli_node, cli_pki, demo
+    from hospital_node import cli_study
 
-    cli_pki.register(sub)
-    cli_node.register(sub)
-    demo.register(sub)
-    cli_audit.register(sub)
+    for group in (cli_pki, cli_node, demo, cli_study, cli_factory, cli_audit):
+        group.register(sub)
     return parser
 
 
