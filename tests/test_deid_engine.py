@@ -126,11 +126,18 @@ def test_attribute_acted_on_leaves_no_trace(row: TableRow) -> None:
 def test_retained_patient_characteristic_is_kept(row: TableRow) -> None:
     assert row.tag is not None
     vr = dictionary_vr(row.tag)
-    value = {"AS": "047Y", "DS": "61.5", "CS": "F", "US": 4}.get(vr, "TOKQK")
+    # Free text is kept only as far as the descriptor allowlist allows (a retained
+    # characteristic must not smuggle a name through); formatted values when well-formed.
+    value = {"AS": "047Y", "DS": "61.5", "CS": "F", "US": 4}.get(vr, "BONE")
     ds = base_dataset()
     plant(ds, row.tag, vr, value)
     back = dcmread(io.BytesIO(to_part10(deid(ds))))
     assert [str(v) for v in values_at(back, row.tag)] == [str(value)] * 3
+    if vr in {"SH", "LO", "ST", "LT", "UT", "UC"}:
+        ds = base_dataset()
+        plant(ds, row.tag, vr, "TOKQK")
+        data = to_part10(deid(ds))
+        assert b"TOKQK" not in data
 
 
 def test_characteristics_from_the_factory_survive() -> None:
@@ -535,3 +542,25 @@ def test_300_slice_512_series() -> None:
     assert len(study_uids) == 1 and len(sop_uids) == 300
     assert PATIENT_NAME not in str(out)
     assert time.perf_counter() - start < 60
+
+
+@pytest.mark.parametrize(
+    ("keyword", "bad", "good"),
+    [
+        ("PatientAge", "Jane Doe age", "045Y"),
+        ("PatientSex", "Wang Wei", "F"),
+    ],
+)
+def test_retained_characteristics_must_be_well_formed(keyword: str, bad: str, good: str) -> None:
+    """Retain Patient Characteristics keeps values, not free text hiding in them."""
+    deid = DEID
+    for value, kept in ((bad, False), (good, True)):
+        ds = ct_slice(0, study=StudyInfo(), series=SeriesInfo())
+        setattr(ds, keyword, value)
+        out = deid.deidentify(ds, CASE).dataset
+        got = str(getattr(out, keyword, "") or "")
+        assert (got.strip() == value) is kept, (keyword, value, got)
+        assert scan_for_identifiers(out, CASE) == []
+    raw = ct_slice(0, study=StudyInfo(), series=SeriesInfo())
+    setattr(raw, keyword, bad)
+    assert any(keyword in f for f in scan_for_identifiers(raw, CASE))

@@ -58,6 +58,7 @@ from hospital_node.deid.profile import (
     Treatment,
     default_profile,
     dictionary_vr,
+    well_formed,
 )
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,11 @@ class _Pass:
             _assign(elem, [clean_text(str(v)) for v in element_values(elem)])
         elif treatment is Treatment.SHIFT_DATE:
             self.shift(elem)
+        elif treatment is Treatment.KEEP_VALID:
+            values = element_values(elem)
+            if not all(well_formed(elem.VR, v) for v in values):
+                self.counts[Treatment.EMPTY.value] += 1
+                elem.value = empty_value_for_VR(elem.VR)
 
     def shift(self, elem: DataElement) -> None:
         shifter = shift_datetime if elem.VR == "DT" else shift_date

@@ -116,6 +116,19 @@ FREE_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC"})
 """VRs cleaned inside a sequence whose action is C (CS holds defined terms, not prose)."""
 DATE_VRS = frozenset({"DA", "DT"})
 
+WELL_FORMED: dict[str, re.Pattern[str]] = {
+    "AS": re.compile(r"^\d{3}[DWMY]$"),
+    "CS": re.compile(r"^[A-Z0-9 _]{0,16}$"),
+    "DS": re.compile(r"^ *[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)? *$"),
+    "IS": re.compile(r"^ *[+-]?\d{1,12} *$"),
+}
+"""Retained (K) values of these VRs are kept only when they match their format."""
+
+
+def well_formed(vr: str, value: object) -> bool:
+    pattern = WELL_FORMED.get(vr)
+    return pattern is None or bool(pattern.match(str(value)))
+
 CODED_ENTRY_TAGS = frozenset(
     {
         0x00080100,  # Code Value
@@ -163,6 +176,7 @@ class Treatment(Enum):
     RECURSE = "recurse"
     RECURSE_CLEAN = "recurse-clean"
     KEEP = "keep"
+    KEEP_VALID = "keep-if-well-formed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,11 +361,17 @@ class ConfidentialityProfile:
             if vr == "UI":
                 return Treatment.MAP_UID
             return Treatment.RECURSE if vr == "SQ" else Treatment.DUMMY
-        # KEEP (retained patient characteristics and the like)
+        # KEEP (retained patient characteristics and the like). A retained value must
+        # still be what its VR says: free text is cleaned, formatted values (age, code
+        # string, decimal) are kept only when well-formed - "Jane Doe age" is no age.
         if vr == "SQ":
             return Treatment.RECURSE
         if vr in DATE_VRS and self.shift_dates:
             return Treatment.SHIFT_DATE
+        if vr in FREE_TEXT_VRS:
+            return Treatment.CLEAN_TEXT
+        if vr in WELL_FORMED:
+            return Treatment.KEEP_VALID
         return Treatment.KEEP
 
     def concrete_rows(self) -> tuple[TableRow, ...]:

@@ -45,6 +45,7 @@ from hospital_node.deid.profile import (
     Option,
     Treatment,
     default_profile,
+    well_formed,
 )
 
 _FORBIDDEN_META_TAGS = (
@@ -129,6 +130,9 @@ class _Scan:
         if treatment is Treatment.SHIFT_DATE:
             ok = self.dates_declared or all(_is_dummy(vr, v) for v in values)
             return None if ok else "date present but dates are not declared MODIFIED"
+        if treatment is Treatment.KEEP_VALID:
+            ok = all(well_formed(vr, v) for v in values)
+            return None if ok else f"retained value is not a well-formed {vr}"
         return None
 
 
