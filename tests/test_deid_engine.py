@@ -564,3 +564,17 @@ def test_retained_characteristics_must_be_well_formed(keyword: str, bad: str, go
     raw = ct_slice(0, study=StudyInfo(), series=SeriesInfo())
     setattr(raw, keyword, bad)
     assert any(keyword in f for f in scan_for_identifiers(raw, CASE))
+
+
+def test_invalid_values_are_not_echoed_in_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    """pydicom's value validation would log the value (patient data): it is off."""
+    raw = ct_slice(0, study=StudyInfo(), series=SeriesInfo())
+    raw.add_new(0x00101010, "AS", "Jane Doe age")  # Patient's Age, not an age
+    data = to_part10(raw)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("DEBUG"):
+        warnings.simplefilter("always")
+        back = dcmread(io.BytesIO(data))
+        _ = back.PatientAge
+        DEID.deidentify(back, CASE)
+    text = " ".join(str(w.message) for w in caught) + caplog.text
+    assert "Jane Doe" not in text

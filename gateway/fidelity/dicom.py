@@ -23,11 +23,17 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from gateway.hashing import StreamHasher, sha256_hex
+
+# pydicom warns about invalid values *with the value in the message*, which may be
+# patient data (invariant: never log patient data). Every node that parses DICOM
+# imports this module, so switch that validation off here, once, for the process.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 GEOMETRY_ENCODING_VERSION = "yigong.geometry.v1"
 PIXEL_ENCODING_VERSION = b"yigong.pixels.v1\n"
