@@ -140,16 +140,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.stop(grace=0)
         raise
     host = cfg.server.listen.rpartition(":")[0]
+    ready: dict[str, Any] = {"node": cfg.node.id, "port": port, "pid": os.getpid()}
+    dicom_port = int(getattr(node.hooks, "dicom_port", 0) or 0)
+    if dicom_port:
+        ready["dicom_port"] = dicom_port
     print(
         f"node {cfg.node.id} ({cfg.node.role}, region {cfg.node.region}) listening on "
-        f"{host}:{port}",
+        f"{host}:{port}"
+        + (f", DICOM on {cfg.dicom.listen.rpartition(':')[0]}:{dicom_port}" if dicom_port else ""),
         flush=True,
     )
     if args.ready_file:
-        write_ready_file(
-            args.ready_file,
-            json.dumps({"node": cfg.node.id, "port": port, "pid": os.getpid()}),
-        )
+        write_ready_file(args.ready_file, json.dumps(ready))
     done.wait()
     node.stop()
     print(f"node {cfg.node.id} stopped", flush=True)

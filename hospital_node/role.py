@@ -1,15 +1,256 @@
-"""The hospital node's additions to the core (see :mod:`gateway.roles`)."""
+"""The hospital node's additions to the core (see :mod:`gateway.roles`).
+
+Sections (each owned by one feature; keep them separate):
+
+- ingest (SCP): the DICOM SCP, study assembly and the quiet-period ticker.
+- release: the de-identification and vault keys, clinician confirmation and
+  de-identified release (:mod:`hospital_node.release`), the outgoing guard and the
+  receipt check (:mod:`hospital_node.guard`), the ``yigong.v1.Hospital`` service
+  (:mod:`hospital_node.service`) and the auto-forward rule.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
+from gateway.errors import ConfigError, ValidationError, YigongError
 from gateway.roles import RoleHooks
+from hospital_node.deid import Deidentifier
+from hospital_node.guard import OutgoingGuard
+from hospital_node.ingest import Ingest
+from hospital_node.release import ConfirmResult, Releaser
+from hospital_node.release_store import ReleaseStore, ReleaseView, StudyView
+from hospital_node.scp import DicomServer
+from hospital_node.studies import StudyCatalog
+from hospital_node.vault import PseudonymVault, load_or_create_key
 
 if TYPE_CHECKING:
+    from gateway.catalog import ObjectRecord
+    from gateway.identity import Identity
     from gateway.server import Node
+    from gateway.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+AUTO_FORWARD_INTERVAL_SECONDS = 1.0
 
 
 class HospitalRole(RoleHooks):
     def __init__(self, node: Node) -> None:
         self.node = node
+        self._init_ingest()
+        self._init_release()
+
+    def start(self) -> None:
+        self._start_ingest()
+        self._start_release()
+
+    def stop(self) -> None:
+        self._stop_ingest()
+        self._stop_release()
+
+    # --- ingest (SCP): DICOM listener, study assembly, quiet-period ticker ----------
+    def _init_ingest(self) -> None:
+        self.studies = StudyCatalog(self.node.catalog)
+        self.dicom_port = 0
+        self._dicom: DicomServer | None = None
+        self._tick_stop = threading.Event()
+        self._tick_thread: threading.Thread | None = None
+
+    def _start_ingest(self) -> None:
+        node, cfg = self.node, self.node.cfg.dicom
+        if not cfg.enabled:
+            return
+        ingest = Ingest(node.store, node.catalog, self.studies, node.audit, node.cfg.node.id)
+        self._dicom = DicomServer(cfg, ingest, node.audit, node.cfg.node.id)
+        self.dicom_port = self._dicom.start()
+        self._tick_stop.clear()
+        self._tick_thread = threading.Thread(
+            target=self._tick_loop, name="study-quiet", daemon=True
+        )
+        self._tick_thread.start()
+
+    def _tick_loop(self) -> None:
+        quiet = self.node.cfg.dicom.quiet_period_seconds
+        while not self._tick_stop.wait(min(1.0, max(0.05, quiet / 4))):
+            try:
+                self.studies.tick(datetime.now(UTC), quiet)
+            except Exception:  # keep ticking; the next round retries
+                log.exception("study quiet-period check failed")
+
+    def _stop_ingest(self) -> None:
+        self._tick_stop.set()
+        if self._tick_thread is not None:
+            self._tick_thread.join(10.0)
+            self._tick_thread = None
+        if self._dicom is not None:
+            self._dicom.stop()
+            self._dicom = None
+
+    # --- release: confirmation, vault, de-identified sending ------------------------
+    def _init_release(self) -> None:
+        from yigong.v1 import hospital_pb2
+
+        node, cfg = self.node, self.node.cfg
+        self.service_names = (hospital_pb2.DESCRIPTOR.services_by_name["Hospital"].full_name,)
+        assert cfg.deid.key_file is not None and cfg.deid.vault_key_file is not None
+        deid_key = load_or_create_key(cfg.deid.key_file, "de-identification key")
+        vault_key = load_or_create_key(cfg.deid.vault_key_file, "pseudonym vault key")
+        if deid_key == vault_key:
+            raise ConfigError(
+                f"{cfg.source}: deid.key_file and deid.vault_key_file hold the same key; "
+                "they must be two different secrets"
+            )
+        self.vault = PseudonymVault(node.catalog, vault_key)
+        self.release_records = ReleaseStore(node.catalog)
+        self.guard = OutgoingGuard(self.vault, self.release_records)
+        self.releaser = Releaser(
+            node,
+            self.vault,
+            Deidentifier(deid_key),
+            self.release_records,
+            self._study_source,
+            self.check_outgoing,
+        )
+        self._auto_stop = threading.Event()
+        d = cfg.dicom
+        if d.auto_forward_to and d.auto_forward_to not in node.outbox.settings.known_peers:
+            raise ConfigError(
+                f"{cfg.source}: dicom.auto_forward_to {d.auto_forward_to!r} is not a configured "
+                "peer; add it under [[peers]]"
+            )
+        if d.auto_forward_called_ae and d.auto_forward_to:  # rule first seen: before any tick
+            self.release_records.auto_forward_since(d.auto_forward_called_ae, d.auto_forward_to)
+        self._auto_thread: threading.Thread | None = None
+
+    def check_outgoing(self, obj: ObjectRecord, store: ObjectStore, peer: str) -> None:
+        self.guard.check_outgoing(obj, store, peer)
+
+    def check_receipt(
+        self, obj: ObjectRecord, facts: Mapping[str, str], store: ObjectStore
+    ) -> None:
+        self.guard.check_receipt(obj, facts, store)
+
+    def add_services(self, server: Any, gate: Any) -> None:
+        from hospital_node.service import HospitalServicer
+        from yigong.v1 import hospital_pb2_grpc
+
+        hospital_pb2_grpc.add_HospitalServicer_to_server(HospitalServicer(gate, self), server)
+
+    def _study_source(self) -> StudyCatalog:
+        return self.studies  # built by the ingest section
+
+    def _start_release(self) -> None:
+        self.releaser.resume()
+        d = self.node.cfg.dicom
+        if not (d.auto_forward_called_ae and d.auto_forward_to):
+            return
+        allow = self.node.cfg.deid.allow_burned_in
+        self.node.audit.record(
+            "config.loaded",
+            actor=f"node:{self.node.cfg.node.id}",
+            peer=d.auto_forward_to,
+            details={
+                "auto_forward_called_ae": d.auto_forward_called_ae,
+                "auto_forward_to": d.auto_forward_to,
+                "allow_burned_in": allow,
+            },
+        )
+        log.warning(
+            "auto-forward is ON: studies received on AE title %s are released to %s "
+            "without a clinician's confirmation",
+            d.auto_forward_called_ae,
+            d.auto_forward_to,
+        )
+        self._auto_stop.clear()
+        self._auto_thread = threading.Thread(
+            target=self._auto_forward_loop,
+            args=(d.auto_forward_called_ae, d.auto_forward_to, allow),
+            name="auto-forward",
+            daemon=True,
+        )
+        self._auto_thread.start()
+
+    def _auto_forward_loop(self, called_ae: str, destination: str, allow: bool) -> None:
+        failed: set[str] = set()  # refused once (audited): not retried until restart
+        while not self._auto_stop.wait(AUTO_FORWARD_INTERVAL_SECONDS):
+            try:
+                self.auto_forward_due(called_ae, destination, allow, failed)
+            except Exception:  # keep the rule running; the next round retries
+                log.exception("auto-forward round failed")
+
+    def auto_forward_due(
+        self, called_ae: str, destination: str, allow: bool, failed: set[str]
+    ) -> list[ConfirmResult]:
+        """Release each study that became 'received' after the rule was first seen and
+        whose instances all arrived on ``called_ae`` (each use audited by the release)."""
+        since = self.release_records.auto_forward_since(called_ae, destination)
+        studies = self._study_source()
+        done: list[ConfirmResult] = []
+        for summary in studies.list_studies(status="received", limit=1000):
+            uid = summary.study_uid
+            if (summary.received_at or summary.last_received_at) < since or uid in failed:
+                continue
+            case_id = self.vault.derived_case_id(uid)
+            if self.release_records.find_confirmation(uid, case_id, destination) is not None:
+                continue
+            instances = studies.instances(uid)
+            if not instances or any(i.called_ae != called_ae for i in instances):
+                continue
+            try:
+                done.append(self.releaser.auto_forward(uid, destination, called_ae, allow))
+            except YigongError as exc:
+                failed.add(uid)
+                log.error("auto-forward of study %s to %s refused: %s", uid, destination, exc)
+        return done
+
+    def _stop_release(self) -> None:
+        self._auto_stop.set()
+        if self._auto_thread is not None:
+            self._auto_thread.join(10.0)
+            self._auto_thread = None
+
+    # Domain side of yigong.v1.Hospital (every call audited as 'query' or 'case.confirmation').
+    def list_studies(self, caller: Identity, status: str = "", limit: int = 0) -> list[Any]:
+        if status not in ("", "receiving", "received"):
+            raise ValidationError("status must be 'receiving', 'received' or empty (any)")
+        if not 0 <= limit <= 1000:
+            raise ValidationError("limit must be between 1 and 1000 (0 = 100)")
+        found = list(self._study_source().list_studies(status=status, limit=limit or 100))
+        self._audit_query(caller, "hospital.list_studies", count=len(found), status=status)
+        return found
+
+    def get_study(self, caller: Identity, study_uid: str) -> StudyView:
+        studies = self._study_source()
+        summary = studies.get_study(study_uid)
+        confirmations = self.release_records.confirmations(study_uid)
+        releases: dict[str, list[ReleaseView]] = {}
+        for c in confirmations:
+            for r in self.release_records.releases(c.confirmation_id):
+                t = None
+                if r.transfer_id:
+                    t = self.node.catalog.find_transfer(r.transfer_id, "outbound")
+                releases.setdefault(r.source_object_id, []).append(
+                    ReleaseView(r, c.destination, t.status if t else "", t.last_error if t else "")
+                )
+        self._audit_query(caller, "hospital.get_study", study_uid=study_uid)
+        return StudyView(summary, confirmations, list(studies.instances(study_uid)), releases)
+
+    def confirm_study(
+        self,
+        caller: Identity,
+        study_uid: str,
+        case_id: str,
+        destination: str,
+        allow_burned_in: bool = False,
+    ) -> ConfirmResult:
+        return self.releaser.confirm(
+            caller, study_uid, case_id, destination, allow_burned_in=allow_burned_in
+        )
+
+    def _audit_query(self, caller: Identity, what: str, **details: str | int) -> None:
+        self.node.audit.record("query", actor=caller.label(), details={"query": what, **details})

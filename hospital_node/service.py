@@ -1,0 +1,151 @@
+"""Thin gRPC servicer of ``yigong.v1.Hospital``: wire → :class:`HospitalRole` → wire.
+
+Authentication and authorization already happened in the interceptor
+(``gateway.authz``: listings for the node itself, clinicians and officers of this node;
+ConfirmStudy for its clinicians only). The servicer asks the gatekeeper for the
+caller's identity, calls the domain (which audits) and converts the answer or error.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import grpc
+
+from gateway.rpc.auth import Gatekeeper, wire_errors
+from hospital_node.release_store import Confirmation, ReleaseView
+from yigong.v1 import hospital_pb2, hospital_pb2_grpc
+
+if TYPE_CHECKING:
+    from hospital_node.role import HospitalRole
+    from hospital_node.studies import InstanceRecord, StudySummary
+
+
+class HospitalServicer(hospital_pb2_grpc.HospitalServicer):
+    def __init__(self, gate: Gatekeeper, role: HospitalRole) -> None:
+        self.gate = gate
+        self.role = role
+
+    def ListStudies(
+        self, request: hospital_pb2.ListHospitalStudiesRequest, context: grpc.ServicerContext
+    ) -> hospital_pb2.ListHospitalStudiesResponse:
+        with wire_errors(context, "Hospital.ListStudies"):
+            found = self.role.list_studies(
+                self.gate.identity(context), request.status, request.limit
+            )
+            return hospital_pb2.ListHospitalStudiesResponse(
+                studies=[summary_to_pb(s) for s in found]
+            )
+        raise AssertionError("unreachable")
+
+    def GetStudy(
+        self, request: hospital_pb2.GetHospitalStudyRequest, context: grpc.ServicerContext
+    ) -> hospital_pb2.HospitalStudy:
+        with wire_errors(context, "Hospital.GetStudy"):
+            view = self.role.get_study(self.gate.identity(context), request.study_uid)
+            cert = self.role.node.cert_pem
+            return hospital_pb2.HospitalStudy(
+                study=summary_to_pb(view.summary),
+                confirmations=[confirmation_to_pb(c, cert) for c in view.confirmations],
+                instances=[
+                    instance_to_pb(i, view.releases.get(i.object_id, [])) for i in view.instances
+                ],
+            )
+        raise AssertionError("unreachable")
+
+    def ConfirmStudy(
+        self, request: hospital_pb2.ConfirmStudyRequest, context: grpc.ServicerContext
+    ) -> hospital_pb2.ConfirmStudyResponse:
+        with wire_errors(context, "Hospital.ConfirmStudy"):
+            result = self.role.confirm_study(
+                self.gate.identity(context),
+                request.study_uid,
+                request.case_id,
+                request.destination,
+                request.allow_burned_in,
+            )
+            c = result.confirmation
+            releases = [
+                ReleaseView(r, c.destination, "queued" if r.transfer_id else "", "")
+                for r in result.instances
+            ]
+            return hospital_pb2.ConfirmStudyResponse(
+                confirmation=confirmation_to_pb(c, self.role.node.cert_pem),
+                transfer_ids=result.transfer_ids,
+                instances=[release_instance_to_pb(v) for v in releases],
+            )
+        raise AssertionError("unreachable")
+
+
+def summary_to_pb(s: StudySummary) -> hospital_pb2.HospitalStudySummary:
+    return hospital_pb2.HospitalStudySummary(
+        study_uid=s.study_uid,
+        status=s.status,
+        first_received_at=s.first_received_at,
+        last_received_at=s.last_received_at,
+        received_at=s.received_at or "",
+        instance_count=s.instance_count,
+        series_count=s.series_count,
+        report_json=json.dumps(s.report, sort_keys=True),
+        report_sha256=s.report_sha256,
+    )
+
+
+def confirmation_to_pb(c: Confirmation, cert_pem: bytes) -> hospital_pb2.DataConfirmation:
+    return hospital_pb2.DataConfirmation(
+        confirmation_id=c.confirmation_id,
+        record_json=c.record,
+        signature=c.signature,
+        signer_certificate=cert_pem,
+        study_uid=c.study_uid,
+        case_id=c.case_id,
+        destination=c.destination,
+        confirmed_by=c.actor,
+        certificate_serial=c.cert_serial,
+        certificate_fingerprint=c.cert_fingerprint,
+        auto=c.auto,
+        allow_burned_in=c.allow_burned_in,
+        created_at=c.created_at,
+    )
+
+
+def release_to_pb(v: ReleaseView) -> hospital_pb2.InstanceRelease:
+    r = v.release
+    return hospital_pb2.InstanceRelease(
+        confirmation_id=r.confirmation_id,
+        destination=v.destination,
+        status=r.status,
+        reason=r.reason,
+        deid_object_id=r.deid_object_id,
+        deid_sop_instance_uid=r.deid_sop_instance_uid,
+        transfer_id=r.transfer_id,
+        transfer_status=v.transfer_status,
+        transfer_error=v.transfer_error,
+    )
+
+
+def instance_to_pb(
+    i: InstanceRecord, releases: list[ReleaseView]
+) -> hospital_pb2.HospitalStudyInstance:
+    return hospital_pb2.HospitalStudyInstance(
+        sop_instance_uid=i.sop_instance_uid,
+        series_uid=i.series_uid,
+        instance_number=i.instance_number or 0,
+        modality=i.modality or "",
+        object_id=i.object_id,
+        burned_in=i.burned_in,
+        releases=[release_to_pb(v) for v in releases],
+    )
+
+
+def release_instance_to_pb(v: ReleaseView) -> hospital_pb2.HospitalStudyInstance:
+    """An instance as the confirmation saw it (from its release row)."""
+    r = v.release
+    return hospital_pb2.HospitalStudyInstance(
+        sop_instance_uid=r.sop_instance_uid,
+        series_uid=r.series_uid,
+        instance_number=r.instance_number or 0,
+        object_id=r.source_object_id,
+        releases=[release_to_pb(v)],
+    )
