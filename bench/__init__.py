@@ -1,0 +1,82 @@
+"""Benchmarks of yigong-gateway, each measured against a reference in the same run.
+
+Every benchmark module in this package is named ``*_bench.py`` and exposes
+``run(options: BenchOptions) -> list[Metric]``; ``python -m bench.run`` finds
+and runs them all and prints one table (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+MiB = 1024 * 1024
+
+Status = Literal["PASS", "MISS", "INFO", "SKIP"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A requirement on a metric: ``value <op> threshold``."""
+
+    op: Literal[">=", "<"]
+    threshold: float
+
+    def met(self, value: float) -> bool:
+        compare = operator.ge if self.op == ">=" else operator.lt
+        return bool(compare(value, self.threshold))
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.threshold:g}"
+
+
+@dataclass
+class Metric:
+    """One number the benchmarks report (``value`` is None when it was skipped)."""
+
+    key: str
+    label: str
+    value: float | None
+    unit: str
+    target: Target | None = None
+    note: str = ""
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def status(self) -> Status:
+        if self.value is None:
+            return "SKIP"
+        if self.target is None:
+            return "INFO"
+        return "PASS" if self.target.met(self.value) else "MISS"
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["target"] = str(self.target) if self.target else None
+        out["status"] = self.status
+        return out
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``python -m bench.run`` was asked to do."""
+
+    size_mb: int = 150
+    """Object size (MiB) for the throughput comparison."""
+    rss_gb: float = 2.0
+    """Object size (GiB) for the peak-RSS measurement."""
+    reps: int = 5
+    """Timed repetitions of each side of the throughput comparison (median reported)."""
+    chunk_bytes: int = MiB
+    """Transfer chunk size, for the gateway (transfer.chunk_bytes) and the bare stream."""
+    workdir: Path | None = None
+    """Where nodes, payloads and stores live (a fresh temporary directory by default)."""
+    keep: bool = False
+    """Keep the work directory (node logs, stores) instead of deleting it."""
+    quick: bool = False
+    """Tiny sizes: proves the harness works; the figures mean nothing."""
+    min_free_factor: float = 5.0
+    """The RSS run needs this many times its object size free on disk (source file,
+    hospital store, submit spool, factory spool and store)."""
