@@ -105,6 +105,12 @@ class Telemetry:
         with self.tracer.start_as_current_span(name, attributes=attrs) as span:
             yield span
 
+    def start_span(self, name: str, **attributes: Any) -> trace.Span:
+        """A span the caller ends itself (for lifetimes that are not one block, e.g. a
+        DICOM association from acceptance to close)."""
+        attrs = {f"yigong.{k}": v for k, v in attributes.items() if v is not None}
+        return self.tracer.start_span(name, attributes=attrs)
+
     def transferred(self, direction: str, size: int, seconds: float) -> None:
         labels = {"direction": direction}
         self.bytes.add(size, labels)

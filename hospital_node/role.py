@@ -66,7 +66,9 @@ class HospitalRole(RoleHooks):
         if not cfg.enabled:
             return
         ingest = Ingest(node.store, node.catalog, self.studies, node.audit, node.cfg.node.id)
-        self._dicom = DicomServer(cfg, ingest, node.audit, node.cfg.node.id)
+        self._dicom = DicomServer(
+            cfg, ingest, node.audit, node.cfg.node.id, telemetry=node.telemetry
+        )
         self.dicom_port = self._dicom.start()
         self._tick_stop.clear()
         self._tick_thread = threading.Thread(

@@ -31,6 +31,7 @@ import time
 from io import BytesIO
 from typing import Any, cast
 
+from opentelemetry.trace import Span
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
@@ -47,6 +48,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from gateway.audit import DICOM_ASSOCIATION_ACCEPTED, DICOM_ASSOCIATION_REFUSED, AuditLog
 from gateway.config import DicomSection
 from gateway.errors import ConfigError, ShuttingDown, YigongError
+from gateway.telemetry import Telemetry
 from hospital_node import dimse
 from hospital_node.ingest import Ingest, wrap_dataset
 
@@ -130,10 +132,33 @@ def _titles(assoc: Any) -> tuple[str, str, str]:
     return calling, called, str(assoc.requestor.address)
 
 
+class _AssociationSpan:
+    """An open association's span and what happened on it."""
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+        self.stored = 0
+        self.refused = 0
+
+    def end(self) -> None:
+        self.span.set_attribute("yigong.instances_stored", self.stored)
+        self.span.set_attribute("yigong.instances_refused", self.refused)
+        self.span.end()
+
+
 class DicomServer:
     """The hospital node's DICOM listener; :meth:`start` binds, :meth:`stop` ends it."""
 
-    def __init__(self, cfg: DicomSection, ingest: Ingest, audit: AuditLog, node_id: str) -> None:
+    def __init__(
+        self,
+        cfg: DicomSection,
+        ingest: Ingest,
+        audit: AuditLog,
+        node_id: str,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self.telemetry = telemetry
+        self._spans: dict[int, _AssociationSpan] = {}
         self.cfg = cfg
         self.ingest = ingest
         self.audit = audit
@@ -168,6 +193,7 @@ class DicomServer:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         host, port = parse_listen(cfg.listen)
         try:
@@ -284,6 +310,16 @@ class DicomServer:
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
         calling, called, address = _titles(assoc)
+        if self.telemetry is not None:
+            self._spans[id(assoc)] = _AssociationSpan(
+                self.telemetry.start_span(
+                    "yigong.dicom.association",
+                    calling_ae=calling,
+                    called_ae=called,
+                    peer=address,
+                    contexts=len(assoc.accepted_contexts),
+                )
+            )
         log.info("DICOM association from %s (calling %r, called %r)", address, calling, called)
         try:
             self.audit.record(
@@ -300,6 +336,11 @@ class DicomServer:
             )
         except YigongError as exc:  # the association goes on; each instance is audited
             log.error("could not audit an accepted DICOM association: %s", exc)
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        span = self._spans.pop(id(event.assoc), None)
+        if span is not None:
+            span.end()
 
     # -- DIMSE services ---------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
@@ -333,5 +374,9 @@ class DicomServer:
             )  # fmt: skip
             if not isinstance(exc, YigongError):
                 log.debug("internal error during C-STORE", exc_info=True)
+            if span := self._spans.get(id(event.assoc)):
+                span.refused += 1
             return rsp
+        if span := self._spans.get(id(event.assoc)):
+            span.stored += 1
         return dimse.SUCCESS

@@ -70,3 +70,34 @@ def test_transfer_metrics(federation, tmp_path: Path) -> None:  # type: ignore[n
     (duration,) = metrics["yigong.transfer.duration"].data.data_points
     assert duration.count == 2 and abs(duration.sum - 0.75) < 1e-9
     tel.shutdown()
+
+
+def test_dicom_association_has_a_span(
+    pair: tuple[InProcessNode, InProcessNode], tmp_path: Path
+) -> None:
+    """A PACS association is one span, with the instances stored on it."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from tests.dicom_factory import SeriesInfo, StudyInfo, ct_series
+
+    hospital, _ = pair
+    spans = InMemorySpanExporter()
+    hospital.node.telemetry.add_span_processor(SimpleSpanProcessor(spans))
+    ae = AE(ae_title="PACS1")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", hospital.node.hooks.dicom_port, ae_title="YIGONG")  # type: ignore[attr-defined]
+    assert assoc.is_established
+    statuses = [
+        assoc.send_c_store(ds).Status for ds in ct_series(3, study=StudyInfo(), series=SeriesInfo())
+    ]
+    assoc.release()
+    assert statuses == [0, 0, 0]
+    (span,) = wait_for(
+        lambda: [s for s in spans.get_finished_spans() if s.name == "yigong.dicom.association"],
+        what="the association span",
+    )
+    assert span.attributes is not None
+    assert span.attributes["yigong.calling_ae"] == "PACS1"
+    assert span.attributes["yigong.instances_stored"] == 3
+    assert span.attributes["yigong.instances_refused"] == 0
