@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, ObjectRecord, TransferRecord
-from gateway.errors import ConfigError, IntegrityError, ValidationError
+from gateway.errors import ConfigError, IdentifiableData, IntegrityError, ValidationError
 from gateway.identity import Identity
 from gateway.storage import ObjectStore
 from gateway.transfer.model import ChunkMsg, check_name
@@ -102,7 +102,19 @@ class Exchange:
             details={"size": size, "store": self.store.describe(), "source": "submit"},
         )
         for dest in sub.destinations:
-            self.outbox.hooks.check_outgoing(obj, self.store, dest)
+            try:
+                self.outbox.hooks.check_outgoing(obj, self.store, dest)
+            except IdentifiableData as exc:
+                self.audit.record(
+                    "security.alert",
+                    actor=caller.label(),
+                    outcome="failure",
+                    peer=dest,
+                    object_id=obj.object_id,
+                    case_id=obj.case_id or None,
+                    details={"reason": type(exc).__name__, "action": "submission refused"},
+                )
+                raise
         queued = [self.outbox.queue(obj, dest, actor=caller.label()) for dest in sub.destinations]
         log.info(
             "object %s (%d bytes) submitted by %s, queued for %s",

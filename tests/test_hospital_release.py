@@ -332,6 +332,11 @@ def test_identifiable_dicom_upload_is_refused_and_nothing_leaves(
     path.write_bytes(clean)
     with pytest.raises(YigongError, match="not produced by this node"):
         client.submit(path, ["factory-1"], case_id=CASE, media_type="application/dicom")
+    # Every refused submission is a security alert naming who tried.
+    alerts = hospital.node.audit.events(event="security.alert")
+    assert len(alerts) == 4
+    assert {a.actor for a in alerts} == {"clinician:dr-x@hospital-1"}
+    assert {a.details["action"] for a in alerts} == {"submission refused"}
 
     # Design files pass.
     path.write_bytes(b"solid implant\nendsolid implant\n")
