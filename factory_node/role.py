@@ -28,7 +28,17 @@ from factory_node.studies import StudyStore, StudySummary, SuitabilityRecord
 from factory_node.suitability import SeriesVerdict, SuitabilityMonitor
 from gateway.audit import FIDELITY_RESULT, QUERY
 from gateway.errors import ValidationError
-from gateway.fidelity.dicom import PIXEL_DATA_TAGS, geometry_hash, pixel_hash
+from gateway.fidelity.dicom import (
+    FACT_GEOMETRY_SHA256,
+    FACT_PARSE_ERROR,
+    FACT_PIXEL_SHA256,
+    FACT_SERIES_UID,
+    FACT_SOP_INSTANCE_UID,
+    FACT_STUDY_UID,
+    PIXEL_DATA_TAGS,
+    geometry_hash,
+    pixel_hash,
+)
 from gateway.fidelity.series import SliceGeometry, slice_geometry
 from gateway.roles import RoleHooks
 
@@ -46,13 +56,6 @@ SPOOL_IN_MEMORY_BYTES = 64 * 1024 * 1024
 """Objects up to this size are re-parsed from memory; larger ones from a temporary file."""
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
-
-FACT_SOP_INSTANCE_UID = "dicom.sop_instance_uid"
-FACT_PIXEL_SHA256 = "dicom.pixel_sha256"
-FACT_GEOMETRY_SHA256 = "dicom.geometry_sha256"
-FACT_STUDY_UID = "dicom.study_uid"
-FACT_SERIES_UID = "dicom.series_uid"
-FACT_PARSE_ERROR = "dicom.parse_error"
 
 
 def is_dicom(media_type: str) -> bool:

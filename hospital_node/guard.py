@@ -26,6 +26,12 @@ from pydicom import dcmread
 
 from gateway.catalog import ObjectRecord
 from gateway.errors import IdentifiableData, ReceiptError, ValidationError
+from gateway.fidelity.dicom import (
+    FACT_GEOMETRY_SHA256,
+    FACT_PARSE_ERROR,
+    FACT_PIXEL_SHA256,
+    FACT_SOP_INSTANCE_UID,
+)
 from gateway.storage import ObjectStore
 from hospital_node.deid import scan_for_identifiers
 from hospital_node.release_store import ReleaseStore
@@ -34,10 +40,6 @@ from hospital_node.vault import PseudonymVault
 log = logging.getLogger(__name__)
 
 DICOM_MEDIA_TYPE = "application/dicom"
-FACT_SOP = "dicom.sop_instance_uid"
-FACT_PIXELS = "dicom.pixel_sha256"
-FACT_GEOMETRY = "dicom.geometry_sha256"
-FACT_PARSE_ERROR = "dicom.parse_error"
 MAX_LISTED = 25
 _HEAD_BYTES = 132
 _EXPLICIT_VRS = frozenset(
@@ -141,9 +143,9 @@ class OutgoingGuard:
                 f"({FACT_PARSE_ERROR}: {facts[FACT_PARSE_ERROR][:200]})"
             )
         for fact, ours in (
-            (FACT_SOP, released.sop_instance_uid),
-            (FACT_PIXELS, released.pixel_sha256),
-            (FACT_GEOMETRY, released.geometry_sha256),
+            (FACT_SOP_INSTANCE_UID, released.sop_instance_uid),
+            (FACT_PIXEL_SHA256, released.pixel_sha256),
+            (FACT_GEOMETRY_SHA256, released.geometry_sha256),
         ):
             theirs = facts.get(fact)
             if theirs is None:

@@ -30,6 +30,15 @@ from pydicom.sequence import Sequence
 
 from gateway.hashing import StreamHasher, sha256_hex
 
+# Facts about a DICOM object that a receiver signs into its receipt and the sender
+# compares with its own (names shared by hospital and factory).
+FACT_SOP_INSTANCE_UID = "dicom.sop_instance_uid"
+FACT_PIXEL_SHA256 = "dicom.pixel_sha256"
+FACT_GEOMETRY_SHA256 = "dicom.geometry_sha256"
+FACT_STUDY_UID = "dicom.study_uid"
+FACT_SERIES_UID = "dicom.series_uid"
+FACT_PARSE_ERROR = "dicom.parse_error"
+
 # pydicom warns about invalid values *with the value in the message*, which may be
 # patient data (invariant: never log patient data). Every node that parses DICOM
 # imports this module, so switch that validation off here, once, for the process.
