@@ -3,6 +3,7 @@ query → one mTLS gRPC port with health and reflection."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -199,6 +200,26 @@ class Node:
             "use storage in an allowed region or change the policy"
         )
 
+    def _audit_config(self) -> None:
+        """Record the configuration in force (its SHA-256) and whether it changed since
+        the previous start: configuration changes are security-relevant events."""
+        digest = hashlib.sha256(self.cfg.source.read_bytes()).hexdigest()
+        previous = [
+            e.details.get("config_sha256")
+            for e in self.audit.events(event="config.loaded", limit=100_000)
+            if e.details.get("scope") == "node"
+        ]
+        self.audit.record(
+            "config.loaded",
+            actor=f"node:{self.cfg.node.id}",
+            details={
+                "scope": "node",
+                "config_sha256": digest,
+                "changed": bool(previous) and previous[-1] != digest,
+                "first_start": not previous,
+            },
+        )
+
     def sign(self, data: bytes) -> bytes:
         return sign(self._key, data)
 
@@ -275,6 +296,7 @@ class Node:
                 "pid": os.getpid(),
             },
         )
+        self._audit_config()
         if self.atna is not None:
             self.atna.start()
         log.info(

@@ -168,3 +168,18 @@ def test_catalog_extension_migrations(tmp_path: Path) -> None:
     with pytest.raises(CatalogError, match="hospital_node schema version 2, newer than"):
         cat.extend("hospital_node", ["CREATE TABLE h1 (x INTEGER)"])
     cat.close()
+
+
+def test_configuration_changes_are_audited(federation: Federation, tmp_path: Path) -> None:
+    cfg = write_config(federation, tmp_path, "factory-1", "factory")
+    for _ in range(2):
+        InProcessNode(cfg).stop()  # same configuration twice
+    cfg.write_text(cfg.read_text().replace("[server]", "[server]\nmax_workers = 9"))
+    node = InProcessNode(cfg)
+    node.stop()
+    from gateway.audit import read_events
+
+    events = read_events(load_config(cfg).audit.path, event="config.loaded")
+    flags = [(e.details["first_start"], e.details["changed"]) for e in events]
+    assert flags == [(True, False), (False, False), (False, True)]
+    assert events[0].details["config_sha256"] != events[2].details["config_sha256"]
