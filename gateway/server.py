@@ -18,6 +18,9 @@ from grpc_reflection.v1alpha import reflection
 from gateway import __version__
 from gateway.audit import AuditLog
 from gateway.authz import NodeSelf
+from gateway.cases import CaseService, case_facts_hook
+from gateway.cases.grpc_service import SERVICE_NAME as CASE_SERVICE_NAME
+from gateway.cases.grpc_service import add_case_service
 from gateway.catalog import Catalog
 from gateway.config import NodeConfig
 from gateway.errors import CertificateError, ConfigError, ResidencyViolation
@@ -46,6 +49,7 @@ from yigong.v1 import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
+    CASE_SERVICE_NAME,
     transfer_pb2.DESCRIPTOR.services_by_name["Transfer"].full_name,
     exchange_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name,
     query_pb2.DESCRIPTOR.services_by_name["Query"].full_name,
@@ -174,7 +178,8 @@ class Node:
         self.hooks: RoleHooks = _role_hooks(self)
         self.outbox.hooks = self.hooks
         self.outbox.telemetry = self.receiver.telemetry = self.telemetry
-        self.receiver.facts_hook = self.hooks.receipt_facts
+        self.cases = CaseService.from_node(self)
+        self.receiver.facts_hook = case_facts_hook(self.cases, self.hooks.receipt_facts)
         self.gate = Gatekeeper(self.trust, NodeSelf(node_id, cfg.node.role), self.audit)
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
@@ -255,6 +260,7 @@ class Node:
             ExchangeServicer(self.gate, self.exchange), server
         )
         query_pb2_grpc.add_QueryServicer_to_server(QueryServicer(self.gate, self.query), server)
+        add_case_service(server, self.gate, self.cases)
         self.hooks.add_services(server, self.gate)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -284,6 +290,7 @@ class Node:
         for name in ("", *services):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.outbox.start()
+        self.cases.resume()  # records appended but not yet queued (a stop in between)
         self.hooks.start()
         self.audit.record(
             "node.start",

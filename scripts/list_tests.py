@@ -31,8 +31,17 @@ FEATURES: list[tuple[str, list[str]]] = [
     ("De-identification (PS3.15)", ["test_deid_profile.py", "test_deid_engine.py"]),
     ("Confirmation and de-identified release (hospital)", ["test_hospital_release.py"]),
     ("Series geometry and suitability (factory)", ["test_fidelity_series.py", "test_factory.py"]),
+    ("Case workflow: signed records and stage gates", ["test_cases.py"]),
+    (
+        "Design files, mesh fidelity, Encapsulated STL export",
+        ["test_design_files.py", "test_stl_export.py"],
+    ),
+    (
+        "Residency, telemetry and the officer's view",
+        ["test_residency.py", "test_telemetry.py", "test_officer.py"],
+    ),
     ("Wire contract and house style", ["test_protos.py", "test_lint.py", "test_docs.py"]),
-    ("Benchmarks (smoke)", ["test_bench_smoke.py"]),
+    ("Benchmarks (smoke)", ["test_bench_smoke.py", "test_bench_dicom_smoke.py"]),
 ]
 
 

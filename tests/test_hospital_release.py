@@ -509,7 +509,9 @@ def test_auto_forward_when_configured_is_audited(federation: Federation, tmp_pat
         assert record["rule"] == "dicom.auto_forward_called_ae=TO_FACTORY"
         assert record["case_id"].startswith("AUTO-")
         pki.verify_signature(pki.load_certificate(n.cfg.tls.cert), c.record.encode(), c.signature)
-        (loaded,) = n.audit.events(event="config.loaded")
+        (loaded,) = [
+            e for e in n.audit.events(event="config.loaded") if "auto_forward_to" in e.details
+        ]
         assert loaded.details["auto_forward_to"] == "factory-1"
         (used,) = n.audit.events(event="case.confirmation")
         assert used.details["auto"] is True and used.actor == "node:hospital-1"

@@ -1,0 +1,252 @@
+"""``yigong case``: open a case, sign its records, show the verified chain.
+
+::
+
+    yigong case create --case C-1 --manufacturer factory-1
+    yigong case sign order --case C-1 --data order.json [--set key=value] [--set key:=JSON] [--yes]
+    yigong case show C-1 [--json]
+    yigong case list [--json]
+    yigong case types
+
+``sign`` uses the person's own certificate and key (``--cert``/``--key`` or
+``YIGONG_CERT``/``YIGONG_KEY``) both to connect and to sign. Signing is
+irreversible: without ``--yes`` it prints the canonical record that would be
+signed and exits with status 1. ``show`` exits with status 1 when the chain does
+not verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.cases.client import CaseClient
+from gateway.cases.schema import TYPES, describe_fields
+from gateway.cases.signing import PersonSigner
+from gateway.cases.workflow import SIGNERS
+from gateway.cli_node import _dict, _t, _table, add_connection_options, connect
+from gateway.errors import ConfigError, ValidationError
+from yigong.v1 import case_pb2
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    c = sub.add_parser("case", help="case records of the standard: open, sign, show")
+    cs = c.add_subparsers(dest="case_command", metavar="ACTION")
+    cs.required = True
+
+    p = cs.add_parser("create", help="open a case with a manufacturer node (clinicians)")
+    p.add_argument("--case", required=True, dest="case_id", help="case id (no patient data)")
+    p.add_argument("--manufacturer", required=True, help="node id of the factory")
+    p.add_argument("--json", action="store_true")
+    add_connection_options(p)
+    p.set_defaults(func=cmd_create)
+
+    p = cs.add_parser("sign", help="sign the case's next record with your key and submit it")
+    p.add_argument("type", choices=list(TYPES), metavar="TYPE", help="record type (see 'types')")
+    p.add_argument("--case", required=True, dest="case_id")
+    p.add_argument("--data", type=Path, help="JSON file with the record's fields")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a field (dotted path for nested fields); KEY:=JSON for numbers, lists, ...",
+    )
+    p.add_argument("--yes", action="store_true", help="really sign (otherwise show the record)")
+    p.add_argument("--json", action="store_true")
+    add_connection_options(p)
+    p.set_defaults(func=cmd_sign)
+
+    p = cs.add_parser("show", help="the whole chain, verified; stage; who acts next")
+    p.add_argument("case_id")
+    p.add_argument("--json", action="store_true")
+    add_connection_options(p)
+    p.set_defaults(func=cmd_show)
+
+    p = cs.add_parser("list", help="cases of the node")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    add_connection_options(p)
+    p.set_defaults(func=cmd_list)
+
+    p = cs.add_parser("types", help="record types: section of the standard, signer, fields")
+    p.set_defaults(func=cmd_types)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    with connect(args) as node:
+        view = CaseClient(node).create(args.case_id, args.manufacturer)
+    if args.json:
+        print(json.dumps(view_dict(view), indent=2, ensure_ascii=False))
+    else:
+        print(
+            f"case {view.case_id} opened: hospital {view.hospital}, "
+            f"manufacturer {view.manufacturer}"
+        )
+        _print_next(view)
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    data = parse_fields(args.data, args.set)
+    cert = args.cert or _env_path("YIGONG_CERT")
+    key = args.key or _env_path("YIGONG_KEY")
+    if not (cert and key):
+        raise ConfigError("signing needs your own certificate and key: pass --cert and --key")
+    signer = PersonSigner.from_files(cert, key)
+    with connect(args) as node:
+        client = CaseClient(node)
+        record = client.prepare(signer, args.case_id, args.type, data)
+        if not args.yes:
+            print(record.decode("utf-8"))
+            print(
+                f"this is the record {signer.identity.label()} would sign; signing is "
+                "irreversible: run again with --yes to sign and submit it",
+                file=sys.stderr,
+            )
+            return 1
+        view = client.submit(record, signer.sign(record))
+    if args.json:
+        print(json.dumps(view_dict(view), indent=2, ensure_ascii=False))
+        return 0
+    last = view.records[-1]
+    print(f"case {view.case_id}: record {last.seq} ({last.type}) signed and countersigned")
+    print(f"record hash {last.record_hash}")
+    print(f"stage: {view.stage}")
+    _print_next(view)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with connect(args) as node:
+        view = CaseClient(node).get(args.case_id)
+    if args.json:
+        print(json.dumps(view_dict(view), indent=2, ensure_ascii=False))
+        return 0 if view.verified else 1
+    print(
+        f"case {view.case_id}: hospital {view.hospital}, manufacturer {view.manufacturer} "
+        f"(opened {_t(view.created_at)} by {view.created_by})"
+    )
+    n = len(view.records)
+    if view.verified:
+        print(f"chain: {n} records, every signature, link and stage gate verified")
+    else:
+        print(f"chain: {n} records, VERIFICATION FAILED: {view.problem}")
+    print(f"stage: {view.stage}")
+    _print_next(view)
+    print()
+    _table(
+        ["SEQ", "TYPE", "AUTHOR", "NODE", "SIGNED", "VERIFIED", "RECORD HASH", "EXCHANGE"],
+        [
+            [
+                str(r.seq),
+                r.type,
+                r.author,
+                r.node_id,
+                _t(r.time),
+                "OK" if r.verified else "FAILED",
+                r.record_hash[:16] + "…",
+                r.exchange,
+            ]
+            for r in view.records
+        ],
+    )
+    for r in view.records:
+        if not r.verified:
+            print(f"  {r.problem}")
+    if view.pending:
+        print(f"\n{view.pending} record(s) from the other node wait for an earlier one")
+    for rej in view.rejected:
+        print(
+            f"\nnot in the chain: record {rej.seq} {rej.record_hash[:16]}… {rej.kind}: {rej.reason}"
+        )
+    return 0 if view.verified else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with connect(args) as node:
+        views = CaseClient(node).list(args.limit)
+    if args.json:
+        print(json.dumps([view_dict(v) for v in views], indent=2, ensure_ascii=False))
+        return 0
+    _table(
+        ["CASE", "HOSPITAL", "MANUFACTURER", "STAGE", "RECORDS", "VERIFIED", "NEXT"],
+        [
+            [
+                v.case_id,
+                v.hospital,
+                v.manufacturer,
+                v.stage,
+                str(v.next_seq),
+                "OK" if v.verified else "FAILED",
+                "; ".join(a.description for a in v.next),
+            ]
+            for v in views
+        ],
+    )
+    return 0
+
+
+def cmd_types(args: argparse.Namespace) -> int:
+    for name, spec in TYPES.items():
+        signers = " or ".join(sorted(SIGNERS[name]))
+        print(f"{name} ({spec.section}, {spec.title}) — signed by a {signers}")
+        fields = describe_fields(name)
+        print("  required: " + ", ".join(f for f, req in fields if req))
+        optional = [f for f, req in fields if not req]
+        if optional:
+            print("  optional: " + ", ".join(optional))
+    return 0
+
+
+def _print_next(view: case_pb2.CaseView) -> None:
+    for a in view.next:
+        print(f"next: {a.description} ({', '.join(a.record_types)})")
+
+
+def view_dict(view: case_pb2.CaseView) -> dict[str, Any]:
+    out = _dict(view)
+    for rec, msg in zip(out.get("records", []), view.records, strict=True):
+        rec["record"] = json.loads(msg.record_json) if msg.record_json else None
+        rec.pop("record_json", None)
+    return out
+
+
+def parse_fields(path: Path | None, settings: list[str]) -> dict[str, Any]:
+    """A record's data from a JSON file and ``KEY=VALUE`` / ``KEY:=JSON`` settings."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValidationError(f"cannot read the record fields from {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValidationError(f"{path} must hold a JSON object of the record's fields")
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.rstrip(":"):
+            raise ValidationError(f"--set {item[:60]!r}: use KEY=VALUE or KEY:=JSON")
+        parsed: Any = value
+        if key.endswith(":"):
+            key = key[:-1]
+            try:
+                parsed = json.loads(value)
+            except ValueError as exc:
+                raise ValidationError(f"--set {key}:= is not JSON: {exc}") from exc
+        target = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValidationError(f"--set {key}: {part} is not an object")
+        target[leaf] = parsed
+    return data
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None

@@ -1,0 +1,378 @@
+"""CaseService: open cases, take signed records from persons, show verified chains.
+
+A person signs a record with their own key (:mod:`gateway.cases.signing`) and
+submits it over mTLS with the same certificate. The node checks that the record
+names the caller as author, that the signature verifies against the caller's
+TLS-verified certificate, that it extends the current head, and the stage gate
+(:mod:`gateway.cases.workflow`); then it countersigns the envelope, appends it to
+the chain, stores the envelope as an object (media type
+``application/vnd.yigong.case-record+json``) and queues it to the case's other
+node, where :meth:`CaseService.accept_remote` (:mod:`gateway.cases.sync`) takes it in.
+
+Logs and audit entries carry case ids, record types, seqs and hashes only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+
+from gateway.audit import CASE_RECORD, QUERY, AuditLog
+from gateway.cases.chain import (
+    ChainError,
+    ChainReport,
+    Verified,
+    verify_chain,
+    verify_envelope,
+)
+from gateway.cases.records import CASE_MEDIA_TYPE, Envelope, Record, check_case_id
+from gateway.cases.schema import NODE_ID
+from gateway.cases.store import CaseRow, CaseStore
+from gateway.cases.views import CaseView, build_view
+from gateway.cases.workflow import NextAction, StageRefused, apply, identifiers
+from gateway.catalog import Catalog, utcnow
+from gateway.errors import (
+    AuthenticationError,
+    BadSignature,
+    ConfigError,
+    NotFound,
+    NotReady,
+    PermissionDenied,
+    ValidationError,
+    YigongError,
+)
+from gateway.hashing import sha256_hex
+from gateway.identity import Identity
+from gateway.pki import TrustStore, verify_signature
+from gateway.storage import ObjectStore
+from gateway.transfer.outbox import Outbox
+
+if TYPE_CHECKING:
+    from gateway.server import Node
+
+log = logging.getLogger(__name__)
+
+MAX_CLOCK_SKEW = timedelta(minutes=10)
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+FILE_TYPES = ("design_output", "design_change", "data_delivery")
+
+
+class CaseService:
+    """The case workflow of one node (hospital or factory)."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        node_role: str,
+        catalog: Catalog,
+        store: ObjectStore,
+        audit: AuditLog,
+        trust: TrustStore,
+        sign: Callable[[bytes], bytes],
+        cert_pem: bytes,
+        outbox: Outbox,
+    ) -> None:
+        self.node_id, self.node_role = node_id, node_role
+        self.catalog, self.store, self.audit, self.trust = catalog, store, audit, trust
+        self.outbox = outbox
+        self.cases = CaseStore(catalog)
+        self.sign, self.cert_pem = sign, cert_pem
+        self.identity = trust.verify_pem(cert_pem)
+        self.lock = threading.RLock()
+
+    @classmethod
+    def from_node(cls, node: Node) -> CaseService:
+        return cls(
+            node_id=node.cfg.node.id,
+            node_role=node.cfg.node.role,
+            catalog=node.catalog,
+            store=node.store,
+            audit=node.audit,
+            trust=node.trust,
+            sign=node.sign,
+            cert_pem=node.cert_pem,
+            outbox=node.outbox,
+        )
+
+    # -- opening a case -------------------------------------------------------------
+    def create(self, caller: Identity, case_id: str, manufacturer: str) -> CaseView:
+        """A clinician of this hospital node opens a case with a manufacturer node."""
+        try:
+            check_case_id(case_id)
+            if self.node_role != "hospital" or caller.is_node or caller.role != "clinician":
+                raise PermissionDenied(
+                    f"cases are opened by a clinician at a hospital node; {caller.label()} "
+                    f"at {self.node_role} node {self.node_id} may not"
+                )
+            NODE_ID(manufacturer, "manufacturer")
+            if manufacturer not in self.outbox.settings.known_peers:
+                raise ConfigError(
+                    f"manufacturer {manufacturer!r} is not a configured peer of node "
+                    f"{self.node_id}; case records could not be exchanged with it"
+                )
+            row = CaseRow(case_id, self.node_id, manufacturer, utcnow(), caller.label())
+            with self.lock:
+                if not self.cases.add_case(row):
+                    raise ValidationError(f"case {case_id} exists already; choose another id")
+        except YigongError as exc:
+            self.audit_refusal(caller.label(), case_id, "open", exc)
+            raise
+        self.audit.record(
+            CASE_RECORD,
+            actor=caller.label(),
+            peer=manufacturer,
+            case_id=case_id,
+            details={"action": "opened", "manufacturer": manufacturer},
+        )
+        log.info("case %s opened by %s with %s", case_id, caller.label(), manufacturer)
+        return self.view(case_id)
+
+    # -- a person's signed record ---------------------------------------------------
+    def submit(
+        self, caller: Identity, caller_pem: bytes, record_bytes: bytes, signature: bytes
+    ) -> CaseView:
+        """Check, countersign, append and send one record signed by ``caller``."""
+        case_id = "?"
+        try:
+            record = Record.parse(record_bytes)
+            case_id = record.case_id
+            self._check_author(caller, caller_pem, record, record_bytes, signature)
+            with self.lock:
+                verified = self._append_local(caller, record, record_bytes, signature, caller_pem)
+        except YigongError as exc:
+            self.audit_refusal(caller.label(), case_id, "submit", exc)
+            raise
+        self.audit_appended(verified, "local")
+        self.send(verified)
+        return self.view(case_id)
+
+    def _check_author(
+        self, caller: Identity, pem: bytes, record: Record, raw: bytes, signature: bytes
+    ) -> None:
+        if caller.is_node or caller.role not in ("clinician", "engineer"):
+            raise PermissionDenied(
+                f"case {record.case_id}: {caller.label()} may not sign case records: they are "
+                "signed by clinicians and engineers with their own certificate"
+            )
+        if caller.org_node != self.node_id:
+            raise PermissionDenied(
+                f"case {record.case_id}: {caller.label()} belongs to node {caller.org_node}, "
+                f"not {self.node_id}; records are submitted at the signer's own node"
+            )
+        if self.trust.verify_pem(pem).fingerprint != caller.fingerprint:
+            raise AuthenticationError("the certificate given is not the caller's TLS certificate")
+        a = record.author
+        if (a.id, a.role, a.org, a.cert_fingerprint) != (
+            caller.subject_id,
+            caller.role,
+            caller.org_node,
+            caller.fingerprint,
+        ):
+            raise PermissionDenied(
+                f"case {record.case_id}: the record names author {a.label()} (certificate "
+                f"{a.cert_fingerprint[:16]}…), but the caller is {caller.label()} (certificate "
+                f"{caller.fingerprint[:16]}…); a person submits only records they signed"
+            )
+        try:
+            verify_signature(x509.load_pem_x509_certificate(pem), raw, signature)
+        except BadSignature as exc:
+            raise ChainError(
+                f"case {record.case_id}: the author signature of the {record.type} record does "
+                f"not verify against the certificate of {caller.label()}; nothing was recorded"
+            ) from exc
+        skew = abs(datetime.now(UTC) - datetime.fromisoformat(record.time))
+        if skew > MAX_CLOCK_SKEW:
+            raise ValidationError(
+                f"case {record.case_id}: the record was signed for {record.time}, "
+                f"{int(skew.total_seconds() // 60)} minutes off this node's clock; sign again"
+            )
+
+    def _append_local(
+        self, caller: Identity, record: Record, raw: bytes, signature: bytes, pem: bytes
+    ) -> Verified:
+        case = self.case(record.case_id)
+        peer = self.counterparty(case)
+        state = self.intact(case).state
+        if any(seq >= state.length for seq, _, _ in self.cases.pending(case.case_id)):
+            raise NotReady(
+                f"case {case.case_id}: records from {peer} are still arriving; sign again "
+                "in a moment"
+            )
+        if (record.seq, record.prev_hash) != (state.length, state.head):
+            raise StageRefused(
+                f"case {case.case_id}: the record was signed as record {record.seq} after "
+                f"{record.prev_hash[:16]}…, but the case now has {state.length} records "
+                f"(head {state.head[:16]}…); fetch the case and sign again"
+            )
+        env = Envelope(raw, signature, pem, self.node_id, self.cert_pem)
+        env = dataclasses.replace(env, node_signature=self.sign(env.node_signing_bytes()))
+        data = env.to_bytes()
+        digest = sha256_hex(data)
+        apply(state, record, digest)  # the stage gate: raises StageRefused / SignerRefused
+        self._check_files(case, record)
+        if peer not in self.outbox.settings.known_peers:
+            raise ConfigError(
+                f"case {case.case_id}: node {peer} is not a configured peer of {self.node_id}; "
+                "the record could not be exchanged, so it is not recorded"
+            )
+        if self.store.size(digest) != len(data):
+            self.store.put_stream(digest, [data])
+        verified = Verified(env, record, caller, self.identity, digest)
+        self.cases.append(verified, "local", identifiers(record))
+        return verified
+
+    def _check_files(self, case: CaseRow, record: Record) -> None:
+        """Files a design or data delivery names must be held by this node, for this case."""
+        if record.type not in FILE_TYPES:
+            return
+        for n, f in enumerate(record.data.get("files", ())):
+            obj = self.catalog.find_object(f["object_id"])
+            if obj is None or obj.case_id not in ("", case.case_id):
+                why = "is not held by" if obj is None else f"belongs to case {obj.case_id} on"
+                raise ValidationError(
+                    f"case {case.case_id}: data.files[{n}] (object {f['object_id'][:16]}…) {why} "
+                    f"node {self.node_id}; upload it for this case first (yigong send --case)"
+                )
+
+    def send(self, v: Verified) -> None:
+        """Catalogue the envelope as an object and queue it to the case's other node."""
+        r, data = v.record, v.envelope.to_bytes()
+        case = self.case(r.case_id)
+        try:
+            if self.store.size(v.hash) != len(data):
+                self.store.put_stream(v.hash, [data])
+            obj = self.catalog.add_object(
+                object_id=v.hash,
+                size=len(data),
+                name=f"{r.case_id}.{r.seq:04d}.{r.type}.json",
+                media_type=CASE_MEDIA_TYPE,
+                case_id=r.case_id,
+                origin_node=self.node_id,
+                labels={"case.seq": str(r.seq), "case.type": r.type},
+            )
+            self.outbox.queue(obj, self.counterparty(case), actor=r.author.label())
+        except YigongError:
+            log.exception(
+                "case %s: record %d stored but not queued; resume() retries", r.case_id, r.seq
+            )
+
+    def resume(self) -> int:
+        """Queue local records that were appended but never queued (e.g. a crash between).
+
+        Call once at start-up; returns how many were queued."""
+        queued = 0
+        for case in self.cases.list_cases(1_000_000):
+            for row in self.cases.records(case.case_id):
+                if row.origin != "local" or self.catalog.list_transfers(
+                    object_id=row.envelope_hash, direction="outbound", limit=1
+                ):
+                    continue
+                try:
+                    self.send(verify_envelope(row.envelope, self.trust))
+                except YigongError as exc:
+                    log.error("case %s: record %d cannot be sent: %s", case.case_id, row.seq, exc)
+                    continue
+                queued += 1
+        return queued
+
+    def is_own_record(self, object_id: str) -> bool:
+        """Whether ``object_id`` is a case record this node countersigned and holds in a
+        chain (for an outgoing guard that lets only known kinds of objects leave)."""
+        found = self.cases.find_record(object_id)
+        return found is not None and found.origin == "local"
+
+    # -- from the peer ----------------------------------------------------------------
+    def accept_remote(self, envelope_bytes: bytes) -> dict[str, str]:
+        """Take in an envelope the case's other node sent; never raises (receipt facts)."""
+        from gateway.cases.sync import accept
+
+        return accept(self, envelope_bytes)
+
+    # -- reading ----------------------------------------------------------------------
+    def case(self, case_id: str) -> CaseRow:
+        check_case_id(case_id)
+        case = self.cases.find_case(case_id)
+        if case is None:
+            raise NotFound(f"case {case_id} is not known to node {self.node_id}")
+        return case
+
+    def counterparty(self, case: CaseRow) -> str:
+        return case.manufacturer if self.node_id == case.hospital else case.hospital
+
+    def intact(self, case: CaseRow) -> ChainReport:
+        """The verified chain, or ChainError when its bytes, signatures or links are wrong."""
+        report = verify_chain(case, self.cases.records(case.case_id), self.trust)
+        if not report.intact:
+            raise ChainError(
+                f"case {case.case_id}: the stored chain does not verify ({report.problem}); "
+                "it is not extended until a security officer has looked at it"
+            )
+        return report
+
+    def show(self, caller: Identity, case_id: str) -> CaseView:
+        """:meth:`view` for a person or the node, audited as a query."""
+        view = self.view(case_id)
+        self.audit.record(
+            QUERY,
+            actor=caller.label(),
+            case_id=case_id,
+            details={"query": "case", "records": len(view.records), "verified": view.ok},
+        )
+        return view
+
+    def list_cases(self, caller: Identity, limit: int = 0) -> list[CaseView]:
+        limit = min(limit or DEFAULT_LIMIT, MAX_LIMIT)
+        views = [self.view(c.case_id) for c in self.cases.list_cases(limit)]
+        self.audit.record(
+            QUERY, actor=caller.label(), details={"query": "cases", "results": len(views)}
+        )
+        return views
+
+    def next_actor(self, case_id: str) -> list[NextAction]:
+        """Who must act next on ``case_id`` (empty when its chain does not verify)."""
+        view = self.view(case_id)
+        return list(view.next) if view.ok else []
+
+    def view(self, case_id: str) -> CaseView:
+        """The whole chain of ``case_id``, every record verified, stage and next actor."""
+        case = self.case(case_id)
+        return build_view(case, self.cases, self.catalog, self.trust, self.counterparty(case))
+
+    # -- audit --------------------------------------------------------------------------
+    def audit_appended(self, v: Verified, origin: str) -> None:
+        r = v.record
+        self.audit.record(
+            CASE_RECORD,
+            actor=r.author.label(),
+            object_id=v.hash,
+            peer=v.envelope.node_id if origin == "remote" else None,
+            case_id=r.case_id,
+            details={"action": "appended", "seq": r.seq, "type": r.type, "origin": origin},
+        )
+        log.info("case %s: record %d (%s) appended (%s)", r.case_id, r.seq, r.type, origin)
+
+    def audit_refusal(self, actor: str, case_id: str, action: str, exc: YigongError) -> None:
+        """Log and audit a refusal; an invalid case id (it might be anything a person typed,
+        even a patient's name) is left out of both."""
+        try:
+            check_case_id(case_id)
+        except ValidationError:
+            case_id = "?"
+        log.warning("case %s: %s refused: %s", case_id, action, exc)
+        try:
+            self.audit.record(
+                CASE_RECORD,
+                actor=actor,
+                outcome="failure",
+                case_id=case_id if case_id != "?" else None,
+                details={"action": action, "reason": type(exc).__name__, "message": str(exc)[:500]},
+            )
+        except YigongError:
+            log.exception("could not audit a refused case %s", action)
