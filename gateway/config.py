@@ -158,6 +158,25 @@ class AtnaSection:
 
 
 @dataclass(frozen=True)
+class DesignSection:
+    """Limits of the design-file checks (docs/design-files.md)."""
+
+    max_mesh_bytes: int = 128 * 1024 * 1024
+    max_mesh_triangles: int = 3_000_000
+
+
+@dataclass(frozen=True)
+class PacsSection:
+    """Hospital only: the PACS approved designs are exported to (off without a host)."""
+
+    host: str = ""
+    port: int = 104
+    called_ae: str = "PACS"
+    calling_ae: str = ""  # default: dicom.ae_title
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class PeerSection:
     id: str = ""
     address: str = ""
@@ -180,6 +199,8 @@ class NodeConfig:
     residency: ResidencySection = field(default_factory=ResidencySection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     atna: AtnaSection = field(default_factory=AtnaSection)
+    design: DesignSection = field(default_factory=DesignSection)
+    pacs: PacsSection = field(default_factory=PacsSection)
 
     @property
     def peer_regions(self) -> frozenset[str]:
@@ -322,6 +343,10 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(f"{src}: [atna] enabled needs atna.host and atna.port 1-65535")
     if a.facility not in {10, 13} or a.poll_seconds <= 0:
         raise ConfigError(f"{src}: atna.facility must be 10 or 13 and atna.poll_seconds > 0")
+    if cfg.pacs.host and not 1 <= cfg.pacs.port <= 65535:
+        raise ConfigError(f"{src}: pacs.port must be 1-65535")
+    if cfg.design.max_mesh_bytes < 1 or cfg.design.max_mesh_triangles < 1:
+        raise ConfigError(f"{src}: design.max_mesh_bytes and design.max_mesh_triangles must be > 0")
     seen: set[str] = set()
     for peer in cfg.peers:
         if not peer.id or not peer.address:
@@ -358,6 +383,8 @@ def load_config(path: Path | str) -> NodeConfig:
         "residency": ResidencySection,
         "telemetry": TelemetrySection,
         "atna": AtnaSection,
+        "design": DesignSection,
+        "pacs": PacsSection,
     }
     unknown = sorted(set(raw) - set(sections) - {"peers"})
     if unknown:
