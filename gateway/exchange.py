@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, ObjectRecord, TransferRecord
 from gateway.errors import ConfigError, IdentifiableData, IntegrityError, ValidationError
+from gateway.fidelity.formats import is_design_media_type
 from gateway.identity import Identity
 from gateway.storage import ObjectStore
 from gateway.transfer.model import ChunkMsg, check_name
@@ -56,6 +57,7 @@ class Exchange:
         self.outbox = outbox
         self.spool_dir = spool_dir
         self.max_object_bytes = max_object_bytes
+        self.validate_design: Callable[[Path, str, str], None] | None = None
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def submit(
@@ -81,6 +83,8 @@ class Exchange:
                     f"upload of {sub.name!r}: {size} bytes arrived, client announced "
                     f"{sub.size}; nothing was stored"
                 )
+            if self.validate_design is not None and is_design_media_type(sub.media_type):
+                self.validate_design(part, sub.media_type, sub.name)  # refused before storing
             if self.store.size(digest) != size:
                 self.store.adopt_file(digest, part)
         finally:

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +26,11 @@ from gateway.catalog import Catalog
 from gateway.config import NodeConfig
 from gateway.errors import CertificateError, ConfigError, ResidencyViolation
 from gateway.exchange import Exchange
+from gateway.fidelity.formats import (
+    DesignFactsCache,
+    is_design_media_type,
+    validate_design_file,
+)
 from gateway.pki import TrustStore, load_certificate, load_private_key, sign
 from gateway.query import QueryService
 from gateway.roles import RoleHooks
@@ -32,9 +38,11 @@ from gateway.rpc.auth import AuthInterceptor, Gatekeeper
 from gateway.rpc.channel import MESSAGE_LIMIT, ClientCredentials
 from gateway.rpc.peer_link import GrpcPeerLink
 from gateway.rpc.servicers import ExchangeServicer, QueryServicer, TransferServicer
+from gateway.storage import ObjectStore
 from gateway.storage.factory import open_store
 from gateway.syslog_tls import AtnaForwarder, SyslogTLSSender, default_state_file
 from gateway.telemetry import Telemetry
+from gateway.transfer.model import Announce
 from gateway.transfer.outbox import Outbox, OutboxSettings, PeerLink
 from gateway.transfer.receiver import Receiver, ReceiverSettings
 from yigong.v1 import (
@@ -179,7 +187,14 @@ class Node:
         self.outbox.hooks = self.hooks
         self.outbox.telemetry = self.receiver.telemetry = self.telemetry
         self.cases = CaseService.from_node(self)
-        self.receiver.facts_hook = case_facts_hook(self.cases, self.hooks.receipt_facts)
+        self.design_facts = DesignFactsCache(
+            spool_dir=cfg.data_dir / "spool" / "design",
+            max_mesh_bytes=cfg.design.max_mesh_bytes,
+            max_mesh_triangles=cfg.design.max_mesh_triangles,
+        )
+        self.outbox.design_facts = self.design_facts
+        self.exchange.validate_design = self._validate_design
+        self.receiver.facts_hook = case_facts_hook(self.cases, self._receipt_facts)
         self.gate = Gatekeeper(self.trust, NodeSelf(node_id, cfg.node.role), self.audit)
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
@@ -203,6 +218,23 @@ class Node:
             f"{self.cfg.source}: storage {self.store.describe()} is in region {region!r}, "
             f"but [residency] allowed_storage_regions allows only {', '.join(sorted(allowed))}; "
             "use storage in an allowed region or change the policy"
+        )
+
+    def _receipt_facts(self, announce: Announce, store: ObjectStore) -> Mapping[str, str]:
+        """Receipt facts: design files are read by the shared fidelity checks (both roles
+        receive them), everything else by the role (e.g. DICOM at the factory)."""
+        if is_design_media_type(announce.media_type):
+            return self.design_facts(announce.media_type, store, announce.object_id)
+        return self.hooks.receipt_facts(announce, store)
+
+    def _validate_design(self, path: Path, media_type: str, name: str) -> None:
+        d = self.cfg.design
+        validate_design_file(
+            path,
+            media_type,
+            name=name,
+            max_mesh_bytes=d.max_mesh_bytes,
+            max_mesh_triangles=d.max_mesh_triangles,
         )
 
     def _audit_config(self) -> None:

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -35,6 +35,7 @@ from gateway.errors import (
     ShuttingDown,
     YigongError,
 )
+from gateway.fidelity.formats import check_design_facts, is_design_media_type
 from gateway.hashing import hash_chunks
 from gateway.pki import TrustStore
 from gateway.roles import RoleHooks
@@ -114,6 +115,7 @@ class Outbox:
         self._link_factory = link_factory
         self.hooks = RoleHooks()
         self.telemetry: Telemetry | None = None
+        self.design_facts: Callable[[str, ObjectStore, str], Mapping[str, str]] | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -265,7 +267,11 @@ class Outbox:
                 expect_transfer_id=rec.transfer_id,
             )
             try:
-                self.hooks.check_receipt(obj, dict(receipt.body.facts), self.store)
+                facts = dict(receipt.body.facts)
+                if self.design_facts is not None and is_design_media_type(obj.media_type):
+                    ours = self.design_facts(obj.media_type, self.store, obj.object_id)
+                    check_design_facts(obj.media_type, ours, facts)
+                self.hooks.check_receipt(obj, facts, self.store)
             except ReceiptError as err:
                 raise FactsDisagree(str(err)) from err
         except (IdentifiableData, FactsDisagree, ResidencyViolation) as err:
