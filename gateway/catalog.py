@@ -15,7 +15,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -169,18 +169,10 @@ class Catalog:
 
     def _migrate(self) -> None:
         (version,) = self._query("PRAGMA user_version")[0]
-        if version > len(MIGRATIONS):
-            raise CatalogError(
-                f"catalog {self.path} has schema version {version}, newer than this "
-                f"yigong-gateway supports ({len(MIGRATIONS)}); upgrade yigong-gateway"
-            )
-        for number in range(version + 1, len(MIGRATIONS) + 1):
-            log.info("catalog %s: applying schema migration %d", self.path, number)
-            with self._tx() as db:
-                for statement in MIGRATIONS[number - 1].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {number}")
+        self._apply(
+            "schema", int(version), MIGRATIONS,
+            lambda db, number: db.execute(f"PRAGMA user_version = {number}"),
+        )  # fmt: skip
 
     def extend(self, namespace: str, migrations: Sequence[str]) -> None:
         """Apply a role module's own numbered migrations (e.g. ``hospital_node``).
@@ -194,23 +186,35 @@ class Catalog:
                 " (namespace TEXT PRIMARY KEY, version INTEGER NOT NULL)"
             )
         rows = self._query("SELECT version FROM schema_versions WHERE namespace = ?", (namespace,))
-        version = int(rows[0][0]) if rows else 0
+        self._apply(
+            f"{namespace} schema", int(rows[0][0]) if rows else 0, migrations,
+            lambda db, number: db.execute(
+                "INSERT INTO schema_versions VALUES (?, ?) ON CONFLICT(namespace)"
+                " DO UPDATE SET version = excluded.version",
+                (namespace, number),
+            ),
+        )  # fmt: skip
+
+    def _apply(
+        self,
+        what: str,
+        version: int,
+        migrations: Sequence[str],
+        record: Callable[[sqlite3.Connection, int], object],
+    ) -> None:
+        """Run migrations ``version+1..`` in order, each in one transaction with ``record``."""
         if version > len(migrations):
             raise CatalogError(
-                f"catalog {self.path} has {namespace} schema version {version}, newer than "
-                f"this yigong-gateway supports ({len(migrations)}); upgrade yigong-gateway"
+                f"catalog {self.path} has {what} version {version}, newer than this "
+                f"yigong-gateway supports ({len(migrations)}); upgrade yigong-gateway"
             )
         for number in range(version + 1, len(migrations) + 1):
-            log.info("catalog %s: applying %s migration %d", self.path, namespace, number)
+            log.info("catalog %s: applying %s migration %d", self.path, what, number)
             with self._tx() as db:
                 for statement in migrations[number - 1].split(";"):
                     if statement.strip():
                         db.execute(statement)
-                db.execute(
-                    "INSERT INTO schema_versions VALUES (?, ?) ON CONFLICT(namespace)"
-                    " DO UPDATE SET version = excluded.version",
-                    (namespace, number),
-                )
+                record(db, number)
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """A write transaction (BEGIN IMMEDIATE … COMMIT) for role modules' own tables."""
