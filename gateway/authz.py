@@ -42,6 +42,7 @@ POLICY: Mapping[str, frozenset[str]] = {
     "/yigong.v1.Hospital/ListStudies": frozenset({SELF, "clinician", "officer"}),
     "/yigong.v1.Hospital/GetStudy": frozenset({SELF, "clinician", "officer"}),
     "/yigong.v1.Hospital/ConfirmStudy": frozenset({"clinician"}),
+    "/yigong.v1.Hospital/ExportDesign": frozenset({"clinician"}),
     # factory node: received studies per case and their suitability check
     "/yigong.v1.Factory/ListStudies": frozenset({SELF, "engineer", "officer"}),
     "/yigong.v1.Factory/GetStudy": frozenset({SELF, "engineer", "officer"}),

@@ -3,9 +3,12 @@
     yigong study list [--status received] [--json]
     yigong study show STUDY_UID [--json]
     yigong study confirm STUDY_UID --case ID --to FACTORY_NODE [--allow-burned-in] [--yes]
+    yigong study export-design --case ID --object SHA256 [--again] [--yes]
 
 Sending data out of the hospital is irreversible: without ``--yes``, ``confirm`` only
-shows what would be sent and exits with status 1.
+shows what would be sent and exits with status 1. Writing into the hospital's PACS is a
+deliberate act too: without ``--yes``, ``export-design`` runs every check on the node
+and shows what would be exported where, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from yigong.v1 import hospital_pb2, hospital_pb2_grpc
 
 CONFIRM_TIMEOUT_SECONDS = 900.0
 """De-identifying a large study takes a while: ConfirmStudy gets this long."""
+EXPORT_TIMEOUT_SECONDS = 300.0
+"""ExportDesign reads the design and an original instance and waits for the PACS."""
 
 R = TypeVar("R")
 
@@ -62,6 +67,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--json", action="store_true", help="print JSON")
     add_connection_options(s)
     s.set_defaults(func=cmd_confirm)
+    s = ss.add_parser(
+        "export-design",
+        help="export a file of a case's approved design into this hospital's PACS "
+        "(DICOM Encapsulated STL in the patient's original study)",
+    )
+    s.add_argument("--case", required=True, help="case id")
+    s.add_argument("--object", required=True, metavar="SHA256", help="the design file (model/stl)")
+    s.add_argument("--again", action="store_true", help="export a design exported before again")
+    s.add_argument("--yes", action="store_true", help="really export (otherwise only show what)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    add_connection_options(s)
+    s.set_defaults(func=cmd_export_design)
 
 
 def _rpc(client: NodeClient, call: Callable[..., R], request: Any, timeout: float = 0) -> R:
@@ -252,4 +269,32 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         for r in i.releases:
             if r.status != "released":
                 print(f"  {r.status} {i.sop_instance_uid}: {r.reason}")
+    return 0
+
+
+def cmd_export_design(args: argparse.Namespace) -> int:
+    req = hospital_pb2.ExportDesignRequest(
+        case_id=args.case, object_id=args.object, again=args.again, dry_run=not args.yes
+    )
+    with connect(args) as client:
+        reply = _rpc(client, _stub(client).ExportDesign, req, EXPORT_TIMEOUT_SECONDS)
+    if args.json:
+        print(json.dumps({"exported": args.yes, **_dict(reply)}, indent=2))
+        return 0 if args.yes else 1
+    if not args.yes:
+        print("This writes the design into the patient's record in the PACS. It would export:")
+        for label, value in (
+            ("case", args.case),
+            ("object", f"{args.object} (model/stl, as DICOM Encapsulated STL)"),
+            ("study", f"{reply.study_instance_uid} (the patient's original study)"),
+            ("frame from", f"series {reply.source_series_uid}"),
+            ("destination", f"PACS {reply.pacs}"),
+        ):
+            print(f"  {label:>11}: {value}")
+        print("Re-run with --yes to export.")
+        return 1
+    print(
+        f"exported: instance {reply.sop_instance_uid} (series {reply.series_instance_uid}) "
+        f"in study {reply.study_instance_uid} to PACS {reply.pacs}, status 0x{reply.status:04X}"
+    )
     return 0

@@ -193,6 +193,15 @@ class ReleaseStore:
         )
         return [_confirmation(r) for r in rows]
 
+    def confirmations_for_case(self, case_id: str, destination: str) -> list[Confirmation]:
+        """The confirmations of a case to one manufacturer, oldest first."""
+        rows = self.catalog.query(
+            f"SELECT {_CONFIRMATION_COLS} FROM hospital_confirmations"
+            " WHERE case_id = ? AND destination = ? ORDER BY created_at, confirmation_id",
+            (case_id, destination),
+        )
+        return [_confirmation(r) for r in rows]
+
     def has_confirmation(self, study_uid: str) -> bool:
         return bool(
             self.catalog.query(

@@ -7,6 +7,8 @@ Sections (each owned by one feature; keep them separate):
   de-identified release (:mod:`hospital_node.release`), the outgoing guard and the
   receipt check (:mod:`hospital_node.guard`), the ``yigong.v1.Hospital`` service
   (:mod:`hospital_node.service`) and the auto-forward rule.
+- design export: approved designs into the hospital's own PACS as Encapsulated STL
+  (:mod:`hospital_node.design_export`), served as ``Hospital.ExportDesign``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import ConfigError, ValidationError, YigongError
 from gateway.roles import RoleHooks
 from hospital_node.deid import Deidentifier
+from hospital_node.design_export import DesignExporter, ExportResult
 from hospital_node.guard import OutgoingGuard
 from hospital_node.ingest import Ingest
 from hospital_node.release import ConfirmResult, Releaser
@@ -44,6 +47,7 @@ class HospitalRole(RoleHooks):
         self.node = node
         self._init_ingest()
         self._init_release()
+        self._init_design_export()
 
     def start(self) -> None:
         self._start_ingest()
@@ -215,6 +219,32 @@ class HospitalRole(RoleHooks):
         if self._auto_thread is not None:
             self._auto_thread.join(10.0)
             self._auto_thread = None
+
+    # --- design export: approved designs into the hospital's PACS (Encapsulated STL) -----
+    def _init_design_export(self) -> None:
+        from hospital_node.pacs_scu import send_to_pacs  # the only pynetdicom SCU
+
+        node = self.node
+        self.design_exporter = DesignExporter(
+            node_id=node.cfg.node.id,
+            pacs=lambda: node.cfg.pacs,
+            calling_ae=node.cfg.dicom.ae_title,
+            catalog=node.catalog,
+            store=node.store,
+            audit=node.audit,
+            vault=self.vault,
+            releases=self.release_records,
+            cases=lambda: node.cases,  # built by the Node after its role hooks
+            uid_map=self.releaser.deid.map_uid,
+            send=send_to_pacs,
+        )
+
+    def export_design(
+        self, caller: Identity, case_id: str, object_id: str, *, again: bool, dry_run: bool
+    ) -> ExportResult:
+        return self.design_exporter.export_design(
+            case_id, object_id, caller=caller, again=again, dry_run=dry_run
+        )
 
     # Domain side of yigong.v1.Hospital (every call audited as 'query' or 'case.confirmation').
     def list_studies(self, caller: Identity, status: str = "", limit: int = 0) -> list[Any]:

@@ -2,7 +2,7 @@
 
 Authentication and authorization already happened in the interceptor
 (``gateway.authz``: listings for the node itself, clinicians and officers of this node;
-ConfirmStudy for its clinicians only). The servicer asks the gatekeeper for the
+ConfirmStudy and ExportDesign for its clinicians only). The servicer asks the gatekeeper for the
 caller's identity, calls the domain (which audits) and converts the answer or error.
 """
 
@@ -74,6 +74,27 @@ class HospitalServicer(hospital_pb2_grpc.HospitalServicer):
                 confirmation=confirmation_to_pb(c, self.role.node.cert_pem),
                 transfer_ids=result.transfer_ids,
                 instances=[release_instance_to_pb(v) for v in releases],
+            )
+        raise AssertionError("unreachable")
+
+    def ExportDesign(
+        self, request: hospital_pb2.ExportDesignRequest, context: grpc.ServicerContext
+    ) -> hospital_pb2.ExportDesignResponse:
+        with wire_errors(context, "Hospital.ExportDesign"):
+            r = self.role.export_design(
+                self.gate.identity(context),
+                request.case_id,
+                request.object_id,
+                again=request.again,
+                dry_run=request.dry_run,
+            )
+            return hospital_pb2.ExportDesignResponse(
+                sop_instance_uid=r.sop_instance_uid,
+                study_instance_uid=r.study_uid,
+                series_instance_uid=r.series_uid,
+                pacs=r.pacs,
+                status=r.status,
+                source_series_uid=r.source_series_uid,
             )
         raise AssertionError("unreachable")
 

@@ -34,7 +34,7 @@ FEATURES: list[tuple[str, list[str]]] = [
     ("Case workflow: signed records and stage gates", ["test_cases.py"]),
     (
         "Design files, mesh fidelity, Encapsulated STL export",
-        ["test_design_files.py", "test_stl_export.py"],
+        ["test_design_files.py", "test_stl_export.py", "test_design_export.py"],
     ),
     (
         "Residency, telemetry and the officer's view",

@@ -338,8 +338,10 @@ def test_identifiable_dicom_upload_is_refused_and_nothing_leaves(
     assert {a.actor for a in alerts} == {"clinician:dr-x@hospital-1"}
     assert {a.details["action"] for a in alerts} == {"submission refused"}
 
-    # Design files pass.
-    path.write_bytes(b"solid implant\nendsolid implant\n")
+    # Design files pass (a real STL: design files are checked against their format).
+    import trimesh
+
+    path.write_bytes(trimesh.creation.box(extents=(10, 20, 30)).export(file_type="stl"))
     reply = client.submit(path, ["factory-1"], case_id=CASE, media_type="model/stl")
     wait_done(hospital, [t.transfer_id for t in reply.queued])
     assert [o.media_type for o in factory.node.catalog.list_objects()] == ["model/stl"]

@@ -51,7 +51,7 @@ def test_factory_on_s3_receives_and_serves(
         src.write_bytes(payload)
         digest = hashlib.sha256(payload).hexdigest()
         with hospital.self_client() as client:
-            tid = client.submit(src, ["factory-1"], media_type="model/stl").queued[0].transfer_id
+            tid = client.submit(src, ["factory-1"]).queued[0].transfer_id
         wait_for(
             lambda: hospital.node.catalog.get_transfer(tid, "outbound").status == "done",
             what="transfer to the S3-backed factory",

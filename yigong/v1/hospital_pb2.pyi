@@ -149,3 +149,31 @@ class ConfirmStudyResponse(_message.Message):
     transfer_ids: _containers.RepeatedScalarFieldContainer[str]
     instances: _containers.RepeatedCompositeFieldContainer[HospitalStudyInstance]
     def __init__(self, confirmation: _Optional[_Union[DataConfirmation, _Mapping]] = ..., transfer_ids: _Optional[_Iterable[str]] = ..., instances: _Optional[_Iterable[_Union[HospitalStudyInstance, _Mapping]]] = ...) -> None: ...
+
+class ExportDesignRequest(_message.Message):
+    __slots__ = ("case_id", "object_id", "again", "dry_run")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    AGAIN_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    object_id: str
+    again: bool
+    dry_run: bool
+    def __init__(self, case_id: _Optional[str] = ..., object_id: _Optional[str] = ..., again: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ExportDesignResponse(_message.Message):
+    __slots__ = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "pacs", "status", "source_series_uid")
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    PACS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SERIES_UID_FIELD_NUMBER: _ClassVar[int]
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    pacs: str
+    status: int
+    source_series_uid: str
+    def __init__(self, sop_instance_uid: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., pacs: _Optional[str] = ..., status: _Optional[int] = ..., source_series_uid: _Optional[str] = ...) -> None: ...

@@ -49,6 +49,11 @@ class HospitalStub:
                 request_serializer=yigong_dot_v1_dot_hospital__pb2.ConfirmStudyRequest.SerializeToString,
                 response_deserializer=yigong_dot_v1_dot_hospital__pb2.ConfirmStudyResponse.FromString,
                 _registered_method=True)
+        self.ExportDesign = channel.unary_unary(
+                '/yigong.v1.Hospital/ExportDesign',
+                request_serializer=yigong_dot_v1_dot_hospital__pb2.ExportDesignRequest.SerializeToString,
+                response_deserializer=yigong_dot_v1_dot_hospital__pb2.ExportDesignResponse.FromString,
+                _registered_method=True)
 
 
 class HospitalServicer:
@@ -77,6 +82,16 @@ class HospitalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportDesign(self, request, context):
+        """A clinician exports a file of a case's approved design (design confirmation
+        complete) into the hospital's own PACS ([pacs] of the node) as a DICOM
+        Encapsulated STL instance in the patient's original study, by C-STORE.
+        The case is mapped back to the patient here, inside the hospital only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HospitalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +109,11 @@ def add_HospitalServicer_to_server(servicer, server):
                     servicer.ConfirmStudy,
                     request_deserializer=yigong_dot_v1_dot_hospital__pb2.ConfirmStudyRequest.FromString,
                     response_serializer=yigong_dot_v1_dot_hospital__pb2.ConfirmStudyResponse.SerializeToString,
+            ),
+            'ExportDesign': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportDesign,
+                    request_deserializer=yigong_dot_v1_dot_hospital__pb2.ExportDesignRequest.FromString,
+                    response_serializer=yigong_dot_v1_dot_hospital__pb2.ExportDesignResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +197,33 @@ class Hospital:
             '/yigong.v1.Hospital/ConfirmStudy',
             yigong_dot_v1_dot_hospital__pb2.ConfirmStudyRequest.SerializeToString,
             yigong_dot_v1_dot_hospital__pb2.ConfirmStudyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportDesign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/yigong.v1.Hospital/ExportDesign',
+            yigong_dot_v1_dot_hospital__pb2.ExportDesignRequest.SerializeToString,
+            yigong_dot_v1_dot_hospital__pb2.ExportDesignResponse.FromString,
             options,
             channel_credentials,
             insecure,
