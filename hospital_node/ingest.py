@@ -59,12 +59,12 @@ across pydicom upgrades; change them only with a note in docs/dicom-ingest.md.""
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _VRS = frozenset(v.value for v in VR if " or " not in v.value)
 _PIXEL_DATA = 0x7FE00010
-_CHECKED_VR_TAGS: tuple[int, ...] = (
+_CHECKED_VR_TAGS: frozenset[int] = frozenset((
     0x00080016, 0x00080018, 0x0020000D, 0x0020000E,  # SOP Class/Instance, Study, Series UID
     0x00180050, 0x00181120, 0x00200013, 0x00200032, 0x00200037,  # thickness, tilt, geometry
     0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280030,  # pixel module
     0x00280100, 0x00280101, 0x00280102, 0x00280103, _PIXEL_DATA,
-)  # fmt: skip
+))  # fmt: skip
 """Elements this node interprets: in explicit VR their VR must be the dictionary's (or UN)."""
 _VALUE_SIZES = {"AT": 4, "FD": 8, "FL": 4, "OD": 8, "OF": 4, "OL": 4, "OV": 8, "OW": 2, "SL": 4,
                 "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8}  # fmt: skip
@@ -211,12 +211,15 @@ def _check_items(ds: Dataset, where: str, depth: int = 0) -> None:
         raw = ds.get_item(tag)
         if raw is None:
             continue
-        allowed = dictionary_vr(int(tag)).split(" or ")
-        if depth == 0 and tag in _CHECKED_VR_TAGS and raw.VR not in (None, "UN", *allowed):
-            raise UnreadableInstance(
-                f"{where}: element {_tag(int(tag))} has VR {raw.VR}, not {' or '.join(allowed)}"
-            )
-        vr = raw.VR or allowed[0]
+        if depth == 0 and tag in _CHECKED_VR_TAGS:
+            allowed = dictionary_vr(int(tag)).split(" or ")
+            if raw.VR not in (None, "UN", *allowed):
+                raise UnreadableInstance(
+                    f"{where}: element {_tag(int(tag))} has VR {raw.VR}, "
+                    f"not {' or '.join(allowed)}"
+                )
+        # the dictionary is asked only for implicit-VR elements (its lookup is per element)
+        vr = raw.VR or dictionary_vr(int(tag)).split(" or ")[0]
         if vr != "SQ":
             if isinstance(raw.value, bytes):
                 _check_raw(int(tag), vr, raw.value, where)
