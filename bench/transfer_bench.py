@@ -472,10 +472,10 @@ class GatewayPair:
         completed: float,
     ) -> dict[str, float]:
         """Where the transfer's time went, from what the nodes leave anyway: when the
-        factory's spool file appeared (the push began) and reached full size (the
-        last chunk written), its stored
-        file (mtime = last byte copied into the store, ctime = the rename after its
-        fsync) and the factory's ``object.stored`` audit event (after re-read+hash)."""
+        factory's spool file appeared (the push began) and reached full size (the last
+        chunk written), the stored file's ctime (the rename of the fsynced spool file
+        into the store) and the factory's ``object.stored`` audit event (after the
+        re-read and re-hash)."""
         stored = [
             e
             for e in self._audit[FACTORY].events(transfer_id=transfer_id, limit=10_000)
@@ -485,7 +485,7 @@ class GatewayPair:
             return {}
         store = FilesystemStore(self.data_dir(FACTORY) / "objects")
         st = store.path_for(object_id).stat()
-        marks = [begun, push_began, spooled, st.st_mtime_ns / 1e9, st.st_ctime_ns / 1e9]
+        marks = [begun, push_began, spooled, st.st_ctime_ns / 1e9]
         marks += [_ts(stored[-1]), completed]
         # The watcher sees "spooled" up to 5 ms late, and a store that adopts the spool
         # file by rename keeps its mtime: clamp small inversions, give up on big ones.
@@ -499,8 +499,7 @@ class GatewayPair:
 PHASES = {
     "setup": "→ push opens spool",
     "push": "→ last chunk spooled",
-    "spool_fsync_copy": "→ store file written",
-    "store_fsync": "→ store file renamed",
+    "fsync_rename": "→ spool fsynced, renamed into the store",
     "reread_hash": "→ object.stored",
     "receipt": "→ transfer.completed",
 }
@@ -511,8 +510,8 @@ PHASES = {
   channel + TLS handshake, Offer (catalog writes on the factory), Push start;
 - push: → the spool file has every byte: read, SHA-256 per chunk on both sides and
   of the whole object on the sender, protobuf, TLS, spool writes;
-- spool_fsync_copy: → last write of the store file (its mtime): spool fsync, copy;
-- store_fsync: → the store file is renamed into place (its ctime): store fsync;
+- fsync_rename: → the spooled file is renamed into the store (its ctime): the spool's
+  final fsync (most of it already written back in the background) and the rename;
 - reread_hash: → factory ``object.stored``: directory fsync, re-read and re-hash;
 - receipt: → hospital ``transfer.completed``: catalog, receipt signed and verified.
 """
