@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import trimesh
 
 from gateway.errors import ValidationError
 from gateway.fidelity.mesh_readers import MeshData, MeshFormatError, read_obj
@@ -197,6 +196,8 @@ def figures_of(data: MeshData) -> MeshFigures:
         remap = np.empty(len(verts), dtype=np.int64)
         remap[used] = inverse
         faces = remap[data.faces]
+    import trimesh  # imported on first use: ~0.7 s and tens of MiB a node may never need
+
     mesh = trimesh.Trimesh(vertices=unique, faces=faces, process=False, validate=False)
     lo = unique.min(axis=0)
     hi = unique.max(axis=0)
