@@ -86,6 +86,8 @@ _DT_RE = re.compile(
     r"(\d{4})(\d{2})?(\d{2})?(\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?([+-]\d{4})?"
 )
 IMPLEMENTATION_VERSION_NAME = "YIGONG_DEID_1"
+FAST_PATH = True
+"""Process-wide switch for :mod:`.fast` (``Deidentifier(..., fast=False)`` per instance)."""
 
 
 class BurnedInAnnotationHeld(ValidationError):
@@ -299,10 +301,13 @@ class _Pass:
 class Deidentifier:
     """De-identifies DICOM instances under one federation key and one set of options."""
 
-    def __init__(self, key: bytes, *, options: Iterable[Option] = DEFAULT_OPTIONS) -> None:
+    def __init__(
+        self, key: bytes, *, options: Iterable[Option] = DEFAULT_OPTIONS, fast: bool = True
+    ) -> None:
         if not isinstance(key, bytes | bytearray) or len(key) < MIN_KEY_BYTES:
             raise ConfigError(f"the de-identification key must be at least {MIN_KEY_BYTES} bytes")
         self._key = bytes(key)
+        self.fast = fast  # try :mod:`.fast` first in deidentify_part10 (falls back to this)
         opts = frozenset(options)
         self.profile = (
             default_profile() if opts == DEFAULT_OPTIONS else ConfidentialityProfile(opts)
@@ -333,6 +338,15 @@ class Deidentifier:
         self, data: bytes, pseudonym: str, *, allow_burned_in: bool = False
     ) -> tuple[bytes, DeidResult]:
         """De-identify a Part-10 file; the output keeps the transfer syntax and pixel bytes."""
+        if self.fast and FAST_PATH:
+            from hospital_node.deid.fast import FastPathUnsupported, deidentify_part10_fast
+
+            try:
+                return deidentify_part10_fast(
+                    self, data, pseudonym, allow_burned_in=allow_burned_in
+                )
+            except FastPathUnsupported:
+                pass  # the engine below handles (or rejects) everything else
         try:
             ds = dcmread(io.BytesIO(data))
         except Exception as exc:
