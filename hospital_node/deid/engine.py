@@ -90,6 +90,16 @@ FAST_PATH = True
 """Process-wide switch for :mod:`.fast` (``Deidentifier(..., fast=False)`` per instance)."""
 
 
+def check_unchanged(before: tuple[str, str], after: tuple[str, str], sop_uid: str) -> None:
+    """Geometry is sacred: (geometry hash, pixel hash) must be identical before and after."""
+    if before != after:
+        what = "geometry" if before[0] != after[0] else "pixel data"
+        raise IntegrityError(
+            f"de-identification changed the {what} of instance {sop_uid}; "
+            "the instance was not produced"
+        )
+
+
 class BurnedInAnnotationHeld(ValidationError):
     """The instance may show patient data in its pixels; it is held for a clinician."""
 
@@ -395,12 +405,7 @@ class Deidentifier:
         self._finish(out, pseudonym)
         new_sop = str(out.get("SOPInstanceUID", "") or "")
         geo_after, pix_after = geometry_hash(out), pixel_hash(out)
-        if (geo_before, pix_before) != (geo_after, pix_after):
-            what = "geometry" if geo_before != geo_after else "pixel data"
-            raise IntegrityError(
-                f"de-identification changed the {what} of instance {new_sop}; "
-                "the instance was not produced"
-            )
+        check_unchanged((geo_before, pix_before), (geo_after, pix_after), new_sop)
         log.debug("de-identified instance %s (%d changes)", new_sop, sum(run.counts.values()))
         return DeidResult(
             dataset=out,

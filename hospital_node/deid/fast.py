@@ -47,7 +47,6 @@ from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
-from gateway.errors import IntegrityError
 from gateway.fidelity.dicom import (
     FUNCTIONAL_GROUP_TAGS,
     GEOMETRY_TAGS,
@@ -476,12 +475,9 @@ def deidentify_part10_fast(
         )
     except Exception as exc:
         raise FastPathUnsupported(f"hash input not handled: {type(exc).__name__}") from exc
-    if (geo_before, pix_before) != (geo_after, pix_after):
-        what = "geometry" if geo_before != geo_after else "pixel data"
-        raise IntegrityError(
-            f"de-identification changed the {what} of instance {new_sop}; "
-            "the instance was not produced"
-        )
+    from hospital_node.deid.engine import check_unchanged  # engine imports this module lazily
+
+    check_unchanged((geo_before, pix_before), (geo_after, pix_after), new_sop)
 
     log.debug("de-identified instance %s (%d changes)", new_sop, sum(run.counts.values()))
     elements: dict[BaseTag, DataElement | RawDataElement] = {
