@@ -467,3 +467,35 @@ def test_filesystem_adopt_renames_same_inode(tmp_path: Path) -> None:
     final = store.path_for("ab" * 32)
     assert final.stat().st_ino == inode and final.read_bytes() == b"spooled bytes"
     assert oct(final.stat().st_mode & 0o777) == "0o600"
+
+
+def test_link_file_stores_and_keeps_the_source(store: ObjectStore, tmp_path: Path) -> None:
+    src = tmp_path / "spooled.dcm"
+    payload = os.urandom(2 * 1024 * 1024 + 7)
+    src.write_bytes(payload)
+    key = hashlib.sha256(payload).hexdigest()
+    store.link_file(key, src)
+    store.link_file(key, src)  # again: same object, no error
+    assert src.read_bytes() == payload
+    src.unlink()  # the spool lets go of it: the stored object stays
+    assert b"".join(store.open_read(key)) == payload
+
+
+def test_filesystem_link_shares_the_inode_and_leaves_no_temp(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path / "objects")
+    store.check()
+    src = tmp_path / "spooled.dcm"
+    src.write_bytes(b"spooled bytes")
+    src.chmod(0o644)
+    store.link_file("cd" * 32, src)
+    final = store.path_for("cd" * 32)
+    assert final.stat().st_ino == src.stat().st_ino and final.read_bytes() == b"spooled bytes"
+    assert oct(final.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+
+
+def test_filesystem_link_fails_clearly_when_the_source_is_missing(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path / "objects")
+    store.check()
+    with pytest.raises(StorageError, match=r"spooled\.dcm"):
+        store.link_file("ef" * 32, tmp_path / "spooled.dcm")

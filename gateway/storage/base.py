@@ -157,6 +157,16 @@ class ObjectStore(abc.ABC):
         self.put_file(key, path)
         path.unlink(missing_ok=True)
 
+    def link_file(self, key: str, path: Path) -> None:
+        """Store the local file ``path`` under ``key`` and leave ``path`` as it is.
+
+        Like :meth:`put_file`; the caller promises never to change ``path`` afterwards,
+        so a store may share its bytes instead of copying them (the filesystem store
+        hard-links it when it is on the same filesystem). Durable and atomic when it
+        returns.
+        """
+        self.put_file(key, path)
+
     @abc.abstractmethod
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
         """Store the concatenation of ``chunks`` under ``key``; return the bytes written.

@@ -22,6 +22,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -199,6 +200,35 @@ class FilesystemStore(ObjectStore):
         except OSError as exc:
             raise self._error("publish", final, exc) from exc
         log.debug("adopted %s into %s", key, self.describe())
+
+    def link_file(self, key: str, path: Path) -> None:
+        """Hard-link ``path`` onto the key (fsync it, link under a temporary name, rename,
+        fsync the directory); a copy (:meth:`put_file`) when ``path`` is on another
+        filesystem or the filesystem has no hard links."""
+        self.validate_key(key)
+        final = self.path_for(key)
+        tmp = final.parent / f"{TEMP_PREFIX}link-{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+            self._ensure_dir(final.parent)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.link(path, tmp)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                self.put_file(key, path)
+                return
+            raise self._error("link into the store", path, exc) from exc
+        try:
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise self._error("publish", final, exc) from exc
+        log.debug("linked %s into %s", key, self.describe())
 
     def _translated(self, chunks: Iterator[bytes], action: str, path: Path) -> Iterator[bytes]:
         """Pass ``chunks`` through, turning an OSError while reading into StorageError."""
