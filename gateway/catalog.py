@@ -143,12 +143,22 @@ class Catalog:
         except (sqlite3.Error, OSError) as exc:
             raise CatalogError(f"cannot open catalog {path}: {exc}") from exc
         self._lock = threading.RLock()
+        self._depth = 0  # nesting of _tx in the thread holding _lock
         self._migrate()
 
     # -- plumbing ---------------------------------------------------------
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a nested call joins the enclosing one (same thread)."""
         with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._db
+                finally:
+                    self._depth -= 1
+                return
+            self._depth = 1
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -159,6 +169,8 @@ class Catalog:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise CatalogError(f"catalog {self.path}: {exc}") from exc
+            finally:
+                self._depth = 0
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -217,7 +229,9 @@ class Catalog:
                 record(db, number)
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE … COMMIT) for role modules' own tables."""
+        """A write transaction (BEGIN IMMEDIATE … COMMIT) for role modules' own tables.
+
+        Catalog writes made inside it (e.g. :meth:`add_object`) join it: one commit."""
         return self._tx()
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
