@@ -103,6 +103,8 @@ class DicomSection:
     quiet_period_seconds: float = 30.0
     auto_forward_called_ae: str = ""
     auto_forward_to: str = ""
+    spool_path: Path = Path("dicom-spool")
+    spool_max_waiting: int = 256
 
 
 @dataclass(frozen=True)
@@ -329,6 +331,8 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(
             f"{src}: dicom.max_associations >= 1 and 4096 <= dicom.max_pdu_bytes <= 4194304"
         )
+    if d.spool_max_waiting < 1:
+        raise ConfigError(f"{src}: dicom.spool_max_waiting must be at least 1")
     if bool(d.auto_forward_called_ae) != bool(d.auto_forward_to):
         raise ConfigError(
             f"{src}: dicom.auto_forward_called_ae and dicom.auto_forward_to go together"
@@ -414,6 +418,9 @@ def load_config(path: Path | str) -> NodeConfig:
     )
     built["storage"] = dataclasses.replace(
         built["storage"], path=under_data("storage", "path", StorageSection.path)
+    )
+    built["dicom"] = dataclasses.replace(
+        built["dicom"], spool_path=under_data("dicom", "spool_path", DicomSection.spool_path)
     )
     deid: DeidSection = built["deid"]
     built["deid"] = dataclasses.replace(

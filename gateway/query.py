@@ -8,7 +8,7 @@ answered later.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from gateway.audit import AuditLog
@@ -58,10 +58,13 @@ class QueryService:
         self.store = store
         self.audit = audit
         self.chunk_bytes = chunk_bytes
+        self.settle: Callable[[], None] = lambda: None
+        """Called before reading objects: the role's :meth:`RoleHooks.settle`."""
 
     def list_objects(
         self, caller: Identity, f: ObjectFilter, *, remote: str = ""
     ) -> list[ObjectRecord]:
+        self.settle()
         found = self.catalog.list_objects(
             case_id=f.case_id, peer=f.peer, since=f.since, until=f.until, limit=_limit(f.limit)
         )
@@ -96,6 +99,7 @@ class QueryService:
         self, caller: Identity, object_id: str, *, remote: str = ""
     ) -> tuple[ObjectRecord, list[TransferRecord]]:
         check_object_id(object_id)
+        self.settle()
         obj = self.catalog.get_object(object_id)
         transfers = self.catalog.list_transfers(object_id=object_id, limit=MAX_LIMIT)
         self._audit(caller, "get_object", obj.case_id, remote, object_id=object_id)

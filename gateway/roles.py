@@ -15,6 +15,8 @@ Hook points:
   and digest verified: compare the receiver's facts with the sender's own.
 - :meth:`RoleHooks.add_services` — register the role's gRPC servicers.
 - :meth:`RoleHooks.start` / :meth:`RoleHooks.stop` — role services (e.g. the DICOM SCP).
+- :meth:`RoleHooks.settle` — before the query endpoint reads the catalog: wait until
+  what the role acknowledged to outside senders (e.g. a PACS) is catalogued.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class RoleHooks:
 
     def start(self) -> None:
         pass
+
+    def settle(self) -> None:
+        """Return once everything acknowledged so far is catalogued (NotReady if not soon)."""
 
     def stop(self) -> None:
         pass

@@ -185,6 +185,7 @@ class Node:
         self.query = QueryService(node_id, self.catalog, self.store, self.audit, t.chunk_bytes)
         self.hooks: RoleHooks = _role_hooks(self)
         self.outbox.hooks = self.hooks
+        self.query.settle = self.hooks.settle
         self.outbox.telemetry = self.receiver.telemetry = self.telemetry
         self.cases = CaseService.from_node(self)
         self.design_facts = DesignFactsCache(

@@ -50,7 +50,7 @@ _STATUSES: tuple[tuple[type[BaseException], int, str], ...] = (
     (DatasetMismatch, DATASET_MISMATCH, ""),
     (UnreadableInstance, CANNOT_UNDERSTAND, ""),
     (e.ValidationError, CANNOT_UNDERSTAND, ""),
-    (e.StorageError, OUT_OF_RESOURCES, "object store failed; send again later"),
+    (e.StorageError, OUT_OF_RESOURCES, "storage failed; send again later"),
     (e.CatalogError, CATALOG_FAILED, "catalog failed; send again later"),
     (e.AuditError, AUDIT_FAILED, "audit log failed; send again later"),
     (e.ShuttingDown, NOT_NOW, "node stopping; send again later"),

@@ -11,10 +11,13 @@ the data set bytes as they came off the wire — never decoded and re-encoded,
 never transcoded. The object id is the SHA-256 of exactly these bytes.
 
 :meth:`Ingest.ingest` returns only once the object is durable in the object store
-(``put_stream`` returned), its row is in the core catalog and in the study tables,
-and ``dicom.instance_received`` is in the audit log. It raises
-:class:`UnreadableInstance` (cannot understand), :class:`DatasetMismatch` (the data
-set does not match its SOP class) or the error of the store, catalog or audit log.
+(``put_stream`` returned), ``dicom.instance_received`` is in the audit log and the
+object and its instance row are in the catalog (one transaction). The SCP does not
+wait for all of that: it answers once the instance is durable in the spool
+(:mod:`hospital_node.spool`), which then files it with :meth:`Ingest.file`.
+:meth:`Ingest.check` raises :class:`UnreadableInstance` (cannot understand) or
+:class:`DatasetMismatch` (the data set does not match its SOP class); filing raises
+the error of the store, catalog or audit log.
 Error messages name UIDs, tags and byte offsets only — never a value from the data
 set (pydicom's own messages can quote values, so they are not passed on).
 """
@@ -25,6 +28,7 @@ import io
 import logging
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
@@ -83,9 +87,8 @@ class DatasetMismatch(ValidationError):
 
 @dataclass(frozen=True)
 class Parsed:
-    """A validated instance: its parsed data set and what the catalog records of it."""
+    """A validated instance: what the catalog records of it."""
 
-    ds: Dataset
     sop_class_uid: str
     sop_instance_uid: str
     study_uid: str
@@ -353,7 +356,6 @@ def _parse(part10: bytes, context_sop_class: str) -> Parsed:
         )
     _check_pixels(ds, sop_class, encapsulated, where)
     return Parsed(
-        ds=ds,
         sop_class_uid=str(sop_class),
         sop_instance_uid=uids["SOPInstanceUID"],
         study_uid=uids["StudyInstanceUID"],
@@ -373,7 +375,11 @@ _RECORDED = ("sop_instance_uid", "study_uid", "series_uid", "sop_class_uid", "tr
 
 
 class Ingest:
-    """Takes received instances into the node (thread-safe: one call per association)."""
+    """Takes received instances into the node (thread-safe: one call per association).
+
+    Two steps, so that :mod:`hospital_node.spool` can answer the PACS between them:
+    :meth:`check` (parse and validate; a refusal is audited) and :meth:`file` (store,
+    catalogue, audit). :meth:`ingest` does both at once."""
 
     def __init__(
         self, store: ObjectStore, catalog: Catalog, studies: StudyCatalog, audit: AuditLog,
@@ -390,55 +396,91 @@ class Ingest:
         ``context_sop_class``: the presentation context's abstract syntax, if any; the
         data set's SOP Class must be it."""
         object_id = sha256_hex(part10)
-        facts = {"calling_ae": calling_ae, "called_ae": called_ae, "size": len(part10)}
+        parsed = self.check(
+            part10, object_id=object_id, calling_ae=calling_ae, called_ae=called_ae,
+            context_sop_class=context_sop_class,
+        )  # fmt: skip
+        facts: dict[str, object] = {"calling_ae": calling_ae, "called_ae": called_ae}
+        facts.update(size=len(part10), sop_instance_uid=parsed.sop_instance_uid)
         try:
-            parsed = parse_instance(part10, context_sop_class=context_sop_class)
-            facts.update(sop_instance_uid=parsed.sop_instance_uid, study_uid=parsed.study_uid)
-            return self._take(part10, object_id, parsed, calling_ae, called_ae)
+            return self.file(
+                lambda: self.store.put_stream(object_id, [part10]), object_id=object_id,
+                size=len(part10), parsed=parsed, calling_ae=calling_ae, called_ae=called_ae,
+                received_at=utcnow(),
+            )  # fmt: skip
         except AuditError:
             raise
         except YigongError as exc:
-            self._audit_failure(object_id, facts, exc)
+            self.audit_refusal(object_id, {**facts, "study_uid": parsed.study_uid}, exc)
             raise
 
-    def _take(
-        self, part10: bytes, object_id: str, p: Parsed, calling_ae: str, called_ae: str
-    ) -> InstanceRecord:
+    def check(
+        self, part10: bytes, *, object_id: str, calling_ae: str, called_ae: str,
+        context_sop_class: str = "",
+    ) -> Parsed:  # fmt: skip
+        """Parse and validate; a refused instance is audited and its error raised."""
+        try:
+            return parse_instance(part10, context_sop_class=context_sop_class)
+        except YigongError as exc:
+            facts = {"calling_ae": calling_ae, "called_ae": called_ae, "size": len(part10)}
+            self.audit_refusal(object_id, facts, exc)
+            raise
+
+    def file(
+        self, put: Callable[[], object], *, object_id: str, size: int, parsed: Parsed,
+        calling_ae: str, called_ae: str, received_at: str, replay: bool = False,
+    ) -> InstanceRecord:  # fmt: skip
+        """Store the Part-10 object ``object_id`` durably (``put()`` puts it into the
+        store), audit
+        ``dicom.instance_received``, then record object and instance in one catalog
+        transaction. The audit event comes first, so a crash between the two leaves the
+        instance audited and not catalogued — and filing it again (``replay``, from the
+        spool after a restart) finds it uncatalogued and files it, never the reverse.
+        With ``replay``, an instance already catalogued is left as it is."""
+        p = parsed
         existing = self.studies.find_instance(p.sop_instance_uid, object_id)
-        if existing is None or not self.store.exists(object_id):
-            self.store.put_stream(object_id, [part10])  # durable when it returns
-        self.catalog.add_object(
-            object_id=object_id, size=len(part10), name=f"{p.sop_instance_uid}.dcm",
-            media_type=MEDIA_TYPE, case_id="", origin_node=self.node_id,
-            labels={"source": "dicom-scp"},
-        )  # fmt: skip
+        stored_already = self.store.exists(object_id)
+        if replay and existing is not None and stored_already:
+            return existing
+        if existing is None or not stored_already:
+            put()  # durable when it returns
+        others = self.studies.object_ids(p.sop_instance_uid) - {object_id}
         rec = InstanceRecord(
             **{k: getattr(p, k) for k in _RECORDED},
-            object_id=object_id, size=len(part10), calling_ae=calling_ae, called_ae=called_ae,
-            received_at=utcnow(), instance_number=p.geometry.instance_number, duplicate=False,
+            object_id=object_id, size=size, calling_ae=calling_ae, called_ae=called_ae,
+            received_at=received_at, instance_number=p.geometry.instance_number,
+            duplicate=bool(others) if existing is None else existing.duplicate,
         )  # fmt: skip
-        added = self.studies.add_instance(rec, p.geometry)
-        stored = self.studies.find_instance(p.sop_instance_uid, object_id) or rec
-        details: dict[str, str | int | bool] = {k: getattr(stored, k) for k in _RECORDED[:-3]}
+        details: dict[str, str | int | bool] = {k: getattr(rec, k) for k in _RECORDED[:-3]}
         details.update(
-            pixel_sha256=stored.pixel_sha256, geometry_sha256=stored.geometry_sha256,
-            calling_ae=calling_ae, called_ae=called_ae, size=stored.size,
-            resent_identical=not added, duplicate_uid_other_bytes=stored.duplicate,
+            pixel_sha256=rec.pixel_sha256, geometry_sha256=rec.geometry_sha256,
+            calling_ae=calling_ae, called_ae=called_ae, size=size,
+            resent_identical=existing is not None, duplicate_uid_other_bytes=rec.duplicate,
         )  # fmt: skip
+        if replay:
+            details["replayed"] = True
         self.audit.record(
             DICOM_INSTANCE_RECEIVED, actor=f"dicom-ae:{calling_ae}", object_id=object_id,
             details=details,
         )  # fmt: skip
-        if stored.duplicate and added:
+        with self.catalog.transaction():
+            self.catalog.add_object(
+                object_id=object_id, size=size, name=f"{p.sop_instance_uid}.dcm",
+                media_type=MEDIA_TYPE, case_id="", origin_node=self.node_id,
+                labels={"source": "dicom-scp"},
+            )  # fmt: skip
+            added = self.studies.add_instance(rec, p.geometry)
+        if rec.duplicate and added:
             log.warning(
                 "instance %s of study %s received again with different bytes (object %s); "
                 "both kept and flagged in the study report",
-                stored.sop_instance_uid, stored.study_uid, object_id,
+                rec.sop_instance_uid, rec.study_uid, object_id,
             )  # fmt: skip
-        log.debug("instance %s stored as %s", stored.sop_instance_uid, object_id)
-        return stored
+        log.debug("instance %s stored as %s", rec.sop_instance_uid, object_id)
+        return existing or rec
 
-    def _audit_failure(self, object_id: str, facts: dict[str, object], exc: Exception) -> None:
+    def audit_refusal(self, object_id: str, facts: dict[str, object], exc: Exception) -> None:
+        """Audit ``dicom.instance_received`` with outcome failure and the reason."""
         details = {k: v for k, v in facts.items() if isinstance(v, str | int)}
         details["reason"] = str(exc)[:1000]
         details["error"] = type(exc).__name__

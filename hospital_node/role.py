@@ -28,6 +28,7 @@ from hospital_node.ingest import Ingest
 from hospital_node.release import ConfirmResult, Releaser
 from hospital_node.release_store import ReleaseStore, ReleaseView, StudyView
 from hospital_node.scp import DicomServer
+from hospital_node.spool import DicomSpool
 from hospital_node.studies import StudyCatalog
 from hospital_node.vault import PseudonymVault, load_or_create_key
 
@@ -61,6 +62,7 @@ class HospitalRole(RoleHooks):
     def _init_ingest(self) -> None:
         self.studies = StudyCatalog(self.node.catalog)
         self.dicom_port = 0
+        self.spool: DicomSpool | None = None
         self._dicom: DicomServer | None = None
         self._tick_stop = threading.Event()
         self._tick_thread: threading.Thread | None = None
@@ -70,8 +72,10 @@ class HospitalRole(RoleHooks):
         if not cfg.enabled:
             return
         ingest = Ingest(node.store, node.catalog, self.studies, node.audit, node.cfg.node.id)
+        self.spool = DicomSpool(ingest, cfg.spool_path, max_waiting=cfg.spool_max_waiting)
+        self.spool.start()
         self._dicom = DicomServer(
-            cfg, ingest, node.audit, node.cfg.node.id, telemetry=node.telemetry
+            cfg, self.spool, node.audit, node.cfg.node.id, telemetry=node.telemetry
         )
         self.dicom_port = self._dicom.start()
         self._tick_stop.clear()
@@ -83,6 +87,8 @@ class HospitalRole(RoleHooks):
     def _tick_loop(self) -> None:
         quiet = self.node.cfg.dicom.quiet_period_seconds
         while not self._tick_stop.wait(min(1.0, max(0.05, quiet / 4))):
+            if self.spool is not None and self.spool.waiting:
+                continue  # a study is not quiet while its instances may still be filed
             try:
                 self.studies.tick(datetime.now(UTC), quiet)
             except Exception:  # keep ticking; the next round retries
@@ -96,6 +102,14 @@ class HospitalRole(RoleHooks):
         if self._dicom is not None:
             self._dicom.stop()
             self._dicom = None
+        if self.spool is not None:
+            self.spool.stop()
+
+    def settle(self) -> None:
+        """Wait until every DICOM instance acknowledged so far is filed (see
+        :meth:`DicomSpool.settle`); queries call this before they read."""
+        if self.spool is not None:
+            self.spool.settle()
 
     # --- release: confirmation, vault, de-identified sending ------------------------
     def _init_release(self) -> None:
@@ -148,7 +162,10 @@ class HospitalRole(RoleHooks):
         hospital_pb2_grpc.add_HospitalServicer_to_server(HospitalServicer(gate, self), server)
 
     def _study_source(self) -> StudyCatalog:
-        return self.studies  # built by the ingest section
+        """The study tables (built by the ingest section), once every instance
+        acknowledged so far is filed in them."""
+        self.settle()
+        return self.studies
 
     def _start_release(self) -> None:
         self.releaser.resume()

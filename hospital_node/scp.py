@@ -1,7 +1,8 @@
 """The DICOM SCP that PACS and modalities push to (C-ECHO, C-STORE).
 
 Thin (DESIGN.md "Rules of the house"): a handler takes what came over the wire to a
-domain call — :meth:`hospital_node.ingest.Ingest.ingest` — and its outcome back to a
+domain call — :meth:`hospital_node.spool.DicomSpool.receive` (durable and validated;
+filed right after) — and its outcome back to a
 DIMSE status via the one translator :mod:`hospital_node.dimse`. Decisions here are
 only about the association: who may associate, and TCP details.
 
@@ -50,7 +51,8 @@ from gateway.config import DicomSection
 from gateway.errors import ConfigError, ShuttingDown, YigongError
 from gateway.telemetry import Telemetry
 from hospital_node import dimse
-from hospital_node.ingest import Ingest, wrap_dataset
+from hospital_node.ingest import wrap_dataset
+from hospital_node.spool import DicomSpool
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ class DicomServer:
     def __init__(
         self,
         cfg: DicomSection,
-        ingest: Ingest,
+        spool: DicomSpool,
         audit: AuditLog,
         node_id: str,
         telemetry: Telemetry | None = None,
@@ -160,7 +162,7 @@ class DicomServer:
         self.telemetry = telemetry
         self._spans: dict[int, _AssociationSpan] = {}
         self.cfg = cfg
-        self.ingest = ingest
+        self.spool = spool
         self.audit = audit
         self.node_id = node_id
         self.tcp_nodelay = True  # both switchable only to measure what they are worth
@@ -347,7 +349,7 @@ class DicomServer:
         return dimse.SUCCESS
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
-        """C-STORE: wire → Ingest.ingest → status. Never raises."""
+        """C-STORE: wire → DicomSpool.receive → status. Never raises."""
         request = cast(C_STORE, event.request)
         calling, called, _address = _titles(event.assoc)
         try:
@@ -360,7 +362,7 @@ class DicomServer:
                 sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
                 transfer_syntax=str(event.context.transfer_syntax),
             )
-            self.ingest.ingest(
+            self.spool.receive(
                 part10,
                 calling_ae=calling,
                 called_ae=called,

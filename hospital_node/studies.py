@@ -295,6 +295,14 @@ class StudyCatalog:
         )
         return _instance(rows[0]) if rows else None
 
+    def object_ids(self, sop_instance_uid: str) -> set[str]:
+        """Every object recorded under this SOP Instance UID."""
+        rows = self.catalog.query(
+            "SELECT object_id FROM dicom_instances WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        )
+        return {str(r["object_id"]) for r in rows}
+
     def geometry(self, sop_instance_uid: str, object_id: str) -> SliceGeometry | None:
         rows = self.catalog.query(
             "SELECT geometry FROM dicom_instances WHERE sop_instance_uid = ? AND object_id = ?",

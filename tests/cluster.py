@@ -117,6 +117,10 @@ class InProcessNode:
     def self_client(self) -> NodeClient:
         return self.client(self.node.client_credentials)
 
+    def settle(self) -> None:
+        """Wait until what the node acknowledged (e.g. DICOM instances) is catalogued."""
+        self.node.hooks.settle()
+
     def stop(self) -> None:
         self.node.stop(grace=1.0)
 

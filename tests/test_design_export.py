@@ -198,6 +198,7 @@ def push(world: World, datasets: Iterable[Dataset]) -> None:
             assert status and status.Status == 0x0000, status
     finally:
         assoc.release()
+    world.role.settle()
     world.role.studies.tick(datetime.now(UTC), 0.0)
 
 

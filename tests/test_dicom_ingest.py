@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from gateway.errors import NotFound
 from gateway.fidelity.dicom import pixel_hash
 from gateway.hashing import sha256_hex
 from hospital_node.ingest import wrap_dataset
+from hospital_node.spool import DicomSpool
 from hospital_node.studies import StudyCatalog, report_digest
 from tests.cluster import Federation, InProcessNode, NodeProcess, wait_for, write_config
 from tests.dicom_factory import IDENTIFYING_STRINGS, SeriesInfo, StudyInfo, ct_series, to_part10
@@ -72,6 +74,8 @@ def port_of(node: InProcessNode) -> int:
 
 
 def studies_of(node: InProcessNode) -> StudyCatalog:
+    """The node's study tables, once every acknowledged instance is filed in them."""
+    node.settle()
     studies: StudyCatalog = node.node.hooks.studies  # type: ignore[attr-defined]
     return studies
 
@@ -137,6 +141,7 @@ def storescu(port: int, files: Sequence[Path], aet: str = "DCMTK") -> subprocess
 
 
 def audit_events(node: InProcessNode, event: str) -> list[Any]:
+    node.settle()
     return node.node.audit.events(event=event, limit=100_000)
 
 
@@ -258,23 +263,36 @@ def test_duplicates_identical_resend_and_conflicting_bytes(
     assert (summary.status, summary.instance_count, summary.series_count) == ("received", 2, 2)
 
 
-def test_storage_failure_answers_a700_and_records_nothing(
+def _broken(directory: Path) -> Iterator[None]:
+    """``directory`` replaced by a file for the duration: every write into it fails."""
+    moved = directory.with_name(directory.name + ".moved")
+    directory.rename(moved)
+    directory.write_bytes(b"a file where a directory should be")
+    try:
+        yield
+    finally:
+        directory.unlink()
+        moved.rename(directory)
+
+
+broken = contextmanager(_broken)
+
+
+def spool_of(node: InProcessNode) -> DicomSpool:
+    spool: DicomSpool = node.node.hooks.spool  # type: ignore[attr-defined]
+    return spool
+
+
+def test_spool_failure_answers_a700_and_records_nothing(
     hospital: InProcessNode, tmp_path: Path
 ) -> None:
-    """The object store fails for real during C-STORE: 0xA700 (retry), nothing catalogued."""
+    """The spool cannot be written during C-STORE: 0xA700 (retry), nothing catalogued."""
     study = StudyInfo()
     path = write(next(ct_series(1, rows=16, cols=16, study=study)), tmp_path)
     object_id = sha256_hex(expected_part10(path)[0])
-    root: Path = hospital.node.store.root  # type: ignore[attr-defined]
-    moved = root.with_name(root.name + ".moved")
-    root.rename(moved)
-    root.write_bytes(b"a file where the store's directory should be")
-    try:
+    with broken(spool_of(hospital).directory):
         (rsp,) = push(port_of(hospital), [path])
-    finally:
-        root.unlink()
-        moved.rename(root)
-    assert (rsp.Status, rsp.ErrorComment) == (0xA700, "object store failed; send again later")
+    assert (rsp.Status, rsp.ErrorComment) == (0xA700, "storage failed; send again later")
     assert hospital.node.catalog.find_object(object_id) is None
     with pytest.raises(NotFound):
         studies_of(hospital).get_study(study.study_uid)
@@ -282,11 +300,50 @@ def test_storage_failure_answers_a700_and_records_nothing(
         e for e in audit_events(hospital, DICOM_INSTANCE_RECEIVED) if e.object_id == object_id
     ]
     assert [(e.outcome, e.details["error"]) for e in events] == [("failure", "StorageError")]
+    assert "DICOM spool" in events[0].details["reason"]
 
     (rsp,) = push(port_of(hospital), [path])  # what the PACS does next: send it again
     assert rsp.Status == 0x0000
-    assert hospital.node.catalog.get_object(object_id).media_type == "application/dicom"
     assert studies_of(hospital).get_study(study.study_uid).instance_count == 1
+    assert hospital.node.catalog.get_object(object_id).media_type == "application/dicom"
+    assert list(spool_of(hospital).directory.glob("*.dcm")) == []
+
+
+def test_store_failure_after_spooling_is_retried_and_refuses_new_instances(
+    hospital: InProcessNode, tmp_path: Path
+) -> None:
+    """The object store fails behind the spool: the instance already acknowledged waits
+    in the spool and is filed once the store is back; while filing fails, new instances
+    get 0xA700 and are not recorded; nothing is filed twice."""
+    study = StudyInfo()
+    first, second = (
+        write(ds, tmp_path / str(i))
+        for i, ds in enumerate(ct_series(2, rows=16, cols=16, study=study))
+    )
+    ids = [sha256_hex(expected_part10(p)[0]) for p in (first, second)]
+    spool = spool_of(hospital)
+    root: Path = hospital.node.store.root  # type: ignore[attr-defined]
+    with broken(root):
+        (rsp,) = push(port_of(hospital), [first])
+        assert rsp.Status == 0x0000  # durable in the spool: acknowledged
+        wait_for(lambda: spool._failure is not None, timeout=10, what="filing to fail")
+        (rsp,) = push(port_of(hospital), [second])
+        assert (rsp.Status, rsp.ErrorComment) == (0xA700, "storage failed; send again later")
+        assert spool.waiting == 1 and len(list(spool.directory.glob("*.dcm"))) == 1
+        assert hospital.node.catalog.find_object(ids[0]) is None  # not filed yet
+    assert hospital.node.catalog.find_object(ids[1]) is None
+    assert [r.object_id for r in studies_of(hospital).instances(study.study_uid)] == [ids[0]]
+    with hospital.node.store.open_read(ids[0]) as reader:
+        assert b"".join(reader) == expected_part10(first)[0]
+    events = audit_events(hospital, DICOM_INSTANCE_RECEIVED)
+    assert [(e.outcome, e.details.get("error")) for e in events if e.object_id in ids] == [
+        ("failure", "StorageError"),  # the refused second instance
+        ("success", None),  # the first, filed after the store came back
+    ]
+    assert list(spool.directory.glob("*.dcm")) == []
+    (rsp,) = push(port_of(hospital), [second])
+    assert rsp.Status == 0x0000
+    assert len(studies_of(hospital).instances(study.study_uid)) == 2
 
 
 def _rejection(port: int, *, aet: str = "PACS1", called: str = "YIGONG",

@@ -222,6 +222,7 @@ def test_malformed_instances_are_refused_and_the_node_carries_on(
     finally:
         assoc.release()
 
+    hospital.settle()
     refused = [r for r in caplog.records if "refused with 0x" in r.getMessage()]
     assert len(refused) == len(all_cases)
     said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]

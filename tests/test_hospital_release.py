@@ -85,6 +85,7 @@ def push(node: InProcessNode, datasets: Iterable[Dataset], called_ae: str = "YIG
             assert status and status.Status == 0x0000, status
     finally:
         assoc.release()
+    node.settle()  # everything acknowledged is filed (what a query would wait for)
 
 
 def settle(node: InProcessNode) -> list[str]:

@@ -1,0 +1,353 @@
+"""The DICOM spool: a C-STORE is answered once its instance is durable here; a filer
+thread then stores, audits and catalogues it (:meth:`hospital_node.ingest.Ingest.file`).
+
+Why: a PACS sends the next instance only after the answer to the last one, so all
+work done before answering is latency on every instance. Filing an instance takes
+five fsyncs (object, its directory, new shard directories, audit log, catalog); the
+spool needs one file and its directory, and that write runs in a helper thread while
+the association's thread parses and validates the instance (which must happen before
+answering: a malformed instance is refused). See docs/dicom-ingest.md for figures.
+
+Invariant 1 holds: the success status goes out only after the instance's bytes and
+what the filer needs (calling/called AE title, time of receipt) are fsynced in the
+spool, and a spool file is removed only after the instance is filed. After a crash,
+:meth:`DicomSpool.start` files every complete spool file again (``replay``: an
+instance already catalogued is left as it is, so nothing is filed twice).
+
+Layout: ``<dicom.spool_path>/<seq>.<object id>.<header>.dcm`` (mode 0600): the
+Part-10 object exactly as it will be stored, so filing it into a filesystem store is
+a hard link, not a copy; ``<header>`` is base64url JSON of the calling and called AE
+titles and the time of receipt. A spool file is written as ``.tmp-<seq>``, fsynced
+and renamed, and the directory fsynced, so a complete name means complete bytes; a
+``.tmp-`` file left by a crash was never acknowledged and is removed at start. A
+file whose bytes no longer match its object id or no longer parse is moved to
+``rejected/`` and logged — never deleted.
+
+While filing fails (object store or catalog down), the filer retries with backoff and
+new instances are refused with :class:`StorageError` (0xA700, the PACS sends again
+later) instead of piling up; at most ``dicom.spool_max_waiting`` instances wait.
+:meth:`DicomSpool.settle` waits until everything acknowledged so far is filed:
+queries and confirmation call it, so what a PACS was told is stored is what they see.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.catalog import utcnow
+from gateway.errors import NotReady, StorageError, ValidationError, YigongError
+from gateway.hashing import sha256_hex
+from hospital_node.ingest import Ingest, Parsed, parse_instance
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".dcm"
+TMP_PREFIX = ".tmp-"
+RETRY_FIRST, RETRY_MAX = 0.2, 5.0
+"""Seconds between attempts to file an instance while filing fails (doubling)."""
+ROOM_WAIT_SECONDS = 30.0
+"""How long a C-STORE waits for room when ``spool_max_waiting`` instances wait."""
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """One acknowledged instance waiting to be filed."""
+
+    seq: int
+    path: Path
+    object_id: str
+    size: int
+    calling_ae: str
+    called_ae: str
+    received_at: str
+    parsed: Parsed | None  # None after a restart: parsed again when filed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DicomSpool:
+    """Acknowledge-after-spool in front of :class:`Ingest`; see the module doc."""
+
+    def __init__(self, ingest: Ingest, directory: Path, *, max_waiting: int = 256) -> None:
+        self.ingest = ingest
+        self.directory = Path(directory)
+        self.max_waiting = max_waiting
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dicom-spool-io")
+        self._queue: queue.Queue[Spooled | None] = queue.Queue()
+        self._cond = threading.Condition()
+        self._waiting: set[int] = set()  # seqs acknowledged (or recovered), not yet filed
+        self._seq = itertools.count(1)
+        self._last_seq = 0
+        self._failure: YigongError | None = None
+        self._stop = threading.Event()
+        self._filer: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self) -> int:
+        """Create the spool directory, queue every spool file left by an earlier run
+        (oldest first) and start the filer; return how many were queued."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for torn in self.directory.glob(f"{TMP_PREFIX}*"):
+                log.info("DICOM spool: removing %s (never acknowledged)", torn.name)
+                torn.unlink()
+            names = sorted(p.name for p in self.directory.glob(f"*{SUFFIX}"))
+        except OSError as exc:
+            raise StorageError(
+                f"DICOM spool {self.directory}: cannot use it ({exc.strerror or exc}); "
+                "check dicom.spool_path and its permissions"
+            ) from exc
+        recovered = [s for s in (self._recover(self.directory / n) for n in names) if s]
+        last = max((s.seq for s in recovered), default=0)
+        self._seq = itertools.count(last + 1)
+        for item in recovered:
+            self._enqueue(item)
+        if recovered:
+            log.warning(
+                "DICOM spool %s: %d acknowledged instance(s) from before the last stop are "
+                "filed now", self.directory, len(recovered),
+            )  # fmt: skip
+        self._stop.clear()
+        self._filer = threading.Thread(target=self._run, name="dicom-spool-filer", daemon=True)
+        self._filer.start()
+        return len(recovered)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """File what waits for up to ``grace`` seconds; what is left stays in the spool
+        and is filed at the next start."""
+        if self._filer is None:
+            return
+        self._queue.put(None)
+        self._filer.join(grace)
+        self._stop.set()
+        self._filer.join(RETRY_MAX + 1.0)
+        self._filer = None
+        self._io.shutdown(wait=True)
+        left = len(self._waiting)
+        if left:
+            log.warning(
+                "DICOM spool %s: %d instance(s) not filed yet; they are filed at the next start",
+                self.directory, left,
+            )  # fmt: skip
+
+    @property
+    def waiting(self) -> int:
+        """Instances acknowledged and not yet filed."""
+        with self._cond:
+            return len(self._waiting)
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Return once every instance acknowledged before this call is filed; raise
+        :class:`NotReady` if that takes longer than ``timeout`` seconds."""
+        with self._cond:
+            target = self._last_seq
+            done = self._cond.wait_for(
+                lambda: not any(seq <= target for seq in self._waiting), timeout
+            )
+            if done:
+                return
+            left, failure = len(self._waiting), self._failure
+        why = f" (filing fails: {failure})" if failure else ""
+        raise NotReady(
+            f"{left} received DICOM instance(s) are still being filed{why}; try again shortly"
+        )
+
+    # -- receiving (the association's thread) -----------------------------
+    def receive(
+        self, part10: bytes, *, calling_ae: str, called_ae: str, context_sop_class: str = ""
+    ) -> str:
+        """Make ``part10`` durable in the spool and validate it (both at once); return
+        its object id. Raises what :meth:`Ingest.check` raises for a refused instance and
+        :class:`StorageError` when it cannot be spooled or filing is failing."""
+        facts: dict[str, object] = {
+            "calling_ae": calling_ae, "called_ae": called_ae, "size": len(part10)
+        }  # fmt: skip
+        try:
+            self._make_room()
+        except StorageError as exc:
+            self.ingest.audit_refusal(sha256_hex(part10), facts, exc)
+            raise
+        seq = next(self._seq)
+        header = {"calling_ae": calling_ae, "called_ae": called_ae, "received_at": utcnow()}
+        written: Future[tuple[str, Path]] = self._io.submit(self._write, seq, part10, header)
+        try:
+            parsed = parse_instance(part10, context_sop_class=context_sop_class)
+        except ValidationError as exc:
+            object_id = self._discard(written) or sha256_hex(part10)
+            self.ingest.audit_refusal(object_id, facts, exc)
+            raise
+        try:
+            object_id, path = written.result()
+        except StorageError as exc:
+            facts.update(sop_instance_uid=parsed.sop_instance_uid, study_uid=parsed.study_uid)
+            self.ingest.audit_refusal(sha256_hex(part10), facts, exc)
+            raise
+        self._enqueue(Spooled(
+            seq, path, object_id, len(part10), calling_ae, called_ae, header["received_at"],
+            parsed,
+        ))  # fmt: skip
+        return object_id
+
+    def _make_room(self) -> None:
+        with self._cond:
+            if self._failure is not None:
+                raise StorageError(
+                    f"received instances cannot be filed ({self._failure}); "
+                    f"{len(self._waiting)} wait in the DICOM spool; send again later"
+                )
+            if not self._cond.wait_for(
+                lambda: len(self._waiting) < self.max_waiting, ROOM_WAIT_SECONDS
+            ):
+                raise StorageError(
+                    f"the DICOM spool holds dicom.spool_max_waiting={self.max_waiting} "
+                    "instances not yet filed; send again later"
+                )
+
+    def _write(self, seq: int, part10: bytes, header: dict[str, str]) -> tuple[str, Path]:
+        """(object id, spool file): written, fsynced, renamed, directory fsynced."""
+        object_id = sha256_hex(part10)
+        head = json.dumps([header["calling_ae"], header["called_ae"], header["received_at"]])
+        name = f"{seq:016d}.{object_id}.{base64.urlsafe_b64encode(head.encode()).decode()}"
+        tmp, path = self.directory / f"{TMP_PREFIX}{seq:016d}", self.directory / (name + SUFFIX)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(part10)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            for leftover in (tmp, path):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            raise StorageError(
+                f"DICOM spool {self.directory} could not write instance {seq}: "
+                f"{exc.strerror or exc}; check disk space and permissions"
+            ) from exc
+        return object_id, path
+
+    def _discard(self, written: Future[tuple[str, Path]]) -> str:
+        """A refused instance: wait for its spool write, remove the file; its object id."""
+        try:
+            object_id, path = written.result()
+        except StorageError:
+            return ""
+        with contextlib.suppress(OSError):
+            path.unlink()  # if a crash keeps it, the restart parses it again and rejects it
+        return object_id
+
+    def _enqueue(self, item: Spooled) -> None:
+        with self._cond:
+            self._waiting.add(item.seq)
+            self._last_seq = max(self._last_seq, item.seq)
+        self._queue.put(item)
+
+    # -- filing (the filer thread) ----------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            delay = RETRY_FIRST
+            while not self._file(item):
+                if self._stop.wait(delay):
+                    return
+                delay = min(delay * 2, RETRY_MAX)
+
+    def _file(self, item: Spooled) -> bool:
+        """File one instance; False (to retry) when filing failed."""
+        try:
+            parsed = item.parsed or self._parse_again(item)
+            if parsed is not None:
+                store, path, key = self.ingest.store, item.path, item.object_id
+                self.ingest.file(
+                    lambda: store.link_file(key, path), object_id=key, size=item.size,
+                    parsed=parsed, calling_ae=item.calling_ae, called_ae=item.called_ae,
+                    received_at=item.received_at, replay=item.parsed is None,
+                )  # fmt: skip
+                with contextlib.suppress(OSError):
+                    item.path.unlink()
+        except YigongError as exc:
+            if self._failure is None:
+                log.error(
+                    "DICOM spool: filing instance %d (object %s) failed, retrying; new "
+                    "instances are refused until it works: %s", item.seq, item.object_id, exc,
+                )  # fmt: skip
+            with self._cond:
+                self._failure = exc
+            return False
+        with self._cond:
+            if self._failure is not None:
+                log.warning("DICOM spool: filing works again (%s)", item.object_id)
+            self._failure = None
+            self._waiting.discard(item.seq)
+            self._cond.notify_all()
+        return True
+
+    def _parse_again(self, item: Spooled) -> Parsed | None:
+        """A recovered instance's facts; None (and the file set aside) if it no longer
+        parses — it was accepted once, so that means the spool file was damaged."""
+        try:
+            data = item.path.read_bytes()
+        except OSError as exc:
+            raise StorageError(f"DICOM spool: cannot read {item.path} ({exc})") from exc
+        try:
+            return parse_instance(data)
+        except ValidationError as exc:
+            self._reject(item.path, f"no longer a valid instance ({exc})")
+            return None
+
+    # -- recovery ---------------------------------------------------------
+    def _recover(self, path: Path) -> Spooled | None:
+        """The spool file ``path`` as a queue item, or None (set aside) if it is damaged."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StorageError(f"DICOM spool: cannot read {path} ({exc})") from exc
+        try:
+            seq, object_id, head = path.name.removesuffix(SUFFIX).split(".")
+            calling_ae, called_ae, received_at = json.loads(base64.urlsafe_b64decode(head))
+            if sha256_hex(data) != object_id:
+                raise ValueError("its bytes do not match the object id in its name")
+            return Spooled(
+                int(seq), path, object_id, len(data), str(calling_ae), str(called_ae),
+                str(received_at), None,
+            )  # fmt: skip
+        except (ValueError, TypeError, binascii.Error) as exc:
+            self._reject(path, str(exc))
+            return None
+
+    def _reject(self, path: Path, why: str) -> None:
+        """Move a spool file that cannot be filed to ``rejected/`` (kept, never deleted)."""
+        target = self.directory / "rejected" / path.name
+        try:
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            os.replace(path, target)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            raise StorageError(f"DICOM spool: cannot set aside {path} ({exc})") from exc
+        log.error(
+            "DICOM spool: %s set aside in %s, not filed: %s (a torn file was never "
+            "acknowledged; anything else: inspect it)", path.name, target.parent, why,
+        )  # fmt: skip
