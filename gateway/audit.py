@@ -518,7 +518,8 @@ class AuditLog:
         self.node_id = node_id
         self._signer = signer
         self._checkpoint_every = checkpoint_every
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._batch: sqlite3.Connection | None = None  # open batch() transaction
         self._genesis = genesis_hash(node_id)
         new_file = not self.path.exists()
         try:
@@ -637,21 +638,50 @@ class AuditLog:
         except UnicodeEncodeError as exc:
             raise AuditError(f"audit fields are not valid Unicode text: {exc.reason}") from exc
         with self._lock:
-            with self._tx() as conn:
-                head = conn.execute(_HEAD_SQL).fetchone()
-                seq, prev = (head[0] + 1, head[1]) if head else (1, self._genesis)
-                fields = (seq, _now(), event, *refs, details_json)
-                conn.execute(
-                    f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*fields, prev, entry_hash(prev, fields)),
-                )
+            if self._batch is not None:
+                seq = self._append(self._batch, event, refs, details_json)
+            else:
+                with self._tx() as conn:
+                    seq = self._append(conn, event, refs, details_json)
+                self._maybe_checkpoint(seq)
             log.debug("audit %s seq=%d outcome=%s", event, seq, outcome)
-            if self._signer is not None and seq - self._last_checkpoint >= self._checkpoint_every:
-                try:
-                    self._checkpoint_locked()
-                except AuditError:
-                    log.exception("audit log %s: checkpoint at %d failed", self.path, seq)
         return seq
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Events :meth:`record`-ed inside are committed together (one fsync) when the
+        block ends, or none of them if it raises; other threads' events wait."""
+        with self._lock:
+            if self._batch is not None:
+                raise AuditError("audit batches do not nest")
+            with self._tx() as conn:
+                self._batch = conn
+                try:
+                    yield
+                finally:
+                    self._batch = None
+            head = conn.execute(_HEAD_SQL).fetchone()
+            if head is not None:
+                self._maybe_checkpoint(head[0])
+
+    def _append(
+        self, conn: sqlite3.Connection, event: str, refs: tuple[str | None, ...], details: str
+    ) -> int:
+        head = conn.execute(_HEAD_SQL).fetchone()
+        seq, prev = (head[0] + 1, head[1]) if head else (1, self._genesis)
+        fields = (seq, _now(), event, *refs, details)
+        conn.execute(
+            f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*fields, prev, entry_hash(prev, fields)),
+        )
+        return int(seq)
+
+    def _maybe_checkpoint(self, seq: int) -> None:
+        if self._signer is not None and seq - self._last_checkpoint >= self._checkpoint_every:
+            try:
+                self._checkpoint_locked()
+            except AuditError:
+                log.exception("audit log %s: checkpoint at %d failed", self.path, seq)
 
     def checkpoint(self) -> Checkpoint | None:
         """Sign the current chain head; None when no signer is configured or the log is empty.

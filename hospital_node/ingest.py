@@ -27,8 +27,9 @@ from __future__ import annotations
 import io
 import logging
 import re
+import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
@@ -109,10 +110,33 @@ def _uid_ok(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.fullmatch(value))
 
 
+def _meta_element(group_elem: int, vr: bytes, value: bytes) -> bytes:
+    """One File Meta element, Explicit VR Little Endian (PS3.10 7.1)."""
+    tag = struct.pack("<HH", 0x0002, group_elem)
+    if vr in (b"OB",):
+        return tag + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+_META_VERSION = _meta_element(0x0001, b"OB", b"\x00\x01")
+_META_IMPLEMENTATION = _meta_element(
+    0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")
+) + _meta_element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" "))
+
+
 def wrap_dataset(
     dataset: bytes, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
 ) -> bytes:
-    """The Part-10 object for ``dataset`` (bytes as received) — nothing of it re-encoded."""
+    """The Part-10 object for ``dataset`` (bytes as received) — nothing of it re-encoded.
+
+    The File Meta group is encoded here directly (it is on every C-STORE's path);
+    ``tests/test_dicom_ingest.py`` proves it byte-identical to pydicom's
+    ``write_file_meta_info`` for the same values."""
     for what, uid in (
         ("Affected SOP Class UID", sop_class_uid),
         ("Affected SOP Instance UID", sop_instance_uid),
@@ -120,6 +144,22 @@ def wrap_dataset(
     ):
         if not _uid_ok(uid):
             raise UnreadableInstance(f"the request's {what} is not a valid UID")
+    body = b"".join((
+        _META_VERSION,
+        _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+        _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+        _meta_element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
+        _META_IMPLEMENTATION,
+    ))  # fmt: skip
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"".join((b"\x00" * 128, b"DICM", group_length, body, dataset))
+
+
+def wrap_dataset_pydicom(
+    dataset: bytes, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
+) -> bytes:
+    """:func:`wrap_dataset` done by pydicom (the reference the direct encoding is
+    tested against)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
@@ -218,8 +258,7 @@ def _check_items(ds: Dataset, where: str, depth: int = 0) -> None:
             allowed = dictionary_vr(int(tag)).split(" or ")
             if raw.VR not in (None, "UN", *allowed):
                 raise UnreadableInstance(
-                    f"{where}: element {_tag(int(tag))} has VR {raw.VR}, "
-                    f"not {' or '.join(allowed)}"
+                    f"{where}: element {_tag(int(tag))} has VR {raw.VR}, not {' or '.join(allowed)}"
                 )
         # the dictionary is asked only for implicit-VR elements (its lookup is per element)
         vr = raw.VR or dictionary_vr(int(tag)).split(" or ")[0]
@@ -369,6 +408,21 @@ def _parse(part10: bytes, context_sop_class: str) -> Parsed:
     )
 
 
+@dataclass(frozen=True)
+class Filing:
+    """One validated instance to file: ``put()`` stores its Part-10 object durably
+    (None: the caller has stored it already)."""
+
+    put: Callable[[], object] | None
+    object_id: str
+    size: int
+    parsed: Parsed
+    calling_ae: str
+    called_ae: str
+    received_at: str
+    replay: bool = False  # filed again after a restart: skip it if already catalogued
+
+
 _RECORDED = ("sop_instance_uid", "study_uid", "series_uid", "sop_class_uid", "transfer_syntax",
              "modality", "geometry_sha256", "pixel_sha256", "burned_in")  # fmt: skip
 """Facts of a :class:`Parsed` instance that its :class:`InstanceRecord` carries as they are."""
@@ -403,11 +457,11 @@ class Ingest:
         facts: dict[str, object] = {"calling_ae": calling_ae, "called_ae": called_ae}
         facts.update(size=len(part10), sop_instance_uid=parsed.sop_instance_uid)
         try:
-            return self.file(
-                lambda: self.store.put_stream(object_id, [part10]), object_id=object_id,
-                size=len(part10), parsed=parsed, calling_ae=calling_ae, called_ae=called_ae,
-                received_at=utcnow(),
-            )  # fmt: skip
+            (rec,) = self.file([Filing(
+                lambda: self.store.put_stream(object_id, [part10]), object_id, len(part10),
+                parsed, calling_ae, called_ae, utcnow(),
+            )])  # fmt: skip
+            return rec
         except AuditError:
             raise
         except YigongError as exc:
@@ -426,58 +480,71 @@ class Ingest:
             self.audit_refusal(object_id, facts, exc)
             raise
 
-    def file(
-        self, put: Callable[[], object], *, object_id: str, size: int, parsed: Parsed,
-        calling_ae: str, called_ae: str, received_at: str, replay: bool = False,
-    ) -> InstanceRecord:  # fmt: skip
-        """Store the Part-10 object ``object_id`` durably (``put()`` puts it into the
-        store), audit
-        ``dicom.instance_received``, then record object and instance in one catalog
-        transaction. The audit event comes first, so a crash between the two leaves the
-        instance audited and not catalogued — and filing it again (``replay``, from the
-        spool after a restart) finds it uncatalogued and files it, never the reverse.
-        With ``replay``, an instance already catalogued is left as it is."""
-        p = parsed
-        existing = self.studies.find_instance(p.sop_instance_uid, object_id)
-        stored_already = self.store.exists(object_id)
-        if replay and existing is not None and stored_already:
-            return existing
-        if existing is None or not stored_already:
-            put()  # durable when it returns
-        others = self.studies.object_ids(p.sop_instance_uid) - {object_id}
-        rec = InstanceRecord(
-            **{k: getattr(p, k) for k in _RECORDED},
-            object_id=object_id, size=size, calling_ae=calling_ae, called_ae=called_ae,
-            received_at=received_at, instance_number=p.geometry.instance_number,
-            duplicate=bool(others) if existing is None else existing.duplicate,
-        )  # fmt: skip
-        details: dict[str, str | int | bool] = {k: getattr(rec, k) for k in _RECORDED[:-3]}
-        details.update(
-            pixel_sha256=rec.pixel_sha256, geometry_sha256=rec.geometry_sha256,
-            calling_ae=calling_ae, called_ae=called_ae, size=size,
-            resent_identical=existing is not None, duplicate_uid_other_bytes=rec.duplicate,
-        )  # fmt: skip
-        if replay:
-            details["replayed"] = True
-        self.audit.record(
-            DICOM_INSTANCE_RECEIVED, actor=f"dicom-ae:{calling_ae}", object_id=object_id,
-            details=details,
-        )  # fmt: skip
+    def file(self, filings: Sequence[Filing]) -> list[InstanceRecord]:
+        """Store each filing's Part-10 object durably (``put()``), audit
+        ``dicom.instance_received`` for all of them (one audit transaction), then record
+        objects and instance rows (one catalog transaction). The audit events come
+        first, so a crash between the two leaves instances audited and not catalogued —
+        and filing them again (``replay``, from the spool after a restart) finds them
+        uncatalogued and files them, never the reverse. With ``replay``, an instance
+        already catalogued is left as it is."""
+        todo: list[tuple[Filing, InstanceRecord, bool]] = []
+        done: list[InstanceRecord] = []
+        seen: dict[str, set[str]] = {}  # SOP Instance UID -> object ids, this batch included
+        for f in filings:
+            p = f.parsed
+            existing = self.studies.find_instance(p.sop_instance_uid, f.object_id)
+            stored_already = self.store.exists(f.object_id)
+            if f.replay and existing is not None and stored_already:
+                done.append(existing)
+                continue
+            if f.put is not None and (existing is None or not stored_already):
+                f.put()  # durable when it returns
+            ids = seen.setdefault(p.sop_instance_uid, self.studies.object_ids(p.sop_instance_uid))
+            resent = existing is not None or f.object_id in ids
+            rec = InstanceRecord(
+                **{k: getattr(p, k) for k in _RECORDED},
+                object_id=f.object_id, size=f.size, calling_ae=f.calling_ae,
+                called_ae=f.called_ae, received_at=f.received_at,
+                instance_number=p.geometry.instance_number,
+                duplicate=existing.duplicate if existing else bool(ids - {f.object_id}),
+            )  # fmt: skip
+            ids.add(f.object_id)
+            todo.append((f, existing or rec, resent))
+        with self.audit.batch():
+            for f, rec, resent in todo:
+                details: dict[str, str | int | bool] = {k: getattr(rec, k) for k in _RECORDED[:-3]}
+                details.update(
+                    pixel_sha256=rec.pixel_sha256, geometry_sha256=rec.geometry_sha256,
+                    calling_ae=f.calling_ae, called_ae=f.called_ae, size=f.size,
+                    resent_identical=resent, duplicate_uid_other_bytes=rec.duplicate,
+                )  # fmt: skip
+                if f.replay:
+                    details["replayed"] = True
+                self.audit.record(
+                    DICOM_INSTANCE_RECEIVED, actor=f"dicom-ae:{f.calling_ae}",
+                    object_id=f.object_id, details=details,
+                )  # fmt: skip
         with self.catalog.transaction():
-            self.catalog.add_object(
-                object_id=object_id, size=size, name=f"{p.sop_instance_uid}.dcm",
-                media_type=MEDIA_TYPE, case_id="", origin_node=self.node_id,
-                labels={"source": "dicom-scp"},
-            )  # fmt: skip
-            added = self.studies.add_instance(rec, p.geometry)
-        if rec.duplicate and added:
-            log.warning(
-                "instance %s of study %s received again with different bytes (object %s); "
-                "both kept and flagged in the study report",
-                rec.sop_instance_uid, rec.study_uid, object_id,
-            )  # fmt: skip
-        log.debug("instance %s stored as %s", rec.sop_instance_uid, object_id)
-        return existing or rec
+            added = [self._catalogue(f.parsed, rec) for f, rec, _ in todo]
+        for (f, rec, _), new in zip(todo, added, strict=True):
+            if rec.duplicate and new:
+                log.warning(
+                    "instance %s of study %s received again with different bytes (object %s); "
+                    "both kept and flagged in the study report",
+                    rec.sop_instance_uid, rec.study_uid, f.object_id,
+                )  # fmt: skip
+            log.debug("instance %s stored as %s", rec.sop_instance_uid, f.object_id)
+            done.append(rec)
+        return done
+
+    def _catalogue(self, p: Parsed, rec: InstanceRecord) -> bool:
+        self.catalog.add_object(
+            object_id=rec.object_id, size=rec.size, name=f"{p.sop_instance_uid}.dcm",
+            media_type=MEDIA_TYPE, case_id="", origin_node=self.node_id,
+            labels={"source": "dicom-scp"},
+        )  # fmt: skip
+        return self.studies.add_instance(rec, p.geometry)
 
     def audit_refusal(self, object_id: str, facts: dict[str, object], exc: Exception) -> None:
         """Audit ``dicom.instance_received`` with outcome failure and the reason."""

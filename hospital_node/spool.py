@@ -48,7 +48,7 @@ from pathlib import Path
 from gateway.catalog import utcnow
 from gateway.errors import NotReady, StorageError, ValidationError, YigongError
 from gateway.hashing import sha256_hex
-from hospital_node.ingest import Ingest, Parsed, parse_instance
+from hospital_node.ingest import Filing, Ingest, Parsed, parse_instance
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ SUFFIX = ".dcm"
 TMP_PREFIX = ".tmp-"
 RETRY_FIRST, RETRY_MAX = 0.2, 5.0
 """Seconds between attempts to file an instance while filing fails (doubling)."""
+BATCH_MAX = 64
+"""Most instances filed in one audit and one catalog transaction."""
 ROOM_WAIT_SECONDS = 30.0
 """How long a C-STORE waits for room when ``spool_max_waiting`` instances wait."""
 
@@ -186,18 +188,23 @@ class DicomSpool:
             raise
         seq = next(self._seq)
         header = {"calling_ae": calling_ae, "called_ae": called_ae, "received_at": utcnow()}
-        written: Future[tuple[str, Path]] = self._io.submit(self._write, seq, part10, header)
+        checked: Future[Parsed] = self._io.submit(
+            parse_instance, part10, context_sop_class=context_sop_class
+        )
         try:
-            parsed = parse_instance(part10, context_sop_class=context_sop_class)
-        except ValidationError as exc:
-            object_id = self._discard(written) or sha256_hex(part10)
-            self.ingest.audit_refusal(object_id, facts, exc)
+            object_id, path = self._write(seq, part10, header)
+        except StorageError as exc:
+            with contextlib.suppress(ValidationError):
+                parsed = checked.result()
+                facts.update(sop_instance_uid=parsed.sop_instance_uid, study_uid=parsed.study_uid)
+            self.ingest.audit_refusal(sha256_hex(part10), facts, exc)
             raise
         try:
-            object_id, path = written.result()
-        except StorageError as exc:
-            facts.update(sop_instance_uid=parsed.sop_instance_uid, study_uid=parsed.study_uid)
-            self.ingest.audit_refusal(sha256_hex(part10), facts, exc)
+            parsed = checked.result()
+        except ValidationError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()  # if a crash keeps it, the restart parses it again, rejects it
+            self.ingest.audit_refusal(object_id, facts, exc)
             raise
         self._enqueue(Spooled(
             seq, path, object_id, len(part10), calling_ae, called_ae, header["received_at"],
@@ -247,16 +254,6 @@ class DicomSpool:
             ) from exc
         return object_id, path
 
-    def _discard(self, written: Future[tuple[str, Path]]) -> str:
-        """A refused instance: wait for its spool write, remove the file; its object id."""
-        try:
-            object_id, path = written.result()
-        except StorageError:
-            return ""
-        with contextlib.suppress(OSError):
-            path.unlink()  # if a crash keeps it, the restart parses it again and rejects it
-        return object_id
-
     def _enqueue(self, item: Spooled) -> None:
         with self._cond:
             self._waiting.add(item.seq)
@@ -265,45 +262,74 @@ class DicomSpool:
 
     # -- filing (the filer thread) ----------------------------------------
     def _run(self) -> None:
+        """File what waits, oldest first, in batches of what has arrived meanwhile (so a
+        burst costs one audit and one catalog commit per batch, not per instance)."""
         while True:
-            item = self._queue.get()
-            if item is None:
+            first = self._queue.get()
+            if first is None:
                 return
-            delay = RETRY_FIRST
-            while not self._file(item):
+            batch, last = [first], False
+            while len(batch) < BATCH_MAX and not last:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    last = True
+                else:
+                    batch.append(item)
+            delay, retry = RETRY_FIRST, False
+            while not self._file(batch, retry):
                 if self._stop.wait(delay):
                     return
-                delay = min(delay * 2, RETRY_MAX)
+                delay, retry = min(delay * 2, RETRY_MAX), True
+            if last:
+                return
 
-    def _file(self, item: Spooled) -> bool:
-        """File one instance; False (to retry) when filing failed."""
+    def _file(self, batch: list[Spooled], retry: bool) -> bool:
+        """File a batch; False (to retry) when filing failed. A retry files like a replay:
+        what the failed attempt did catalogue is not filed twice."""
+        store = self.ingest.store
         try:
-            parsed = item.parsed or self._parse_again(item)
-            if parsed is not None:
-                store, path, key = self.ingest.store, item.path, item.object_id
-                self.ingest.file(
-                    lambda: store.link_file(key, path), object_id=key, size=item.size,
-                    parsed=parsed, calling_ae=item.calling_ae, called_ae=item.called_ae,
-                    received_at=item.received_at, replay=item.parsed is None,
-                )  # fmt: skip
-                with contextlib.suppress(OSError):
-                    item.path.unlink()
-        except YigongError as exc:
+            filings: list[Filing] = []
+            for item in list(batch):
+                parsed = item.parsed or self._parse_again(item)
+                if parsed is None:  # set aside in rejected/: nothing to file, nor to retry
+                    batch.remove(item)
+                    self._done([item])
+                    continue
+                filings.append(Filing(
+                    None, item.object_id, item.size, parsed, item.calling_ae, item.called_ae,
+                    item.received_at, replay=retry or item.parsed is None,
+                ))  # fmt: skip
+            store.link_files([(item.object_id, item.path) for item in batch])
+            self.ingest.file(filings)
+        except Exception as exc:  # the filer must outlive any failure: it holds acked data
+            if not isinstance(exc, YigongError):
+                log.exception("DICOM spool: unexpected error while filing")
+                exc = StorageError(f"unexpected {type(exc).__name__} while filing")
             if self._failure is None:
                 log.error(
-                    "DICOM spool: filing instance %d (object %s) failed, retrying; new "
-                    "instances are refused until it works: %s", item.seq, item.object_id, exc,
+                    "DICOM spool: filing %d instance(s) failed, retrying; new instances are "
+                    "refused until it works: %s", len(batch), exc,
                 )  # fmt: skip
             with self._cond:
                 self._failure = exc
             return False
+        for item in batch:
+            with contextlib.suppress(OSError):
+                item.path.unlink()
         with self._cond:
             if self._failure is not None:
-                log.warning("DICOM spool: filing works again (%s)", item.object_id)
+                log.warning("DICOM spool: filing works again")
             self._failure = None
-            self._waiting.discard(item.seq)
-            self._cond.notify_all()
+        self._done(batch)
         return True
+
+    def _done(self, items: list[Spooled]) -> None:
+        with self._cond:
+            self._waiting.difference_update(item.seq for item in items)
+            self._cond.notify_all()
 
     def _parse_again(self, item: Spooled) -> Parsed | None:
         """A recovered instance's facts; None (and the file set aside) if it no longer

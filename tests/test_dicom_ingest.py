@@ -435,3 +435,27 @@ def test_serve_reports_dicom_port_in_ready_file(federation: Federation, tmp_path
     log = (tmp_path / "serve.log").read_text()
     assert f"DICOM on 127.0.0.1:{ready['dicom_port']}" in log
     shutil.rmtree(tmp_path / "hospital-serve-data", ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "sop_class, sop_instance, syntax",
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2"),
+        ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.34", "1.2.840.10008.1.2.1"),
+        (
+            "1.2.840.10008.5.1.4.1.1.7",
+            "1.2.826.0.1.3680043.8.498." + "1" * 38,
+            "1.2.840.10008.1.2.4.201",
+        ),
+        ("1.2.840.10008.5.1.4.1.1.2", "2.25.1" + "0" * 57, "1.2.840.10008.1.2.1.99"),
+    ],
+)
+def test_file_meta_is_byte_identical_to_pydicoms(
+    sop_class: str, sop_instance: str, syntax: str
+) -> None:
+    """The File Meta group is encoded directly (it is on every C-STORE's path); it must
+    stay exactly what pydicom writes, or object ids would change."""
+    from hospital_node.ingest import wrap_dataset_pydicom
+
+    args = {"sop_class_uid": sop_class, "sop_instance_uid": sop_instance, "transfer_syntax": syntax}
+    assert wrap_dataset(b"\x08\x00", **args) == wrap_dataset_pydicom(b"\x08\x00", **args)

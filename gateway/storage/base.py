@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from gateway.errors import StorageError, ValidationError
@@ -166,6 +166,12 @@ class ObjectStore(abc.ABC):
         returns.
         """
         self.put_file(key, path)
+
+    def link_files(self, pairs: Sequence[tuple[str, Path]]) -> None:
+        """:meth:`link_file` for each ``(key, path)``; durable when it returns (a store
+        may make them durable together, which is cheaper than one by one)."""
+        for key, path in pairs:
+            self.link_file(key, path)
 
     @abc.abstractmethod
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:

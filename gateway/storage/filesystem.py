@@ -23,7 +23,7 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -113,8 +113,9 @@ class FilesystemStore(ObjectStore):
 
     # -- writing ------------------------------------------------------------
 
-    def _ensure_dir(self, directory: Path) -> None:
-        """Create ``directory`` and missing parents, fsyncing each new entry's parent."""
+    def _ensure_dir(self, directory: Path, unsynced: set[Path] | None = None) -> None:
+        """Create ``directory`` and missing parents, fsyncing each new entry's parent —
+        or adding the parent to ``unsynced`` for the caller to fsync later."""
         missing: list[Path] = []
         current = directory
         while not current.is_dir():
@@ -129,7 +130,10 @@ class FilesystemStore(ObjectStore):
                 if not new_dir.is_dir():
                     raise
                 continue
-            _fsync_dir(new_dir.parent)
+            if unsynced is None:
+                _fsync_dir(new_dir.parent)
+            else:
+                unsynced.add(new_dir.parent)
 
     def _write(self, key: str, chunks: Iterable[bytes]) -> int:
         """Write ``chunks`` to a temp file next to ``key``'s path, then publish it."""
@@ -202,33 +206,44 @@ class FilesystemStore(ObjectStore):
         log.debug("adopted %s into %s", key, self.describe())
 
     def link_file(self, key: str, path: Path) -> None:
-        """Hard-link ``path`` onto the key (fsync it, link under a temporary name, rename,
-        fsync the directory); a copy (:meth:`put_file`) when ``path`` is on another
-        filesystem or the filesystem has no hard links."""
-        self.validate_key(key)
-        final = self.path_for(key)
-        tmp = final.parent / f"{TEMP_PREFIX}link-{os.getpid()}-{threading.get_ident()}"
-        try:
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-            self._ensure_dir(final.parent)
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            os.link(path, tmp)
-        except OSError as exc:
-            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                self.put_file(key, path)
-                return
-            raise self._error("link into the store", path, exc) from exc
-        try:
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise self._error("publish", final, exc) from exc
-        log.debug("linked %s into %s", key, self.describe())
+        self.link_files([(key, path)])
+
+    def link_files(self, pairs: Sequence[tuple[str, Path]]) -> None:
+        """Hard-link each path onto its key (fsync the file, link it under a temporary
+        name, rename it onto the key), then fsync every directory touched, once — one
+        journal commit for the lot on most filesystems. A copy (:meth:`put_file`) when a
+        path is on another filesystem or the filesystem has no hard links."""
+        unsynced: set[Path] = set()
+        for key, path in pairs:
+            self.validate_key(key)
+            final = self.path_for(key)
+            tmp = final.parent / f"{TEMP_PREFIX}link-{os.getpid()}-{threading.get_ident()}"
+            try:
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+                self._ensure_dir(final.parent, unsynced)
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                os.link(path, tmp)
+            except OSError as exc:
+                if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    self.put_file(key, path)
+                    continue
+                raise self._error("link into the store", path, exc) from exc
+            try:
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, final)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise self._error("publish", final, exc) from exc
+            unsynced.add(final.parent)
+        for directory in sorted(unsynced, key=lambda d: len(d.parts), reverse=True):
+            try:
+                _fsync_dir(directory)
+            except OSError as exc:
+                raise self._error("publish into", directory, exc) from exc
+        log.debug("linked %d object(s) into %s", len(pairs), self.describe())
 
     def _translated(self, chunks: Iterator[bytes], action: str, path: Path) -> Iterator[bytes]:
         """Pass ``chunks`` through, turning an OSError while reading into StorageError."""
