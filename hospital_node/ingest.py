@@ -39,7 +39,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import VR
 
 from gateway.audit import DICOM_INSTANCE_RECEIVED, AuditLog
@@ -49,6 +49,7 @@ from gateway.fidelity.dicom import geometry_hash, pixel_hash
 from gateway.fidelity.series import SliceGeometry, slice_geometry
 from gateway.hashing import sha256_hex
 from gateway.storage.base import ObjectStore
+from hospital_node.ingest_fast import clean_elements
 from hospital_node.studies import InstanceRecord, StudyCatalog
 
 log = logging.getLogger(__name__)
@@ -353,6 +354,17 @@ def parse_instance(part10: bytes, *, context_sop_class: str = "") -> Parsed:
         raise UnreadableInstance(f"data set unreadable ({type(exc).__name__})") from None
 
 
+def _checked_dataset(data: bytes, implicit: bool, little: bool, where: str) -> Dataset:
+    """The data set of ``data`` after every structural and value check (pydicom)."""
+    _walk(data, implicit, little, where)
+    try:
+        ds = read_dataset(io.BytesIO(data), implicit, little)
+    except Exception as exc:
+        raise UnreadableInstance(f"{where}: data set unreadable ({type(exc).__name__})") from None
+    _check_items(ds, where)
+    return ds
+
+
 def _parse(part10: bytes, context_sop_class: str) -> Parsed:
     meta, body = _split(part10)
     syntax = UID(str(meta.TransferSyntaxUID))
@@ -363,13 +375,12 @@ def _parse(part10: bytes, context_sop_class: str) -> Parsed:
     except ValueError:
         raise UnreadableInstance(f"{where}: unknown transfer syntax {syntax}") from None
     data = _inflate(body, where) if deflated else body
-    _walk(data, implicit, little, where)
-    try:
-        ds = read_dataset(io.BytesIO(data), implicit, little)
-    except Exception as exc:
-        raise UnreadableInstance(f"{where}: data set unreadable ({type(exc).__name__})") from None
+    clean = clean_elements(data, _CHECKED_VR_TAGS) if syntax == ExplicitVRLittleEndian else None
+    if clean is not None:  # the same checks in one pass (hospital_node.ingest_fast)
+        ds = Dataset(clean)  # type: ignore[arg-type]  # RawDataElements, as read_dataset
+    else:
+        ds = _checked_dataset(data, implicit, little, where)
     ds.file_meta = meta
-    _check_items(ds, where)
     uids: dict[str, str] = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         try:

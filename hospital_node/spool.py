@@ -14,14 +14,15 @@ spool, and a spool file is removed only after the instance is filed. After a cra
 :meth:`DicomSpool.start` files every complete spool file again (``replay``: an
 instance already catalogued is left as it is, so nothing is filed twice).
 
-Layout: ``<dicom.spool_path>/<seq>.<object id>.<header>.dcm`` (mode 0600): the
-Part-10 object exactly as it will be stored, so filing it into a filesystem store is
-a hard link, not a copy; ``<header>`` is base64url JSON of the calling and called AE
-titles and the time of receipt. A spool file is written as ``.tmp-<seq>``, fsynced
-and renamed, and the directory fsynced, so a complete name means complete bytes; a
-``.tmp-`` file left by a crash was never acknowledged and is removed at start. A
-file whose bytes no longer match its object id or no longer parse is moved to
-``rejected/`` and logged — never deleted.
+Layout: ``<dicom.spool_path>/<seq>.<header>.dcm`` (mode 0600): the Part-10 object
+exactly as it will be stored, so filing it into a filesystem store is a hard link,
+not a copy; ``<header>`` is base64url JSON of the calling and called AE titles and
+the time of receipt. Its SHA-256 (the object id) is computed by the filer, not on the
+C-STORE's path. A spool file is written as ``.tmp-<seq>``, fsynced and renamed, and
+the directory fsynced, so a complete name means complete bytes; a ``.tmp-`` file
+left by a crash was never acknowledged and is removed at start. A file whose name
+cannot be read or whose bytes no longer parse is moved to ``rejected/`` and logged —
+never deleted.
 
 While filing fails (object store or catalog down), the filer retries with backoff and
 new instances are refused with :class:`StorageError` (0xA700, the PACS sends again
@@ -42,12 +43,12 @@ import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gateway.catalog import utcnow
 from gateway.errors import NotReady, StorageError, ValidationError, YigongError
-from gateway.hashing import sha256_hex
+from gateway.hashing import hash_file, sha256_hex
 from hospital_node.ingest import Filing, Ingest, Parsed, parse_instance
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,12 @@ class Spooled:
 
     seq: int
     path: Path
-    object_id: str
     size: int
     calling_ae: str
     called_ae: str
     received_at: str
     parsed: Parsed | None  # None after a restart: parsed again when filed
+    object_id: str = ""  # the SHA-256 of the file; computed by the filer, off the C-STORE path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -174,9 +175,9 @@ class DicomSpool:
     # -- receiving (the association's thread) -----------------------------
     def receive(
         self, part10: bytes, *, calling_ae: str, called_ae: str, context_sop_class: str = ""
-    ) -> str:
-        """Make ``part10`` durable in the spool and validate it (both at once); return
-        its object id. Raises what :meth:`Ingest.check` raises for a refused instance and
+    ) -> None:
+        """Make ``part10`` durable in the spool and validate it (both at once). Raises
+        what :func:`parse_instance` raises for a refused instance (audited) and
         :class:`StorageError` when it cannot be spooled or filing is failing."""
         facts: dict[str, object] = {
             "calling_ae": calling_ae, "called_ae": called_ae, "size": len(part10)
@@ -192,7 +193,7 @@ class DicomSpool:
             parse_instance, part10, context_sop_class=context_sop_class
         )
         try:
-            object_id, path = self._write(seq, part10, header)
+            path = self._write(seq, part10, header)
         except StorageError as exc:
             with contextlib.suppress(ValidationError):
                 parsed = checked.result()
@@ -204,13 +205,11 @@ class DicomSpool:
         except ValidationError as exc:
             with contextlib.suppress(OSError):
                 path.unlink()  # if a crash keeps it, the restart parses it again, rejects it
-            self.ingest.audit_refusal(object_id, facts, exc)
+            self.ingest.audit_refusal(sha256_hex(part10), facts, exc)
             raise
         self._enqueue(Spooled(
-            seq, path, object_id, len(part10), calling_ae, called_ae, header["received_at"],
-            parsed,
+            seq, path, len(part10), calling_ae, called_ae, header["received_at"], parsed,
         ))  # fmt: skip
-        return object_id
 
     def _make_room(self) -> None:
         with self._cond:
@@ -227,12 +226,11 @@ class DicomSpool:
                     "instances not yet filed; send again later"
                 )
 
-    def _write(self, seq: int, part10: bytes, header: dict[str, str]) -> tuple[str, Path]:
-        """(object id, spool file): written, fsynced, renamed, directory fsynced."""
-        object_id = sha256_hex(part10)
+    def _write(self, seq: int, part10: bytes, header: dict[str, str]) -> Path:
+        """The spool file of ``part10``: written, fsynced, renamed, directory fsynced."""
         head = json.dumps([header["calling_ae"], header["called_ae"], header["received_at"]])
-        name = f"{seq:016d}.{object_id}.{base64.urlsafe_b64encode(head.encode()).decode()}"
-        tmp, path = self.directory / f"{TMP_PREFIX}{seq:016d}", self.directory / (name + SUFFIX)
+        name = f"{seq:016d}.{base64.urlsafe_b64encode(head.encode()).decode()}{SUFFIX}"
+        tmp, path = self.directory / f"{TMP_PREFIX}{seq:016d}", self.directory / name
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -252,7 +250,7 @@ class DicomSpool:
                 f"DICOM spool {self.directory} could not write instance {seq}: "
                 f"{exc.strerror or exc}; check disk space and permissions"
             ) from exc
-        return object_id, path
+        return path
 
     def _enqueue(self, item: Spooled) -> None:
         with self._cond:
@@ -293,6 +291,8 @@ class DicomSpool:
         try:
             filings: list[Filing] = []
             for item in list(batch):
+                if not item.object_id:
+                    batch[batch.index(item)] = item = replace(item, object_id=self._digest(item))
                 parsed = item.parsed or self._parse_again(item)
                 if parsed is None:  # set aside in rejected/: nothing to file, nor to retry
                     batch.remove(item)
@@ -331,6 +331,12 @@ class DicomSpool:
             self._waiting.difference_update(item.seq for item in items)
             self._cond.notify_all()
 
+    def _digest(self, item: Spooled) -> str:
+        try:
+            return hash_file(item.path)[0]
+        except OSError as exc:
+            raise StorageError(f"DICOM spool: cannot read {item.path} ({exc})") from exc
+
     def _parse_again(self, item: Spooled) -> Parsed | None:
         """A recovered instance's facts; None (and the file set aside) if it no longer
         parses — it was accepted once, so that means the spool file was damaged."""
@@ -352,13 +358,11 @@ class DicomSpool:
         except OSError as exc:
             raise StorageError(f"DICOM spool: cannot read {path} ({exc})") from exc
         try:
-            seq, object_id, head = path.name.removesuffix(SUFFIX).split(".")
+            seq, head = path.name.removesuffix(SUFFIX).split(".")
             calling_ae, called_ae, received_at = json.loads(base64.urlsafe_b64decode(head))
-            if sha256_hex(data) != object_id:
-                raise ValueError("its bytes do not match the object id in its name")
             return Spooled(
-                int(seq), path, object_id, len(data), str(calling_ae), str(called_ae),
-                str(received_at), None,
+                int(seq), path, len(data), str(calling_ae), str(called_ae), str(received_at),
+                None, sha256_hex(data),
             )  # fmt: skip
         except (ValueError, TypeError, binascii.Error) as exc:
             self._reject(path, str(exc))
