@@ -42,6 +42,7 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -189,19 +190,25 @@ class DicomSpool:
             raise
         seq = next(self._seq)
         header = {"calling_ae": calling_ae, "called_ae": called_ae, "received_at": utcnow()}
-        checked: Future[Parsed] = self._io.submit(
-            parse_instance, part10, context_sop_class=context_sop_class
-        )
+        started: list[Future[Parsed]] = []
+
+        def check() -> Future[Parsed]:  # in a helper thread, while the write waits for the disk
+            if not started:
+                started.append(
+                    self._io.submit(parse_instance, part10, context_sop_class=context_sop_class)
+                )
+            return started[0]
+
         try:
-            path = self._write(seq, part10, header)
+            path = self._write(seq, part10, header, check)
         except StorageError as exc:
             with contextlib.suppress(ValidationError):
-                parsed = checked.result()
+                parsed = check().result()
                 facts.update(sop_instance_uid=parsed.sop_instance_uid, study_uid=parsed.study_uid)
             self.ingest.audit_refusal(sha256_hex(part10), facts, exc)
             raise
         try:
-            parsed = checked.result()
+            parsed = check().result()
         except ValidationError as exc:
             with contextlib.suppress(OSError):
                 path.unlink()  # if a crash keeps it, the restart parses it again, rejects it
@@ -226,18 +233,24 @@ class DicomSpool:
                     "instances not yet filed; send again later"
                 )
 
-    def _write(self, seq: int, part10: bytes, header: dict[str, str]) -> Path:
-        """The spool file of ``part10``: written, fsynced, renamed, directory fsynced."""
+    def _write(
+        self, seq: int, part10: bytes, header: dict[str, str], meanwhile: Callable[[], object]
+    ) -> Path:
+        """The spool file of ``part10``: written, synced, renamed, directory fsynced.
+
+        ``meanwhile()`` is called just before the write: it is one ``O_DSYNC`` write
+        call that releases the GIL until the bytes are on disk, which is when work in
+        other threads (the parse) gets done."""
         head = json.dumps([header["calling_ae"], header["called_ae"], header["received_at"]])
         name = f"{seq:016d}.{base64.urlsafe_b64encode(head.encode()).decode()}{SUFFIX}"
         tmp, path = self.directory / f"{TMP_PREFIX}{seq:016d}", self.directory / name
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DSYNC, 0o600)
             try:
+                meanwhile()
                 view = memoryview(part10)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
