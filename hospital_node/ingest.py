@@ -49,7 +49,7 @@ from gateway.fidelity.dicom import geometry_hash, pixel_hash
 from gateway.fidelity.series import SliceGeometry, slice_geometry
 from gateway.hashing import sha256_hex
 from gateway.storage.base import ObjectStore
-from hospital_node.ingest_fast import clean_elements
+from hospital_node.ingest_fast import clean_elements, meta_elements
 from hospital_node.studies import InstanceRecord, StudyCatalog
 
 log = logging.getLogger(__name__)
@@ -177,10 +177,14 @@ def _split(part10: bytes) -> tuple[FileMetaDataset, bytes]:
     """File Meta group and the data set bytes of a Part-10 object."""
     if len(part10) < 132 or part10[128:132] != b"DICM":
         raise UnreadableInstance("not a DICOM Part-10 object (no 'DICM' after the preamble)")
+    fast = meta_elements(part10)  # the same, in one pass, when it is clean
     fp = io.BytesIO(part10)
-    fp.seek(132)
+    fp.seek(132 if fast is None else fast[1])
     try:
-        meta = read_dataset(fp, False, True, stop_when=lambda tag, _vr, _len: tag.group != 2)
+        if fast is None:
+            meta = read_dataset(fp, False, True, stop_when=lambda tag, _vr, _len: tag.group != 2)
+        else:
+            meta = Dataset(fast[0])  # type: ignore[arg-type]  # RawDataElements
         syntax = str(meta.get("TransferSyntaxUID", "") or "")
         sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
         sop_instance = str(meta.get("MediaStorageSOPInstanceUID", "") or "")

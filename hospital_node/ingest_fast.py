@@ -72,6 +72,42 @@ def clean_elements(
 _CHECKED: dict[frozenset[int], dict[int, frozenset[str]]] = {}
 
 
+def meta_elements(part10: bytes) -> tuple[dict[BaseTag, RawDataElement], int] | None:
+    """The File Meta elements (group 0002, Explicit VR Little Endian, right after
+    ``DICM``) and where the data set starts; None when the full reading must decide.
+    Checked as :func:`clean_elements` checks, sequences not allowed."""
+    out: dict[BaseTag, RawDataElement] = {}
+    pos, end, previous = 132, len(part10), -1
+    try:
+        while pos + 8 <= end:
+            group, element = _TAG.unpack_from(part10, pos)
+            if group != 2:
+                break
+            tag = group << 16 | element
+            vr = part10[pos + 4 : pos + 6]
+            if tag <= previous or vr == b"SQ":
+                return None
+            previous = tag
+            if vr in _LONG_VRS:
+                length, start = _LONG.unpack_from(part10, pos + 8)[0], pos + 12
+            else:
+                length, start = _SHORT.unpack_from(part10, pos + 6)[0], pos + 8
+            stop = start + length
+            if length == _UNDEFINED or stop > end or length % _SIZES.get(vr, 1):
+                return None
+            value = part10[start:stop]
+            if vr == b"UI" and not _UID_BYTES.fullmatch(value):
+                return None
+            if vr in _TEXT and _CONTROL.search(value.rstrip(b"\x00")):
+                return None
+            btag = BaseTag(tag)
+            out[btag] = RawDataElement(btag, _VRS[vr], length, value, start, False, True)
+            pos = stop
+    except (struct.error, KeyError):
+        return None
+    return (out, pos) if out and pos <= end else None
+
+
 def _walk(
     data: bytes, pos: int, end: int, depth: int,
     top: dict[BaseTag, RawDataElement] | None, allowed: dict[int, frozenset[str]],
@@ -110,14 +146,11 @@ def _walk(
             if length == _UNDEFINED:
                 raise _Unusual
             stop = value_end = start + length
-            if stop > end:
+            if stop > end or length % _SIZES.get(vr, 1):
                 raise _Unusual
-            value = data[start:stop]
-            if length % _SIZES.get(vr, 1):
+            if vr == b"UI" and not _UID_BYTES.fullmatch(data, start, stop):
                 raise _Unusual
-            if vr == b"UI" and not _UID_BYTES.fullmatch(value):
-                raise _Unusual
-            if vr in _TEXT and _CONTROL.search(value.rstrip(b"\x00")):
+            if vr in _TEXT and _CONTROL.search(data[start:stop].rstrip(b"\x00")):
                 raise _Unusual
         if top is not None:
             btag = BaseTag(tag)
