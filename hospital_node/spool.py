@@ -14,15 +14,15 @@ spool, and a spool file is removed only after the instance is filed. After a cra
 :meth:`DicomSpool.start` files every complete spool file again (``replay``: an
 instance already catalogued is left as it is, so nothing is filed twice).
 
-Layout: ``<dicom.spool_path>/<seq>.<header>.dcm`` (mode 0600): the Part-10 object
-exactly as it will be stored, so filing it into a filesystem store is a hard link,
-not a copy; ``<header>`` is base64url JSON of the calling and called AE titles and
-the time of receipt. Its SHA-256 (the object id) is computed by the filer, not on the
-C-STORE's path. A spool file is written as ``.tmp-<seq>``, fsynced and renamed, and
-the directory fsynced, so a complete name means complete bytes; a ``.tmp-`` file
-left by a crash was never acknowledged and is removed at start. A file whose name
-cannot be read or whose bytes no longer parse is moved to ``rejected/`` and logged —
-never deleted.
+Layout: ``<dicom.spool_path>/<seq>.<size>.<header>.dcm`` (mode 0600): the Part-10
+object exactly as it will be stored, so filing it into a filesystem store is a hard
+link, not a copy; ``<header>`` is base64url JSON of the calling and called AE titles
+and the time of receipt. Its SHA-256 (the object id) is computed by the filer, not on
+the C-STORE's path. A spool file is written with one ``O_DSYNC`` write, then the
+directory is fsynced; only then is the C-STORE answered. A file shorter than the size
+in its name was cut off by a crash before its answer and is removed at start (the PACS
+sends it again); a file whose name cannot be read or whose bytes no longer parse is
+moved to ``rejected/`` and logged — never deleted.
 
 While filing fails (object store or catalog down), the filer retries with backoff and
 new instances are refused with :class:`StorageError` (0xA700, the PACS sends again
@@ -55,7 +55,6 @@ from hospital_node.ingest import Filing, Ingest, Parsed, parse_instance
 log = logging.getLogger(__name__)
 
 SUFFIX = ".dcm"
-TMP_PREFIX = ".tmp-"
 RETRY_FIRST, RETRY_MAX = 0.2, 5.0
 """Seconds between attempts to file an instance while filing fails (doubling)."""
 BATCH_MAX = 64
@@ -109,9 +108,6 @@ class DicomSpool:
         (oldest first) and start the filer; return how many were queued."""
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for torn in self.directory.glob(f"{TMP_PREFIX}*"):
-                log.info("DICOM spool: removing %s (never acknowledged)", torn.name)
-                torn.unlink()
             names = sorted(p.name for p in self.directory.glob(f"*{SUFFIX}"))
         except OSError as exc:
             raise StorageError(
@@ -236,16 +232,16 @@ class DicomSpool:
     def _write(
         self, seq: int, part10: bytes, header: dict[str, str], meanwhile: Callable[[], object]
     ) -> Path:
-        """The spool file of ``part10``: written, synced, renamed, directory fsynced.
+        """The spool file of ``part10``: written, synced, directory fsynced.
 
         ``meanwhile()`` is called just before the write: it is one ``O_DSYNC`` write
         call that releases the GIL until the bytes are on disk, which is when work in
         other threads (the parse) gets done."""
         head = json.dumps([header["calling_ae"], header["called_ae"], header["received_at"]])
-        name = f"{seq:016d}.{base64.urlsafe_b64encode(head.encode()).decode()}{SUFFIX}"
-        tmp, path = self.directory / f"{TMP_PREFIX}{seq:016d}", self.directory / name
+        code = base64.urlsafe_b64encode(head.encode()).decode()
+        path = self.directory / f"{seq:016d}.{len(part10)}.{code}{SUFFIX}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DSYNC, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DSYNC, 0o600)
             try:
                 meanwhile()
                 view = memoryview(part10)
@@ -253,12 +249,10 @@ class DicomSpool:
                     view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
             _fsync_dir(self.directory)
         except OSError as exc:
-            for leftover in (tmp, path):
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
+            with contextlib.suppress(OSError):
+                path.unlink()
             raise StorageError(
                 f"DICOM spool {self.directory} could not write instance {seq}: "
                 f"{exc.strerror or exc}; check disk space and permissions"
@@ -371,8 +365,12 @@ class DicomSpool:
         except OSError as exc:
             raise StorageError(f"DICOM spool: cannot read {path} ({exc})") from exc
         try:
-            seq, head = path.name.removesuffix(SUFFIX).split(".")
+            seq, size, head = path.name.removesuffix(SUFFIX).split(".")
             calling_ae, called_ae, received_at = json.loads(base64.urlsafe_b64decode(head))
+            if len(data) != int(size):  # the node stopped while writing it: never answered
+                log.info("DICOM spool: removing %s (incomplete, never acknowledged)", path.name)
+                path.unlink()
+                return None
             return Spooled(
                 int(seq), path, len(data), str(calling_ae), str(called_ae), str(received_at),
                 None, sha256_hex(data),
