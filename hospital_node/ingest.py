@@ -45,7 +45,7 @@ from pydicom.valuerep import VR
 from gateway.audit import DICOM_INSTANCE_RECEIVED, AuditLog
 from gateway.catalog import Catalog, utcnow
 from gateway.errors import AuditError, ValidationError, YigongError
-from gateway.fidelity.dicom import geometry_hash, pixel_hash
+from gateway.fidelity.dicom import PIXEL_DATA_TAGS, geometry_hash, pixel_hash
 from gateway.fidelity.series import SliceGeometry, slice_geometry
 from gateway.hashing import sha256_hex
 from gateway.storage.base import ObjectStore
@@ -99,8 +99,11 @@ class Parsed:
     modality: str
     geometry: SliceGeometry
     geometry_sha256: str
-    pixel_sha256: str
+    pixel_sha256: str  # "" while deferred: see pixel_spans
     burned_in: str
+    pixel_spans: tuple[tuple[int, int, int], ...] = ()
+    """With ``defer_pixel_hash``: (tag, offset in the Part-10 object, length) of each pixel
+    data element, for :func:`pixel_hash_of` later (the filer, off the C-STORE's path)."""
 
 
 def _tag(tag: int) -> str:
@@ -348,10 +351,15 @@ def _burned_in(ds: Dataset) -> str:
     return flag if flag in ("YES", "NO") else ""
 
 
-def parse_instance(part10: bytes, *, context_sop_class: str = "") -> Parsed:
-    """Parse and validate a Part-10 object; raise UnreadableInstance / DatasetMismatch."""
+def parse_instance(
+    part10: bytes, *, context_sop_class: str = "", defer_pixel_hash: bool = False
+) -> Parsed:
+    """Parse and validate a Part-10 object; raise UnreadableInstance / DatasetMismatch.
+
+    ``defer_pixel_hash``: where the fast check read the data set, leave ``pixel_sha256``
+    empty and give ``pixel_spans`` instead (hashing 512 KiB is 0.3 ms)."""
     try:
-        return _parse(part10, context_sop_class)
+        return _parse(part10, context_sop_class, defer_pixel_hash)
     except ValidationError:
         raise
     except Exception as exc:  # never let odd input escape as anything but a refusal
@@ -369,7 +377,7 @@ def _checked_dataset(data: bytes, implicit: bool, little: bool, where: str) -> D
     return ds
 
 
-def _parse(part10: bytes, context_sop_class: str) -> Parsed:
+def _parse(part10: bytes, context_sop_class: str, defer_pixel_hash: bool = False) -> Parsed:
     meta, body = _split(part10)
     syntax = UID(str(meta.TransferSyntaxUID))
     where = f"instance {meta.MediaStorageSOPInstanceUID}"
@@ -380,7 +388,15 @@ def _parse(part10: bytes, context_sop_class: str) -> Parsed:
         raise UnreadableInstance(f"{where}: unknown transfer syntax {syntax}") from None
     data = _inflate(body, where) if deflated else body
     clean = clean_elements(data, _CHECKED_VR_TAGS) if syntax == ExplicitVRLittleEndian else None
+    spans: tuple[tuple[int, int, int], ...] = ()
     if clean is not None:  # the same checks in one pass (hospital_node.ingest_fast)
+        if defer_pixel_hash:
+            at = len(part10) - len(data)
+            spans = tuple(
+                (tag, at + clean[tag].value_tell, clean[tag].length)  # type: ignore[index]
+                for tag in PIXEL_DATA_TAGS
+                if tag in clean
+            )
         ds = Dataset(clean)  # type: ignore[arg-type]  # RawDataElements, as read_dataset
     else:
         ds = _checked_dataset(data, implicit, little, where)
@@ -418,8 +434,9 @@ def _parse(part10: bytes, context_sop_class: str) -> Parsed:
         modality=str(ds.get("Modality", "") or "")[:16],
         geometry=slice_geometry(ds),
         geometry_sha256=geometry_hash(ds),
-        pixel_sha256=pixel_hash(ds),
+        pixel_sha256="" if spans else pixel_hash(ds),
         burned_in=_burned_in(ds),
+        pixel_spans=spans,
     )
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 
 from gateway.catalog import utcnow
 from gateway.errors import NotReady, StorageError, ValidationError, YigongError
+from gateway.fidelity.dicom import pixel_hash_of
 from gateway.hashing import hash_file, sha256_hex
 from hospital_node.ingest import Filing, Ingest, Parsed, parse_instance
 
@@ -190,9 +191,7 @@ class DicomSpool:
 
         def check() -> Future[Parsed]:  # in a helper thread, while the write waits for the disk
             if not started:
-                started.append(
-                    self._io.submit(parse_instance, part10, context_sop_class=context_sop_class)
-                )
+                started.append(self._io.submit(self._check, part10, context_sop_class))
             return started[0]
 
         try:
@@ -213,6 +212,10 @@ class DicomSpool:
         self._enqueue(Spooled(
             seq, path, len(part10), calling_ae, called_ae, header["received_at"], parsed,
         ))  # fmt: skip
+
+    @staticmethod
+    def _check(part10: bytes, context_sop_class: str) -> Parsed:
+        return parse_instance(part10, context_sop_class=context_sop_class, defer_pixel_hash=True)
 
     def _make_room(self) -> None:
         with self._cond:
@@ -305,6 +308,8 @@ class DicomSpool:
                     batch.remove(item)
                     self._done([item])
                     continue
+                if parsed.pixel_spans:
+                    parsed = replace(parsed, pixel_sha256=self._pixel_hash(item, parsed))
                 filings.append(Filing(
                     None, item.object_id, item.size, parsed, item.calling_ae, item.called_ae,
                     item.received_at, replay=retry or item.parsed is None,
@@ -337,6 +342,22 @@ class DicomSpool:
         with self._cond:
             self._waiting.difference_update(item.seq for item in items)
             self._cond.notify_all()
+
+    def _pixel_hash(self, item: Spooled, parsed: Parsed) -> str:
+        """The pixel hash the parse left to the filer (read from the spool file)."""
+        try:
+            with open(item.path, "rb") as fh:
+                parts = []
+                for tag, offset, length in parsed.pixel_spans:
+                    fh.seek(offset)
+                    parts.append((tag, fh.read(length)))
+        except OSError as exc:
+            raise StorageError(f"DICOM spool: cannot read {item.path} ({exc})") from exc
+        if any(len(data) != length for (_, data), (_, _, length) in zip(
+            parts, parsed.pixel_spans, strict=True
+        )):  # fmt: skip
+            raise StorageError(f"DICOM spool: {item.path} is shorter than when it was parsed")
+        return pixel_hash_of(parts)
 
     def _digest(self, item: Spooled) -> str:
         try:

@@ -138,3 +138,19 @@ def test_part10_built_by_pydicom_is_read_alike(monkeypatch: pytest.MonkeyPatch) 
     start = 144 + int.from_bytes(raw[140:144], "little")
     fast, full = both(wrap(raw[start:], str(ds.SOPInstanceUID)), monkeypatch)
     assert isinstance(fast, Parsed) and fast == full
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_deferred_pixel_hash_is_the_same_hash(shape: str) -> None:
+    """The spool leaves the pixel hash to its filer: the spans it gets must hash to
+    exactly what pixel_hash gives on the parsed data set."""
+    from gateway.fidelity.dicom import pixel_hash_of
+
+    ds = SHAPES[shape]()
+    part10 = wrap(body_of(ds), str(ds.SOPInstanceUID), sop_class=str(ds.SOPClassUID))
+    deferred = parse_instance(part10, defer_pixel_hash=True)
+    now = parse_instance(part10)
+    assert deferred.pixel_sha256 == "" and now.pixel_spans == ()
+    assert [tag for tag, _at, _n in deferred.pixel_spans] == [0x7FE00010]
+    parts = [(tag, part10[at : at + n]) for tag, at, n in deferred.pixel_spans]
+    assert pixel_hash_of(parts) == now.pixel_sha256

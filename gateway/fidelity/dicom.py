@@ -137,9 +137,15 @@ def _pixel_elements(ds: Dataset) -> Iterable[tuple[int, bytes]]:
 
 def pixel_hash(ds: Dataset) -> str:
     """SHA-256 hex over the raw pixel data bytes of ``ds`` as stored (never decoded)."""
+    return pixel_hash_of(_pixel_elements(ds))
+
+
+def pixel_hash_of(elements: Iterable[tuple[int, bytes]]) -> str:
+    """:func:`pixel_hash` of the pixel data elements ``(tag, value bytes)`` present, in
+    :data:`PIXEL_DATA_TAGS` order (for callers that hold the raw bytes, not a data set)."""
     hasher = StreamHasher()
     hasher.update(PIXEL_ENCODING_VERSION)
-    for tag, data in _pixel_elements(ds):
+    for tag, data in elements:
         hasher.update(struct.pack(">IQ", tag, len(data)))
         hasher.update(data)
     return hasher.hexdigest()
