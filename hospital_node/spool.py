@@ -93,6 +93,7 @@ class DicomSpool:
         self.ingest = ingest
         self.directory = Path(directory)
         self.max_waiting = max_waiting
+        self.room_wait_seconds = ROOM_WAIT_SECONDS
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dicom-spool-io")
         self._queue: queue.Queue[Spooled | None] = queue.Queue()
         self._cond = threading.Condition()
@@ -115,9 +116,13 @@ class DicomSpool:
                 f"DICOM spool {self.directory}: cannot use it ({exc.strerror or exc}); "
                 "check dicom.spool_path and its permissions"
             ) from exc
+        rejected = self.directory / "rejected"
+        seen = (
+            [*names, *(p.name for p in rejected.glob(f"*{SUFFIX}"))] if rejected.is_dir() else names
+        )
+        seqs = [int(n.split(".", 1)[0]) for n in seen if n.split(".", 1)[0].isdigit()]
+        self._seq = itertools.count(max(seqs, default=0) + 1)  # never a name used before
         recovered = [s for s in (self._recover(self.directory / n) for n in names) if s]
-        last = max((s.seq for s in recovered), default=0)
-        self._seq = itertools.count(last + 1)
         for item in recovered:
             self._enqueue(item)
         if recovered:
@@ -225,7 +230,7 @@ class DicomSpool:
                     f"{len(self._waiting)} wait in the DICOM spool; send again later"
                 )
             if not self._cond.wait_for(
-                lambda: len(self._waiting) < self.max_waiting, ROOM_WAIT_SECONDS
+                lambda: len(self._waiting) < self.max_waiting, self.room_wait_seconds
             ):
                 raise StorageError(
                     f"the DICOM spool holds dicom.spool_max_waiting={self.max_waiting} "
@@ -410,6 +415,6 @@ class DicomSpool:
         except OSError as exc:
             raise StorageError(f"DICOM spool: cannot set aside {path} ({exc})") from exc
         log.error(
-            "DICOM spool: %s set aside in %s, not filed: %s (a torn file was never "
-            "acknowledged; anything else: inspect it)", path.name, target.parent, why,
+            "DICOM spool: %s set aside in %s, not filed: %s; inspect it: it may have been "
+            "acknowledged to the PACS", path.name, target.parent, why,
         )  # fmt: skip

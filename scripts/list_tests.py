@@ -27,7 +27,15 @@ FEATURES: list[tuple[str, list[str]]] = [
     ("Node process, configuration, catalog", ["test_node.py"]),
     ("Command line and demo", ["test_cli.py", "test_demo.py"]),
     ("Audit log", ["test_audit.py", "test_atna.py"]),
-    ("DICOM ingest (hospital)", ["test_dicom_ingest.py", "test_dicom_malformed.py"]),
+    (
+        "DICOM ingest (hospital)",
+        [
+            "test_dicom_ingest.py",
+            "test_dicom_spool.py",
+            "test_dicom_malformed.py",
+            "test_ingest_fast.py",
+        ],
+    ),
     ("De-identification (PS3.15)", ["test_deid_profile.py", "test_deid_engine.py"]),
     ("Confirmation and de-identified release (hospital)", ["test_hospital_release.py"]),
     ("Series geometry and suitability (factory)", ["test_fidelity_series.py", "test_factory.py"]),
