@@ -51,6 +51,7 @@ from gateway.catalog import utcnow
 from gateway.errors import NotReady, StorageError, ValidationError, YigongError
 from gateway.fidelity.dicom import pixel_hash_of
 from gateway.hashing import hash_file, sha256_hex
+from gateway.storage.filesystem import fsync_dir
 from hospital_node.ingest import Filing, Ingest, Parsed, parse_instance
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,6 @@ class Spooled:
     received_at: str
     parsed: Parsed | None  # None after a restart: parsed again when filed
     object_id: str = ""  # the SHA-256 of the file; computed by the filer, off the C-STORE path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DicomSpool:
@@ -257,7 +250,7 @@ class DicomSpool:
                     view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -411,7 +404,7 @@ class DicomSpool:
         try:
             target.parent.mkdir(mode=0o700, exist_ok=True)
             os.replace(path, target)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             raise StorageError(f"DICOM spool: cannot set aside {path} ({exc})") from exc
         log.error(

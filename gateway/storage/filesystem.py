@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 _ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable (new, renamed, removed files)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -99,7 +100,7 @@ class FilesystemStore(ObjectStore):
                 os.fsync(fh.fileno())
             os.unlink(probe)
             probe = None
-            _fsync_dir(self._root)
+            fsync_dir(self._root)
         except OSError as exc:
             raise self._error("write a probe file in", self._root, exc) from exc
         finally:
@@ -131,7 +132,7 @@ class FilesystemStore(ObjectStore):
                     raise
                 continue
             if unsynced is None:
-                _fsync_dir(new_dir.parent)
+                fsync_dir(new_dir.parent)
             else:
                 unsynced.add(new_dir.parent)
 
@@ -162,7 +163,7 @@ class FilesystemStore(ObjectStore):
             try:
                 os.replace(tmp, final)
                 published = True
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             except OSError as exc:
                 raise self._error("publish", final, exc) from exc
         finally:
@@ -200,7 +201,7 @@ class FilesystemStore(ObjectStore):
                 return
             raise self._error("move into the store", path, exc) from exc
         try:
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             raise self._error("publish", final, exc) from exc
         log.debug("adopted %s into %s", key, self.describe())
@@ -240,7 +241,7 @@ class FilesystemStore(ObjectStore):
             unsynced.add(final.parent)
         for directory in sorted(unsynced, key=lambda d: len(d.parts), reverse=True):
             try:
-                _fsync_dir(directory)
+                fsync_dir(directory)
             except OSError as exc:
                 raise self._error("publish into", directory, exc) from exc
         log.debug("linked %d object(s) into %s", len(pairs), self.describe())
@@ -313,7 +314,7 @@ class FilesystemStore(ObjectStore):
         except OSError as exc:
             raise self._error("delete", path, exc) from exc
         try:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:
             raise self._error("sync directory", path.parent, exc) from exc
         log.debug("deleted %s from %s", key, self.describe())
