@@ -452,7 +452,7 @@ class Filing:
     calling_ae: str
     called_ae: str
     received_at: str
-    replay: bool = False  # filed again after a restart: skip it if already catalogued
+    replay: bool = False  # filed again (restart, retry): skip it if already catalogued
 
 
 _RECORDED = ("sop_instance_uid", "study_uid", "series_uid", "sop_class_uid", "transfer_syntax",
