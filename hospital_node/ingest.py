@@ -40,7 +40,6 @@ from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
-from pydicom.valuerep import VR
 
 from gateway.audit import DICOM_INSTANCE_RECEIVED, AuditLog
 from gateway.catalog import Catalog, utcnow
@@ -49,7 +48,16 @@ from gateway.fidelity.dicom import PIXEL_DATA_TAGS, geometry_hash, pixel_hash
 from gateway.fidelity.series import SliceGeometry, slice_geometry
 from gateway.hashing import sha256_hex
 from gateway.storage.base import ObjectStore
-from hospital_node.ingest_fast import clean_elements, meta_elements
+from hospital_node.ingest_fast import (
+    CHECKED_VR_TAGS,
+    CONTROL,
+    TEXT_VRS,
+    UID_BYTES,
+    VALUE_SIZES,
+    VRS,
+    clean_elements,
+    meta_elements,
+)
 from hospital_node.studies import InstanceRecord, StudyCatalog
 
 log = logging.getLogger(__name__)
@@ -63,20 +71,7 @@ IMPLEMENTATION_VERSION_NAME = "YIGONG_INGEST_1"
 across pydicom upgrades; change them only with a note in docs/dicom-ingest.md."""
 
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-_VRS = frozenset(v.value for v in VR if " or " not in v.value)
 _PIXEL_DATA = 0x7FE00010
-_CHECKED_VR_TAGS: frozenset[int] = frozenset((
-    0x00080016, 0x00080018, 0x0020000D, 0x0020000E,  # SOP Class/Instance, Study, Series UID
-    0x00180050, 0x00181120, 0x00200013, 0x00200032, 0x00200037,  # thickness, tilt, geometry
-    0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280030,  # pixel module
-    0x00280100, 0x00280101, 0x00280102, 0x00280103, _PIXEL_DATA,
-))  # fmt: skip
-"""Elements this node interprets: in explicit VR their VR must be the dictionary's (or UN)."""
-_VALUE_SIZES = {"AT": 4, "FD": 8, "FL": 4, "OD": 8, "OF": 4, "OL": 4, "OV": 8, "OW": 2, "SL": 4,
-                "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8}  # fmt: skip
-_TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UR UT".split())
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")  # TAB LF FF CR ESC are allowed
-_UID_BYTES = re.compile(rb"[0-9.]*[\x00 ]?")
 
 
 class UnreadableInstance(ValidationError):
@@ -229,7 +224,7 @@ def _walk(data: bytes, implicit: bool, little: bool, where: str) -> None:
                 raise UnreadableInstance(f"{where}: element {_tag(tag)} out of order or repeated")
             if tag >> 16 < 0x0008 or tag >> 16 in (0xFFFE, 0xFFFF):
                 raise UnreadableInstance(f"{where}: element {_tag(tag)} is not allowed here")
-            if not implicit and elem.VR not in _VRS:
+            if not implicit and elem.VR not in VRS:
                 raise UnreadableInstance(f"{where}: element {_tag(tag)} has an invalid VR")
             previous, end = tag, at
     except UnreadableInstance:
@@ -243,12 +238,12 @@ def _walk(data: bytes, implicit: bool, little: bool, where: str) -> None:
 
 
 def _check_raw(tag: int, vr: str, value: bytes, where: str) -> None:
-    size = _VALUE_SIZES.get(vr, 1)
+    size = VALUE_SIZES.get(vr, 1)
     if len(value) % size:
         raise UnreadableInstance(f"{where}: element {_tag(tag)} ({vr}) has a bad length")
-    if vr == "UI" and not _UID_BYTES.fullmatch(value):
+    if vr == "UI" and not UID_BYTES.fullmatch(value):
         raise UnreadableInstance(f"{where}: element {_tag(tag)} (UI) holds bytes a UID cannot")
-    if vr in _TEXT_VRS and _CONTROL.search(value.rstrip(b"\x00")):
+    if vr in TEXT_VRS and CONTROL.search(value.rstrip(b"\x00")):
         raise UnreadableInstance(f"{where}: element {_tag(tag)} ({vr}) holds control bytes")
 
 
@@ -262,7 +257,7 @@ def _check_items(ds: Dataset, where: str, depth: int = 0) -> None:
         raw = ds.get_item(tag)
         if raw is None:
             continue
-        if depth == 0 and tag in _CHECKED_VR_TAGS:
+        if depth == 0 and tag in CHECKED_VR_TAGS:
             allowed = dictionary_vr(int(tag)).split(" or ")
             if raw.VR not in (None, "UN", *allowed):
                 raise UnreadableInstance(
@@ -387,7 +382,7 @@ def _parse(part10: bytes, context_sop_class: str, defer_pixel_hash: bool = False
     except ValueError:
         raise UnreadableInstance(f"{where}: unknown transfer syntax {syntax}") from None
     data = _inflate(body, where) if deflated else body
-    clean = clean_elements(data, _CHECKED_VR_TAGS) if syntax == ExplicitVRLittleEndian else None
+    clean = clean_elements(data) if syntax == ExplicitVRLittleEndian else None
     spans: tuple[tuple[int, int, int], ...] = ()
     if clean is not None:  # the same checks in one pass (hospital_node.ingest_fast)
         if defer_pixel_hash:

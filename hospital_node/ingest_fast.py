@@ -30,13 +30,28 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import BaseTag
 from pydicom.valuerep import VR
 
+VRS = frozenset(v.value for v in VR if " or " not in v.value)
+"""Every VR an explicit-VR element may carry."""
+VALUE_SIZES = {"AT": 4, "FD": 8, "FL": 4, "OD": 8, "OF": 4, "OL": 4, "OV": 8, "OW": 2, "SL": 4,
+               "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8}  # fmt: skip
+"""A value of these VRs is a whole number of items of this many bytes."""
+TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UR UT".split())
+CONTROL = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")  # TAB LF FF CR ESC are allowed
+UID_BYTES = re.compile(rb"[0-9.]*[\x00 ]?")
+CHECKED_VR_TAGS: frozenset[int] = frozenset((
+    0x00080016, 0x00080018, 0x0020000D, 0x0020000E,  # SOP Class/Instance, Study, Series UID
+    0x00180050, 0x00181120, 0x00200013, 0x00200032, 0x00200037,  # thickness, tilt, geometry
+    0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280030,  # pixel module
+    0x00280100, 0x00280101, 0x00280102, 0x00280103, 0x7FE00010,
+))  # fmt: skip
+"""Elements ingest interprets: in explicit VR their VR must be the dictionary's (or UN).
+These definitions are shared with the full checks in :mod:`hospital_node.ingest`."""
+
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_VRS = {v.value.encode(): v.value for v in VR if " or " not in v.value}
-_SIZES = {b"AT": 4, b"FD": 8, b"FL": 4, b"OD": 8, b"OF": 4, b"OL": 4, b"OV": 8, b"OW": 2,
-          b"SL": 4, b"SS": 2, b"SV": 8, b"UL": 4, b"US": 2, b"UV": 8}  # fmt: skip
-_TEXT = frozenset(b"AE AS CS DA DS DT IS LO LT PN SH ST TM UC UR UT".split())
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")  # as hospital_node.ingest
-_UID_BYTES = re.compile(rb"[0-9.]*[\x00 ]?")
+_VRS = {vr.encode(): vr for vr in VRS}
+_SIZES = {vr.encode(): size for vr, size in VALUE_SIZES.items()}
+_TEXT = frozenset(vr.encode() for vr in TEXT_VRS)
+_ALLOWED = {t: frozenset((*str(dictionary_VR(t)).split(" or "), "UN")) for t in CHECKED_VR_TAGS}
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _MAX_DEPTH = 16
@@ -49,27 +64,15 @@ class _Unusual(Exception):
     """Anything the fast check does not accept: the full check decides."""
 
 
-def _checked_vrs(tags: frozenset[int]) -> dict[int, frozenset[str]]:
-    return {t: frozenset((*str(dictionary_VR(t)).split(" or "), "UN")) for t in tags}
-
-
-def clean_elements(
-    data: bytes, checked_vr_tags: frozenset[int]
-) -> dict[BaseTag, RawDataElement] | None:
+def clean_elements(data: bytes) -> dict[BaseTag, RawDataElement] | None:
     """The top-level elements of ``data`` (Explicit VR Little Endian) if it passes every
     check; None when the full check must decide."""
-    allowed = _CHECKED.get(checked_vr_tags)
-    if allowed is None:
-        allowed = _CHECKED[checked_vr_tags] = _checked_vrs(checked_vr_tags)
     out: dict[BaseTag, RawDataElement] = {}
     try:
-        end = _walk(data, 0, len(data), 0, out, allowed)
+        end = _walk(data, 0, len(data), 0, out)
     except (_Unusual, struct.error, KeyError):
         return None
     return out if end == len(data) else None
-
-
-_CHECKED: dict[frozenset[int], dict[int, frozenset[str]]] = {}
 
 
 def meta_elements(part10: bytes) -> tuple[dict[BaseTag, RawDataElement], int] | None:
@@ -77,55 +80,40 @@ def meta_elements(part10: bytes) -> tuple[dict[BaseTag, RawDataElement], int] | 
     ``DICM``) and where the data set starts; None when the full reading must decide.
     Checked as :func:`clean_elements` checks, sequences not allowed."""
     out: dict[BaseTag, RawDataElement] = {}
-    pos, end, previous = 132, len(part10), -1
     try:
-        while pos + 8 <= end:
-            group, element = _TAG.unpack_from(part10, pos)
-            if group != 2:
-                break
-            tag = group << 16 | element
-            vr = part10[pos + 4 : pos + 6]
-            if tag <= previous or vr == b"SQ":
-                return None
-            previous = tag
-            if vr in _LONG_VRS:
-                length, start = _LONG.unpack_from(part10, pos + 8)[0], pos + 12
-            else:
-                length, start = _SHORT.unpack_from(part10, pos + 6)[0], pos + 8
-            stop = start + length
-            if length == _UNDEFINED or stop > end or length % _SIZES.get(vr, 1):
-                return None
-            value = part10[start:stop]
-            if vr == b"UI" and not _UID_BYTES.fullmatch(value):
-                return None
-            if vr in _TEXT and _CONTROL.search(value.rstrip(b"\x00")):
-                return None
-            btag = BaseTag(tag)
-            out[btag] = RawDataElement(btag, _VRS[vr], length, value, start, False, True)
-            pos = stop
-    except (struct.error, KeyError):
+        pos = _walk(part10, 132, len(part10), 0, out, meta=True)
+    except (_Unusual, struct.error, KeyError):
         return None
-    return (out, pos) if out and pos <= end else None
+    return (out, pos) if out else None
 
 
 def _walk(
     data: bytes, pos: int, end: int, depth: int,
-    top: dict[BaseTag, RawDataElement] | None, allowed: dict[int, frozenset[str]],
+    top: dict[BaseTag, RawDataElement] | None, *, meta: bool = False,
 ) -> int:  # fmt: skip
     """Check the elements in ``data[pos:end]``; inside an undefined-length item, stop
     after its Item Delimitation Item (``end`` is then the parent's end). Top level
-    (``top`` given): collect the elements. Returns where it stopped."""
+    (``top`` given): collect the elements. ``meta``: the File Meta group (group 0002
+    only, no sequences), which ends at the first element of another group. Returns
+    where it stopped."""
+    lowest_group = 2 if meta else 8
     previous = -1
     while pos < end:
         if pos + 8 > end:
             raise _Unusual
         group, element = _TAG.unpack_from(data, pos)
+        if meta and group != 2:
+            return pos
         tag = group << 16 | element
         if tag == _ITEM_END:
             if top is not None or _LONG.unpack_from(data, pos + 4)[0] != 0:
                 raise _Unusual
             return -(pos + 8)  # negative: stopped at a delimiter
-        if tag <= previous or group in (0xFFFE, 0xFFFF) or (top is not None and group < 8):
+        if (
+            tag <= previous
+            or group in (0xFFFE, 0xFFFF)
+            or (top is not None and group < lowest_group)
+        ):
             raise _Unusual
         previous = tag
         vr = data[pos + 4 : pos + 6]
@@ -138,19 +126,21 @@ def _walk(
             length = _SHORT.unpack_from(data, pos + 6)[0]
             start = pos + 8
         name = _VRS[vr]  # KeyError: unknown VR
-        if top is not None and tag in allowed and name not in allowed[tag]:
+        if top is not None and tag in _ALLOWED and name not in _ALLOWED[tag]:
             raise _Unusual
         if vr == b"SQ":
-            stop, value_end = _sequence(data, start, end, length, depth + 1, allowed)
+            if meta:
+                raise _Unusual
+            stop, value_end = _sequence(data, start, end, length, depth + 1)
         else:
             if length == _UNDEFINED:
                 raise _Unusual
             stop = value_end = start + length
             if stop > end or length % _SIZES.get(vr, 1):
                 raise _Unusual
-            if vr == b"UI" and not _UID_BYTES.fullmatch(data, start, stop):
+            if vr == b"UI" and not UID_BYTES.fullmatch(data, start, stop):
                 raise _Unusual
-            if vr in _TEXT and _CONTROL.search(data[start:stop].rstrip(b"\x00")):
+            if vr in _TEXT and CONTROL.search(data[start:stop].rstrip(b"\x00")):
                 raise _Unusual
         if top is not None:
             btag = BaseTag(tag)
@@ -161,10 +151,7 @@ def _walk(
     return pos
 
 
-def _sequence(
-    data: bytes, start: int, end: int, length: int, depth: int,
-    allowed: dict[int, frozenset[str]],
-) -> tuple[int, int]:  # fmt: skip
+def _sequence(data: bytes, start: int, end: int, length: int, depth: int) -> tuple[int, int]:
     """Check a sequence's items; (where the element ends, where its items end)."""
     if depth > _MAX_DEPTH:
         raise _Unusual
@@ -186,14 +173,14 @@ def _sequence(
             raise _Unusual
         body = pos + 8
         if item_length == _UNDEFINED:
-            stopped = _walk(data, body, limit, depth, None, allowed)
+            stopped = _walk(data, body, limit, depth, None)
             if stopped >= 0:  # ran to the end without an Item Delimitation Item
                 raise _Unusual
             pos = -stopped
         else:
             if (
                 body + item_length > limit
-                or _walk(data, body, body + item_length, depth, None, allowed) != body + item_length
+                or _walk(data, body, body + item_length, depth, None) != body + item_length
             ):
                 raise _Unusual
             pos = body + item_length
