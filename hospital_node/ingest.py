@@ -98,7 +98,7 @@ class Parsed:
     burned_in: str
     pixel_spans: tuple[tuple[int, int, int], ...] = ()
     """With ``defer_pixel_hash``: (tag, offset in the Part-10 object, length) of each pixel
-    data element, for :func:`pixel_hash_of` later (the filer, off the C-STORE's path)."""
+    data element, hashed later from the spool file (the filer, off the C-STORE's path)."""
 
 
 def _tag(tag: int) -> str:
@@ -478,7 +478,7 @@ class Ingest:
         data set's SOP Class must be it."""
         object_id = sha256_hex(part10)
         parsed = self.check(
-            part10, object_id=object_id, calling_ae=calling_ae, called_ae=called_ae,
+            part10, calling_ae=calling_ae, called_ae=called_ae,
             context_sop_class=context_sop_class,
         )  # fmt: skip
         facts: dict[str, object] = {"calling_ae": calling_ae, "called_ae": called_ae}
@@ -496,15 +496,18 @@ class Ingest:
             raise
 
     def check(
-        self, part10: bytes, *, object_id: str, calling_ae: str, called_ae: str,
-        context_sop_class: str = "",
+        self, part10: bytes, *, calling_ae: str, called_ae: str, context_sop_class: str = "",
+        defer_pixel_hash: bool = False,
     ) -> Parsed:  # fmt: skip
-        """Parse and validate; a refused instance is audited and its error raised."""
+        """Parse and validate (:func:`parse_instance`); a refused instance is audited
+        (object id: the SHA-256 of ``part10``) and its error raised."""
         try:
-            return parse_instance(part10, context_sop_class=context_sop_class)
+            return parse_instance(
+                part10, context_sop_class=context_sop_class, defer_pixel_hash=defer_pixel_hash
+            )
         except YigongError as exc:
             facts = {"calling_ae": calling_ae, "called_ae": called_ae, "size": len(part10)}
-            self.audit_refusal(object_id, facts, exc)
+            self.audit_refusal(sha256_hex(part10), facts, exc)
             raise
 
     def file(self, filings: Sequence[Filing]) -> list[InstanceRecord]:

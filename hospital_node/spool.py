@@ -49,8 +49,8 @@ from pathlib import Path
 
 from gateway.catalog import utcnow
 from gateway.errors import NotReady, StorageError, ValidationError, YigongError
-from gateway.fidelity.dicom import pixel_hash_of
-from gateway.hashing import hash_file, sha256_hex
+from gateway.fidelity.dicom import PixelHasher
+from gateway.hashing import DEFAULT_CHUNK_BYTES, StreamHasher, iter_file_chunks, sha256_hex
 from gateway.storage.filesystem import fsync_dir
 from hospital_node.ingest import Filing, Ingest, Parsed, parse_instance
 
@@ -76,7 +76,37 @@ class Spooled:
     called_ae: str
     received_at: str
     parsed: Parsed | None  # None after a restart: parsed again when filed
-    object_id: str = ""  # the SHA-256 of the file; computed by the filer, off the C-STORE path
+
+
+def _digests(
+    path: Path, spans: tuple[tuple[int, int, int], ...], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> tuple[str, str]:
+    """SHA-256 of the file ``path`` (the object id) and, in the same read, the pixel hash
+    of the elements at ``spans`` ((tag, offset, length), ascending); ``""`` without spans."""
+    whole, pixels = StreamHasher(), PixelHasher()
+    pending, opened, pos = list(spans), False, 0
+    with open(path, "rb") as fh:
+        for chunk in iter_file_chunks(fh, chunk_bytes):
+            end = pos + len(chunk)
+            whole.update(chunk)
+            view = memoryview(chunk)
+            while pending:
+                tag, start, length = pending[0]
+                if start > end or (start == end and length):
+                    break  # starts in a later chunk
+                if not opened:
+                    pixels.element(tag, length)
+                    opened = True
+                stop = start + length
+                pixels.update(view[max(start, pos) - pos : min(stop, end) - pos])
+                if stop > end:
+                    break  # goes on in the next chunk
+                pending.pop(0)
+                opened = False
+            pos = end
+    if pending:
+        raise StorageError(f"DICOM spool: {path} is shorter than when it was parsed")
+    return whole.hexdigest(), pixels.hexdigest() if spans else ""
 
 
 class DicomSpool:
@@ -189,7 +219,10 @@ class DicomSpool:
 
         def check() -> Future[Parsed]:  # in a helper thread, while the write waits for the disk
             if not started:
-                started.append(self._io.submit(self._check, part10, context_sop_class))
+                started.append(self._io.submit(
+                    self.ingest.check, part10, calling_ae=calling_ae, called_ae=called_ae,
+                    context_sop_class=context_sop_class, defer_pixel_hash=True,
+                ))  # fmt: skip
             return started[0]
 
         try:
@@ -201,19 +234,14 @@ class DicomSpool:
             self.ingest.audit_refusal(sha256_hex(part10), facts, exc)
             raise
         try:
-            parsed = check().result()
-        except ValidationError as exc:
+            parsed = check().result()  # a refusal is audited by Ingest.check
+        except ValidationError:
             with contextlib.suppress(OSError):
                 path.unlink()  # if a crash keeps it, the restart parses it again, rejects it
-            self.ingest.audit_refusal(sha256_hex(part10), facts, exc)
             raise
         self._enqueue(Spooled(
             seq, path, len(part10), calling_ae, called_ae, header["received_at"], parsed,
         ))  # fmt: skip
-
-    @staticmethod
-    def _check(part10: bytes, context_sop_class: str) -> Parsed:
-        return parse_instance(part10, context_sop_class=context_sop_class, defer_pixel_hash=True)
 
     def _make_room(self) -> None:
         with self._cond:
@@ -299,20 +327,19 @@ class DicomSpool:
         try:
             filings: list[Filing] = []
             for item in list(batch):
-                if not item.object_id:
-                    batch[batch.index(item)] = item = replace(item, object_id=self._digest(item))
-                parsed = item.parsed or self._parse_again(item)
-                if parsed is None:  # set aside in rejected/: nothing to file, nor to retry
+                facts = self._facts(item)
+                if facts is None:  # set aside in rejected/: nothing to file, nor to retry
                     batch.remove(item)
                     self._done([item])
                     continue
-                if parsed.pixel_spans:
-                    parsed = replace(parsed, pixel_sha256=self._pixel_hash(item, parsed))
+                object_id, parsed = facts
                 filings.append(Filing(
-                    None, item.object_id, item.size, parsed, item.calling_ae, item.called_ae,
+                    None, object_id, item.size, parsed, item.calling_ae, item.called_ae,
                     item.received_at, replay=retry or item.parsed is None,
                 ))  # fmt: skip
-            store.link_files([(item.object_id, item.path) for item in batch])
+            store.link_files(
+                [(f.object_id, item.path) for f, item in zip(filings, batch, strict=True)]
+            )
             self.ingest.file(filings)
         except Exception as exc:  # the filer must outlive any failure: it holds acked data
             if not isinstance(exc, YigongError):
@@ -341,37 +368,21 @@ class DicomSpool:
             self._waiting.difference_update(item.seq for item in items)
             self._cond.notify_all()
 
-    def _pixel_hash(self, item: Spooled, parsed: Parsed) -> str:
-        """The pixel hash the parse left to the filer (read from the spool file)."""
+    def _facts(self, item: Spooled) -> tuple[str, Parsed] | None:
+        """(object id, facts) of a spooled instance, its file read once; None (and the
+        file set aside) if a recovered one no longer parses — it was accepted once, so
+        that means the spool file was damaged."""
         try:
-            with open(item.path, "rb") as fh:
-                parts = []
-                for tag, offset, length in parsed.pixel_spans:
-                    fh.seek(offset)
-                    parts.append((tag, fh.read(length)))
-        except OSError as exc:
-            raise StorageError(f"DICOM spool: cannot read {item.path} ({exc})") from exc
-        if any(len(data) != length for (_, data), (_, _, length) in zip(
-            parts, parsed.pixel_spans, strict=True
-        )):  # fmt: skip
-            raise StorageError(f"DICOM spool: {item.path} is shorter than when it was parsed")
-        return pixel_hash_of(parts)
-
-    def _digest(self, item: Spooled) -> str:
-        try:
-            return hash_file(item.path)[0]
-        except OSError as exc:
-            raise StorageError(f"DICOM spool: cannot read {item.path} ({exc})") from exc
-
-    def _parse_again(self, item: Spooled) -> Parsed | None:
-        """A recovered instance's facts; None (and the file set aside) if it no longer
-        parses — it was accepted once, so that means the spool file was damaged."""
-        try:
+            if item.parsed is not None:
+                object_id, pixels = _digests(item.path, item.parsed.pixel_spans)
+                if not item.parsed.pixel_spans:
+                    return object_id, item.parsed
+                return object_id, replace(item.parsed, pixel_sha256=pixels)
             data = item.path.read_bytes()
         except OSError as exc:
             raise StorageError(f"DICOM spool: cannot read {item.path} ({exc})") from exc
         try:
-            return parse_instance(data)
+            return sha256_hex(data), parse_instance(data)
         except ValidationError as exc:
             self._reject(item.path, f"no longer a valid instance ({exc})")
             return None
@@ -380,20 +391,19 @@ class DicomSpool:
     def _recover(self, path: Path) -> Spooled | None:
         """The spool file ``path`` as a queue item, or None (set aside) if it is damaged."""
         try:
-            data = path.read_bytes()
+            actual = path.stat().st_size
         except OSError as exc:
             raise StorageError(f"DICOM spool: cannot read {path} ({exc})") from exc
         try:
             seq, size, head = path.name.removesuffix(SUFFIX).split(".")
             calling_ae, called_ae, received_at = json.loads(base64.urlsafe_b64decode(head))
-            if len(data) != int(size):  # the node stopped while writing it: never answered
+            if actual != int(size):  # the node stopped while writing it: never answered
                 log.info("DICOM spool: removing %s (incomplete, never acknowledged)", path.name)
                 path.unlink()
                 return None
             return Spooled(
-                int(seq), path, len(data), str(calling_ae), str(called_ae), str(received_at),
-                None, sha256_hex(data),
-            )  # fmt: skip
+                int(seq), path, actual, str(calling_ae), str(called_ae), str(received_at), None
+            )
         except (ValueError, TypeError, binascii.Error) as exc:
             self._reject(path, str(exc))
             return None

@@ -185,3 +185,26 @@ def test_a_full_spool_refuses_with_the_setting_named(parts: tuple[Ingest, Path])
     finally:
         spool.stop()
     assert len(ingest.studies.instances(_study_of(first))) == 2
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 4096, 1 << 20])
+def test_filer_hashes_object_and_pixels_in_one_read(tmp_path: Path, chunk_bytes: int) -> None:
+    """The filer reads a spool file once for both hashes, in chunks: whatever the chunk
+    boundaries, the object id is the file's SHA-256 and the pixel hash is pixel_hash's."""
+    from gateway.fidelity.dicom import pixel_hash_of
+    from hospital_node.ingest import parse_instance
+    from hospital_node.spool import _digests
+
+    part10 = part10_of(next(ct_series(1, rows=16, cols=16)))
+    path = tmp_path / "spooled.dcm"
+    path.write_bytes(part10)
+    parsed = parse_instance(part10, defer_pixel_hash=True)
+    spans = (*parsed.pixel_spans, (0x7FE00011, len(part10), 0))  # an empty one at the end
+    object_id, pixels = _digests(path, spans, chunk_bytes)
+    assert object_id == sha256_hex(part10)
+    expected = [(tag, part10[at : at + n]) for tag, at, n in spans]
+    assert pixels == pixel_hash_of(expected) != pixel_hash_of(expected[:1])
+    assert pixel_hash_of(expected[:1]) == parse_instance(part10).pixel_sha256
+    assert _digests(path, (), chunk_bytes) == (object_id, "")
+    with pytest.raises(StorageError, match="shorter than when it was parsed"):
+        _digests(path, ((0x7FE00010, len(part10) - 4, 8),), chunk_bytes)

@@ -143,9 +143,26 @@ def pixel_hash(ds: Dataset) -> str:
 def pixel_hash_of(elements: Iterable[tuple[int, bytes]]) -> str:
     """:func:`pixel_hash` of the pixel data elements ``(tag, value bytes)`` present, in
     :data:`PIXEL_DATA_TAGS` order (for callers that hold the raw bytes, not a data set)."""
-    hasher = StreamHasher()
-    hasher.update(PIXEL_ENCODING_VERSION)
+    hasher = PixelHasher()
     for tag, data in elements:
-        hasher.update(struct.pack(">IQ", tag, len(data)))
+        hasher.element(tag, len(data))
         hasher.update(data)
     return hasher.hexdigest()
+
+
+class PixelHasher:
+    """:func:`pixel_hash` fed piece by piece: :meth:`element` (tag, value length) before
+    each element's value, then its value in any number of :meth:`update` calls."""
+
+    def __init__(self) -> None:
+        self._hasher = StreamHasher()
+        self._hasher.update(PIXEL_ENCODING_VERSION)
+
+    def element(self, tag: int, length: int) -> None:
+        self._hasher.update(struct.pack(">IQ", tag, length))
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._hasher.update(data)  # type: ignore[arg-type]  # hashlib takes any buffer
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
