@@ -21,7 +21,10 @@ OUT = ROOT / "docs" / "tests.md"
 FEATURES: list[tuple[str, list[str]]] = [
     ("Federation PKI and identity", ["test_pki.py"]),
     ("mTLS, authentication and authorization", ["test_security.py"]),
-    ("Verified transfer and receipts", ["test_transfer.py", "test_receipts.py"]),
+    (
+        "Verified transfer and receipts",
+        ["test_transfer.py", "test_receipts.py", "test_readback.py"],
+    ),
     ("Failure and recovery", ["test_resilience.py"]),
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
     ("Node process, configuration, catalog", ["test_node.py"]),

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,3 +196,17 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+@contextmanager
+def broken(directory: Path) -> Iterator[None]:
+    """``directory`` replaced by a file for the duration: every write into it fails for
+    real (root ignores permissions, so a mode change would not do)."""
+    moved = directory.with_name(directory.name + ".moved")
+    directory.rename(moved)
+    directory.write_bytes(b"a file where a directory should be")
+    try:
+        yield
+    finally:
+        directory.unlink()
+        moved.rename(directory)

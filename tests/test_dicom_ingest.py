@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,14 @@ from gateway.hashing import sha256_hex
 from hospital_node.ingest import wrap_dataset
 from hospital_node.spool import DicomSpool
 from hospital_node.studies import StudyCatalog, report_digest
-from tests.cluster import Federation, InProcessNode, NodeProcess, wait_for, write_config
+from tests.cluster import (
+    Federation,
+    InProcessNode,
+    NodeProcess,
+    broken,
+    wait_for,
+    write_config,
+)
 from tests.dicom_factory import IDENTIFYING_STRINGS, SeriesInfo, StudyInfo, ct_series, to_part10
 
 STORESCU = "/usr/bin/storescu"  # pynetdicom installs its own `storescu` earlier on PATH
@@ -261,21 +267,6 @@ def test_duplicates_identical_resend_and_conflicting_bytes(
     studies.tick(datetime.now(UTC) + timedelta(seconds=QUIET + 1), QUIET)
     summary = studies.get_study(study.study_uid)
     assert (summary.status, summary.instance_count, summary.series_count) == ("received", 2, 2)
-
-
-def _broken(directory: Path) -> Iterator[None]:
-    """``directory`` replaced by a file for the duration: every write into it fails."""
-    moved = directory.with_name(directory.name + ".moved")
-    directory.rename(moved)
-    directory.write_bytes(b"a file where a directory should be")
-    try:
-        yield
-    finally:
-        directory.unlink()
-        moved.rename(directory)
-
-
-broken = contextmanager(_broken)
 
 
 def spool_of(node: InProcessNode) -> DicomSpool:

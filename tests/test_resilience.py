@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from gateway.catalog import TransferRecord
 from gateway.config import load_config
 from gateway.rpc.channel import ClientCredentials, open_channel
 from gateway.transfer.receipts import verify_receipt
@@ -18,6 +19,7 @@ from tests.cluster import (
     Federation,
     InProcessNode,
     NodeProcess,
+    broken,
     pin_port,
     wait_for,
     write_config,
@@ -94,6 +96,36 @@ def test_altered_chunk_is_detected_and_not_stored(
         assert part.read_bytes() == payload[: CHUNK * 2]
     else:
         assert not part.exists()
+
+
+def test_receiver_spool_failure_is_reported_retried_and_delivered(
+    pair: tuple[InProcessNode, InProcessNode], tmp_path: Path
+) -> None:
+    """The factory cannot write its transfer spool: the push fails with a storage error
+    that names the spool, nothing is stored or receipted, and the hospital keeps the
+    transfer queued and delivers it, bit-identical, once the disk is back."""
+    hospital, factory = pair
+    payload = os.urandom(300_000)
+    digest = hashlib.sha256(payload).hexdigest()
+    src = tmp_path / "scan.bin"
+    src.write_bytes(payload)
+
+    def outbound() -> TransferRecord:
+        return hospital.node.catalog.get_transfer(tid, "outbound")
+
+    with broken(factory.node.receiver.settings.spool_dir):
+        with hospital.self_client() as client:
+            tid = client.submit(src, ["factory-1"]).queued[0].transfer_id
+        wait_for(lambda: outbound().attempts >= 1, timeout=20, what="a failed attempt")
+        assert outbound().status != "done"
+        assert f"transfer {tid}: spool file" in outbound().last_error
+        assert "check the disk behind" in outbound().last_error
+        assert factory.node.catalog.find_object(digest) is None
+        assert factory.node.store.size(digest) is None
+    wait_for(lambda: outbound().status == "done", timeout=30, what="delivery after the repair")
+    assert b"".join(factory.node.store.open_read(digest)) == payload
+    inbound = factory.node.catalog.get_transfer(tid, "inbound")
+    assert inbound.status == "done" and inbound.receipt == outbound().receipt
 
 
 def test_receiver_killed_mid_transfer_resumes_bit_identical(

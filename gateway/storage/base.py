@@ -147,15 +147,20 @@ class ObjectStore(abc.ABC):
         The caller's file is read, never moved or modified.
         """
 
-    def adopt_file(self, key: str, path: Path) -> None:
+    def adopt_file(self, key: str, path: Path) -> bool:
         """Store the local file ``path`` under ``key`` and remove ``path``.
 
         Like :meth:`put_file`, but the caller gives the file up: a store may move
         it into place instead of copying it (the filesystem store renames it when
         it is on the same filesystem). Durable and atomic when it returns.
+
+        Returns True when the file itself was moved in (the stored object *is* that
+        file, so what was read back from it after it was made durable is what the
+        store holds), False when its bytes were copied.
         """
         self.put_file(key, path)
         path.unlink(missing_ok=True)
+        return False
 
     def link_file(self, key: str, path: Path) -> None:
         """Store the local file ``path`` under ``key`` and leave ``path`` as it is.

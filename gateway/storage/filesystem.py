@@ -182,7 +182,7 @@ class FilesystemStore(ObjectStore):
         with src:
             self._write(key, self._translated(iter_file_chunks(src), "read source file", path))
 
-    def adopt_file(self, key: str, path: Path) -> None:
+    def adopt_file(self, key: str, path: Path) -> bool:
         """Move ``path`` into the store: fsync it, rename it onto the key, fsync the directory.
 
         Falls back to a copy (:meth:`put_file`) when ``path`` is on another filesystem.
@@ -197,14 +197,14 @@ class FilesystemStore(ObjectStore):
             os.replace(path, final)
         except OSError as exc:
             if exc.errno == errno.EXDEV:
-                super().adopt_file(key, path)
-                return
+                return super().adopt_file(key, path)
             raise self._error("move into the store", path, exc) from exc
         try:
             fsync_dir(final.parent)
         except OSError as exc:
             raise self._error("publish", final, exc) from exc
         log.debug("adopted %s into %s", key, self.describe())
+        return True
 
     def link_file(self, key: str, path: Path) -> None:
         self.link_files([(key, path)])

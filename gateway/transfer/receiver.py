@@ -3,22 +3,25 @@
 Bytes of an interrupted transfer wait in ``<data_dir>/spool/inbound/<transfer
 id>.part``; every chunk is checked against its SHA-256 before it is written,
 so the spool file is always a verified prefix and a resumed transfer starts
-at its size. When the stream ends the object is stored, read back from the
-store and hashed again; only then is it catalogued and a signed receipt
-returned. Identical content is stored once (objects are content-addressed).
+at its size. While the stream arrives, what has been written is made durable
+and read back from the spool file in the background
+(:class:`gateway.transfer.readback.SpoolReadback`); when the stream ends the
+rest is made durable and read back, and the SHA-256 of the file as read back
+must be the object id. The spool file is then moved into the store; a store
+that copies it instead (another filesystem, S3) is read back again and hashed
+once more. Only then is the object catalogued and a signed receipt returned.
+Identical content is stored once (objects are content-addressed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, utcnow
@@ -42,6 +45,7 @@ from gateway.transfer.model import (
     StartMsg,
     check_transfer_id,
 )
+from gateway.transfer.readback import SpoolReadback
 from gateway.transfer.receipts import make_receipt
 
 log = logging.getLogger(__name__)
@@ -261,59 +265,84 @@ class Receiver:
                 f"transfer {transfer_id}: push starts at offset {offset} but {have} verified "
                 "bytes are held; call Offer again for the resume offset"
             )
-        expected = offset
-        max_chunk = self.settings.max_chunk_bytes
-        end: EndMsg | None = None
-        with open(part, "ab") as fh, _Writeback(fh.fileno()) as writeback:
-            try:
-                for item in items:
-                    if self.stopping.is_set():
-                        raise ShuttingDown(
-                            f"node {self.settings.node_id} is shutting down; transfer "
-                            f"{transfer_id} will resume at offset {expected}"
-                        )
-                    if isinstance(item, ChunkMsg):
-                        if item.offset != expected:
-                            raise ValidationError(
-                                f"transfer {transfer_id}: chunk at offset {item.offset}, "
-                                f"expected {expected}"
-                            )
-                        if len(item.data) > max_chunk or expected + len(item.data) > announce.size:
-                            raise ValidationError(
-                                f"transfer {transfer_id}: chunk of {len(item.data)} bytes at "
-                                f"{item.offset} exceeds the chunk limit or the announced size"
-                            )
-                        if hashlib.sha256(item.data).digest() != item.sha256:
-                            self._integrity_failed(sender, transfer_id, announce, expected)
-                        fh.write(item.data)
-                        expected += len(item.data)
-                        writeback.wrote(len(item.data), fh)
-                    elif isinstance(item, EndMsg):
-                        end = item
-                        break
-                    else:
-                        raise ValidationError(f"transfer {transfer_id}: unexpected second start")
-            finally:
-                fh.flush()
-                os.fsync(fh.fileno())
-                self.catalog.update_transfer(transfer_id, "inbound", bytes_done=expected)
-        if end is None:
-            raise TransferError(
-                f"transfer {transfer_id}: stream ended at offset {expected} without PushEnd; "
-                "resume with Offer"
-            )
-        if end.sha256 != announce.object_id or end.size != announce.size or expected != end.size:
+        try:
+            with SpoolReadback(part) as spool:
+                end, expected = self._spool(spool, sender, transfer_id, announce, offset, items)
+                if end is None:
+                    raise TransferError(
+                        f"transfer {transfer_id}: stream ended at offset {expected} without "
+                        "PushEnd; resume with Offer"
+                    )
+                if (
+                    end.sha256 != announce.object_id
+                    or end.size != announce.size
+                    or expected != end.size
+                ):
+                    part.unlink(missing_ok=True)
+                    self._integrity_failed(sender, transfer_id, announce, expected, whole=True)
+                digest, size = spool.read_back()
+        except OSError as exc:
+            raise StorageError(
+                f"transfer {transfer_id}: spool file {part} failed: {exc.strerror or exc}; "
+                f"check the disk behind {self.settings.spool_dir}. The sender retries and "
+                "resumes from the last durable offset"
+            ) from exc
+        if digest != announce.object_id or size != announce.size:
             part.unlink(missing_ok=True)
-            self._integrity_failed(sender, transfer_id, announce, expected, whole=True)
+            self._integrity_failed(sender, transfer_id, announce, size, whole=True)
         self._store_verified(sender, transfer_id, announce, part)
         return self._finish(sender, transfer_id, announce, started_at)
+
+    def _spool(
+        self,
+        spool: SpoolReadback,
+        sender: Identity,
+        transfer_id: str,
+        announce: Announce,
+        offset: int,
+        items: Iterator[PushItem],
+    ) -> tuple[EndMsg | None, int]:
+        """Write verified chunks until PushEnd: (the end message or None, bytes held)."""
+        expected = offset
+        max_chunk = self.settings.max_chunk_bytes
+        try:
+            for item in items:
+                if self.stopping.is_set():
+                    raise ShuttingDown(
+                        f"node {self.settings.node_id} is shutting down; transfer "
+                        f"{transfer_id} will resume at offset {expected}"
+                    )
+                if isinstance(item, ChunkMsg):
+                    if item.offset != expected:
+                        raise ValidationError(
+                            f"transfer {transfer_id}: chunk at offset {item.offset}, "
+                            f"expected {expected}"
+                        )
+                    if len(item.data) > max_chunk or expected + len(item.data) > announce.size:
+                        raise ValidationError(
+                            f"transfer {transfer_id}: chunk of {len(item.data)} bytes at "
+                            f"{item.offset} exceeds the chunk limit or the announced size"
+                        )
+                    if hashlib.sha256(item.data).digest() != item.sha256:
+                        self._integrity_failed(sender, transfer_id, announce, expected)
+                    spool.write(item.data)
+                    expected += len(item.data)
+                elif isinstance(item, EndMsg):
+                    return item, expected
+                else:
+                    raise ValidationError(f"transfer {transfer_id}: unexpected second start")
+            return None, expected
+        finally:
+            spool.sync()  # what was received is durable: a resume starts there
+            self.catalog.update_transfer(transfer_id, "inbound", bytes_done=expected)
 
     def _store_verified(
         self, sender: Identity, transfer_id: str, announce: Announce, part: Path
     ) -> None:
-        """Store the spooled object, read it back from the store and hash it again."""
+        """Move the spool file (read back and verified) into the store; if the store
+        copied it instead, read the copy back from the store and hash it again."""
         try:
-            self.store.adopt_file(announce.object_id, part)
+            moved_in = self.store.adopt_file(announce.object_id, part)
         except StorageError:
             log.error(
                 "transfer %s: storing object %s failed; spool kept for retry",
@@ -321,11 +350,13 @@ class Receiver:
                 announce.object_id,
             )
             raise
-        digest, size = hash_chunks(self.store.open_read(announce.object_id))
-        if digest != announce.object_id or size != announce.size:
-            self.store.delete(announce.object_id)
-            part.unlink(missing_ok=True)
-            self._integrity_failed(sender, transfer_id, announce, size, whole=True)
+        size = announce.size
+        if not moved_in:
+            digest, size = hash_chunks(self.store.open_read(announce.object_id))
+            if digest != announce.object_id or size != announce.size:
+                self.store.delete(announce.object_id)
+                part.unlink(missing_ok=True)
+                self._integrity_failed(sender, transfer_id, announce, size, whole=True)
         part.unlink(missing_ok=True)
         self.audit.record(
             "object.stored",
@@ -365,39 +396,6 @@ class Receiver:
             f"transfer {transfer_id} from {sender.subject_id}: {what} does not match its "
             "SHA-256; the bytes were not stored as complete. The sender should retry."
         )
-
-
-class _Writeback:
-    """Flush a growing spool file to disk in the background every ``every`` bytes, so
-    the final fsync has little left to do (it is still done, and waited for)."""
-
-    def __init__(self, fd: int, every: int = 32 * 1024 * 1024) -> None:
-        self._fd = fd
-        self._every = every
-        self._pending = 0
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> _Writeback:
-        return self
-
-    def wrote(self, n: int, fh: BinaryIO) -> None:
-        self._pending += n
-        if self._pending < self._every or (self._thread and self._thread.is_alive()):
-            return
-        self._pending = 0
-        fh.flush()
-        self._thread = threading.Thread(target=self._sync, name="spool-writeback", daemon=True)
-        self._thread.start()
-
-    def _sync(self) -> None:
-        try:
-            os.fdatasync(self._fd)
-        except OSError:  # the final fsync reports real errors
-            pass
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is not None:
-            self._thread.join()
 
 
 def _name_digest(name: str) -> str:
