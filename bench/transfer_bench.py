@@ -15,15 +15,20 @@ Three measurements, all in one run (``python -m bench.run``; see bench/README.md
    submitted to the hospital (timed separately as "submit"), and the transfer
    is timed from the hospital's ``transfer.begun`` to its
    ``transfer.completed`` audit event: channel set-up, offer, the verified
-   chunked push, the factory's spool + fsync, store copy + fsync, re-read +
-   re-hash, signed receipt and its verification — everything a transfer does.
+   chunked push, the factory's spool writes, fsyncs and read-back + re-hash
+   (mostly in the background while the push goes on), the move into the
+   store, signed receipt and its verification — everything a transfer does.
 3. **Peak RSS** of both node processes (``VmHWM`` in ``/proc/PID/status``, which
    covers start-up, the submit and the transfer) for a multi-GB object, plus the
    peak ``VmRSS`` sampled during the transfer alone.
 
-A second reference, reported but without a target, is the same bare stream with
-a server that also writes the bytes to a file and fsyncs it: the cheapest durable
-receive. The three sides run in rotating order after one untimed warm-up of each,
+Two more references are reported without a target: the same bare stream with a
+server that also writes the bytes to a file and fsyncs it (the cheapest durable
+receive), and one that does the issue's minimum and nothing else (SHA-256 of every
+chunk on both ends, write, fsync, read back and hash again). The CPU time of
+every side is reported too: the bare stream alone keeps most of the machine's
+cores busy, which bounds what any verified transfer can reach against it.
+The four sides run in rotating order after one untimed warm-up of each,
 and medians are compared, so that drift on a busy 2-core machine hits all alike.
 Each gateway repetition sends a distinct object (its first 8 bytes are stamped),
 since identical content is stored once and would not be transferred again.
@@ -35,6 +40,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -57,10 +63,11 @@ import grpc
 from bench import BenchOptions, Metric, MiB, Target
 from gateway.audit import AuditEvent, AuditLog
 from gateway.client import NodeClient
-from gateway.hashing import hash_chunks, iter_file_chunks
+from gateway.hashing import hash_chunks, hash_file, iter_file_chunks
 from gateway.pki import IssuedCert
 from gateway.rpc.channel import MESSAGE_LIMIT, ClientCredentials, open_channel
 from gateway.storage.filesystem import FilesystemStore
+from gateway.transfer.readback import SpoolReadback
 from tests.cluster import Federation, NodeProcess, write_config
 from yigong.v1 import common_pb2, transfer_pb2
 
@@ -128,17 +135,30 @@ class StreamResult:
     size: int
     seconds: float
     sha256: str  # what the server computed; "" when it only counted
+    cpu_seconds: float = 0.0  # client + server process CPU time (user + system)
 
     @property
     def mib_s(self) -> float:
         return self.size / MiB / self.seconds
 
 
-def bare_handler(verify: bool, sink_dir: Path | None = None) -> grpc.GenericRpcHandler:
+def bare_handler(
+    verify: bool, sink_dir: Path | None = None, *, checked: bool = False
+) -> grpc.GenericRpcHandler:
     """``Push(stream bytes) -> bytes``: count the bytes; hash them if ``verify``; with
-    ``sink_dir``, also write them to a file there and fsync it (then delete it)."""
+    ``sink_dir``, also write them to a file there and fsync it (then delete it).
+
+    ``checked`` (needs ``sink_dir``) is the issue's minimum for a verified transfer
+    and nothing else: every message is a chunk's SHA-256 followed by the chunk,
+    checked before it is written; the file is written, made durable and read back
+    and hashed again the way the node's receiver does it
+    (:class:`gateway.transfer.readback.SpoolReadback`); the reply carries the digest
+    read back. No protobuf, catalog, audit log or signed receipt."""
 
     def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        if checked:
+            assert sink_dir is not None
+            return _receive_checked(requests, sink_dir / f"{uuid.uuid4().hex}.part", context)
         count = 0
         hasher = hashlib.sha256() if verify else None
         sink = None
@@ -166,6 +186,24 @@ def bare_handler(verify: bool, sink_dir: Path | None = None) -> grpc.GenericRpcH
     )
 
 
+def _receive_checked(requests: Iterator[bytes], path: Path, context: grpc.ServicerContext) -> bytes:
+    count = 0
+    try:
+        with SpoolReadback(path) as spool:
+            for message in requests:
+                data = memoryview(message)[32:]
+                if hashlib.sha256(data).digest() != message[:32]:
+                    context.abort(grpc.StatusCode.DATA_LOSS, f"chunk at offset {count}: SHA-256")
+                spool.write(data)
+                count += len(data)
+            digest, size = spool.read_back()
+    finally:
+        path.unlink(missing_ok=True)
+    if size != count:
+        context.abort(grpc.StatusCode.DATA_LOSS, f"read back {size} of {count} bytes")
+    return _BARE_REPLY.pack(count, bytes.fromhex(digest))
+
+
 def serve_bare(
     ca: Path,
     cert: Path,
@@ -173,13 +211,14 @@ def serve_bare(
     *,
     verify: bool,
     sink_dir: Path | None = None,
+    checked: bool = False,
     listen: str = "127.0.0.1:0",
 ) -> tuple[grpc.Server, int]:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=SERVER_WORKERS, thread_name_prefix="bare"),
         options=SERVER_OPTIONS,
     )
-    server.add_generic_rpc_handlers((bare_handler(verify, sink_dir),))
+    server.add_generic_rpc_handlers((bare_handler(verify, sink_dir, checked=checked),))
     creds = grpc.ssl_server_credentials(
         [(key.read_bytes(), cert.read_bytes())],
         root_certificates=ca.read_bytes(),
@@ -194,7 +233,8 @@ def serve_bare(
 
 class BareServerProcess:
     """The bare servicer in a child process, with a node's certificate; ``durable``
-    makes it write what arrives to a file under ``workdir`` and fsync it."""
+    makes it write what arrives to a file under ``workdir`` and fsync it; ``checked``
+    (implies ``durable``) makes it the issue's minimum (see :func:`bare_handler`)."""
 
     def __init__(
         self,
@@ -204,12 +244,14 @@ class BareServerProcess:
         *,
         verify: bool = False,
         durable: bool = False,
+        checked: bool = False,
     ) -> None:
         self.ca = ca
         self.issued = issued
         self.workdir = workdir
         self.verify = verify
-        self.durable = durable
+        self.durable = durable or checked
+        self.checked = checked
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -247,6 +289,8 @@ class BareServerProcess:
             sink = self.workdir / "sink"
             sink.mkdir(exist_ok=True)
             cmd += ["--sink-dir", str(sink)]
+        if self.checked:
+            cmd.append("--checked")
         with open(log_path, "ab") as logf:
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -285,8 +329,16 @@ def bare_push(
     server_node_id: str,
     path: Path,
     chunk_bytes: int,
+    *,
+    checked: bool = False,
+    server_pid: int = 0,
 ) -> StreamResult:
-    """Stream ``path`` over a new mTLS channel; timed from channel creation to the reply."""
+    """Stream ``path`` over a new mTLS channel; timed from channel creation to the reply.
+
+    ``checked``: every message is the chunk's SHA-256 followed by the chunk (for a
+    ``checked`` server), as the node's sender computes it for each chunk it sends.
+    ``server_pid``: add that process's CPU time to this one's in ``cpu_seconds``."""
+    cpu_before = own_cpu_seconds() + (process_cpu_seconds(server_pid) if server_pid else 0.0)
     began = time.perf_counter()
     channel = open_channel(address, creds, peer_node_id=server_node_id)
     try:
@@ -294,14 +346,16 @@ def bare_push(
 
         def chunks() -> Iterator[bytes]:
             with open(path, "rb") as fh:
-                yield from iter_file_chunks(fh, chunk_bytes)
+                for data in iter_file_chunks(fh, chunk_bytes):
+                    yield hashlib.sha256(data).digest() + data if checked else data
 
         reply = push(chunks(), wait_for_ready=True, timeout=3600)
     finally:
         channel.close()
     seconds = time.perf_counter() - began
+    cpu = own_cpu_seconds() + (process_cpu_seconds(server_pid) if server_pid else 0.0)
     size, digest = _BARE_REPLY.unpack(reply)
-    return StreamResult(size, seconds, digest.hex() if any(digest) else "")
+    return StreamResult(size, seconds, digest.hex() if any(digest) else "", cpu - cpu_before)
 
 
 # --- the gateway -----------------------------------------------------------------------------
@@ -318,6 +372,7 @@ class GatewayResult:
     seconds: float  # hospital transfer.begun → transfer.completed
     attempts: int
     phases: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # per node, begun→completed
 
     @property
     def mib_s(self) -> float:
@@ -439,7 +494,8 @@ class GatewayPair:
         )
 
     def send(self, path: Path, size: int, timeout: float) -> GatewayResult:
-        with SpoolWatcher(self.data_dir(FACTORY) / "spool" / "inbound", size) as spool:
+        spool_dir = self.data_dir(FACTORY) / "spool" / "inbound"
+        with SpoolWatcher(spool_dir, size, pids=self.pids()) as spool:
             transfer_id, object_id, submit_seconds = self.submit(path)
             events = self.wait_done(transfer_id, timeout)
         begun = [e for e in events if e.event == "transfer.begun"]
@@ -451,6 +507,7 @@ class GatewayPair:
             submit_seconds=submit_seconds,
             seconds=_ts(completed) - _ts(begun[-1]),
             attempts=len(begun),
+            cpu_seconds=spool.cpu_between(_ts(begun[-1]), _ts(completed)),
         )
         result.phases = self._phases(
             transfer_id,
@@ -474,8 +531,8 @@ class GatewayPair:
         """Where the transfer's time went, from what the nodes leave anyway: when the
         factory's spool file appeared (the push began) and reached full size (the last
         chunk written), the stored file's ctime (the rename of the fsynced spool file
-        into the store) and the factory's ``object.stored`` audit event (after the
-        re-read and re-hash)."""
+        into the store, after the last of it was read back and hashed) and the
+        factory's ``object.stored`` audit event."""
         stored = [
             e
             for e in self._audit[FACTORY].events(transfer_id=transfer_id, limit=10_000)
@@ -499,8 +556,8 @@ class GatewayPair:
 PHASES = {
     "setup": "→ push opens spool",
     "push": "→ last chunk spooled",
-    "fsync_rename": "→ spool fsynced, renamed into the store",
-    "reread_hash": "→ object.stored",
+    "readback": "→ the rest fsynced + read back, renamed into the store",
+    "stored": "→ object.stored",
     "receipt": "→ transfer.completed",
 }
 """Consecutive phases of one gateway transfer, each ending at a mark the nodes leave
@@ -508,25 +565,35 @@ PHASES = {
 
 - setup: hospital ``transfer.begun`` → the factory's spool file appears: catalog read,
   channel + TLS handshake, Offer (catalog writes on the factory), Push start;
-- push: → the spool file has every byte: read, SHA-256 per chunk on both sides and
-  of the whole object on the sender, protobuf, TLS, spool writes;
-- fsync_rename: → the spooled file is renamed into the store (its ctime): the spool's
-  final fsync (most of it already written back in the background) and the rename;
-- reread_hash: → factory ``object.stored``: directory fsync, re-read and re-hash;
+- push: → the spool file has every byte: read, SHA-256 per chunk on both sides,
+  protobuf, TLS, spool writes; in the background every 32 MiB: fdatasync, read
+  back and hash (``gateway.transfer.readback``);
+- readback: → the spooled file is renamed into the store (its ctime): the final
+  fsync and read-back of what the background had not done yet, then the rename;
+- stored: → factory ``object.stored``: directory fsync, audit;
 - receipt: → hospital ``transfer.completed``: catalog, receipt signed and verified.
 """
 
 
 class SpoolWatcher:
     """Notes when each ``*.part`` file in a spool directory appears and when it first
-    reaches ``size`` bytes (polled every 5 ms by stat; ~±5 ms)."""
+    reaches ``size`` bytes (polled every 5 ms by stat; ~±5 ms), and the CPU time of
+    the processes ``pids`` at every poll."""
 
-    def __init__(self, spool_dir: Path, size: int, interval: float = 0.005) -> None:
+    def __init__(
+        self,
+        spool_dir: Path,
+        size: int,
+        interval: float = 0.005,
+        pids: dict[str, int] | None = None,
+    ) -> None:
         self.spool_dir = spool_dir
         self.size = size
         self.interval = interval
+        self.pids = pids or {}
         self.seen_at: dict[str, float] = {}
         self.full_at: dict[str, float] = {}
+        self.cpu: list[tuple[float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spool-watcher", daemon=True)
 
@@ -537,6 +604,8 @@ class SpoolWatcher:
             except OSError:
                 entries = []
             now = time.time()
+            if self.pids:
+                self.cpu.append((now, {k: process_cpu_seconds(p) for k, p in self.pids.items()}))
             for entry in entries:
                 if not entry.name.endswith(".part") or entry.name in self.full_at:
                     continue
@@ -548,6 +617,15 @@ class SpoolWatcher:
                     continue
             self._stop.wait(self.interval)
 
+    def cpu_between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds each process used from the last poll before ``start`` to the
+        first after ``end`` (clock ticks of 10 ms; ±15 ms)."""
+        before = [c for t, c in self.cpu if t <= start]
+        after = [c for t, c in self.cpu if t >= end]
+        if not before or not after:
+            return {}
+        return {k: after[0][k] - before[-1][k] for k in self.pids}
+
     def __enter__(self) -> SpoolWatcher:
         self._thread.start()
         return self
@@ -558,6 +636,18 @@ class SpoolWatcher:
 
 
 # --- peak RSS --------------------------------------------------------------------------------
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, all its threads (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def proc_status_kib(pid: int) -> dict[str, int]:
     """VmRSS/VmHWM (KiB) of a live process from /proc/PID/status."""
     out: dict[str, int] = {}
@@ -682,19 +772,32 @@ def measure_throughput(
     factory_cert = fed.node(FACTORY, "factory")
     bare: list[StreamResult] = []
     durable: list[StreamResult] = []
+    checked: list[StreamResult] = []
     gw: list[GatewayResult] = []
     stamp = 0
     with (
         BareServerProcess(fed.ca, factory_cert, workdir / "bare") as server,
         BareServerProcess(fed.ca, factory_cert, workdir / "durable", durable=True) as dserver,
+        BareServerProcess(fed.ca, factory_cert, workdir / "checked", checked=True) as cserver,
         GatewayPair(fed, workdir / "nodes", opts.chunk_bytes) as pair,
     ):
 
         def stream(target: BareServerProcess, out: list[StreamResult], name: str) -> None:
+            expect = hash_file(payload)[0] if target.checked else ""
             os.sync()
-            r = bare_push(target.address, hospital_creds, FACTORY, payload, opts.chunk_bytes)
+            r = bare_push(
+                target.address,
+                hospital_creds,
+                FACTORY,
+                payload,
+                opts.chunk_bytes,
+                checked=target.checked,
+                server_pid=target.pid,
+            )
             if r.size != size:
                 raise RuntimeError(f"{name} stream delivered {r.size} of {size} bytes")
+            if r.sha256 != expect:
+                raise RuntimeError(f"{name} stream: SHA-256 read back {r.sha256}, sent {expect}")
             out.append(r)
             log(f"{name:8s} {len(out)}: {r.mib_s:8.1f} MiB/s ({r.seconds:.3f} s)")
 
@@ -703,6 +806,9 @@ def measure_throughput(
 
         def run_durable() -> None:
             stream(dserver, durable, "durable")
+
+        def run_checked() -> None:
+            stream(cserver, checked, "checked")
 
         def run_gateway() -> None:
             nonlocal stamp
@@ -722,18 +828,20 @@ def measure_throughput(
             )
 
         log("warm-up (not counted)")
-        sides = [run_bare, run_gateway, run_durable]
+        sides = [run_bare, run_gateway, run_durable, run_checked]
         for fn in sides:
             fn()
-        for results in (bare, durable, gw):
+        for results in (bare, durable, checked, gw):
             results.clear()
         for i in range(opts.reps):
             # Rotate the order: no side always runs right after another's disk writes.
-            for fn in sides[i % 3 :] + sides[: i % 3]:
+            k = i % len(sides)
+            for fn in sides[k:] + sides[:k]:
                 fn()
 
     bare_med = _median([r.mib_s for r in bare])
     durable_med = _median([r.mib_s for r in durable])
+    checked_med = _median([r.mib_s for r in checked])
     gw_med = _median([r.mib_s for r in gw])
     pair_ratios = [g.mib_s / b.mib_s for b, g in zip(bare, gw, strict=True)]
 
@@ -783,6 +891,30 @@ def measure_throughput(
             note="how far the gateway is from the cheapest durable receive",
         ),
         Metric(
+            "transfer.bare_checked_mib_s",
+            "bare stream + the issue's minimum (3rd reference)",
+            checked_med,
+            "MiB/s",
+            note=f"{spread([r.mib_s for r in checked])}; SHA-256 per chunk both sides, "
+            "write, fsync, read back + SHA-256",
+            samples=[r.mib_s for r in checked],
+        ),
+        Metric(
+            "transfer.ratio_floor",
+            "issue's minimum / bare stream",
+            checked_med / bare_med,
+            "x",
+            note="the most the gateway / bare ratio can be here without skipping a required step",
+        ),
+        Metric(
+            "transfer.ratio_checked",
+            "gateway / issue's minimum",
+            gw_med / checked_med,
+            "x",
+            note="what the gateway adds to the required steps (protobuf, catalog, audit, receipt)",
+        ),
+        *cpu_metrics(bare, checked, gw),
+        Metric(
             "transfer.submit_mib_s",
             "submit to hospital (not in the ratio)",
             _median([r.submit_mib_s for r in gw]),
@@ -820,6 +952,62 @@ def measure_throughput(
     submit = metrics.pop(next(i for i, m in enumerate(metrics) if m.key == "transfer.submit_mib_s"))
     metrics.append(submit)
     return metrics, payload
+
+
+def cpu_metrics(
+    bare: Sequence[StreamResult], checked: Sequence[StreamResult], gw: Sequence[GatewayResult]
+) -> list[Metric]:
+    """CPU time of each side, and what it implies for the ratio on this machine's cores."""
+    cores = os.cpu_count() or 1
+
+    def busy(results: Sequence[StreamResult]) -> str:
+        return f"{_median([r.cpu_seconds / r.seconds for r in results]):.2f} of {cores} cores busy"
+
+    cpu_bare = _median([r.cpu_seconds for r in bare])
+    cpu_checked = _median([r.cpu_seconds for r in checked])
+    bare_s = _median([r.seconds for r in bare])
+    with_cpu = [r for r in gw if r.cpu_seconds]
+    gw_note = "not sampled"
+    if with_cpu:
+        nodes = with_cpu[0].cpu_seconds
+        per_node = {k: _median([r.cpu_seconds[k] for r in with_cpu]) for k in nodes}
+        shares = ", ".join(f"{k} {v:.2f}" for k, v in per_node.items())
+        cores_busy = _median([sum(r.cpu_seconds.values()) / r.seconds for r in with_cpu])
+        gw_note = f"{cores_busy:.2f} of {cores} cores busy; {shares}"
+    return [
+        Metric(
+            "transfer.cpu.bare_s",
+            "CPU time, bare stream (both ends)",
+            cpu_bare,
+            "s",
+            note=busy(bare),
+            samples=[r.cpu_seconds for r in bare],
+        ),
+        Metric(
+            "transfer.cpu.checked_s",
+            "CPU time, issue's minimum (both ends)",
+            cpu_checked,
+            "s",
+            note=busy(checked),
+            samples=[r.cpu_seconds for r in checked],
+        ),
+        Metric(
+            "transfer.cpu.gateway_s",
+            "CPU time, gateway transfer (both nodes)",
+            _median([sum(r.cpu_seconds.values()) for r in with_cpu]) if with_cpu else None,
+            "s",
+            note=gw_note,
+            samples=[sum(r.cpu_seconds.values()) for r in with_cpu],
+        ),
+        Metric(
+            "transfer.ratio_ceiling",
+            "ceiling of gateway / bare on these cores",
+            bare_s * cores / cpu_checked,
+            "x",
+            note=f"bare seconds x {cores} cores / CPU time of the issue's minimum: "
+            "every core busy all the time with the required steps only",
+        ),
+    ]
 
 
 def measure_components(opts: BenchOptions, payload: Path, workdir: Path) -> list[Metric]:
@@ -947,7 +1135,12 @@ def run(opts: BenchOptions) -> list[Metric]:
 # --- bare server entry point -----------------------------------------------------------------
 def _serve_main(args: argparse.Namespace) -> int:
     server, port = serve_bare(
-        args.ca, args.cert, args.key, verify=args.verify, sink_dir=args.sink_dir
+        args.ca,
+        args.cert,
+        args.key,
+        verify=args.verify,
+        sink_dir=args.sink_dir,
+        checked=args.checked,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -971,6 +1164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ready-file", type=Path, required=True)
     p.add_argument("--verify", action="store_true", help="hash what arrives and return it")
     p.add_argument("--sink-dir", type=Path, help="write what arrives to a file here + fsync")
+    p.add_argument(
+        "--checked",
+        action="store_true",
+        help="with --sink-dir: per-chunk SHA-256 check, fsync, read back and hash again",
+    )
     args = parser.parse_args(argv)
     return _serve_main(args)
 

@@ -3,14 +3,17 @@ whole ``python -m bench.run --quick`` (slow, run by hand). No timing assertions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from bench.transfer_bench import (
+    BARE_METHOD,
     FACTORY,
     HOSPITAL,
     REPO_ROOT,
@@ -19,6 +22,7 @@ from bench.transfer_bench import (
     write_payload,
 )
 from gateway.hashing import hash_file
+from gateway.rpc.channel import open_channel
 from tests.cluster import Federation
 
 EXPECTED_KEYS = {
@@ -28,11 +32,14 @@ EXPECTED_KEYS = {
     "transfer.ratio",
     "transfer.bare_durable_mib_s",
     "transfer.ratio_durable",
+    "transfer.bare_checked_mib_s",
+    "transfer.ratio_floor",
+    "transfer.ratio_checked",
     "transfer.push_mib_s",
     "transfer.phase.setup",
     "transfer.phase.push",
-    "transfer.phase.fsync_rename",
-    "transfer.phase.reread_hash",
+    "transfer.phase.readback",
+    "transfer.phase.stored",
     "transfer.phase.receipt",
     "transfer.submit_mib_s",
     "transfer.cost.chunk_sha256",
@@ -48,9 +55,13 @@ EXPECTED_KEYS = {
 TARGETED = {"transfer.ratio", "rss.hospital_peak_mib", "rss.factory_peak_mib"}
 
 
-@pytest.mark.parametrize("durable", [False, True], ids=["count-only", "write-fsync"])
+@pytest.mark.parametrize(
+    ("durable", "checked"),
+    [(False, False), (True, False), (True, True)],
+    ids=["count-only", "write-fsync", "checked"],
+)
 def test_bare_stream_reference_delivers_the_bytes(
-    federation: Federation, tmp_path: Path, durable: bool
+    federation: Federation, tmp_path: Path, durable: bool, checked: bool
 ) -> None:
     payload = tmp_path / "payload.bin"
     size = 4 * 1024 * 1024 + 12345  # a short last chunk too
@@ -59,14 +70,39 @@ def test_bare_stream_reference_delivers_the_bytes(
     creds = federation.creds(federation.node(HOSPITAL, "hospital"))
     server_cert = federation.node(FACTORY, "factory")
     with BareServerProcess(
-        federation.ca, server_cert, tmp_path / "bare", verify=True, durable=durable
+        federation.ca,
+        server_cert,
+        tmp_path / "bare",
+        verify=True,
+        durable=durable,
+        checked=checked,
     ) as server:
-        result = bare_push(server.address, creds, FACTORY, payload, 1024 * 1024)
+        result = bare_push(server.address, creds, FACTORY, payload, 1024 * 1024, checked=checked)
     assert result.size == size
     assert result.sha256 == digest
     assert result.seconds > 0
     if durable:  # the sink file was written, fsynced and removed
         assert list((tmp_path / "bare" / "sink").iterdir()) == []
+
+
+def test_checked_reference_refuses_an_altered_chunk(federation: Federation, tmp_path: Path) -> None:
+    """The issue's-minimum reference really checks each chunk's SHA-256."""
+    creds = federation.creds(federation.node(HOSPITAL, "hospital"))
+    server_cert = federation.node(FACTORY, "factory")
+    chunk = b"x" * 65536
+    with BareServerProcess(federation.ca, server_cert, tmp_path / "bare", checked=True) as server:
+        channel = open_channel(server.address, creds, peer_node_id=FACTORY)
+        try:
+            push = channel.stream_unary(BARE_METHOD, None, None)
+            good = hashlib.sha256(chunk).digest() + chunk
+            bad = hashlib.sha256(chunk).digest() + b"y" + chunk[1:]
+            with pytest.raises(grpc.RpcError) as err:
+                push(iter([good, bad]), timeout=30)
+        finally:
+            channel.close()
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "chunk at offset 65536" in (err.value.details() or "")
+    assert list((tmp_path / "bare" / "sink").iterdir()) == []
 
 
 @pytest.mark.slow
