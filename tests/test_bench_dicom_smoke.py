@@ -60,6 +60,7 @@ EXPECTED_KEYS = {
     "deid.ours_per_s",
     "deid.dicognito_per_s",
     "deid.ratio",
+    "deid.cost.engine",
     "deid.cost.parse",
     "deid.cost.geometry_hash",
     "deid.cost.pixel_hash",
@@ -126,7 +127,7 @@ def test_our_deidentifier_processes_every_file(series: Series) -> None:
     check_deid_output(run, data)  # Patient's Name and SOP Instance UID replaced
     assert run.files == series.count and run.out_bytes > 64 * 64 * 2 * series.count
     components = deid_components(data)
-    assert set(components) == {"parse", "geometry_hash", "pixel_hash", "write"}
+    assert set(components) == {"engine", "parse", "geometry_hash", "pixel_hash", "write"}
     assert all(v > 0 for v in components.values())
     floors = deid_floors(data)
     assert set(floors) == {"pydicom_roundtrip", "raw_element_pass"}
