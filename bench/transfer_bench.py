@@ -960,10 +960,17 @@ def cpu_metrics(
     """CPU time of each side, and what it implies for the ratio on this machine's cores."""
     cores = os.cpu_count() or 1
 
-    def busy(results: Sequence[StreamResult]) -> str:
-        return f"{_median([r.cpu_seconds / r.seconds for r in results]):.2f} of {cores} cores busy"
+    def stream_cpu(key: str, label: str, results: Sequence[StreamResult]) -> Metric:
+        busy = _median([r.cpu_seconds / r.seconds for r in results])
+        return Metric(
+            key,
+            label,
+            _median([r.cpu_seconds for r in results]),
+            "s",
+            note=f"{busy:.2f} of {cores} cores busy",
+            samples=[r.cpu_seconds for r in results],
+        )
 
-    cpu_bare = _median([r.cpu_seconds for r in bare])
     cpu_checked = _median([r.cpu_seconds for r in checked])
     bare_s = _median([r.seconds for r in bare])
     with_cpu = [r for r in gw if r.cpu_seconds]
@@ -975,22 +982,8 @@ def cpu_metrics(
         cores_busy = _median([sum(r.cpu_seconds.values()) / r.seconds for r in with_cpu])
         gw_note = f"{cores_busy:.2f} of {cores} cores busy; {shares}"
     return [
-        Metric(
-            "transfer.cpu.bare_s",
-            "CPU time, bare stream (both ends)",
-            cpu_bare,
-            "s",
-            note=busy(bare),
-            samples=[r.cpu_seconds for r in bare],
-        ),
-        Metric(
-            "transfer.cpu.checked_s",
-            "CPU time, issue's minimum (both ends)",
-            cpu_checked,
-            "s",
-            note=busy(checked),
-            samples=[r.cpu_seconds for r in checked],
-        ),
+        stream_cpu("transfer.cpu.bare_s", "CPU time, bare stream (both ends)", bare),
+        stream_cpu("transfer.cpu.checked_s", "CPU time, issue's minimum (both ends)", checked),
         Metric(
             "transfer.cpu.gateway_s",
             "CPU time, gateway transfer (both nodes)",
