@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 READBACK_EVERY = 32 * 1024 * 1024
 """Bytes written between two background flush + read-back rounds."""
 
+_DROP_PAGES = hasattr(os, "posix_fadvise")  # Linux; not on macOS
+
 
 class SpoolReadback:
     """Append-only writer for ``path`` with background flush, read-back and hashing.
@@ -104,7 +106,7 @@ class SpoolReadback:
             self._hasher.update(block)
             pos += len(block)
         self._read = pos
-        if pos > start:
+        if pos > start and _DROP_PAGES:
             os.posix_fadvise(self._rfd, start, pos - start, os.POSIX_FADV_DONTNEED)
 
     def _wait_helper(self) -> None:
