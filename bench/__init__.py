@@ -8,9 +8,11 @@ and runs them all and prints one table (see bench/README.md).
 from __future__ import annotations
 
 import operator
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from types import TracebackType
+from typing import Any, Literal, Self
 
 MiB = 1024 * 1024
 
@@ -80,3 +82,53 @@ class BenchOptions:
     min_free_factor: float = 5.0
     """The RSS run needs this many times its object size free on disk (source file,
     hospital store, submit spool, factory spool and store)."""
+
+
+class Started:
+    """Something a benchmark starts and must stop: ``with`` calls :meth:`start` (and
+    :meth:`stop` if starting fails half-way), and :meth:`stop` on leaving."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class Poller(Started):
+    """Calls :meth:`poll` every ``interval`` seconds in a background thread while it
+    is started."""
+
+    def __init__(self, name: str, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

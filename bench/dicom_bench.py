@@ -69,10 +69,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from bench import BenchOptions, Metric, MiB, Target
+from bench import BenchOptions, Metric, MiB, Started, Target
 from gateway.config import DicomSection
 from gateway.hashing import sha256_hex
 from hospital_node.deid import Deidentifier
@@ -239,7 +238,7 @@ def empty_directory(directory: Path) -> None:
 
 
 # --- receivers -------------------------------------------------------------------------------
-class Receiver:
+class Receiver(Started):
     """One side of the ingest comparison: ``start`` once, then for every run
     ``prepare`` → storescu → ``collect`` (instances, bytes stored) → ``finish``."""
 
@@ -249,12 +248,6 @@ class Receiver:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = 0
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
 
     def prepare(self) -> None:
         """Before a run, untimed."""
@@ -269,19 +262,6 @@ class Receiver:
 
     def finish(self) -> None:
         """After a run, untimed: free the disk."""
-
-    def __enter__(self) -> Receiver:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 class FileReceiver(Receiver):
@@ -1108,41 +1088,24 @@ def run(opts: BenchOptions) -> list[Metric]:
 
 
 # --- command line ----------------------------------------------------------------------------
-QUICK_NOTE = ", QUICK (figures meaningless)"
 
 
 def _run_main(args: argparse.Namespace) -> int:
-    from bench.run import machine, table
+    from bench.run import QUICK_NOTE, run_and_report
 
     size = QUICK_SERIES if args.quick else FULL_SERIES
     size = SeriesSize(args.slices or size.slices, args.rows or size.rows, args.cols or size.cols)
     reps = args.reps or (2 if args.quick else 5)
     plan = Plan(size, reps, args.workdir, args.keep, ingest=not args.no_ingest,
                 deid=not args.no_deid)  # fmt: skip
-    info = machine()
-    load_start = os.getloadavg()[0]
-    began = time.monotonic()
-    metrics = run_plan(plan)
-    elapsed = time.monotonic() - began
-    info["loadavg_1min"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
-    print(f"yigong-gateway DICOM benchmark: {info['cpus']} CPUs ({info['processor']}), "
-          f"Python {info['python']}, {info['date']}")  # fmt: skip
-    print(
-        f"options: series {size}, {reps} reps{QUICK_NOTE if args.quick else ''}"
-        f"; ran {elapsed:.0f} s; 1-min load average {load_start:.2f} at start, "
-        f"{info['loadavg_1min'][1]:.2f} at end (other work on the machine skews the figures)"
+    return run_and_report(
+        "yigong-gateway DICOM benchmark",
+        f"series {size}, {reps} reps{QUICK_NOTE if args.quick else ''}",
+        {"series": str(size), "reps": reps, "quick": bool(args.quick)},
+        lambda: run_plan(plan),
+        args.json,
+        args.strict,
     )
-    print()
-    print(table(metrics))
-    if args.json:
-        payload = {
-            "machine": info,
-            "options": {"series": str(size), "reps": reps, "quick": bool(args.quick)},
-            "seconds": elapsed,
-            "metrics": {m.key: m.to_json() for m in metrics},
-        }
-        args.json.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    return 1 if args.strict and any(m.status == "MISS" for m in metrics) else 0
 
 
 def _profile_main(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ import pkgutil
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,6 +29,8 @@ import grpc
 import bench
 from bench import BenchOptions, Metric, MiB
 from gateway.hashing import MAX_CHUNK_BYTES
+
+QUICK_NOTE = ", QUICK (figures meaningless)"
 
 QUICK = {"size_mb": 8, "rss_gb": 32 / 1024, "reps": 2}
 """--quick: sizes that prove the harness works in seconds; the figures mean nothing."""
@@ -126,38 +128,62 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchOptions, argparse.Names
     return opts, args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    opts, args = parse_args(argv)
+def run_and_report(
+    title: str,
+    options: str,
+    json_options: dict[str, Any],
+    work: Callable[[], list[Metric]],
+    json_path: Path | None,
+    strict: bool,
+) -> int:
+    """Run ``work``, print the machine, the options and the table (and write them as
+    JSON to ``json_path``); the exit status: 1 when ``strict`` and a target was missed."""
     info = machine()
     load_start = os.getloadavg()[0]
     began = time.monotonic()
-    metrics: list[Metric] = []
-    for module in discover():
-        metrics += module.run(opts)
+    metrics = work()
     elapsed = time.monotonic() - began
     info["loadavg_1min"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     print(
-        f"yigong-gateway benchmarks: {info['cpus']} CPUs ({info['processor']}), "
+        f"{title}: {info['cpus']} CPUs ({info['processor']}), "
         f"Python {info['python']}, grpcio {info['grpc']}, {info['date']}"
     )
     print(
-        f"options: size {opts.size_mb} MiB, RSS object {opts.rss_gb:g} GiB, {opts.reps} reps, "
-        f"chunk {opts.chunk_bytes} B{', QUICK (figures meaningless)' if opts.quick else ''}; "
-        f"ran {elapsed:.0f} s; 1-min load average {load_start:.2f} at start, "
-        f"{info['loadavg_1min'][1]:.2f} at end (other work on the machine skews the figures)"
+        f"options: {options}; ran {elapsed:.0f} s; 1-min load average {load_start:.2f} at "
+        f"start, {info['loadavg_1min'][1]:.2f} at end (other work on the machine skews the "
+        "figures)"
     )
     print()
     print(table(metrics))
-    if args.json:
+    if json_path:
         payload = {
             "machine": info,
-            "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()},
+            "options": json_options,
             "seconds": elapsed,
             "metrics": {m.key: m.to_json() for m in metrics},
         }
-        args.json.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    missed = [m.key for m in metrics if m.status == "MISS"]
-    return 1 if args.strict and missed else 0
+        json_path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    return 1 if strict and any(m.status == "MISS" for m in metrics) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts, args = parse_args(argv)
+
+    def work() -> list[Metric]:
+        metrics: list[Metric] = []
+        for module in discover():
+            metrics += module.run(opts)
+        return metrics
+
+    return run_and_report(
+        "yigong-gateway benchmarks",
+        f"size {opts.size_mb} MiB, RSS object {opts.rss_gb:g} GiB, {opts.reps} reps, "
+        f"chunk {opts.chunk_bytes} B{QUICK_NOTE if opts.quick else ''}",
+        {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()},
+        work,
+        args.json,
+        args.strict,
+    )
 
 
 if __name__ == "__main__":

@@ -56,11 +56,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 
 import grpc
 
-from bench import BenchOptions, Metric, MiB, Target
+from bench import BenchOptions, Metric, MiB, Poller, Started, Target
 from gateway.audit import AuditEvent, AuditLog
 from gateway.client import NodeClient
 from gateway.hashing import hash_chunks, hash_file, iter_file_chunks
@@ -231,7 +230,7 @@ def serve_bare(
     return server, port
 
 
-class BareServerProcess:
+class BareServerProcess(Started):
     """The bare servicer in a child process, with a node's certificate; ``durable``
     makes it write what arrives to a file under ``workdir`` and fsync it; ``checked``
     (implies ``durable``) makes it the issue's minimum (see :func:`bare_handler`)."""
@@ -313,15 +312,6 @@ class BareServerProcess:
                 self.proc.kill()
                 self.proc.wait(10)
 
-    def __enter__(self) -> BareServerProcess:
-        self.start()
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
 
 def bare_push(
     address: str,
@@ -392,7 +382,7 @@ def node_extra_config(chunk_bytes: int) -> str:
     )
 
 
-class GatewayPair:
+class GatewayPair(Started):
     """A factory node and a hospital node that knows it, as ``yigong serve`` processes."""
 
     def __init__(self, fed: Federation, workdir: Path, chunk_bytes: int) -> None:
@@ -439,19 +429,6 @@ class GatewayPair:
         for proc in (self.hospital, self.factory):
             if proc is not None:
                 proc.stop()
-
-    def __enter__(self) -> GatewayPair:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def pids(self) -> dict[str, int]:
         out = {}
@@ -575,7 +552,7 @@ PHASES = {
 """
 
 
-class SpoolWatcher:
+class SpoolWatcher(Poller):
     """Notes when each ``*.part`` file in a spool directory appears and when it first
     reaches ``size`` bytes (polled every 5 ms by stat; ~±5 ms), and the CPU time of
     the processes ``pids`` at every poll."""
@@ -587,35 +564,31 @@ class SpoolWatcher:
         interval: float = 0.005,
         pids: dict[str, int] | None = None,
     ) -> None:
+        super().__init__("spool-watcher", interval)
         self.spool_dir = spool_dir
         self.size = size
-        self.interval = interval
         self.pids = pids or {}
         self.seen_at: dict[str, float] = {}
         self.full_at: dict[str, float] = {}
         self.cpu: list[tuple[float, dict[str, float]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="spool-watcher", daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def poll(self) -> None:
+        try:
+            entries = list(os.scandir(self.spool_dir))
+        except OSError:
+            entries = []
+        now = time.time()
+        if self.pids:
+            self.cpu.append((now, {k: process_cpu_seconds(p) for k, p in self.pids.items()}))
+        for entry in entries:
+            if not entry.name.endswith(".part") or entry.name in self.full_at:
+                continue
+            self.seen_at.setdefault(entry.name, now)
             try:
-                entries = list(os.scandir(self.spool_dir))
+                if entry.stat().st_size >= self.size:
+                    self.full_at[entry.name] = now
             except OSError:
-                entries = []
-            now = time.time()
-            if self.pids:
-                self.cpu.append((now, {k: process_cpu_seconds(p) for k, p in self.pids.items()}))
-            for entry in entries:
-                if not entry.name.endswith(".part") or entry.name in self.full_at:
-                    continue
-                self.seen_at.setdefault(entry.name, now)
-                try:
-                    if entry.stat().st_size >= self.size:
-                        self.full_at[entry.name] = now
-                except OSError:
-                    continue
-            self._stop.wait(self.interval)
+                continue
 
     def cpu_between(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds each process used from the last poll before ``start`` to the
@@ -625,14 +598,6 @@ class SpoolWatcher:
         if not before or not after:
             return {}
         return {k: after[0][k] - before[-1][k] for k in self.pids}
-
-    def __enter__(self) -> SpoolWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # --- peak RSS --------------------------------------------------------------------------------
@@ -659,35 +624,23 @@ def proc_status_kib(pid: int) -> dict[str, int]:
     return out
 
 
-class RssSampler:
+class RssSampler(Poller):
     """Samples VmRSS of some processes in a background thread; peaks per phase."""
 
     def __init__(self, pids: dict[str, int], interval: float = 0.02) -> None:
+        super().__init__("rss-sampler", interval)
         self.pids = pids
-        self.interval = interval
         self.phase = "start"
         self.peaks: dict[tuple[str, str], int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for name, pid in self.pids.items():
-                try:
-                    rss = proc_status_kib(pid).get("VmRSS", 0)
-                except OSError:
-                    continue
-                key = (self.phase, name)
-                self.peaks[key] = max(self.peaks.get(key, 0), rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def poll(self) -> None:
+        for name, pid in self.pids.items():
+            try:
+                rss = proc_status_kib(pid).get("VmRSS", 0)
+            except OSError:
+                continue
+            key = (self.phase, name)
+            self.peaks[key] = max(self.peaks.get(key, 0), rss)
 
     def peak_mib(self, phase: str, name: str) -> float | None:
         kib = self.peaks.get((phase, name))
@@ -848,23 +801,27 @@ def measure_throughput(
     def spread(values: Sequence[float]) -> str:
         return f"median of {len(values)}, range {min(values):.0f}-{max(values):.0f}"
 
+    def rate(key: str, label: str, rates: list[float], what: str) -> Metric:
+        return Metric(
+            key, label, _median(rates), "MiB/s", note=f"{spread(rates)}; {what}", samples=rates
+        )
+
+    def ratio(key: str, label: str, value: float, note: str) -> Metric:
+        return Metric(key, label, value, "x", note=note)
+
     metrics = [
         Metric("transfer.size_mib", "throughput object size", opts.size_mb, "MiB"),
-        Metric(
+        rate(
             "transfer.bare_mib_s",
             "bare gRPC mTLS stream (reference)",
-            bare_med,
-            "MiB/s",
-            note=f"{spread([r.mib_s for r in bare])}; server only counts the bytes",
-            samples=[r.mib_s for r in bare],
+            [r.mib_s for r in bare],
+            "server only counts the bytes",
         ),
-        Metric(
+        rate(
             "transfer.gateway_mib_s",
             "gateway hospital→factory transfer",
-            gw_med,
-            "MiB/s",
-            note=f"{spread([r.mib_s for r in gw])}; audit transfer.begun→completed",
-            samples=[r.mib_s for r in gw],
+            [r.mib_s for r in gw],
+            "audit transfer.begun→completed",
         ),
         Metric(
             "transfer.ratio",
@@ -875,52 +832,42 @@ def measure_throughput(
             note=f"per-pair ratios {min(pair_ratios):.2f}-{max(pair_ratios):.2f}",
             samples=pair_ratios,
         ),
-        Metric(
+        rate(
             "transfer.bare_durable_mib_s",
             "bare stream + write + fsync (2nd reference)",
-            durable_med,
-            "MiB/s",
-            note=f"{spread([r.mib_s for r in durable])}; server writes a file and fsyncs it",
-            samples=[r.mib_s for r in durable],
+            [r.mib_s for r in durable],
+            "server writes a file and fsyncs it",
         ),
-        Metric(
+        ratio(
             "transfer.ratio_durable",
             "gateway / bare durable stream",
             gw_med / durable_med,
-            "x",
-            note="how far the gateway is from the cheapest durable receive",
+            "how far the gateway is from the cheapest durable receive",
         ),
-        Metric(
+        rate(
             "transfer.bare_checked_mib_s",
             "bare stream + the issue's minimum (3rd reference)",
-            checked_med,
-            "MiB/s",
-            note=f"{spread([r.mib_s for r in checked])}; SHA-256 per chunk both sides, "
-            "write, fsync, read back + SHA-256",
-            samples=[r.mib_s for r in checked],
+            [r.mib_s for r in checked],
+            "SHA-256 per chunk both sides, write, fsync, read back + SHA-256",
         ),
-        Metric(
+        ratio(
             "transfer.ratio_floor",
             "issue's minimum / bare stream",
             checked_med / bare_med,
-            "x",
-            note="the most the gateway / bare ratio can be here without skipping a required step",
+            "the ratio when only the required steps are done (the ceiling below bounds any)",
         ),
-        Metric(
+        ratio(
             "transfer.ratio_checked",
             "gateway / issue's minimum",
             gw_med / checked_med,
-            "x",
-            note="what the gateway adds to the required steps (protobuf, catalog, audit, receipt)",
+            "what the gateway adds to the required steps (protobuf, catalog, audit, receipt)",
         ),
         *cpu_metrics(bare, checked, gw),
-        Metric(
+        rate(
             "transfer.submit_mib_s",
             "submit to hospital (not in the ratio)",
-            _median([r.submit_mib_s for r in gw]),
-            "MiB/s",
-            note=f"{spread([r.submit_mib_s for r in gw])}; upload+spool+store+catalog",
-            samples=[r.submit_mib_s for r in gw],
+            [r.submit_mib_s for r in gw],
+            "upload+spool+store+catalog",
         ),
     ]
     with_phases = [r.phases for r in gw if r.phases]
