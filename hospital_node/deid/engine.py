@@ -191,6 +191,19 @@ def burned_in_reason(ds: Dataset) -> str | None:
     return None
 
 
+def hold_burned_in(reason: str | None, original_sop: str, allow_burned_in: bool) -> None:
+    """Raise :class:`BurnedInAnnotationHeld` when ``reason`` says the instance may carry
+    burned-in patient data and no clinician allowed it (both paths of the engine)."""
+    if reason is None or allow_burned_in:
+        return
+    log.info("instance held back for burned-in annotation review")
+    raise BurnedInAnnotationHeld(
+        f"instance {original_sop or '(no SOP Instance UID)'} held back: {reason}; "
+        "it may only be de-identified with a clinician's explicit permission "
+        "(allow_burned_in=True)"
+    )
+
+
 def method_description(options: Iterable[Option]) -> list[str]:
     """De-identification Method (0012,0063) values (LO, each at most 64 characters)."""
     enabled = frozenset(options)
@@ -390,14 +403,7 @@ class Deidentifier:
     ) -> DeidResult:
         check_pseudonym(pseudonym)
         original_sop = str(ds.get("SOPInstanceUID", "") or "")
-        reason = burned_in_reason(ds)
-        if reason is not None and not allow_burned_in:
-            log.info("instance held back for burned-in annotation review")
-            raise BurnedInAnnotationHeld(
-                f"instance {original_sop or '(no SOP Instance UID)'} held back: {reason}; "
-                "it may only be de-identified with a clinician's explicit permission "
-                "(allow_burned_in=True)"
-            )
+        hold_burned_in(burned_in_reason(ds), original_sop, allow_burned_in)
         geo_before, pix_before = geometry_hash(ds), pixel_hash(ds)
         out = ds if in_place else copy.deepcopy(ds)
         run = _Pass(self, pseudonym)

@@ -196,16 +196,22 @@ class _Walk:
                 found.append((pos + 8, pos + 8 + ilen, False))
                 pos += 8 + ilen
 
+    def at_item_delimiter(self, pos: int, end: int) -> bool:
+        """Whether an Item Delimitation Item (with its zero length) starts at ``pos``."""
+        if pos + 8 > end:
+            return False
+        group, elem, ilen = _ITEM_HEADER.unpack_from(self.data, pos)
+        if (group << 16) | elem != _ITEM_DELIM:
+            return False
+        if ilen != 0:
+            raise FastPathUnsupported("bad item delimiter")
+        return True
+
     def skip_dataset(self, pos: int, end: int, *, undefined: bool) -> int:
         """End of a data set (after its item delimiter when ``undefined``), structure only."""
-        data = self.data
         while pos < end:
-            if undefined and pos + 8 <= end:
-                group, elem, ilen = _ITEM_HEADER.unpack_from(data, pos)
-                if (group << 16) | elem == _ITEM_DELIM:
-                    if ilen != 0:
-                        raise FastPathUnsupported("bad item delimiter")
-                    return pos + 8
+            if undefined and self.at_item_delimiter(pos, end):
+                return pos + 8
             tag, vr, length, vstart = self.element_header(pos, end)
             pos = self.value_end(tag, vr, length, vstart, end)
         if undefined:
@@ -237,12 +243,8 @@ class _Walk:
         counts = run.counts
         last = -1
         while pos < end:
-            if undefined and pos + 8 <= end:
-                group, elem, ilen = _ITEM_HEADER.unpack_from(data, pos)
-                if (group << 16) | elem == _ITEM_DELIM:
-                    if ilen != 0:
-                        raise FastPathUnsupported("bad item delimiter")
-                    return out
+            if undefined and self.at_item_delimiter(pos, end):
+                return out
             tag, vr, length, vstart = self.element_header(pos, end)
             if tag <= last:
                 raise FastPathUnsupported("tags not in ascending order")
@@ -393,11 +395,11 @@ def deidentify_part10_fast(
     BurnedInAnnotationHeld, IntegrityError) exactly where the engine would.
     """
     from hospital_node.deid.engine import (
-        BurnedInAnnotationHeld,
         DeidResult,
         _Pass,
         burned_in_reason,
         check_pseudonym,
+        hold_burned_in,
     )
 
     meta_raw, body = _meta_elements(data)
@@ -425,13 +427,7 @@ def deidentify_part10_fast(
         reason = burned_in_reason(probe)
     except Exception as exc:
         raise FastPathUnsupported(f"value not handled: {type(exc).__name__}") from exc
-    if reason is not None and not allow_burned_in:
-        log.info("instance held back for burned-in annotation review")
-        raise BurnedInAnnotationHeld(
-            f"instance {original_sop or '(no SOP Instance UID)'} held back: {reason}; "
-            "it may only be de-identified with a clinician's explicit permission "
-            "(allow_burned_in=True)"
-        )
+    hold_burned_in(reason, original_sop, allow_burned_in)
 
     # finishing attributes (the engine's own _finish) and the file meta
     try:

@@ -129,6 +129,7 @@ def well_formed(vr: str, value: object) -> bool:
     pattern = WELL_FORMED.get(vr)
     return pattern is None or bool(pattern.match(str(value)))
 
+
 CODED_ENTRY_TAGS = frozenset(
     {
         0x00080100,  # Code Value
