@@ -24,7 +24,12 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from factory_node.studies import StudyStore, StudySummary, SuitabilityRecord
+from factory_node.studies import (
+    ReceivedInstance,
+    StudyStore,
+    StudySummary,
+    SuitabilityRecord,
+)
 from factory_node.suitability import SeriesVerdict, SuitabilityMonitor
 from gateway.audit import FIDELITY_RESULT, QUERY
 from gateway.errors import ValidationError
@@ -69,6 +74,8 @@ class StudyDetail:
     summary: StudySummary
     latest: SuitabilityRecord | None
     series: tuple[SeriesVerdict, ...]
+    instances: tuple[ReceivedInstance, ...] = ()
+    """The parsed instances received, one per SOP Instance UID (the latest object)."""
 
 
 class FactoryRole(RoleHooks):
@@ -158,7 +165,8 @@ class FactoryRole(RoleHooks):
         else:
             latest, verdict = self.monitor.check(summary.case_id, summary.study_uid)
         self._audit(caller, "factory.get_study", summary.case_id, study_uid=study_uid)
-        return StudyDetail(summary, latest, verdict.series)
+        instances = tuple(self.studies.instances(summary.case_id, summary.study_uid))
+        return StudyDetail(summary, latest, verdict.series, instances)
 
     def is_current(self, summary: StudySummary) -> bool:
         """Whether the study's latest result covers every instance, under today's thresholds."""

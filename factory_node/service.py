@@ -109,4 +109,10 @@ def detail_to_pb(d: StudyDetail) -> factory_pb2.FactoryStudy:
     if d.latest is not None:
         msg.suitability.CopyFrom(result_to_pb(d.latest, True))
     msg.series.extend(series_to_pb(v) for v in d.series)
+    msg.instances.extend(
+        factory_pb2.FactoryInstance(
+            object_id=i.object_id, series_uid=i.series_uid, sop_instance_uid=i.sop_instance_uid
+        )
+        for i in d.instances
+    )
     return msg

@@ -14,6 +14,9 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from gateway.cli_download import add_download_options, run_download
+from gateway.cli_progress import add_progress_options
+from gateway.cli_send import add_send_options, run_send
 from gateway.client import NodeClient
 from gateway.config import load_config
 from gateway.errors import ConfigError
@@ -85,6 +88,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--case", default="", help="case id")
     p.add_argument("--media-type", default="application/octet-stream")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_send_options(p)
+    add_progress_options(p)
     add_connection_options(p)
     p.set_defaults(func=cmd_send)
 
@@ -113,9 +118,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     add_connection_options(p)
     p.set_defaults(func=cmd_query)
-    p = qs.add_parser("download", help="stream an object's bytes to a file (verified)")
-    p.add_argument("object_id")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p = qs.add_parser(
+        "download",
+        help="stream an object (or every object of a case or study) to files, verified",
+    )
+    add_download_options(p)
+    add_progress_options(p)
     add_connection_options(p)
     p.set_defaults(func=cmd_query)
 
@@ -160,14 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        reply = client.submit(args.file, args.to, case_id=args.case, media_type=args.media_type)
-    if args.json:
-        print(json.dumps(_dict(reply), indent=2))
-    else:
-        print(f"stored object {reply.object.object_id} ({reply.object.size} bytes)")
-        for t in reply.queued:
-            print(f"queued transfer {t.transfer_id} to {t.peer_node}")
-    return 0
+        return run_send(args, client)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -260,8 +261,7 @@ def cmd_query(args: argparse.Namespace) -> int:
                     if t.last_error:
                         print(f"    last error: {t.last_error}")
         else:
-            digest, size = client.download(args.object_id, args.output)
-            print(f"wrote {args.output} ({size} bytes, sha256 {digest}, verified)")
+            return run_download(args, client)
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -69,8 +69,12 @@ class NodeClient:
         media_type: str = "application/octet-stream",
         name: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        progress: Callable[[int], None] | None = None,
     ) -> exchange_pb2.SubmitResponse:
-        """Upload ``path`` to the node and queue it for ``destinations``."""
+        """Upload ``path`` to the node and queue it for ``destinations``.
+
+        ``progress`` (optional) is called with the number of bytes of each chunk as
+        it is handed to the channel."""
         path = Path(path)
         if not path.is_file():
             raise ValidationError(f"{path} is not a readable file")
@@ -95,6 +99,8 @@ class NodeClient:
                         )
                     )
                     offset += len(data)
+                    if progress is not None:
+                        progress(len(data))
 
         try:
             return self.exchange.Submit(messages(), timeout=None)

@@ -97,7 +97,7 @@ class SeriesAnalysis(_message.Message):
     def __init__(self, series_uid: _Optional[str] = ..., instance_count: _Optional[int] = ..., orientation_consistent: _Optional[bool] = ..., slice_thickness_mm: _Optional[_Iterable[float]] = ..., spacing_min_mm: _Optional[float] = ..., spacing_max_mm: _Optional[float] = ..., spacing_median_mm: _Optional[float] = ..., spacing_uniform: _Optional[bool] = ..., missing_slices_estimate: _Optional[int] = ..., duplicate_positions: _Optional[int] = ..., gantry_tilt_deg: _Optional[float] = ..., passed: _Optional[bool] = ..., findings: _Optional[_Iterable[str]] = ..., report: _Optional[str] = ...) -> None: ...
 
 class FactoryStudy(_message.Message):
-    __slots__ = ("case_id", "study_uid", "instance_count", "series_count", "first_received_at", "last_received_at", "suitability", "series")
+    __slots__ = ("case_id", "study_uid", "instance_count", "series_count", "first_received_at", "last_received_at", "suitability", "series", "instances")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     STUDY_UID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class FactoryStudy(_message.Message):
     LAST_RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
     SUITABILITY_FIELD_NUMBER: _ClassVar[int]
     SERIES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     study_uid: str
     instance_count: int
@@ -114,4 +115,15 @@ class FactoryStudy(_message.Message):
     last_received_at: str
     suitability: SuitabilityResult
     series: _containers.RepeatedCompositeFieldContainer[SeriesAnalysis]
-    def __init__(self, case_id: _Optional[str] = ..., study_uid: _Optional[str] = ..., instance_count: _Optional[int] = ..., series_count: _Optional[int] = ..., first_received_at: _Optional[str] = ..., last_received_at: _Optional[str] = ..., suitability: _Optional[_Union[SuitabilityResult, _Mapping]] = ..., series: _Optional[_Iterable[_Union[SeriesAnalysis, _Mapping]]] = ...) -> None: ...
+    instances: _containers.RepeatedCompositeFieldContainer[FactoryInstance]
+    def __init__(self, case_id: _Optional[str] = ..., study_uid: _Optional[str] = ..., instance_count: _Optional[int] = ..., series_count: _Optional[int] = ..., first_received_at: _Optional[str] = ..., last_received_at: _Optional[str] = ..., suitability: _Optional[_Union[SuitabilityResult, _Mapping]] = ..., series: _Optional[_Iterable[_Union[SeriesAnalysis, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[FactoryInstance, _Mapping]]] = ...) -> None: ...
+
+class FactoryInstance(_message.Message):
+    __slots__ = ("object_id", "series_uid", "sop_instance_uid")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    series_uid: str
+    sop_instance_uid: str
+    def __init__(self, object_id: _Optional[str] = ..., series_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ...) -> None: ...
