@@ -885,7 +885,7 @@ def test_cli_create_sign_show_list(env: Env, capsys: pytest.CaptureFixture[str])
         "--set",
         "notes=all series present",
     ]
-    assert _cli(env, "clinician", sign) == 1  # without --yes: show what would be signed
+    assert _cli(env, "clinician", [*sign, "--json"]) == 1  # no --yes: what would be signed
     captured = capsys.readouterr()
     shown = json.loads(captured.out)
     assert shown["author"]["id"] == "case-dr-li" and shown["type"] == "data_confirmation"

@@ -6,13 +6,16 @@
     yigong case sign order --case C-1 --data order.json [--set key=value] [--set key:=JSON] [--yes]
     yigong case show C-1 [--json]
     yigong case list [--json]
-    yigong case types
+    yigong case types [TYPE]
+    yigong case template TYPE [-o FILE] [--optional]
 
 ``sign`` uses the person's own certificate and key (``--cert``/``--key`` or
 ``YIGONG_CERT``/``YIGONG_KEY``) both to connect and to sign. Signing is
-irreversible: without ``--yes`` it prints the canonical record that would be
-signed and exits with status 1. ``show`` exits with status 1 when the chain does
-not verify.
+irreversible: without ``--yes`` it prints the record that would be signed (readable;
+with ``--json`` the canonical bytes) and exits with status 1. Where a field holds a
+SHA-256 (``design_hash``, ``files[].object_id``), a unique prefix of at least 4 hex
+digits of a record or object of the case is accepted and expanded. ``show`` prints
+full record hashes and exits with status 1 when the chain does not verify.
 """
 
 from __future__ import annotations
@@ -25,9 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cases.client import CaseClient
+from gateway.cases.describe import (
+    describe_type,
+    expand_hashes,
+    preview,
+    signers_text,
+    template,
+    todo_fields,
+)
 from gateway.cases.schema import TYPES, describe_fields
 from gateway.cases.signing import PersonSigner
-from gateway.cases.workflow import SIGNERS
 from gateway.cli_node import _dict, _t, _table, add_connection_options, connect
 from gateway.errors import ConfigError, ValidationError
 from yigong.v1 import case_pb2
@@ -74,7 +84,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_list)
 
     p = cs.add_parser("types", help="record types: section of the standard, signer, fields")
+    p.add_argument(
+        "type", nargs="?", choices=list(TYPES), metavar="TYPE", help="the full schema of one type"
+    )
     p.set_defaults(func=cmd_types)
+
+    p = cs.add_parser("template", help="write an example record (JSON) of a type, to fill in")
+    p.add_argument("type", choices=list(TYPES), metavar="TYPE", help="record type (see 'types')")
+    p.add_argument("-o", "--output", type=Path, help="write to this file (default: stdout)")
+    p.add_argument("--optional", action="store_true", help="include the optional fields too")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_template)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -100,9 +120,24 @@ def cmd_sign(args: argparse.Namespace) -> int:
     signer = PersonSigner.from_files(cert, key)
     with connect(args) as node:
         client = CaseClient(node)
-        record = client.prepare(signer, args.case_id, args.type, data)
+        view = client.get(args.case_id)
+        known = [r.record_hash for r in view.records] + [
+            o.object_id for o in node.list_objects(case_id=args.case_id, limit=1000)
+        ]
+        for path, full in expand_hashes(args.type, data, known, f"case {args.case_id}"):
+            print(f"{path}: {full}", file=sys.stderr)
+        record = signer.record(args.case_id, view.next_seq, view.head_hash, args.type, data)
         if not args.yes:
-            print(record.decode("utf-8"))
+            if args.json:
+                print(record.decode("utf-8"))
+            else:
+                print(preview(json.loads(record)))
+            todo = todo_fields(data)
+            if todo:
+                print(
+                    f"{len(todo)} field(s) still hold the template's TODO: {', '.join(todo[:8])}",
+                    file=sys.stderr,
+                )
             print(
                 f"this is the record {signer.identity.label()} would sign; signing is "
                 "irreversible: run again with --yes to sign and submit it",
@@ -149,7 +184,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 r.node_id,
                 _t(r.time),
                 "OK" if r.verified else "FAILED",
-                r.record_hash[:16] + "…",
+                r.record_hash,
                 r.exchange,
             ]
             for r in view.records
@@ -162,7 +197,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"\n{view.pending} record(s) from the other node wait for an earlier one")
     for rej in view.rejected:
         print(
-            f"\nnot in the chain: record {rej.seq} {rej.record_hash[:16]}… {rej.kind}: {rej.reason}"
+            f"\nnot in the chain: record {rej.seq} {rej.record_hash} {rej.kind}: {rej.reason}"
         )
     return 0 if view.verified else 1
 
@@ -192,14 +227,38 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_types(args: argparse.Namespace) -> int:
+    if args.type:
+        print("\n".join(describe_type(args.type)))
+        print(f"\nan example to fill in: yigong case template {args.type} -o {args.type}.json")
+        return 0
     for name, spec in TYPES.items():
-        signers = " or ".join(sorted(SIGNERS[name]))
-        print(f"{name} ({spec.section}, {spec.title}) — signed by a {signers}")
+        print(f"{name} ({spec.section}, {spec.title}) — signed by {signers_text(name)}")
         fields = describe_fields(name)
         print("  required: " + ", ".join(f for f, req in fields if req))
         optional = [f for f, req in fields if not req]
         if optional:
             print("  optional: " + ", ".join(optional))
+    return 0
+
+
+def cmd_template(args: argparse.Namespace) -> int:
+    data = template(args.type, optional=args.optional)
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    if args.output.exists() and not args.force:
+        raise ValidationError(f"{args.output} exists; pass --force to overwrite it")
+    try:
+        args.output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ValidationError(f"cannot write {args.output}: {exc}") from exc
+    print(
+        f"wrote {args.output}: an example {args.type} record; replace every TODO and example "
+        f"value (hashes of 0s, EXAMPLE-1, dates), then: yigong case sign {args.type} "
+        f"--case CASE --data {args.output}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -30,6 +30,27 @@ class CaseFormatError(ValidationError):
 Spec = Callable[[Any, str], None]
 """Checks one value at a path (``data.patient.age``); raises CaseFormatError."""
 
+
+@dataclass(frozen=True)
+class Shape:
+    """What a :data:`Spec` accepts, for people: ``yigong case types TYPE`` and
+    ``yigong case template TYPE`` (:mod:`gateway.cases.describe`)."""
+
+    kind: str  # text identifier date choice boolean integer number object list map
+    what: str  # one line: "text of at most 4000 characters"
+    example: Any = None  # a value the spec accepts (objects and lists: built from their parts)
+    fields: tuple[tuple[str, bool, Spec], ...] = ()  # object: (name, required, spec)
+    item: Spec | None = None  # list: the spec of each entry
+
+
+SHAPES: dict[Spec, Shape] = {}
+"""The :class:`Shape` of every spec made here."""
+
+
+def _shaped(check: Spec, shape: Shape) -> Spec:
+    SHAPES[check] = shape
+    return check
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
 _NODE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -59,21 +80,25 @@ def text(max_chars: int = 4000) -> Spec:
         if not isinstance(value, str) or not value.strip() or len(value) > max_chars:
             _fail(path, f"non-empty text of at most {max_chars} characters")
 
-    return check
+    return _shaped(check, Shape("text", f"text, at most {max_chars} characters", "TODO"))
 
 
-def pattern(regex: re.Pattern[str], what: str) -> Spec:
+def pattern(regex: re.Pattern[str], what: str, example: str = "") -> Spec:
     def check(value: Any, path: str) -> None:
         if not isinstance(value, str) or not regex.fullmatch(value):
             _fail(path, what)
 
-    return check
+    return _shaped(check, Shape("identifier", what, example))
 
 
-TOKEN = pattern(_TOKEN, "1-64 characters of A-Z a-z 0-9 . _ : / - (an identifier, no spaces)")
-NODE_ID = pattern(_NODE, "a federation node id (lowercase letters, digits, '.', '_', '-')")
-UDI = pattern(_UDI, "1-120 printable ASCII characters without spaces")
-HEX64 = pattern(_HEX64, "64 lowercase hex digits (a SHA-256)")
+TOKEN = pattern(
+    _TOKEN, "1-64 characters of A-Z a-z 0-9 . _ : / - (an identifier, no spaces)", "EXAMPLE-1"
+)
+NODE_ID = pattern(
+    _NODE, "a federation node id (lowercase letters, digits, '.', '_', '-')", "factory-1"
+)
+UDI = pattern(_UDI, "1-120 printable ASCII characters without spaces", "(01)00000000000000")
+HEX64 = pattern(_HEX64, "64 lowercase hex digits (a SHA-256)", "0" * 64)
 
 
 def iso_date(value: Any, path: str) -> None:
@@ -87,12 +112,15 @@ def iso_date(value: Any, path: str) -> None:
         _fail(path, "a valid calendar date YYYY-MM-DD")
 
 
+_shaped(iso_date, Shape("date", "a date YYYY-MM-DD", "2026-01-31"))
+
+
 def choice(*values: str) -> Spec:
     def check(value: Any, path: str) -> None:
         if value not in values:
             _fail(path, "one of " + ", ".join(repr(v) for v in values))
 
-    return check
+    return _shaped(check, Shape("choice", "one of " + ", ".join(values), values[0]))
 
 
 def boolean(required: bool | None = None) -> Spec:
@@ -100,7 +128,8 @@ def boolean(required: bool | None = None) -> Spec:
         if not isinstance(value, bool) or (required is not None and value is not required):
             _fail(path, "true or false" if required is None else str(required).lower())
 
-    return check
+    what = "true or false" if required is None else f"{str(required).lower()} (only)"
+    return _shaped(check, Shape("boolean", what, bool(required)))
 
 
 def integer(lo: int, hi: int) -> Spec:
@@ -108,7 +137,7 @@ def integer(lo: int, hi: int) -> Spec:
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
             _fail(path, f"an integer {lo}-{hi}")
 
-    return check
+    return _shaped(check, Shape("integer", f"an integer {lo}-{hi}", max(lo, min(hi, 1))))
 
 
 def number(lo: float, hi: float, *, tenth: bool = False) -> Spec:
@@ -121,7 +150,8 @@ def number(lo: float, hi: float, *, tenth: bool = False) -> Spec:
         if tenth and abs(value * 10 - round(value * 10)) > 1e-6:
             _fail(path, "given to 0.1 (one decimal place)")
 
-    return check
+    what = f"a number from {lo:g} to {hi:g}" + (", given to 0.1" if tenth else "")
+    return _shaped(check, Shape("number", what, max(lo, min(hi, 1.0))))
 
 
 def obj(required: Mapping[str, Spec], optional: Mapping[str, Spec] | None = None) -> Spec:
@@ -144,7 +174,10 @@ def obj(required: Mapping[str, Spec], optional: Mapping[str, Spec] | None = None
             if key in value:
                 spec(value[key], f"{path}.{key}")
 
-    return check
+    fields = tuple((k, True, v) for k, v in required.items()) + tuple(
+        (k, False, v) for k, v in optional.items()
+    )
+    return _shaped(check, Shape("object", "an object", fields=fields))
 
 
 def items(spec: Spec, min_items: int = 1, max_items: int = 500) -> Spec:
@@ -154,7 +187,7 @@ def items(spec: Spec, min_items: int = 1, max_items: int = 500) -> Spec:
         for n, item in enumerate(value):
             spec(item, f"{path}[{n}]")
 
-    return check
+    return _shaped(check, Shape("list", f"a list of {min_items}-{max_items} entries", item=spec))
 
 
 def scalar_map(value: Any, path: str) -> None:
@@ -167,6 +200,16 @@ def scalar_map(value: Any, path: str) -> None:
         ok = isinstance(item, str | bool | int) or (isinstance(item, float) and math.isfinite(item))
         if not ok or (isinstance(item, str) and len(item) > 1000):
             _fail(f"{path}.{shown(key)}", "text (at most 1000 characters), a number or a boolean")
+
+
+_shaped(
+    scalar_map,
+    Shape(
+        "map",
+        "an object of 1-500 named values (text of at most 1000 characters, numbers, booleans)",
+        {"example_parameter_mm": 1.0},
+    ),
+)
 
 
 NOTES: dict[str, Spec] = {"notes": text()}

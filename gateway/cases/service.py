@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -61,6 +61,17 @@ log = logging.getLogger(__name__)
 MAX_CLOCK_SKEW = timedelta(minutes=10)
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 FILE_TYPES = ("design_output", "design_change", "data_delivery")
+
+
+OPENED_BY, OPENED_AT = "case.opened_by", "case.opened_at"
+
+
+def opened_labels(case: CaseRow, seq: int) -> dict[str, str]:
+    """Labels of record 0's object: who opened the case at the hospital, and when, so the
+    factory (which learns of the case from record 0) shows the same opener and time."""
+    if seq != 0:
+        return {}
+    return {OPENED_BY: case.created_by, OPENED_AT: case.created_at}
 
 
 class CaseService:
@@ -255,7 +266,7 @@ class CaseService:
                 media_type=CASE_MEDIA_TYPE,
                 case_id=r.case_id,
                 origin_node=self.node_id,
-                labels={"case.seq": str(r.seq), "case.type": r.type},
+                labels={"case.seq": str(r.seq), "case.type": r.type, **opened_labels(case, r.seq)},
             )
             self.outbox.queue(obj, self.counterparty(case), actor=r.author.label())
         except YigongError:
@@ -289,11 +300,16 @@ class CaseService:
         return found is not None and found.origin == "local"
 
     # -- from the peer ----------------------------------------------------------------
-    def accept_remote(self, envelope_bytes: bytes) -> dict[str, str]:
-        """Take in an envelope the case's other node sent; never raises (receipt facts)."""
+    def accept_remote(
+        self, envelope_bytes: bytes, labels: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """Take in an envelope the case's other node sent; never raises (receipt facts).
+
+        ``labels``: the object's labels as the sender catalogued them (record 0 carries
+        who opened the case and when, see :func:`opened_labels`)."""
         from gateway.cases.sync import accept
 
-        return accept(self, envelope_bytes)
+        return accept(self, envelope_bytes, labels or {})
 
     # -- reading ----------------------------------------------------------------------
     def case(self, case_id: str) -> CaseRow:

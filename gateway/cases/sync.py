@@ -29,12 +29,15 @@ Nothing here raises into the receiver: refusals are returned as facts, stored in
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from gateway.audit import CASE_RECORD
 from gateway.cases.chain import ChainError, Verified, verify_envelope
 from gateway.cases.records import CASE_MEDIA_TYPE, MAX_ENVELOPE_BYTES, genesis_hash
+from gateway.cases.service import OPENED_AT, OPENED_BY
 from gateway.cases.store import CaseRow, StoredRecord
 from gateway.cases.workflow import apply, identifiers
 from gateway.catalog import utcnow
@@ -57,14 +60,18 @@ class Refused(ChainError):
     """A record from the peer that is not taken into the chain."""
 
 
-def accept(svc: CaseService, raw: bytes) -> dict[str, str]:
-    """Take in one envelope from the peer; returns receipt facts and never raises."""
+def accept(
+    svc: CaseService, raw: bytes, labels: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Take in one envelope from the peer; returns receipt facts and never raises.
+
+    ``labels``: the object's labels from the sender (record 0: who opened the case)."""
     digest = sha256_hex(raw)
     v: Verified | None = None
     try:
         with svc.lock:
             v = _verify(svc, raw, digest)
-            status = _place(svc, v)
+            status = _place(svc, v, labels or {})
             if status != "pending":
                 _drain(svc, v.record.case_id)
         r = v.record
@@ -110,8 +117,13 @@ def _verify(svc: CaseService, raw: bytes, digest: str) -> Verified:
     return v
 
 
-def _open_from_peer(svc: CaseService, v: Verified) -> CaseRow | None:
-    """At a factory: the case's first record opens it here. None: wait for record 0."""
+def _open_from_peer(
+    svc: CaseService, v: Verified, labels: Mapping[str, str]
+) -> CaseRow | None:
+    """At a factory: the case's first record opens it here. None: wait for record 0.
+
+    Who opened the case and when come from the hospital (record 0's labels), so both
+    nodes show the same; without them (an older hospital): the hospital node, now."""
     r = v.record
     if svc.node_role != "factory":
         raise Refused(
@@ -121,7 +133,8 @@ def _open_from_peer(svc: CaseService, v: Verified) -> CaseRow | None:
     if r.seq != 0:
         return None
     hospital = v.envelope.node_id
-    case = CaseRow(r.case_id, hospital, svc.node_id, utcnow(), f"node:{hospital}")
+    opened_by, opened_at = _opened(labels, hospital)
+    case = CaseRow(r.case_id, hospital, svc.node_id, opened_at, opened_by)
     svc.cases.add_case(case)
     svc.audit.record(
         CASE_RECORD,
@@ -134,10 +147,28 @@ def _open_from_peer(svc: CaseService, v: Verified) -> CaseRow | None:
     return case
 
 
-def _place(svc: CaseService, v: Verified) -> str:
+_OPENER = re.compile(r"clinician:[a-z0-9][a-z0-9._-]{0,62}@(?P<node>[a-z0-9][a-z0-9._-]{0,62})")
+
+
+def _opened(labels: Mapping[str, str], hospital: str) -> tuple[str, str]:
+    """(opened by, opened at) as the hospital recorded them, if they are well formed."""
+    by, at = labels.get(OPENED_BY, ""), labels.get(OPENED_AT, "")
+    m = _OPENER.fullmatch(by)
+    try:
+        when = datetime.fromisoformat(at) if len(at) <= 40 else None
+    except ValueError:
+        when = None
+    if m is None or m["node"] != hospital or when is None or when.tzinfo is None:
+        if by or at:
+            log.warning("case opener facts from %s are not well formed; not used", hospital)
+        return f"node:{hospital}", utcnow()
+    return by, at
+
+
+def _place(svc: CaseService, v: Verified, labels: Mapping[str, str] | None = None) -> str:
     """Append ``v``, or park it, or raise Refused; returns held | appended | pending."""
     r, sender = v.record, v.envelope.node_id
-    case = svc.cases.find_case(r.case_id) or _open_from_peer(svc, v)
+    case = svc.cases.find_case(r.case_id) or _open_from_peer(svc, v, labels or {})
     if case is None:
         svc.cases.add_pending(r.case_id, r.seq, v.hash, v.envelope.to_bytes())
         return "pending"
@@ -250,6 +281,6 @@ def case_facts_hook(svc: CaseService, previous: FactsHook | None) -> FactsHook:
         except YigongError as exc:
             log.error("case envelope %s cannot be read: %s", announce.object_id[:16], exc)
             return {FACT_ERROR: f"case envelope cannot be read on {svc.node_id}"}
-        return svc.accept_remote(data)
+        return svc.accept_remote(data, announce.labels)
 
     return hook
