@@ -29,6 +29,10 @@ FEATURES: list[tuple[str, list[str]]] = [
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
     ("Node process, configuration, catalog", ["test_node.py"]),
     ("Command line and demo", ["test_cli.py", "test_demo.py"]),
+    (
+        "Command line: progress, waiting, bulk download",
+        ["test_cli_progress.py", "test_cli_bulk_download.py"],
+    ),
     ("Audit log", ["test_audit.py", "test_atna.py"]),
     (
         "DICOM ingest (hospital)",
@@ -43,6 +47,7 @@ FEATURES: list[tuple[str, list[str]]] = [
     ("Confirmation and de-identified release (hospital)", ["test_hospital_release.py"]),
     ("Series geometry and suitability (factory)", ["test_fidelity_series.py", "test_factory.py"]),
     ("Case workflow: signed records and stage gates", ["test_cases.py"]),
+    ("Case records from the command line: schema, templates, hashes", ["test_case_cli.py"]),
     (
         "Design files, mesh fidelity, Encapsulated STL export",
         ["test_design_files.py", "test_stl_export.py", "test_design_export.py"],
