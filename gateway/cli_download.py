@@ -25,13 +25,12 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from gateway.cli_progress import Reporter, human_bytes
+from gateway.cli_progress import Reporter, Task, human_bytes
 from gateway.client import NodeClient
 from gateway.errors import IntegrityError, NotFound, ValidationError, YigongError
 from gateway.grpc_status import error_from_rpc
@@ -102,8 +101,8 @@ def run_download(args: argparse.Namespace, client: NodeClient) -> int:
             else None
         )
         for object_id, dest, size in jobs:
-            task = progress.task(f"download {dest.name}", total=size)
-            outcome = fetch(client, object_id, dest, size, task.advance)
+            task = progress.task(f"download {dest.name}", total=max(size, 0))
+            outcome = fetch(client, object_id, dest, size, task)
             task.done(outcome.state if not outcome.error else "FAILED")
             if overall is not None:
                 overall.advance(size)
@@ -169,13 +168,14 @@ def safe_name(name: str, fallback: str) -> str:
 
 
 def _single_target(client: NodeClient, object_id: str, out: Path) -> tuple[str, Path, int]:
-    obj = client.get_object(object_id).object
+    """(object id, target file, size or -1 when not asked: the stream tells it)."""
     if out.is_dir() or str(out).endswith(("/", os.sep)):
+        obj = client.get_object(object_id).object
         out.mkdir(parents=True, exist_ok=True)
-        out = out / safe_name(obj.name, obj.object_id)
-    elif not out.parent.is_dir():
+        return obj.object_id, out / safe_name(obj.name, obj.object_id), int(obj.size)
+    if not out.parent.is_dir():
         raise ValidationError(f"directory {out.parent} does not exist (for -o {out})")
-    return obj.object_id, out, int(obj.size)
+    return object_id, out, -1
 
 
 def _case_jobs(client: NodeClient, case_id: str, out: Path) -> list[tuple[str, Path, int]]:
@@ -243,34 +243,45 @@ def part_path(dest: Path) -> Path:
 
 
 def fetch(
-    client: NodeClient, object_id: str, dest: Path, size: int, advance: Callable[[int], None]
+    client: NodeClient, object_id: str, dest: Path, size: int, task: Task | None = None
 ) -> Outcome:
     """Download one object to ``dest``, verified, resuming or skipping (never raises
-    :class:`YigongError`: a failure is the outcome's ``error``)."""
+    :class:`YigongError`: a failure is the outcome's ``error``). ``size`` -1: not known
+    yet (the stream's first message tells it)."""
+    part = part_path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.is_file() and dest.stat().st_size == size and _sha256_file(dest) == object_id:
-            advance(size)
+        if (
+            dest.is_file()
+            and (size < 0 or dest.stat().st_size == size)
+            and _sha256_file(dest) == object_id
+        ):
+            size = dest.stat().st_size
+            if task is not None:
+                task.update(size, size)
             return Outcome(object_id, dest, size, "present")
-        part = part_path(dest)
         have = part.stat().st_size if part.is_file() else 0
-        if have > size:
+        if size >= 0 and have > size:
             part.unlink()
             have = 0
         try:
-            _stream(client, object_id, part, have, size, advance)
+            got = _stream(client, object_id, part, have, size, task)
             state = "resumed" if have else "downloaded"
-        except IntegrityError:
+        except (IntegrityError, ValidationError):
             if not have:
                 raise
             # the partial file was not what the node holds: once more from the start
             part.unlink(missing_ok=True)
-            _stream(client, object_id, part, 0, size, advance)
+            if task is not None:
+                task.update(0)
+            got = _stream(client, object_id, part, 0, size, task)
             state = "downloaded"
         os.replace(part, dest)
-        return Outcome(object_id, dest, size, state)
+        return Outcome(object_id, dest, got, state)
     except (YigongError, OSError) as exc:
-        return Outcome(object_id, dest, size, "failed", str(exc))
+        if part.is_file() and part.stat().st_size == 0:
+            part.unlink()  # nothing to resume from
+        return Outcome(object_id, dest, max(size, 0), "failed", str(exc))
 
 
 def _stream(
@@ -279,14 +290,16 @@ def _stream(
     part: Path,
     offset: int,
     size: int,
-    advance: Callable[[int], None],
-) -> None:
+    task: Task | None,
+) -> int:
+    """Stream the object from ``offset`` into ``part``; returns its size once verified."""
     hasher = hashlib.sha256()
     if offset:
         with open(part, "rb") as fh:
             while block := fh.read(HASH_BLOCK):
                 hasher.update(block)
-        advance(offset)
+        if task is not None:
+            task.update(offset)
     position = offset
     expected_sha, expected_size = "", -1
     try:
@@ -299,6 +312,8 @@ def _stream(
             for msg in stream:
                 if msg.object_sha256:
                     expected_sha, expected_size = msg.object_sha256, msg.object_size
+                    if task is not None:
+                        task.update(task.completed, expected_size)
                 data = msg.chunk.data
                 if data and (
                     msg.chunk.offset != position
@@ -312,7 +327,8 @@ def _stream(
                 hasher.update(data)
                 fh.write(data)
                 position += len(data)
-                advance(len(data))
+                if task is not None:
+                    task.advance(len(data))
             fh.flush()
             os.fsync(fh.fileno())
     except grpc.RpcError as exc:
@@ -320,15 +336,16 @@ def _stream(
     digest = hasher.hexdigest()
     if (
         digest != object_id
-        or position != size
+        or (size >= 0 and position != size)
         or (expected_sha and expected_sha != digest)
         or (expected_size >= 0 and expected_size != position)
     ):
         part.unlink(missing_ok=True)
         raise IntegrityError(
             f"{client.target}: object {object_id} arrived with SHA-256 {digest} and "
-            f"{position} bytes; expected {object_id} and {size} bytes"
+            f"{position} bytes; expected {object_id} and {max(size, expected_size)} bytes"
         )
+    return position
 
 
 def _sha256_file(path: Path) -> str:

@@ -215,3 +215,33 @@ def test_download_refuses_unclear_requests_with_clear_errors(
     missing = tmp_path / "no" / "such" / "file.raw"
     assert main(["query", "download", "ab" * 32, "-o", str(missing), *eng]) == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_single_download_to_a_file_resumes_its_part_and_replaces_a_bad_one(
+    pair: tuple[InProcessNode, InProcessNode],
+    federation: Federation,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    hospital, factory = pair
+    payload = os.urandom(200_000)
+    (digest,) = _send(hospital, tmp_path, {"plan.bin": payload}, "case-r")
+    eng = _engineer(factory, federation)
+    target = tmp_path / "plan.bin"
+    part_path(target).write_bytes(payload[:1000])
+    assert main(["query", "download", digest, "-o", str(target), *eng]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == f"wrote {target} (200000 bytes, sha256 {digest}, verified, resumed)"
+    assert target.read_bytes() == payload and not part_path(target).exists()
+    # a .part longer than the object (not from this object): discarded, fetched anew
+    target.unlink()
+    part_path(target).write_bytes(b"\1" * 300_000)
+    assert main(["query", "download", digest, "-o", str(target), *eng]) == 0
+    assert "verified, downloaded" in capsys.readouterr().out
+    assert target.read_bytes() == payload
+    offsets = [
+        e.details["offset"]
+        for e in factory.node.audit.events(event="object.downloaded")
+        if e.object_id == digest
+    ]
+    assert offsets == [1000, 0]
