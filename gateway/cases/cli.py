@@ -121,9 +121,11 @@ def cmd_sign(args: argparse.Namespace) -> int:
     with connect(args) as node:
         client = CaseClient(node)
         view = client.get(args.case_id)
-        known = [r.record_hash for r in view.records] + [
-            o.object_id for o in node.list_objects(case_id=args.case_id, limit=1000)
-        ]
+
+        def known() -> list[str]:
+            objects = node.list_objects(case_id=args.case_id, limit=1000)
+            return [r.record_hash for r in view.records] + [o.object_id for o in objects]
+
         for path, full in expand_hashes(args.type, data, known, f"case {args.case_id}"):
             print(f"{path}: {full}", file=sys.stderr)
         record = signer.record(args.case_id, view.next_seq, view.head_hash, args.type, data)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.cases.schema import HEX64, SHAPES, TYPES, Spec, validate_data
@@ -152,14 +152,23 @@ def preview(record: dict[str, Any]) -> str:
 
 
 def expand_hashes(
-    kind: str, data: dict[str, Any], known: Iterable[str], where: str
+    kind: str,
+    data: dict[str, Any],
+    known: Iterable[str] | Callable[[], Iterable[str]],
+    where: str,
 ) -> list[tuple[str, str]]:
     """Replace hex prefixes (>= 4 digits) in SHA-256 fields of ``data`` by the one hash of
-    ``known`` they start with; returns ``(path, full hash)`` per expansion.
+    ``known`` they start with; returns ``(path, full hash)`` per expansion. ``known`` may be
+    a function: it is called only when there is a prefix to resolve.
 
     Raises ValidationError naming the field when a prefix matches none or several."""
-    hashes = sorted(set(known))
+    cache: list[str] = []
     spec = TYPES[kind]
+
+    def candidates() -> list[str]:
+        if not cache:
+            cache.extend(sorted(set(known() if callable(known) else known)))
+        return cache
     expanded: list[tuple[str, str]] = []
 
     def walk(value: Any, s: Spec, path: str) -> Any:
@@ -180,7 +189,7 @@ def expand_hashes(
         return value
 
     def _resolve(prefix: str, path: str) -> str:
-        found = [h for h in hashes if h.startswith(prefix)]
+        found = [h for h in candidates() if h.startswith(prefix)]
         if not found:
             raise ValidationError(
                 f"{path}: no record or object of {where} has a SHA-256 starting with {prefix}; "
