@@ -65,18 +65,18 @@ def add_download_options(p: argparse.ArgumentParser) -> None:
         "--study",
         default="",
         metavar="STUDY_UID",
-        help="download every instance of this received study into -o DIR (factory node)",
+        help="download every instance of this received study into -o DIR (factory node; "
+        "add --case when the study was received for several cases)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run_download(args: argparse.Namespace, client: NodeClient) -> int:
     """The body of ``yigong query download`` on an open client."""
-    chosen = [x for x in (args.object_id, args.case, args.study) if x]
-    if len(chosen) != 1:
+    if bool(args.object_id) == bool(args.case or args.study):
         raise ValidationError(
             "say what to download: an OBJECT_ID, or --case CASE_ID, or --study STUDY_UID "
-            "(exactly one)"
+            "(with --case only when the study was received for several cases)"
         )
     out: Path = args.output
     if args.object_id:

@@ -131,7 +131,7 @@ def wait_for_receipts(
                 results[tid] = _result(t, "failed", f"failed: {t.last_error or 'no reason given'}")
             else:
                 continue
-            tasks[tid].done(results[tid]["outcome"])
+            tasks[tid].done("receipt verified" if results[tid]["state"] == "done" else "FAILED")
             del pending[tid]
         if not pending:
             break

@@ -185,6 +185,8 @@ def test_study_download_writes_every_instance_by_series_and_sop_uid(
             "download",
             "--study",
             study_uid,
+            "--case",
+            "case-s",
             "-o",
             str(out_dir),
             *_engineer(factory, federation),
@@ -207,6 +209,8 @@ def test_download_refuses_unclear_requests_with_clear_errors(
     hospital, factory = pair
     eng = _engineer(factory, federation)
     assert main(["query", "download", "-o", str(tmp_path), *eng]) == 2
+    assert "say what to download: an OBJECT_ID, or --case" in capsys.readouterr().err
+    assert main(["query", "download", "ab" * 32, "--case", "c", "-o", str(tmp_path), *eng]) == 2
     assert "say what to download: an OBJECT_ID, or --case" in capsys.readouterr().err
     assert main(["query", "download", "--case", "nope", "-o", str(tmp_path / "x"), *eng]) == 2
     assert "holds no objects of case nope" in capsys.readouterr().err

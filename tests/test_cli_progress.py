@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,21 @@ def test_send_wait_reports_a_refused_transfer_as_failed(
     assert rc == EXIT_FAILED == 3, (out, err)
     assert "failed: peer factory-eu-west is certified for region 'eu-west'" in out
     assert err.splitlines()[-1].startswith("error: failed: peer factory-eu-west is certified")
+
+
+def test_send_on_a_terminal_draws_bars_on_stderr_and_keeps_stdout_plain(
+    pair: tuple[InProcessNode, InProcessNode],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hospital, _ = pair
+    src = tmp_path / "scan.bin"
+    src.write_bytes(os.urandom(2_000_000))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rc = main(["send", str(src), "--to", "factory-1", "--wait", "--json", *_node_conn(hospital)])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert json.loads(out)["wait"]["status"] == "done"  # no control sequences in stdout
+    assert "\x1b[" in err and "upload scan.bin" in err and "transfer to factory-1" in err
+    assert "1.9/1.9 MiB" in err
