@@ -495,6 +495,11 @@ def latest_checkpoint(path: Path) -> Checkpoint | None:
         conn.close()
     if row is None:
         return None
+    if not isinstance(row[3], bytes) or not isinstance(row[2], str):
+        raise AuditError(
+            f"audit log {path}: checkpoint row at entry {row[0]!r} is malformed; "
+            "run 'yigong audit verify' to see what was changed"
+        )
     return Checkpoint(node[0] if node else "", int(row[0]), row[1], row[2], bytes(row[3]))
 
 

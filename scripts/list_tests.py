@@ -29,7 +29,7 @@ FEATURES: list[tuple[str, list[str]]] = [
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
     ("Node process, configuration, catalog", ["test_node.py"]),
     ("Command line and demo", ["test_cli.py", "test_demo.py"]),
-    ("Audit log", ["test_audit.py", "test_atna.py"]),
+    ("Audit log", ["test_audit.py", "test_audit_witness.py", "test_atna.py"]),
     (
         "DICOM ingest (hospital)",
         [
