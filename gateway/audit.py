@@ -26,7 +26,10 @@ Guarantees
       never relies on them. Someone with write access who rewrites the whole chain
       *and* drops the checkpoints is only caught by a checkpoint exported earlier
       (:meth:`AuditLog.export_checkpoint`, kept by the peer or a security officer,
-      checked with :meth:`AuditLog.check_against_checkpoint`).
+      checked with :meth:`AuditLog.check_against_checkpoint`) or by the checkpoints
+      the node's peers witnessed (:mod:`gateway.audit_witness`); a node with a signer
+      signs a checkpoint when it opens the log, so a crash leaves no unsigned entries
+      behind once the node restarts. A malformed checkpoint row is named, never a crash.
 
 What must never go in it
     Patient data. Callers pass UIDs, hashes, case ids and pseudonyms only; never

@@ -332,8 +332,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     cp = latest_checkpoint(cfg.audit.path)
     if cp is None:
         print(
-            "error: the audit log has no signed checkpoint yet (one is made every "
-            "audit.checkpoint_every events and at every stop)",
+            "error: the audit log has no signed checkpoint yet (one is made at start-up, "
+            "every audit.checkpoint_seconds, every audit.checkpoint_every events and at stop)",
             file=sys.stderr,
         )
         return 1

@@ -1,6 +1,8 @@
-"""Peer witnessing of audit checkpoints: a cut tail, a log rewritten and re-signed with the
-node's own key, and the entries a crash left are all caught by `audit verify --with-peers`,
-which names the checkpoint the peer witnessed. Also the officer's CLI output."""
+"""Peer witnessing of audit checkpoints: cut tails, re-signed rewrites and crashes are caught.
+
+A cut tail, a log rewritten and re-signed with the node's own key, and the entries a
+crash left are all caught by `audit verify --with-peers`, which names the checkpoint the
+peer witnessed. Also the officer's CLI output (list --follow, reconcile, check)."""
 
 from __future__ import annotations
 
@@ -130,8 +132,9 @@ def test_cut_tail_passes_local_verify_but_fails_against_the_peer_that_witnessed_
 
 
 def test_peer_holds_checkpoints_of_a_running_node_seconds_behind_its_head(nodes: Pair) -> None:
-    """Time-based checkpoints: what a running node writes is witnessed within seconds,
-    without waiting for `checkpoint_every` entries."""
+    """Time-based checkpoints: a running node's entries are witnessed within seconds.
+
+    No need to wait for `checkpoint_every` entries."""
     hospital, factory = nodes
     record_queries(hospital, 7)
     head = head_of(hospital.node.cfg.audit.path)
