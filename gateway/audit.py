@@ -822,8 +822,10 @@ class AuditLog:
         peer: str | None = None,
         after_seq: int | None = None,
         limit: int = 1000,
+        newest: bool = False,
     ) -> list[AuditEvent]:
-        """The first ``limit`` matching events with seq > ``after_seq``, oldest first.
+        """The first ``limit`` matching events with seq > ``after_seq``, oldest first
+        (with ``newest``: the last ``limit`` ones, still oldest first).
 
         ``since`` is inclusive, ``until`` exclusive; page with ``after_seq=last.seq``."""
         with self._lock:
@@ -839,6 +841,7 @@ class AuditLog:
                 peer=peer,
                 after_seq=after_seq,
                 limit=limit,
+                newest=newest,
             )
 
     def checkpoints(self, *, after_seq: int = 0, limit: int = 500) -> list[Checkpoint]:

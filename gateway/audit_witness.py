@@ -279,6 +279,7 @@ class WitnessSender:
         self.timeout = timeout
         self._held: dict[str, int | None] = dict.fromkeys(self.peers)  # None: ask the peer
         self._links: dict[str, WitnessLink] = {}
+        self._failing: set[str] = set()  # warned once; quiet until they answer again
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -306,8 +307,13 @@ class WitnessSender:
         for peer in self.peers:
             try:
                 self._send(peer, self.timeout if timeout is None else timeout)
+                if peer in self._failing:
+                    self._failing.discard(peer)
+                    log.info("audit checkpoints reach %s again", peer)
             except YigongError as exc:
-                log.warning("cannot hand audit checkpoints to %s (retrying later): %s", peer, exc)
+                level = logging.DEBUG if peer in self._failing else logging.WARNING
+                log.log(level, "cannot hand audit checkpoints to %s (retrying): %s", peer, exc)
+                self._failing.add(peer)
                 self._held[peer] = None
                 link = self._links.pop(peer, None)
                 if link is not None:

@@ -118,6 +118,13 @@ class Node:
             signer=self.sign,
             checkpoint_every=cfg.audit.checkpoint_every,
         )
+        last = self.audit.events(limit=1, newest=True)
+        self._previous_run: dict[str, str | int] = {
+            "previous_stop": "first start"
+            if not last
+            else ("clean" if last[0].event == "node.stop" else "crash"),
+            "previous_head": last[0].seq if last else 0,
+        }
         self.atna: AtnaForwarder | None = None
         if (a := cfg.atna).enabled:
             sender = SyslogTLSSender(
@@ -354,6 +361,7 @@ class Node:
                 "port": port,
                 "store": self.store.describe(),
                 "pid": os.getpid(),
+                **self._previous_run,  # "crash": entries since were signed at start-up
             },
         )
         self._audit_config()

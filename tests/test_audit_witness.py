@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 
 from gateway import pki
-from gateway.audit import QUERY, Checkpoint, checkpoint_signing_bytes, verify_log
+from gateway.audit import (
+    QUERY,
+    Checkpoint,
+    checkpoint_signing_bytes,
+    read_events,
+    verify_log,
+)
 from gateway.cli import main
 from gateway.client import NodeClient
 from gateway.config import load_config
@@ -238,6 +244,9 @@ def test_entries_a_crash_left_are_signed_at_restart_and_witnessed(
         db.close()
         # ...and is handed to the peer at once
         wait_for(lambda: crash_head in witnessed_seqs(factory), 30, what="start-up checkpoint")
+        starts = read_events(path, event="node.start")
+        assert [e.details["previous_stop"] for e in starts] == ["first start", "crash"]
+        assert starts[-1].details["previous_head"] == crash_head
         hospital.kill()
         cut_tail(path, crash_head - 10)  # remove the last ten queries of the first run
         code, out = cli(capsys, "audit", "verify", "--config", str(config))
