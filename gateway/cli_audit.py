@@ -180,7 +180,7 @@ HEADERS = [
 ]
 
 
-MIN_WIDTHS = [6, 20, 26, 7, 24, 10, 16, 16, 8, 0]
+MIN_WIDTHS = [6, 20, 26, 7, 36, 12, 16, 16, 12, 0]
 """Column widths ``list --follow`` starts from, so that rows arriving later line up."""
 
 
