@@ -30,7 +30,14 @@ from gateway.client import NodeClient
 from gateway.config import load_config
 from gateway.errors import ConfigError, PermissionDenied, ValidationError
 from gateway.rpc.witness import GrpcWitnessLink
-from tests.cluster import Federation, InProcessNode, NodeProcess, wait_for, write_config
+from tests.cluster import (
+    Federation,
+    InProcessNode,
+    NodeProcess,
+    pin_port,
+    wait_for,
+    write_config,
+)
 from tests.test_audit import rehash_from
 
 FAST = "[transfer]\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0\n"
@@ -146,6 +153,38 @@ def test_peer_holds_checkpoints_of_a_running_node_seconds_behind_its_head(nodes:
     head = head_of(hospital.node.cfg.audit.path)
     wait_for(lambda: witnessed_seqs(factory) and witnessed_seqs(factory)[-1] >= head, 30)
     assert head < hospital.node.cfg.audit.checkpoint_every
+
+
+def test_checkpoints_signed_while_the_peer_was_down_are_handed_over_when_it_is_back(
+    federation: Federation, tmp_path: Path
+) -> None:
+    factory_cfg = write_config(federation, tmp_path, "factory-1", "factory", extra=FAST)
+    factory = InProcessNode(factory_cfg)
+    port = factory.port
+    factory.stop()
+    pin_port(factory_cfg, port)
+    hospital = InProcessNode(
+        write_config(
+            federation,
+            tmp_path,
+            "hospital-1",
+            "hospital",
+            peers={"factory-1": f"127.0.0.1:{port}"},
+            extra=WITNESS_FAST,
+        )
+    )
+    try:
+        record_queries(hospital, 250)
+        path = hospital.node.cfg.audit.path
+        wait_for(lambda: hospital.node.audit.checkpoints(after_seq=head_of(path) - 1), 30)
+        assert hospital.node.witness_sender.held("factory-1") is None  # nobody to hand them to
+        factory = InProcessNode(factory_cfg)  # back, same address
+        signed = [c.seq for c in hospital.node.audit.checkpoints(limit=10_000)]
+        wait_for(lambda: set(signed) <= set(witnessed_seqs(factory)), 60, what="back-fill")
+        assert len(signed) >= 3  # count-based ones (every 100 entries) and timed ones
+    finally:
+        hospital.stop()
+        factory.stop()
 
 
 # --- a rewrite re-signed with the node's own key -------------------------------------------
