@@ -26,7 +26,10 @@ Guarantees
       never relies on them. Someone with write access who rewrites the whole chain
       *and* drops the checkpoints is only caught by a checkpoint exported earlier
       (:meth:`AuditLog.export_checkpoint`, kept by the peer or a security officer,
-      checked with :meth:`AuditLog.check_against_checkpoint`).
+      checked with :meth:`AuditLog.check_against_checkpoint`) or by the checkpoints
+      the node's peers witnessed (:mod:`gateway.audit_witness`); a node with a signer
+      signs a checkpoint when it opens the log, so a crash leaves no unsigned entries
+      behind once the node restarts. A malformed checkpoint row is named, never a crash.
 
 What must never go in it
     Patient data. Callers pass UIDs, hashes, case ids and pseudonyms only; never
@@ -37,6 +40,7 @@ What must never go in it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -251,19 +255,28 @@ class AuditEvent:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A signature by the node over the chain head at ``seq``."""
+    """A signature by the node over the chain head at ``seq``.
+
+    ``source`` says where a checkpoint checked against the log came from (empty: the
+    log's own table; ``"exported"``; ``"witnessed by factory-1"``); it is not signed."""
 
     node_id: str
     seq: int
     time: str
     head_hash: str
     signature: bytes
+    source: str = field(default="", compare=False)
 
     def signing_bytes(self) -> bytes:
         return checkpoint_signing_bytes(self.node_id, self.seq, self.head_hash)
 
+    def label(self) -> str:
+        """``checkpoint at entry 17`` or ``checkpoint at entry 17 (witnessed by factory-1)``."""
+        return f"checkpoint at entry {self.seq}" + (f" ({self.source})" if self.source else "")
+
     def to_dict(self) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, **asdict(self), "signature": self.signature.hex()}
+        data = {k: v for k, v in asdict(self).items() if k != "source"}
+        return {"format": CHECKPOINT_FORMAT, **data, "signature": self.signature.hex()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
@@ -276,7 +289,12 @@ class Checkpoint:
             if not isinstance(head, str) or not re.fullmatch(r"[0-9a-f]{64}", head):
                 raise ValueError("head_hash is not 64 lowercase hex digits")
             return cls(
-                str(data["node_id"]), seq, str(data["time"]), head, bytes.fromhex(data["signature"])
+                str(data["node_id"]),
+                seq,
+                str(data["time"]),
+                head,
+                bytes.fromhex(data["signature"]),
+                "exported",
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AuditError(f"exported audit checkpoint is malformed: {exc}") from exc
@@ -294,6 +312,9 @@ class VerifyReport:
     checkpoints: int
     first_bad_seq: int | None
     reason: str
+    last_checkpoint: int = 0
+    """Newest entry a checkpoint (of the log or given) covers; entries after it are
+    proven by nothing but the chain itself."""
 
 
 # --- verification ---------------------------------------------------------------------------
@@ -337,7 +358,7 @@ def _checkpoint_fault(
 ) -> tuple[int, str] | None:
     for cp in cps:
         if cp.node_id != node_id:
-            return cp.seq, f"checkpoint at entry {cp.seq} belongs to node {cp.node_id!r}"
+            return cp.seq, f"{cp.label()} belongs to node {cp.node_id!r}"
         if verify_signature is not None:
             try:
                 if not isinstance(cp.signature, bytes):
@@ -345,30 +366,55 @@ def _checkpoint_fault(
                 verify_signature(cp.signing_bytes(), cp.signature)
             except Exception as exc:
                 why = type(exc).__name__
-                return cp.seq, f"checkpoint at entry {cp.seq}: signature does not verify ({why})"
+                return cp.seq, f"{cp.label()}: signature does not verify ({why})"
     return None
+
+
+def _stored_checkpoints(
+    conn: sqlite3.Connection, node_id: str
+) -> tuple[list[Checkpoint], tuple[int | None, str] | None]:
+    """The ``checkpoints`` table, and (seq, reason) naming the first malformed row."""
+    out: list[Checkpoint] = []
+    rows = conn.execute("SELECT rowid, seq, time, head_hash, signature FROM checkpoints")
+    for rowid, seq, when, head, sig in rows:
+        what = f"checkpoint row {rowid} (seq {seq!r})"
+        if not isinstance(seq, int) or seq < 1:
+            why = "seq is not a positive integer"
+        elif not isinstance(head, str) or not re.fullmatch(r"[0-9a-f]{64}", head):
+            why = "head_hash is not 64 lowercase hex digits"
+        elif not isinstance(sig, bytes) or not sig:
+            why = "signature is not a non-empty blob"
+        elif not isinstance(when, str):
+            why = "time is not text"
+        else:
+            out.append(Checkpoint(node_id, seq, when, head, sig))
+            continue
+        bad = seq if isinstance(seq, int) and seq >= 1 else None
+        return out, (bad, f"{what}: malformed — {why} (edited outside the gateway)")
+    return sorted(out, key=lambda c: c.seq), None
 
 
 def _chain_fault_after(
     rows: Iterable[Sequence[Any]], prev: str, last: int, cps: Sequence[Checkpoint] = ()
 ) -> tuple[int, str] | None:
     """First fault in ``rows`` (entries after ``last``, whose hash is ``prev``), or None."""
-    heads: dict[int, list[str]] = {}
+    heads: dict[int, list[Checkpoint]] = {}
     for cp in cps:
-        heads.setdefault(cp.seq, []).append(cp.head_hash)
+        heads.setdefault(cp.seq, []).append(cp)
     for row in rows:
         if row[0] != last + 1 or row[10] != prev or _safe_hash(prev, row[:10]) != row[11]:
             return _chain_fault(row, last + 1)
         prev, last = row[11], row[0]
-        if any(head != prev for head in heads.get(last, ())):
-            return (
-                last,
-                f"checkpoint at entry {last}: signed head hash does not match the log "
-                "(rewritten after it was signed)",
-            )
-    if cps and cps[-1].seq > last:
+        for cp in heads.get(last, ()):
+            if cp.head_hash != prev:
+                return (
+                    last,
+                    f"{cp.label()}: signed head hash does not match the log "
+                    "(rewritten after it was signed)",
+                )
+    if cps and (newest := max(cps, key=lambda c: c.seq)).seq > last:
         ends = f"log ends at entry {last}" if last else "log is empty"
-        return last + 1, f"log truncated: checkpoint at entry {cps[-1].seq} but {ends}"
+        return last + 1, f"log truncated: {newest.label()} but {ends}"
     return None
 
 
@@ -385,7 +431,10 @@ def _select_events(
     peer: str | None = None,
     after_seq: int | None = None,
     limit: int = 1000,
+    newest: bool = False,
 ) -> list[AuditEvent]:
+    """Matching events, oldest first: the first ``limit`` ones, or with ``newest`` the
+    last ``limit`` ones."""
     if event is not None and event not in EVENT_TYPES:
         raise AuditError(f"unknown audit event type {event!r}; see gateway.audit.EVENT_TYPES")
     if not 1 <= limit <= 100_000:
@@ -406,9 +455,12 @@ def _select_events(
     if after_seq is not None:
         where.append("seq > ?")
         args.append(int(after_seq))
-    sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+    order = "DESC" if newest else "ASC"
+    sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?"
     try:
         rows = conn.execute(sql, (*args, limit)).fetchall()
+        if newest:
+            rows.reverse()
     except sqlite3.Error as exc:
         raise AuditError(f"cannot read audit log {path}: {exc}") from exc
     out = []
@@ -446,6 +498,11 @@ def latest_checkpoint(path: Path) -> Checkpoint | None:
         conn.close()
     if row is None:
         return None
+    if not isinstance(row[3], bytes) or not isinstance(row[2], str):
+        raise AuditError(
+            f"audit log {path}: checkpoint row at entry {row[0]!r} is malformed; "
+            "run 'yigong audit verify' to see what was changed"
+        )
     return Checkpoint(node[0] if node else "", int(row[0]), row[1], row[2], bytes(row[3]))
 
 
@@ -473,14 +530,11 @@ def verify_log(
         conn.execute("BEGIN")  # one snapshot for checkpoints and events
         if missing := _missing_triggers(conn):
             log.warning("audit log %s: append-only triggers missing: %s", path, missing)
-        stored = [
-            Checkpoint(node_id, r[0], r[1], r[2], r[3])
-            for r in conn.execute(
-                "SELECT seq, time, head_hash, signature FROM checkpoints ORDER BY seq"
-            )
-        ]
+        stored, malformed = _stored_checkpoints(conn, node_id)
         cps = sorted([*stored, *extra_checkpoints], key=lambda c: c.seq)
         n_entries = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        if malformed is not None:
+            return VerifyReport(False, n_entries, len(cps), malformed[0], malformed[1])
 
         fault = _checkpoint_fault(cps, node_id, verify_signature) or _chain_fault_after(
             conn.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq"),
@@ -488,10 +542,11 @@ def verify_log(
             0,
             cps,
         )
+        newest = cps[-1].seq if cps else 0
         if fault is not None:
-            return VerifyReport(False, n_entries, len(cps), fault[0], fault[1])
+            return VerifyReport(False, n_entries, len(cps), fault[0], fault[1], newest)
         reason = f"ok: {n_entries} entries, {len(cps)} checkpoints verified"
-        return VerifyReport(True, n_entries, len(cps), None, reason)
+        return VerifyReport(True, n_entries, len(cps), None, reason, newest)
     except sqlite3.Error as exc:
         raise AuditError(f"cannot read audit log {path}: {exc}") from exc
     finally:
@@ -536,6 +591,19 @@ class AuditLog:
         except AuditError:
             self._close_conn()
             raise
+        if signer is not None:
+            self._startup_checkpoint()
+
+    def _startup_checkpoint(self) -> None:
+        """Sign whatever the previous run left unsigned (a crash, a kill -9): from now
+        on cutting those entries contradicts a signature (and, once witnessed, a peer)."""
+        with self._lock:
+            try:
+                self._checkpoint_locked()
+            except AuditError as exc:
+                log.error("audit log %s: start-up checkpoint refused: %s", self.path, exc)
+                alert: dict[str, Scalar] = {"reason": "start-up checkpoint refused"}
+                self.record(SECURITY_ALERT, outcome="failure", details=alert)
 
     def _open_schema(self) -> None:
         conn = self._db()
@@ -754,8 +822,10 @@ class AuditLog:
         peer: str | None = None,
         after_seq: int | None = None,
         limit: int = 1000,
+        newest: bool = False,
     ) -> list[AuditEvent]:
-        """The first ``limit`` matching events with seq > ``after_seq``, oldest first.
+        """The first ``limit`` matching events with seq > ``after_seq``, oldest first
+        (with ``newest``: the last ``limit`` ones, still oldest first).
 
         ``since`` is inclusive, ``until`` exclusive; page with ``after_seq=last.seq``."""
         with self._lock:
@@ -771,7 +841,25 @@ class AuditLog:
                 peer=peer,
                 after_seq=after_seq,
                 limit=limit,
+                newest=newest,
             )
+
+    def checkpoints(self, *, after_seq: int = 0, limit: int = 500) -> list[Checkpoint]:
+        """Signed checkpoints at entries after ``after_seq``, oldest first."""
+        with self._lock:
+            try:
+                rows = (
+                    self._db()
+                    .execute(
+                        "SELECT seq, time, head_hash, signature FROM checkpoints WHERE seq > ? "
+                        "ORDER BY seq LIMIT ?",
+                        (after_seq, limit),
+                    )
+                    .fetchall()
+                )
+            except sqlite3.Error as exc:
+                raise AuditError(f"cannot read audit log {self.path}: {exc}") from exc
+        return [Checkpoint(self.node_id, int(r[0]), r[1], r[2], bytes(r[3])) for r in rows]
 
     def verify(self, verify_signature: Verifier | None = None) -> VerifyReport:
         """Recompute the whole chain and check every checkpoint; see :func:`verify_log`."""
@@ -789,7 +877,7 @@ class AuditLog:
         )
         if report.ok:
             reason = f"ok: matches the exported checkpoint at entry {exported.seq}; {report.reason}"
-            return VerifyReport(True, report.entries, report.checkpoints, None, reason)
+            return dataclasses.replace(report, reason=reason)
         return report
 
     def close(self) -> None:

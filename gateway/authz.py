@@ -51,6 +51,10 @@ POLICY: Mapping[str, frozenset[str]] = {
     "/yigong.v1.Case/SubmitRecord": frozenset({"clinician", "engineer"}),
     "/yigong.v1.Case/GetCase": frozenset({SELF, "clinician", "engineer", "officer"}),
     "/yigong.v1.Case/ListCases": frozenset({SELF, "clinician", "engineer", "officer"}),
+    # audit witnessing: nodes hand their signed checkpoints to their peers (store checks
+    # the signer is the caller); a peer reads back only its own, officers any
+    "/yigong.v1.Audit/Witness": frozenset({PEER}),
+    "/yigong.v1.Audit/GetWitnessed": frozenset({SELF, PEER, "officer"}),
     # infrastructure
     "/grpc.health.v1.Health/Check": frozenset({ANY}),
     "/grpc.health.v1.Health/Watch": frozenset({ANY}),

@@ -2,8 +2,11 @@
 
 ``list``, ``verify``, ``checkpoint`` and ``check`` read the node's audit log
 file read-only (run them on the node host with its configuration; safe while
-the node runs). ``reconcile`` also asks each peer node, over its query
-endpoint, for its records of the transfers the two share.
+the node runs). ``verify --with-peers`` also asks each peer for the checkpoints
+of this node it witnessed; ``reconcile`` asks each peer, over its query endpoint,
+for its records of the transfers the two share, and checks the log against
+what the peer witnessed. Every verdict is one line starting ``OK:``,
+``FAILED:`` or ``INCOMPLETE:``.
 """
 
 from __future__ import annotations
@@ -22,17 +25,20 @@ from gateway.audit import (
     EVENT_TYPES,
     AuditEvent,
     Checkpoint,
+    VerifyReport,
     latest_checkpoint,
     read_events,
     verify_log,
 )
+from gateway.audit_witness import Witnessed
 from gateway.catalog import Catalog
 from gateway.cli_node import _table
 from gateway.client import NodeClient
 from gateway.config import NodeConfig, load_config
-from gateway.errors import ValidationError
+from gateway.errors import ValidationError, YigongError
 from gateway.reconcile import Finding, SharedTransfer, reconcile
 from gateway.rpc.channel import ClientCredentials
+from gateway.rpc.witness import GrpcWitnessLink
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,13 +56,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--since", help="ISO-8601 (UTC if no zone)")
     p.add_argument("--until", help="ISO-8601 (UTC if no zone)")
     p.add_argument("--after", type=int, help="only entries after this sequence number")
-    p.add_argument("--limit", type=int, default=1000)
-    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p.add_argument(
+        "--limit", type=int, help="at most N events (default 1000; with --follow the last 10)"
+    )
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="print the last 10 (--limit N) matching events, then new ones as they come",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_list)
 
     p = cmds.add_parser("verify", help="check the hash chain and the signed checkpoints")
     p.add_argument("--config", type=Path, required=True)
+    p.add_argument(
+        "--with-peers",
+        action="store_true",
+        help="also check against the checkpoints each peer witnessed (over mTLS)",
+    )
+    p.add_argument("--peer", action="append", help="with --with-peers: only this peer")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
@@ -161,6 +180,14 @@ HEADERS = [
 ]
 
 
+MIN_WIDTHS = [6, 20, 26, 7, 36, 12, 16, 16, 12, 0]
+"""Column widths ``list --follow`` starts from, so that rows arriving later line up."""
+
+
+def _row_text(row: list[str], widths: list[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     filters: dict[str, Any] = dict(
@@ -171,45 +198,133 @@ def cmd_list(args: argparse.Namespace) -> int:
         peer=args.peer,
         since=_when(args.since),
         until=_when(args.until),
-        limit=args.limit,
     )
     after = args.after
-    events = read_events(cfg.audit.path, after_seq=after, **filters)
-    if args.json:
-        for e in events:
-            print(_event_json(e))
-    else:
-        _table(HEADERS, [_event_row(e) for e in events])
     if not args.follow:
+        events = read_events(cfg.audit.path, after_seq=after, limit=args.limit or 1000, **filters)
+        if args.json:
+            for e in events:
+                print(_event_json(e))
+        else:
+            _table(HEADERS, [_event_row(e) for e in events])
         return 0
+    # --follow: the last N matching events, then every new one, in fixed columns
+    events = read_events(
+        cfg.audit.path, after_seq=after, limit=args.limit or 10, newest=True, **filters
+    )
+    rows = [_event_row(e) for e in events]
+    widths = [
+        max(m, len(h), *(len(r[i]) for r in rows))
+        for i, (m, h) in enumerate(zip(MIN_WIDTHS, HEADERS, strict=True))
+    ]
+    widths[-1] = 0
+    if not args.json:
+        print(_row_text(HEADERS, widths))
+    for e, row in zip(events, rows, strict=True):
+        print(_event_json(e) if args.json else _row_text(row, widths))
+    sys.stdout.flush()
     after = events[-1].seq if events else after
+    if after is None:  # nothing matched yet: follow from the current end of the log
+        newest = read_events(cfg.audit.path, limit=1, newest=True)
+        after = newest[-1].seq if newest else 0
     try:
         while True:
             time.sleep(1.0)
-            new = read_events(cfg.audit.path, after_seq=after, **filters)
-            for e in new:
-                print(
-                    _event_json(e) if args.json else "  ".join(_event_row(e)).rstrip(), flush=True
-                )
-            if new:
+            while new := read_events(cfg.audit.path, after_seq=after, limit=1000, **filters):
+                for e in new:
+                    print(_event_json(e) if args.json else _row_text(_event_row(e), widths))
+                sys.stdout.flush()
                 after = new[-1].seq
     except KeyboardInterrupt:
         return 0
 
 
+def _verdict(cfg: NodeConfig, report: VerifyReport, proven: str = "") -> str:
+    """One line: ``OK: …`` / ``FAILED: …`` naming the log, what was checked, what is not."""
+    where = f"audit log {cfg.audit.path}"
+    if not report.ok:
+        bad = f" (first bad entry: {report.first_bad_seq})" if report.first_bad_seq else ""
+        return f"FAILED: {where}: {report.reason}{bad}"
+    text = f"OK: {where}: {report.entries} entries, {report.checkpoints} checkpoint(s) verified"
+    if proven:
+        text += f"; {proven}"
+    if report.entries > report.last_checkpoint:
+        first = report.last_checkpoint + 1
+        span = f"entry {first}" if first == report.entries else f"entries {first}-{report.entries}"
+        text += f"; {span} not yet covered by any checkpoint"
+    return text
+
+
+def _witnessed(
+    cfg: NodeConfig, peers: list[str]
+) -> tuple[dict[str, list[Witnessed]], dict[str, str]]:
+    """Every checkpoint of this node each peer holds; and the peers that could not answer."""
+    creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+    found: dict[str, list[Witnessed]] = {}
+    failed: dict[str, str] = {}
+    for peer in peers:
+        try:
+            link = GrpcWitnessLink(peer, cfg.peer(peer).address, creds)
+            try:
+                found[peer] = link.witnessed(cfg.node.id)
+            finally:
+                link.close()
+        except YigongError as exc:
+            failed[peer] = str(exc)
+    return found, failed
+
+
+def _witness_summary(cfg: NodeConfig, peer: str, held: list[Witnessed]) -> str:
+    if not held:
+        return f"{peer} has witnessed no checkpoint of {cfg.node.id} yet"
+    newest = held[-1]
+    return (
+        f"{peer} witnessed {len(held)} checkpoint(s) of {cfg.node.id}, newest at entry "
+        f"{newest.checkpoint.seq} (received {newest.received_at[:19].replace('T', ' ')}Z)"
+    )
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    report = verify_log(cfg.audit.path, cfg.node.id, verify_signature=_verifier(cfg))
+    if not args.with_peers:
+        report = verify_log(cfg.audit.path, cfg.node.id, verify_signature=_verifier(cfg))
+        if args.json:
+            print(json.dumps(report.__dict__, sort_keys=True))
+        else:
+            print(_verdict(cfg, report))
+        return 0 if report.ok else 1
+    peers = args.peer or [p.id for p in cfg.peers]
+    found, failed = _witnessed(cfg, peers)
+    extra = [w.checkpoint for held in found.values() for w in held]
+    report = verify_log(
+        cfg.audit.path, cfg.node.id, verify_signature=_verifier(cfg), extra_checkpoints=extra
+    )
+    newest = max((c.seq for c in extra), default=0)
+    incomplete = [f"{peer}: {why}" for peer, why in failed.items()]
+    if not peers:
+        incomplete.append(f"{cfg.node.id} has no peers configured ([[peers]] in {args.config})")
     if args.json:
-        print(json.dumps(report.__dict__, sort_keys=True))
+        witnessed = {
+            p: {"count": len(h), "newest_seq": h[-1].checkpoint.seq if h else 0}
+            for p, h in found.items()
+        }
+        out = report.__dict__ | {
+            "witnessed": witnessed,
+            "unreachable": failed,
+            "newest_witnessed": newest,
+        }
+        print(json.dumps(out, sort_keys=True))
     else:
-        state = "OK" if report.ok else "FAILED"
-        print(f"audit log {cfg.audit.path}: {state}")
-        print(f"  {report.entries} entries, {report.checkpoints} signed checkpoints")
-        print(f"  {report.reason}")
-        if report.first_bad_seq is not None:
-            print(f"  first bad entry: {report.first_bad_seq}")
-    return 0 if report.ok else 1
+        for peer, held in found.items():
+            print(_witness_summary(cfg, peer, held))
+        proven = f"{len(extra)} witnessed by {len(found)} peer(s)"
+        if report.ok and report.entries > newest:
+            first = newest + 1
+            proven += f", entries from {first} on witnessed by no peer yet"
+        print(_verdict(cfg, report, proven))
+        if report.ok and incomplete:
+            print("INCOMPLETE: could not ask " + "; ".join(incomplete))
+    return 0 if report.ok and not incomplete else 1
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -217,8 +332,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     cp = latest_checkpoint(cfg.audit.path)
     if cp is None:
         print(
-            "error: the audit log has no signed checkpoint yet (one is made every "
-            "audit.checkpoint_every events and at every stop)",
+            "error: the audit log has no signed checkpoint yet (one is made at start-up, "
+            "every audit.checkpoint_seconds, every audit.checkpoint_every events and at stop)",
             file=sys.stderr,
         )
         return 1
@@ -243,7 +358,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         verify_signature=_verifier(cfg),
         extra_checkpoints=[exported],
     )
-    print(("OK: " if report.ok else "FAILED: ") + report.reason)
+    print(
+        _verdict(
+            cfg,
+            report,
+            f"still contains exactly what {args.checkpoint} signed (entry {exported.seq})",
+        )
+    )
     return 0 if report.ok else 1
 
 
@@ -337,11 +458,41 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     trust = pki.TrustStore(cfg.tls.ca, cfg.tls.crl)
     peers = args.peer or [p.id for p in cfg.peers]
+    if not peers:
+        print(
+            f"{cfg.node.id} has no peers configured ([[peers]] in {args.config}): "
+            "nothing to reconcile"
+        )
+        return 0
     results: dict[str, list[Finding]] = {}
+    logs: dict[str, str] = {}
     for peer in peers:
         results[peer] = reconcile(
             cfg.node.id, peer, _local_transfers(cfg, peer), _remote_transfers(cfg, peer), trust
         )
+        found, failed = _witnessed(cfg, [peer])
+        if peer in failed:
+            why = f"cannot ask {peer} for the checkpoints it witnessed: {failed[peer]}"
+            results[peer].append(Finding("audit_log", "", why))
+            logs[peer] = f"{cfg.node.id} <-> {peer}: audit log INCOMPLETE: {why}"
+            continue
+        held = found[peer]
+        report = verify_log(
+            cfg.audit.path,
+            cfg.node.id,
+            verify_signature=_verifier(cfg),
+            extra_checkpoints=[w.checkpoint for w in held],
+        )
+        if not report.ok:
+            results[peer].append(Finding("audit_log", "", report.reason))
+            logs[peer] = f"{cfg.node.id} <-> {peer}: audit log FAILED: {report.reason}"
+        elif held:
+            logs[peer] = (
+                f"{cfg.node.id} <-> {peer}: audit log matches the {len(held)} checkpoint(s) "
+                f"{peer} witnessed (newest at entry {held[-1].checkpoint.seq})"
+            )
+        else:
+            logs[peer] = f"{cfg.node.id} <-> {peer}: {peer} has witnessed no audit checkpoint yet"
     bad = sum(f.is_discrepancy for fs in results.values() for f in fs)
     if args.json:
         print(
@@ -356,16 +507,18 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         )
     else:
         for peer, fs in results.items():
-            issues = [f for f in fs if f.is_discrepancy]
-            pending = len(fs) - len(issues)
+            issues = [f for f in fs if f.is_discrepancy and f.kind != "audit_log"]
+            pending = sum(f.kind == "in_progress" for f in fs)
             if not issues:
                 print(
                     f"{cfg.node.id} <-> {peer}: records agree"
                     + (f" ({pending} transfer(s) still in progress)" if pending else "")
                 )
-                continue
-            print(f"{cfg.node.id} <-> {peer}: {len(issues)} discrepancy(ies)")
-            _table(
-                ["KIND", "TRANSFER", "DETAIL"], [[f.kind, f.transfer_id, f.detail] for f in issues]
-            )
+            else:
+                print(f"{cfg.node.id} <-> {peer}: {len(issues)} discrepancy(ies)")
+                _table(
+                    ["KIND", "TRANSFER", "DETAIL"],
+                    [[f.kind, f.transfer_id, f.detail] for f in issues],
+                )
+            print(logs[peer])
     return 1 if bad else 0

@@ -75,7 +75,9 @@ class CatalogSection:
 @dataclass(frozen=True)
 class AuditSection:
     path: Path = Path("audit.sqlite")
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 100
+    checkpoint_seconds: float = 2.0  # sign the moved head this often (and hand it to the peers)
+    witness: bool = True  # send signed checkpoints to every peer (docs: Officer's guide)
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,11 @@ def _check(cfg: NodeConfig) -> None:
         )
     if t.max_bytes_per_second < 0 or t.workers < 1:
         raise ConfigError(f"{src}: transfer.max_bytes_per_second >= 0 and transfer.workers >= 1")
+    au = cfg.audit
+    if au.checkpoint_every < 1 or not 0.1 <= au.checkpoint_seconds <= 3600:
+        raise ConfigError(
+            f"{src}: need audit.checkpoint_every >= 1 and 0.1 <= audit.checkpoint_seconds <= 3600"
+        )
     if cfg.server.max_message_bytes < t.chunk_bytes + 64 * 1024:
         raise ConfigError(f"{src}: server.max_message_bytes must exceed transfer.chunk_bytes")
     d = cfg.dicom

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway import __version__
 from gateway.audit import AuditLog
+from gateway.audit_witness import WitnessLink, WitnessSender, WitnessStore
 from gateway.authz import NodeSelf
 from gateway.cases import CaseService, case_facts_hook
 from gateway.cases.grpc_service import SERVICE_NAME as CASE_SERVICE_NAME
@@ -38,6 +39,8 @@ from gateway.rpc.auth import AuthInterceptor, Gatekeeper
 from gateway.rpc.channel import MESSAGE_LIMIT, ClientCredentials
 from gateway.rpc.peer_link import GrpcPeerLink
 from gateway.rpc.servicers import ExchangeServicer, QueryServicer, TransferServicer
+from gateway.rpc.witness import SERVICE_NAME as AUDIT_SERVICE_NAME
+from gateway.rpc.witness import AuditServicer, GrpcWitnessLink
 from gateway.storage import ObjectStore
 from gateway.storage.factory import open_store
 from gateway.syslog_tls import AtnaForwarder, SyslogTLSSender, default_state_file
@@ -46,6 +49,7 @@ from gateway.transfer.model import Announce
 from gateway.transfer.outbox import Outbox, OutboxSettings, PeerLink
 from gateway.transfer.receiver import Receiver, ReceiverSettings
 from yigong.v1 import (
+    audit_pb2_grpc,
     exchange_pb2,
     exchange_pb2_grpc,
     query_pb2,
@@ -58,6 +62,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     CASE_SERVICE_NAME,
+    AUDIT_SERVICE_NAME,
     transfer_pb2.DESCRIPTOR.services_by_name["Transfer"].full_name,
     exchange_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name,
     query_pb2.DESCRIPTOR.services_by_name["Query"].full_name,
@@ -113,6 +118,13 @@ class Node:
             signer=self.sign,
             checkpoint_every=cfg.audit.checkpoint_every,
         )
+        last = self.audit.events(limit=1, newest=True)
+        self._previous_run: dict[str, str | int] = {
+            "previous_stop": "first start"
+            if not last
+            else ("clean" if last[0].event == "node.stop" else "crash"),
+            "previous_head": last[0].seq if last else 0,
+        }
         self.atna: AtnaForwarder | None = None
         if (a := cfg.atna).enabled:
             sender = SyslogTLSSender(
@@ -138,9 +150,18 @@ class Node:
             self.store.check()
             self._check_storage_region()
             self.catalog = Catalog(cfg.catalog.path)
+            self.witness_store = WitnessStore(cfg.audit.path, self.audit)
         except BaseException:
             self.audit.close()
             raise
+        self.witness_sender = WitnessSender(
+            self.audit,
+            [p.id for p in cfg.peers],
+            self._witness_link,
+            interval=cfg.audit.checkpoint_seconds,
+            witness=cfg.audit.witness,
+            timeout=cfg.transfer.connect_timeout_seconds,
+        )
         self.client_credentials = ClientCredentials(self.ca_pem, self.cert_pem, self.key_pem)
         t = cfg.transfer
         self.outbox = Outbox(
@@ -271,6 +292,9 @@ class Node:
             self.telemetry,
         )
 
+    def _witness_link(self, peer_id: str) -> WitnessLink:
+        return GrpcWitnessLink(peer_id, self.cfg.peer(peer_id).address, self.client_credentials)
+
     def start(self) -> int:
         """Bind, start serving and start the outbox; returns the bound port."""
         cfg = self.cfg
@@ -294,6 +318,9 @@ class Node:
         )
         query_pb2_grpc.add_QueryServicer_to_server(QueryServicer(self.gate, self.query), server)
         add_case_service(server, self.gate, self.cases)
+        audit_pb2_grpc.add_AuditServicer_to_server(
+            AuditServicer(self.gate, self.witness_store), server
+        )
         self.hooks.add_services(server, self.gate)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -334,9 +361,11 @@ class Node:
                 "port": port,
                 "store": self.store.describe(),
                 "pid": os.getpid(),
+                **self._previous_run,  # "crash": entries since were signed at start-up
             },
         )
         self._audit_config()
+        self.witness_sender.start()
         if self.atna is not None:
             self.atna.start()
         log.info(
@@ -363,9 +392,11 @@ class Node:
         if self._server is not None:
             self._server.stop(grace).wait()
         self.audit.record("node.stop", actor=f"node:{self.cfg.node.id}")
+        self.witness_sender.stop(timeout=min(3.0, max(grace, 0.5)))  # signs and hands over
         if self.atna is not None:
             self.atna.stop()
         self.audit.close()
+        self.witness_store.close()
         self.catalog.close()
         self.telemetry.shutdown()
         log.info("node %s stopped", self.cfg.node.id)

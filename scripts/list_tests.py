@@ -33,7 +33,7 @@ FEATURES: list[tuple[str, list[str]]] = [
         "Command line: progress, waiting, bulk download",
         ["test_cli_progress.py", "test_cli_bulk_download.py"],
     ),
-    ("Audit log", ["test_audit.py", "test_atna.py"]),
+    ("Audit log", ["test_audit.py", "test_audit_witness.py", "test_atna.py"]),
     (
         "DICOM ingest (hospital)",
         [

@@ -352,7 +352,9 @@ def test_exported_checkpoint_detects_truncation(path: Path, signer: Signer) -> N
         assert log.verify().ok
         report = log.check_against_checkpoint(exported)
     assert (report.ok, report.first_bad_seq) == (False, 7)
-    assert report.reason == "log truncated: checkpoint at entry 10 but log ends at entry 6"
+    assert report.reason == (
+        "log truncated: checkpoint at entry 10 (exported) but log ends at entry 6"
+    )
 
 
 def test_checkpoints_without_a_signer(path: Path) -> None:

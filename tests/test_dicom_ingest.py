@@ -244,8 +244,10 @@ def test_duplicates_identical_resend_and_conflicting_bytes(
     port, studies = port_of(hospital), studies_of(hospital)
 
     assert [r.Status for r in push(port, [first, first])] == [0, 0]
+    hospital.settle()  # acknowledged instances are filed in the background
     assert len(studies.instances(study.study_uid)) == 1
     assert [r.Status for r in push(port, [second])] == [0]
+    hospital.settle()
     rows = studies.instances(study.study_uid)
     assert [r.duplicate for r in rows] == [False, True]
     ids = [sha256_hex(expected_part10(p)[0]) for p in (first, second)]
@@ -262,6 +264,7 @@ def test_duplicates_identical_resend_and_conflicting_bytes(
 
     later = write(next(ct_series(2, rows=16, cols=16, study=study)), tmp_path / "3")
     assert [r.Status for r in push(port, [later])] == [0]  # re-opens the received study
+    hospital.settle()
     reopened = studies.get_study(study.study_uid)
     assert (reopened.status, reopened.report, reopened.report_sha256) == ("receiving", {}, "")
     studies.tick(datetime.now(UTC) + timedelta(seconds=QUIET + 1), QUIET)

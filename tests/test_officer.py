@@ -88,7 +88,10 @@ def test_reconcile_silent_when_records_agree(
     _send(hospital, tmp_path, "e.bin")
     _send(hospital, tmp_path, "f.bin")
     assert main(["audit", "reconcile", "--config", str(hospital.config)]) == 0
-    assert capsys.readouterr().out.strip() == "hospital-1 <-> factory-1: records agree"
+    transfers, audit_log = capsys.readouterr().out.strip().splitlines()
+    assert transfers == "hospital-1 <-> factory-1: records agree"
+    assert audit_log.startswith("hospital-1 <-> factory-1: audit log matches the ")
+    assert "checkpoint(s) factory-1 witnessed (newest at entry " in audit_log
 
 
 def test_reconcile_reports_injected_discrepancies(

@@ -26,7 +26,9 @@ def test_one_trace_id_across_both_nodes(
     wait_for(lambda: hospital.node.catalog.get_transfer(tid, "outbound").status == "done")
     wait_for(lambda: any(s.name.endswith("/Push") for s in spans_f.get_finished_spans()))
 
-    (send,) = [s for s in spans_h.get_finished_spans() if s.name == "yigong.transfer.send"]
+    (send,) = wait_for(  # the send span ends just after the transfer is marked done
+        lambda: [s for s in spans_h.get_finished_spans() if s.name == "yigong.transfer.send"]
+    )
     assert send.attributes is not None and send.attributes["yigong.transfer_id"] == tid
     assert send.attributes["yigong.outcome"] == "done"
     trace_id = send.context.trace_id

@@ -57,6 +57,13 @@ class Gatekeeper:
             )
         return self.trust.verify_pem(bytes(pems[0]))
 
+    def certificate_pem(self, context: grpc.ServicerContext) -> bytes:
+        """PEM of the caller's certificate (call :meth:`identity` first to verify it)."""
+        pems = context.auth_context().get("x509_pem_cert") or []
+        if not pems or not isinstance(pems, list):
+            raise AuthenticationError(f"no client certificate presented to {self.node.node_id}")
+        return bytes(pems[0])
+
     def check(self, context: grpc.ServicerContext, method: str) -> Identity:
         try:
             caller = self.identity(context)

@@ -1,0 +1,342 @@
+"""Peer witnessing of audit checkpoints: a cut or re-signed log is caught by the other side.
+
+A node's own signed checkpoints prove its log unaltered only against someone
+without the node key — and the key lives on the same host as the log. So every
+node hands each checkpoint it signs to its peers (as transparency logs gossip
+their tree heads), and each peer keeps them:
+
+:class:`WitnessStore` (the peer's side)
+    Table ``witnessed`` in the peer's own audit database (append-only triggers).
+    A checkpoint is accepted only from the node that signed it (the caller's mTLS
+    node certificate, already verified against the federation CA and CRL by the
+    gatekeeper), only when the signature verifies against that certificate, and
+    never when the peer already holds a *different* head hash for the same entry of
+    the same node: that is evidence of a rewritten log, refused and audited as a
+    ``security.alert``. Re-sent checkpoints are accepted silently (idempotent).
+    Receiving is not audited (every audited entry would be checkpointed and
+    witnessed in turn: an endless ping-pong); refusals and reads are.
+
+:class:`WitnessSender` (the node's side)
+    One background thread. Every ``checkpoint_seconds`` it signs a checkpoint when
+    the chain head moved (time-based checkpoints; the count-based ones are signed by
+    :class:`~gateway.audit.AuditLog` itself) and sends each peer the checkpoints it
+    does not hold yet (it asks the peer for the newest it holds first, so a restart
+    or an outage is back-filled). Failures are logged and retried on the next tick;
+    nothing here touches the data path. :meth:`WitnessSender.stop` signs the final
+    checkpoint and makes one last bounded attempt to hand it over.
+
+What it proves, and what not (README, Officer's guide): ``yigong audit verify
+--with-peers`` checks the local log against every checkpoint the peers hold — a
+log cut below, or rewritten before, the newest witnessed checkpoint fails, even
+when re-signed with the node key. Entries after the newest witnessed checkpoint
+(at most ``checkpoint_seconds`` of a running node, and the tail of a node that
+crashed and never restarted) are proven by nothing but the chain itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+
+from gateway.audit import QUERY, SECURITY_ALERT, AuditLog, Checkpoint
+from gateway.errors import AuditError, PermissionDenied, ValidationError, YigongError
+from gateway.identity import Identity
+from gateway.pki import verify_signature
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 500
+"""Checkpoints per Witness call."""
+MAX_READ = 10_000
+"""Checkpoints per GetWitnessed call."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS witnessed (
+    node_id TEXT NOT NULL, seq INTEGER NOT NULL, time TEXT NOT NULL, head_hash TEXT NOT NULL,
+    signature BLOB NOT NULL, certificate BLOB NOT NULL, received_at TEXT NOT NULL,
+    PRIMARY KEY (node_id, seq));
+CREATE TRIGGER IF NOT EXISTS witnessed_no_update BEFORE UPDATE ON witnessed BEGIN
+SELECT RAISE(ABORT, 'witnessed checkpoints are append-only: UPDATE is not allowed'); END;
+CREATE TRIGGER IF NOT EXISTS witnessed_no_delete BEFORE DELETE ON witnessed BEGIN
+SELECT RAISE(ABORT, 'witnessed checkpoints are append-only: DELETE is not allowed'); END;
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Witnessed:
+    """A checkpoint of another node held by this one."""
+
+    checkpoint: Checkpoint
+    received_at: str
+    certificate_pem: bytes
+
+
+class WitnessStore:
+    """The checkpoints of other nodes this node witnessed (in its own audit database)."""
+
+    def __init__(self, path: Path, audit: AuditLog) -> None:
+        self.path = Path(path)
+        self.audit = audit
+        self._lock = threading.Lock()
+        try:
+            self._conn = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30
+            )
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise AuditError(f"cannot open witnessed checkpoints in {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def witness(
+        self, caller: Identity, cert_pem: bytes, checkpoints: Sequence[Checkpoint]
+    ) -> tuple[int, int]:
+        """Keep ``caller``'s checkpoints; returns (newly stored, newest seq held).
+
+        All or nothing: a checkpoint of another node, one whose signature does not
+        verify with ``cert_pem`` or one that contradicts a held checkpoint refuses
+        the whole batch (the latter two are audited as security alerts)."""
+        if not caller.is_node:
+            raise PermissionDenied(f"{caller.label()} is not a node: only nodes witness")
+        if len(checkpoints) > MAX_BATCH:
+            raise ValidationError(
+                f"{len(checkpoints)} checkpoints in one Witness call; at most {MAX_BATCH}"
+            )
+        node = caller.subject_id
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError as exc:
+            raise ValidationError(f"certificate of {caller.label()} is unreadable") from exc
+        for cp in checkpoints:
+            if cp.node_id != node:
+                raise PermissionDenied(
+                    f"{caller.label()} may hand over only its own audit checkpoints, not "
+                    f"node {cp.node_id!r}'s (checkpoint at entry {cp.seq})"
+                )
+            try:
+                verify_signature(cert, cp.signing_bytes(), cp.signature)
+            except YigongError as exc:
+                self._alert(node, cp, "witnessed checkpoint signature does not verify", "")
+                raise ValidationError(
+                    f"audit checkpoint of {node} at entry {cp.seq}: signature does not verify "
+                    f"against its node certificate ({exc}); refused"
+                ) from exc
+        with self._lock:
+            try:
+                return self._store(node, cert_pem, checkpoints)
+            except sqlite3.Error as exc:
+                raise AuditError(
+                    f"cannot store witnessed checkpoints in {self.path}: {exc}"
+                ) from exc
+
+    def _store(
+        self, node: str, cert_pem: bytes, checkpoints: Sequence[Checkpoint]
+    ) -> tuple[int, int]:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            accepted = 0
+            for cp in checkpoints:
+                held = conn.execute(
+                    "SELECT head_hash FROM witnessed WHERE node_id = ? AND seq = ?", (node, cp.seq)
+                ).fetchone()
+                if held is not None and held[0] == cp.head_hash:
+                    continue
+                if held is not None:
+                    conn.execute("ROLLBACK")
+                    self._alert(node, cp, "conflicting witnessed checkpoint", held[0])
+                    raise ValidationError(
+                        f"audit checkpoint of {node} at entry {cp.seq} has head hash "
+                        f"{cp.head_hash[:16]}…, but this node witnessed {held[0][:16]}… for the "
+                        "same entry: the log was rewritten; refused and alerted"
+                    )
+                conn.execute(
+                    "INSERT INTO witnessed VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (node, cp.seq, cp.time, cp.head_hash, cp.signature, cert_pem, _now()),
+                )
+                accepted += 1
+            newest = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM witnessed WHERE node_id = ?", (node,)
+            ).fetchone()[0]
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if accepted:
+            log.debug("witnessed %d audit checkpoint(s) of %s, newest %d", accepted, node, newest)
+        return accepted, int(newest)
+
+    def _alert(self, node: str, cp: Checkpoint, reason: str, held: str) -> None:
+        log.error("audit checkpoint of %s at entry %d: %s", node, cp.seq, reason)
+        try:
+            self.audit.record(
+                SECURITY_ALERT,
+                actor=f"node:{node}",
+                outcome="failure",
+                peer=node,
+                details={
+                    "reason": reason,
+                    "checkpoint_seq": cp.seq,
+                    "offered_head": cp.head_hash,
+                    "held_head": held,
+                },
+            )
+        except YigongError:
+            log.exception("could not audit a refused checkpoint of %s", node)
+
+    def witnessed(
+        self, caller: Identity, principal: str, node_id: str, *, after_seq: int = 0, limit: int = 0
+    ) -> list[Witnessed]:
+        """``node_id``'s checkpoints held here, oldest first; a peer may read only its own."""
+        if principal == "peer" and node_id != caller.subject_id:
+            raise PermissionDenied(
+                f"{caller.label()} may read only the checkpoints it handed over itself, "
+                f"not those of {node_id!r}"
+            )
+        if not node_id:
+            raise ValidationError("GetWitnessed needs the node_id whose checkpoints to return")
+        limit = limit or 1000
+        if not 1 <= limit <= MAX_READ:
+            raise ValidationError(f"GetWitnessed limit must be 1-{MAX_READ}, not {limit}")
+        with self._lock:
+            try:
+                rows = self._conn.execute(
+                    "SELECT seq, time, head_hash, signature, received_at, certificate "
+                    "FROM witnessed WHERE node_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (node_id, after_seq, limit),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise AuditError(
+                    f"cannot read witnessed checkpoints in {self.path}: {exc}"
+                ) from exc
+        self.audit.record(
+            QUERY,
+            actor=caller.label(),
+            peer=node_id,
+            details={"query": "witnessed_checkpoints", "after_seq": after_seq, "found": len(rows)},
+        )
+        return [
+            Witnessed(Checkpoint(node_id, r[0], r[1], r[2], bytes(r[3])), r[4], bytes(r[5]))
+            for r in rows
+        ]
+
+
+def count_witnessed(path: Path, node_id: str) -> int:
+    """How many checkpoints of ``node_id`` the audit database at ``path`` holds (read-only)."""
+    with closing(sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)) as conn:
+        try:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM witnessed WHERE node_id = ?", (node_id,)
+            ).fetchone()
+        except sqlite3.OperationalError:  # no such table: nothing witnessed yet
+            return 0
+    return int(row[0])
+
+
+class WitnessLink(Protocol):
+    """Transport to one peer's Audit service (gateway.rpc.witness_link)."""
+
+    def witness(self, checkpoints: Sequence[Checkpoint], timeout: float) -> int:
+        """Hand over checkpoints; returns the newest seq of ours the peer holds."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class WitnessSender:
+    """Background thread: time-based checkpoints, handed to every peer."""
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        peers: Sequence[str],
+        link: Callable[[str], WitnessLink],
+        *,
+        interval: float,
+        witness: bool = True,
+        timeout: float = 10.0,
+    ) -> None:
+        self.audit = audit
+        self.peers = list(peers) if witness else []
+        self._link_factory = link
+        self.interval = interval
+        self.timeout = timeout
+        self._held: dict[str, int | None] = dict.fromkeys(self.peers)  # None: ask the peer
+        self._links: dict[str, WitnessLink] = {}
+        self._failing: set[str] = set()  # warned once; quiet until they answer again
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="audit-witness", daemon=True)
+        self._thread.start()
+
+    def held(self, peer: str) -> int | None:
+        """Newest checkpoint of ours ``peer`` is known to hold (None: not known yet)."""
+        return self._held.get(peer)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self.tick()
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def tick(self, timeout: float | None = None) -> None:
+        """Sign a checkpoint if the head moved, then hand every peer what it lacks."""
+        try:
+            self.audit.checkpoint()
+        except YigongError as exc:
+            log.error("audit checkpoint failed: %s", exc)
+        for peer in self.peers:
+            try:
+                self._send(peer, self.timeout if timeout is None else timeout)
+                if peer in self._failing:
+                    self._failing.discard(peer)
+                    log.info("audit checkpoints reach %s again", peer)
+            except YigongError as exc:
+                level = logging.DEBUG if peer in self._failing else logging.WARNING
+                log.log(level, "cannot hand audit checkpoints to %s (retrying): %s", peer, exc)
+                self._failing.add(peer)
+                self._held[peer] = None
+                link = self._links.pop(peer, None)
+                if link is not None:
+                    link.close()
+
+    def _send(self, peer: str, timeout: float) -> None:
+        link = self._links.get(peer)
+        if link is None:
+            link = self._links[peer] = self._link_factory(peer)
+        held = self._held[peer]
+        if held is None:
+            held = self._held[peer] = link.witness([], timeout)
+        while batch := self.audit.checkpoints(after_seq=held, limit=MAX_BATCH):
+            held = self._held[peer] = max(link.witness(batch, timeout), batch[-1].seq)
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop the thread, sign the final checkpoint and hand it over (bounded by
+        ``timeout`` per peer; what does not get through is sent after the next start)."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(self.timeout + 5)
+        self.tick(timeout=timeout)
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
