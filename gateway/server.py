@@ -387,6 +387,7 @@ class Node:
         if self._server is not None:
             self._server.stop(grace).wait()
         self.janitor.stop()
+        self.receiver.close()
         self.audit.record("node.stop", actor=f"node:{self.cfg.node.id}")
         if self.atna is not None:
             self.atna.stop()

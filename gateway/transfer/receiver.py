@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, TransferRecord, utcnow
@@ -46,6 +48,7 @@ from gateway.errors import (
     StorageError,
     TransferError,
     ValidationError,
+    YigongError,
 )
 from gateway.hashing import hash_chunks
 from gateway.identity import Identity
@@ -105,6 +108,11 @@ class Receiver:
         self._lock = threading.Lock()
         self.stopping = threading.Event()
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._audit_later: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._audit_thread = threading.Thread(
+            target=self._audit_worker, name="receiver-audit", daemon=True
+        )
+        self._audit_thread.start()
 
     # -- helpers ----------------------------------------------------------
     def _part(self, transfer_id: str) -> Path:
@@ -260,22 +268,39 @@ class Receiver:
         return receipt
 
     def _withheld(self, sender: Identity, transfer_id: str, announce: Announce) -> None:
-        """Audit (never tell the peer) that a receipt was withheld pending the bytes."""
-        self.audit.record(
-            "transfer.refused",
-            actor=sender.label(),
-            outcome="failure",
-            peer=sender.subject_id,
-            object_id=announce.object_id,
-            transfer_id=transfer_id,
-            details={
-                "method": "Transfer.Offer",
-                "reason": "possession not proven",
-                "action": "receipt withheld; the whole object must be pushed and verified",
-                "cert_serial": f"{sender.serial:x}",
-                "cert_subject": sender.subject_id,
-            },
+        """Audit (never tell the peer) that a receipt was withheld pending the bytes.
+
+        Written by a helper thread, not before the answer: an audit write (an fsync)
+        only for held objects would make the answer's timing tell what this node holds."""
+        self._audit_later.put(
+            dict(
+                event="transfer.refused",
+                actor=sender.label(),
+                outcome="failure",
+                peer=sender.subject_id,
+                object_id=announce.object_id,
+                transfer_id=transfer_id,
+                details={
+                    "method": "Transfer.Offer",
+                    "reason": "possession not proven",
+                    "action": "receipt withheld; the whole object must be pushed and verified",
+                    "cert_serial": f"{sender.serial:x}",
+                    "cert_subject": sender.subject_id,
+                },
+            )
         )
+
+    def _audit_worker(self) -> None:
+        while (entry := self._audit_later.get()) is not None:
+            try:
+                self.audit.record(**entry)
+            except YigongError:
+                log.exception("could not audit %s", entry.get("event"))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write the audit entries still waiting (call before the audit log closes)."""
+        self._audit_later.put(None)
+        self._audit_thread.join(timeout)
 
     def _admit(self, sender: Identity, transfer_id: str, announce: Announce) -> None:
         """Record the inbound transfer if the sender's open transfers leave room for it."""
