@@ -222,20 +222,21 @@ class Receiver:
         receipt = self._receipt_for_deliverer(sender, transfer_id, announce)
         if receipt is not None:
             return OfferResult(announce.size, True, receipt)
-        with self._lock:  # the per-peer caps are checked and the row recorded at once
+        # One lock with the janitor's expiry: caps checked, row recorded, offset read.
+        with self._lock:
             self._admit(sender, transfer_id, announce)
-        part = self._part(transfer_id)
-        offset = part.stat().st_size if part.exists() else 0
-        if offset > announce.size:
-            part.unlink()
-            offset = 0
-        self.catalog.update_transfer(
-            transfer_id,
-            "inbound",
-            status="receiving",
-            bytes_done=offset,
-            history=("resume", f"offset {offset}") if offset else None,
-        )
+            part = self._part(transfer_id)
+            offset = part.stat().st_size if part.exists() else 0
+            if offset > announce.size:
+                part.unlink()
+                offset = 0
+            self.catalog.update_transfer(
+                transfer_id,
+                "inbound",
+                status="receiving",
+                bytes_done=offset,
+                history=("resume", f"offset {offset}") if offset else None,
+            )
         return OfferResult(offset, False, None)
 
     def _receipt_for_deliverer(
@@ -498,9 +499,13 @@ class Receiver:
 
     def abandon(self, record: TransferRecord, why: str) -> bool:
         """Expire one open inbound transfer: delete its spool file, mark it ``abandoned``
-        and audit it. False (nothing done) if a Push of it is running right now."""
+        and audit it. False (nothing done) if a Push of it is running right now or the
+        sender was heard of since ``record`` was read."""
         with self._lock:
             if record.transfer_id in self._active:
+                return False
+            now = self.catalog.find_transfer(record.transfer_id, "inbound")
+            if now is None or (now.status, now.updated_at) != ("receiving", record.updated_at):
                 return False
             part = self._part(record.transfer_id)
             spooled = part.stat().st_size if part.exists() else 0
