@@ -85,6 +85,8 @@ CASE_RECORD: Final = "case.record"  # a signed case document (order, design, del
 FIDELITY_RESULT: Final = "fidelity.result"
 SECURITY_ALERT: Final = "security.alert"
 DESIGN_EXPORTED: Final = "design.exported"  # an approved design stored in the hospital's PACS
+TRANSFER_REFUSED: Final = "transfer.refused"  # a peer's Offer/Push refused, or a receipt withheld
+TRANSFER_ABANDONED: Final = "transfer.abandoned"  # an inbound transfer expired; its spool deleted
 
 EVENT_TYPES: Final[frozenset[str]] = frozenset({
     NODE_START, NODE_STOP, CONFIG_LOADED, AUTH_REFUSED, AUTHZ_REFUSED, TRANSFER_QUEUED,
@@ -92,7 +94,7 @@ EVENT_TYPES: Final[frozenset[str]] = frozenset({
     TRANSFER_INTEGRITY_FAILED, OBJECT_STORED, QUERY, OBJECT_DOWNLOADED, RESIDENCY_REFUSED,
     DICOM_ASSOCIATION_ACCEPTED, DICOM_ASSOCIATION_REFUSED, DICOM_INSTANCE_RECEIVED,
     DEID_APPLIED, CASE_CONFIRMATION, CASE_RECORD, FIDELITY_RESULT, SECURITY_ALERT,
-    DESIGN_EXPORTED,
+    DESIGN_EXPORTED, TRANSFER_REFUSED, TRANSFER_ABANDONED,
 })  # fmt: skip
 
 OUTCOMES: Final = frozenset({"success", "failure"})

@@ -6,7 +6,10 @@ The outbox is the set of outbound transfers in status ``queued``/``sending``:
 it lives here, so queued sends survive restarts.
 
 Statuses: outbound ``queued`` → ``sending`` → ``done`` (``sending`` falls back
-to ``queued`` on failure or restart); inbound ``receiving`` → ``done``.
+to ``queued`` on failure or restart); inbound ``receiving`` → ``done``, or
+``receiving`` → ``abandoned`` when the sender went quiet for longer than
+``transfer.inbound_expiry_seconds`` (its spool file is then deleted; an Offer of
+the same transfer starts it again from offset 0).
 """
 
 from __future__ import annotations
@@ -405,6 +408,33 @@ class Catalog:
                     " VALUES (?,?,?,?,?)",
                     (transfer_id, direction, now, history[0], history[1]),
                 )
+
+    def delivered_by(self, object_id: str, peer_node: str) -> bool:
+        """Whether ``peer_node`` delivered ``object_id`` here before (a done inbound transfer)."""
+        rows = self._query(
+            "SELECT 1 FROM transfers WHERE direction = 'inbound' AND object_id = ?"
+            " AND peer_node = ? AND status = 'done' LIMIT 1",
+            (object_id, peer_node),
+        )
+        return bool(rows)
+
+    def open_inbound(self, peer_node: str = "") -> list[TransferRecord]:
+        """Inbound transfers still ``receiving`` (of one peer, or of all peers)."""
+        sql = "SELECT * FROM transfers WHERE direction = 'inbound' AND status = 'receiving'"
+        params: list[Any] = []
+        if peer_node:
+            sql += " AND peer_node = ?"
+            params.append(peer_node)
+        return [_transfer(r) for r in self._query(sql + " ORDER BY updated_at", params)]
+
+    def stale_inbound(self, before: str, limit: int = 1000) -> list[TransferRecord]:
+        """Inbound transfers ``receiving`` that were last touched before ``before`` (ISO UTC)."""
+        rows = self._query(
+            "SELECT * FROM transfers WHERE direction = 'inbound' AND status = 'receiving'"
+            " AND updated_at < ? ORDER BY updated_at LIMIT ?",
+            (before, limit),
+        )
+        return [_transfer(r) for r in rows]
 
     def claim_due_outbound(self, now: str, limit: int, exclude: set[str]) -> list[TransferRecord]:
         """Queued outbound transfers whose retry time has come, marked ``sending``."""

@@ -89,6 +89,9 @@ class TransferSection:
     max_object_bytes: int = 64 * 1024**3
     connect_timeout_seconds: float = 10.0
     workers: int = 2
+    inbound_expiry_seconds: float = 24 * 3600.0
+    max_open_inbound_per_peer: int = 64
+    max_spooled_bytes_per_peer: int = 128 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -327,7 +330,22 @@ def _check(cfg: NodeConfig) -> None:
             f"{src}: need audit.checkpoint_every >= 1 and 0.1 <= audit.checkpoint_seconds <= 3600"
         )
     if cfg.server.max_message_bytes < t.chunk_bytes + 64 * 1024:
-        raise ConfigError(f"{src}: server.max_message_bytes must exceed transfer.chunk_bytes")
+        raise ConfigError(
+            f"{src}: server.max_message_bytes ({cfg.server.max_message_bytes}) must be at least "
+            f"transfer.chunk_bytes + 65536 ({t.chunk_bytes + 64 * 1024}): one transfer chunk "
+            "and its framing travel in one message. Raise it or lower transfer.chunk_bytes"
+        )
+    if t.inbound_expiry_seconds <= 0 or t.max_open_inbound_per_peer < 1:
+        raise ConfigError(
+            f"{src}: need transfer.inbound_expiry_seconds > 0 and "
+            "transfer.max_open_inbound_per_peer >= 1"
+        )
+    if t.max_spooled_bytes_per_peer < t.max_object_bytes:
+        raise ConfigError(
+            f"{src}: transfer.max_spooled_bytes_per_peer ({t.max_spooled_bytes_per_peer}) is "
+            f"below transfer.max_object_bytes ({t.max_object_bytes}): the largest object "
+            "allowed could never be received. Raise it or lower transfer.max_object_bytes"
+        )
     d = cfg.dicom
     dhost, dsep, dport = d.listen.rpartition(":")
     if not dsep or not dhost or not dport.isdigit() or int(dport) > 65535:

@@ -32,6 +32,7 @@ Tree::
     ├── TransferError               a transfer could not complete
     │   ├── IntegrityError          bytes did not match their SHA-256
     │   ├── ReceiptError            a receipt is unsigned, badly signed or disagrees
+    │   ├── QuotaExceeded           a peer's open inbound transfers / spooled bytes are at the cap
     │   └── PeerUnavailable         the peer could not be reached (retry later)
     ├── NotReady                    the node cannot serve now (e.g. unusable CRL); retry later
     └── ShuttingDown                the node is stopping; retry against it later
@@ -134,3 +135,9 @@ class NotReady(YigongError):
 
 class ShuttingDown(YigongError):
     """The node is shutting down and does not take new work."""
+
+
+class QuotaExceeded(TransferError):
+    """A peer has as many open inbound transfers or spooled bytes as this node allows
+    (``transfer.max_open_inbound_per_peer`` / ``transfer.max_spooled_bytes_per_peer``);
+    retry when some of them have completed or expired."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -132,7 +133,9 @@ class Exchange:
     def _spool(self, part: Path, chunks: Iterator[ChunkMsg]) -> tuple[str, int]:
         hasher = hashlib.sha256()
         size = 0
-        with open(part, "wb") as fh:
+        # 0600 like every spool file; O_EXCL: the name is fresh, never an existing file
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 if chunk.offset != size:
                     raise ValidationError(f"upload chunk at offset {chunk.offset}, expected {size}")

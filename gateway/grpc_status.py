@@ -22,6 +22,7 @@ _CODES: tuple[tuple[type[e.YigongError], grpc.StatusCode], ...] = (
     (e.IntegrityError, grpc.StatusCode.DATA_LOSS),
     (e.ReceiptError, grpc.StatusCode.DATA_LOSS),
     (e.PeerUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (e.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (e.NotReady, grpc.StatusCode.UNAVAILABLE),
     (e.StorageError, grpc.StatusCode.UNAVAILABLE),
@@ -39,6 +40,7 @@ _ERRORS: dict[grpc.StatusCode, type[e.YigongError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: e.PeerUnavailable,
     grpc.StatusCode.ABORTED: e.TransferError,
     grpc.StatusCode.FAILED_PRECONDITION: e.TransferError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: e.QuotaExceeded,
 }
 
 # What handshake failures mean for a person reading the error. Under TLS 1.3 a

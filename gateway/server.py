@@ -10,6 +10,7 @@ import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -32,11 +33,12 @@ from gateway.fidelity.formats import (
     is_design_media_type,
     validate_design_file,
 )
+from gateway.hashing import MAX_CHUNK_BYTES
 from gateway.pki import TrustStore, load_certificate, load_private_key, sign
 from gateway.query import QueryService
 from gateway.roles import RoleHooks
 from gateway.rpc.auth import AuthInterceptor, Gatekeeper
-from gateway.rpc.channel import MESSAGE_LIMIT, ClientCredentials
+from gateway.rpc.channel import ClientCredentials
 from gateway.rpc.peer_link import GrpcPeerLink
 from gateway.rpc.servicers import ExchangeServicer, QueryServicer, TransferServicer
 from gateway.rpc.witness import SERVICE_NAME as AUDIT_SERVICE_NAME
@@ -45,6 +47,7 @@ from gateway.storage import ObjectStore
 from gateway.storage.factory import open_store
 from gateway.syslog_tls import AtnaForwarder, SyslogTLSSender, default_state_file
 from gateway.telemetry import Telemetry
+from gateway.transfer.janitor import SpoolJanitor
 from gateway.transfer.model import Announce
 from gateway.transfer.outbox import Outbox, OutboxSettings, PeerLink
 from gateway.transfer.receiver import Receiver, ReceiverSettings
@@ -147,7 +150,10 @@ class Node:
             )
         try:
             self.store = open_store(cfg)
-            self.store.check()
+            try:
+                self.store.check()
+            except ResidencyViolation as exc:  # a bucket would be created in a forbidden region
+                self._storage_region_refused(cfg.storage.s3.region or "us-east-1", exc)
             self._check_storage_region()
             self.catalog = Catalog(cfg.catalog.path)
             self.witness_store = WitnessStore(cfg.audit.path, self.audit)
@@ -185,8 +191,14 @@ class Node:
             ReceiverSettings(
                 node_id=node_id,
                 spool_dir=cfg.data_dir / "spool" / "inbound",
-                max_chunk_bytes=max(t.chunk_bytes, 4 * 1024 * 1024 - 64 * 1024),
+                # chunks as large as any sender may use, but never beyond what one
+                # message of server.max_message_bytes carries
+                max_chunk_bytes=min(
+                    max(t.chunk_bytes, MAX_CHUNK_BYTES), cfg.server.max_message_bytes - 64 * 1024
+                ),
                 max_object_bytes=t.max_object_bytes,
+                max_open_per_peer=t.max_open_inbound_per_peer,
+                max_spooled_bytes_per_peer=t.max_spooled_bytes_per_peer,
             ),
             self.store,
             self.catalog,
@@ -202,6 +214,9 @@ class Node:
             self.outbox,
             cfg.data_dir / "spool" / "submit",
             t.max_object_bytes,
+        )
+        self.janitor = SpoolJanitor(
+            self.receiver, cfg.data_dir / "spool" / "submit", t.inbound_expiry_seconds
         )
         self.query = QueryService(node_id, self.catalog, self.store, self.audit, t.chunk_bytes)
         self.hooks: RoleHooks = _role_hooks(self)
@@ -229,6 +244,17 @@ class Node:
         allowed = self.cfg.storage_regions
         if region in allowed:
             return
+        self._storage_region_refused(
+            region,
+            ResidencyViolation(
+                f"{self.cfg.source}: storage {self.store.describe()} is in region {region!r}, "
+                "but [residency] allowed_storage_regions allows only "
+                f"{', '.join(sorted(allowed))}; use storage in an allowed region or change "
+                "the policy"
+            ),
+        )
+
+    def _storage_region_refused(self, region: str, exc: ResidencyViolation) -> NoReturn:
         for event in ("residency.refused", "security.alert"):
             self.audit.record(
                 event,
@@ -236,11 +262,7 @@ class Node:
                 outcome="failure",
                 details={"reason": "storage region not allowed", "region": region},
             )
-        raise ResidencyViolation(
-            f"{self.cfg.source}: storage {self.store.describe()} is in region {region!r}, "
-            f"but [residency] allowed_storage_regions allows only {', '.join(sorted(allowed))}; "
-            "use storage in an allowed region or change the policy"
-        )
+        raise exc
 
     def _receipt_facts(self, announce: Announce, store: ObjectStore) -> Mapping[str, str]:
         """Receipt facts: design files are read by the shared fidelity checks (both roles
@@ -299,8 +321,8 @@ class Node:
         """Bind, start serving and start the outbox; returns the bound port."""
         cfg = self.cfg
         options = [
-            ("grpc.max_receive_message_length", max(MESSAGE_LIMIT, cfg.server.max_message_bytes)),
-            ("grpc.max_send_message_length", max(MESSAGE_LIMIT, cfg.server.max_message_bytes)),
+            ("grpc.max_receive_message_length", cfg.server.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.server.max_message_bytes),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", 0),
@@ -344,12 +366,14 @@ class Node:
             raise ConfigError(
                 f"{cfg.source}: cannot listen on {cfg.server.listen}; is the port in use?"
             )
+        self.janitor.sweep_at_start()  # before any upload or push can start
         server.start()
         self._server = server
         self.port = port
         for name in ("", *services):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.outbox.start()
+        self.janitor.start()
         self.cases.resume()  # records appended but not yet queued (a stop in between)
         self.hooks.start()
         self.audit.record(
@@ -391,6 +415,8 @@ class Node:
         self.outbox.stop(timeout=grace)
         if self._server is not None:
             self._server.stop(grace).wait()
+        self.janitor.stop()
+        self.receiver.close()
         self.audit.record("node.stop", actor=f"node:{self.cfg.node.id}")
         self.witness_sender.stop(timeout=min(3.0, max(grace, 0.5)))  # signs and hands over
         if self.atna is not None:

@@ -26,6 +26,7 @@ FEATURES: list[tuple[str, list[str]]] = [
         ["test_transfer.py", "test_receipts.py", "test_readback.py"],
     ),
     ("Failure and recovery", ["test_resilience.py"]),
+    ("Hostile peer on the transfer path", ["test_transfer_hostile.py"]),
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
     ("Node process, configuration, catalog", ["test_node.py"]),
     ("Command line and demo", ["test_cli.py", "test_demo.py"]),

@@ -119,6 +119,37 @@ def test_storage_in_forbidden_region_refused_at_startup(
     assert events[:2] == ["residency.refused", "security.alert"]
 
 
+def test_bucket_not_created_in_a_forbidden_region(
+    federation: Federation, tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """create_bucket with a region the policy forbids: refused before the bucket exists."""
+    monkeypatch.setenv("YIGONG_TEST_S3_SECRET", s3_server.secret_key)
+    bucket = new_bucket_name()
+    extra = (
+        '[storage]\nbackend = "s3"\n\n[storage.s3]\n'
+        f'endpoint = "{s3_server.endpoint}"\nbucket = "{bucket}"\n'
+        f'access_key = "{s3_server.access_key}"\nsecret_key_env = "YIGONG_TEST_S3_SECRET"\n'
+        'secure = false\ncreate_bucket = true\nregion = "eu-central-1"\n'
+    )
+    cfg = write_config(federation, tmp_path, "factory-1", "factory", extra=extra)
+    with pytest.raises(ResidencyViolation) as err:
+        Node(load_config(cfg))
+    assert "create_bucket would create it in region 'eu-central-1'" in str(err.value)
+    assert "allowed_storage_regions allows only cn-east; nothing was created" in str(err.value)
+    assert not s3_server.client().bucket_exists(bucket)
+    from gateway.audit import AuditLog
+
+    log = AuditLog(load_config(cfg).audit.path, "factory-1")
+    try:
+        refusals = [(e.event, e.details.get("region")) for e in log.events(limit=10)]
+    finally:
+        log.close()
+    assert refusals[:2] == [
+        ("residency.refused", "eu-central-1"),
+        ("security.alert", "eu-central-1"),
+    ]
+
+
 def test_unknown_region_in_policy_is_a_config_error(federation: Federation, tmp_path: Path) -> None:
     from gateway.errors import ConfigError
 

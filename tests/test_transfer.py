@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.transfer.receipts import verify_receipt
-from tests.cluster import InProcessNode, wait_for
+from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from yigong.v1 import common_pb2
 
 
@@ -97,3 +97,47 @@ def test_unknown_destination_refused_before_upload(
         client.submit(src, ["nowhere-9"])
     assert "nowhere-9" in str(err.value) and "not a configured peer" in str(err.value)
     assert hospital.node.catalog.list_objects() == []
+
+
+def test_bytes_done_advances_on_both_nodes_during_a_transfer(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """Issue #11: a throttled 4 MiB send is watched on both nodes; bytes_done is seen
+    strictly between 0 and the size on the sender's outbound and the receiver's inbound
+    row while the bytes flow (written at most once a second, not per chunk)."""
+    factory = InProcessNode(write_config(federation, tmp_path, "factory-1", "factory"))
+    hospital = InProcessNode(
+        write_config(
+            federation,
+            tmp_path,
+            "hospital-1",
+            "hospital",
+            peers={"factory-1": factory.address},
+            extra="[transfer]\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0\n"
+            "max_bytes_per_second = 1048576\nchunk_bytes = 65536",
+        )
+    )
+    try:
+        size = 4 * 1024 * 1024
+        src = tmp_path / "slow.bin"
+        src.write_bytes(os.urandom(size))
+        with hospital.self_client() as client:
+            tid = client.submit(src, ["factory-1"]).queued[0].transfer_id
+        seen: dict[str, set[int]] = {"outbound": set(), "inbound": set()}
+
+        def watch() -> bool:
+            for node, direction in ((hospital, "outbound"), (factory, "inbound")):
+                rec = node.node.catalog.find_transfer(tid, direction)
+                if rec is not None and rec.status != "done":
+                    seen[direction].add(rec.bytes_done)
+            return _done(hospital, tid, "outbound")
+
+        wait_for(watch, timeout=120, interval=0.05, what="the throttled transfer")
+        for direction in ("outbound", "inbound"):
+            moving = sorted(v for v in seen[direction] if 0 < v < size)
+            assert moving, (direction, sorted(seen[direction]))
+        assert factory.node.catalog.get_transfer(tid, "inbound").bytes_done == size
+        assert hospital.node.catalog.get_transfer(tid, "outbound").bytes_done == size
+    finally:
+        hospital.stop()
+        factory.stop()

@@ -113,6 +113,51 @@ class Gatekeeper:
             log.exception("could not audit refusal of %s", method)
         context.abort(status_for(exc), str(exc))
 
+    def audit_refusal(
+        self, context: grpc.ServicerContext, event: str, method: str, exc: YigongError
+    ) -> None:
+        """Audit a request refused after authorization: who (identity, certificate serial
+        and subject), what (the method) and why (error class and message)."""
+        caller: Identity | None
+        try:
+            caller = self.identity(context)
+        except YigongError:
+            caller = None
+        log.warning("refused %s from %s: %s", method, context.peer(), exc)
+        try:
+            self.audit.record(
+                event,
+                actor=caller.label() if caller else None,
+                outcome="failure",
+                peer=caller.subject_id if caller is not None and caller.is_node else None,
+                details={
+                    "method": method,
+                    "remote": context.peer(),
+                    "reason": type(exc).__name__,
+                    "why": str(exc)[:500],
+                    **_presented(context),
+                },
+            )
+        except YigongError:
+            log.exception("could not audit refusal of %s", method)
+
+
+_AUDITED_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+@contextmanager
+def refusals_audited(
+    gate: Gatekeeper, context: grpc.ServicerContext, method: str, event: str
+) -> Iterator[None]:
+    """Audit every request refused as malformed (INVALID_ARGUMENT) or over a per-peer
+    limit (RESOURCE_EXHAUSTED) as ``event``, then let :func:`wire_errors` answer it."""
+    try:
+        yield
+    except YigongError as exc:
+        if status_for(exc) in _AUDITED_CODES:
+            gate.audit_refusal(context, event, method, exc)
+        raise
+
 
 def _presented(context: grpc.ServicerContext) -> dict[str, str]:
     """Serial and subject of a refused certificate, read without trusting it (for audit)."""

@@ -15,7 +15,7 @@ from gateway.catalog import ObjectRecord
 from gateway.errors import ValidationError
 from gateway.exchange import Exchange, Submission
 from gateway.query import ObjectFilter, QueryService, TransferFilter
-from gateway.rpc.auth import Gatekeeper, stream_with_errors, wire_errors
+from gateway.rpc.auth import Gatekeeper, refusals_audited, stream_with_errors, wire_errors
 from gateway.rpc.wire import announce_from_pb, object_to_pb, transfer_to_pb
 from gateway.transfer.model import ChunkMsg, EndMsg, PushItem, StartMsg
 from gateway.transfer.receiver import Receiver
@@ -43,7 +43,10 @@ class TransferServicer(transfer_pb2_grpc.TransferServicer):
     def Offer(
         self, request: transfer_pb2.OfferRequest, context: grpc.ServicerContext
     ) -> transfer_pb2.OfferResponse:
-        with wire_errors(context, "Transfer.Offer"):
+        with (
+            wire_errors(context, "Transfer.Offer"),
+            refusals_audited(self.gate, context, "Transfer.Offer", "transfer.refused"),
+        ):
             caller = self.gate.identity(context)
             result = self.receiver.offer(
                 caller, request.transfer_id, announce_from_pb(request.object)
@@ -61,7 +64,10 @@ class TransferServicer(transfer_pb2_grpc.TransferServicer):
     def Push(
         self, request_iterator: Iterator[transfer_pb2.PushMessage], context: grpc.ServicerContext
     ) -> common_pb2.SignedReceipt:
-        with wire_errors(context, "Transfer.Push"):
+        with (
+            wire_errors(context, "Transfer.Push"),
+            refusals_audited(self.gate, context, "Transfer.Push", "transfer.refused"),
+        ):
             caller = self.gate.identity(context)
             receipt = self.receiver.receive(caller, _push_items(request_iterator))
             return common_pb2.SignedReceipt.FromString(receipt)

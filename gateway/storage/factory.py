@@ -33,4 +33,5 @@ def open_store(cfg: NodeConfig) -> ObjectStore:
         region=s3.region or None,
         part_size=s3.part_size_mb * 1024 * 1024,
         create=s3.create_bucket,
+        create_regions=cfg.storage_regions,  # residency is checked before a bucket is made
     )

@@ -25,7 +25,13 @@ from minio.helpers import MAX_PART_SIZE, MIN_PART_SIZE
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import MaxRetryError, ResponseError
 
-from gateway.errors import ConfigError, NotFound, StorageError, ValidationError
+from gateway.errors import (
+    ConfigError,
+    NotFound,
+    ResidencyViolation,
+    StorageError,
+    ValidationError,
+)
 from gateway.hashing import DEFAULT_CHUNK_BYTES
 from gateway.storage.base import ChunkReader, ObjectStore, check_read_args
 
@@ -112,6 +118,7 @@ class S3Store(ObjectStore):
         region: str | None = None,
         part_size: int = DEFAULT_PART_SIZE,
         create: bool = False,
+        create_regions: frozenset[str] | None = None,
         timeout: float = 60.0,
         retries: int = 3,
     ) -> None:
@@ -131,6 +138,7 @@ class S3Store(ObjectStore):
         self._configured_region = region or None
         self._part_size = part_size
         self._create = create
+        self._create_regions = create_regions
         self._region: str | None = None
         self._http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=timeout, read=timeout),
@@ -206,6 +214,14 @@ class S3Store(ObjectStore):
                     "create it or set [storage.s3] create_bucket = true"
                 )
             location = self._configured_region or "us-east-1"
+            if self._create_regions is not None and location not in self._create_regions:
+                raise ResidencyViolation(
+                    f"S3 store {self.describe()}: bucket {self._bucket!r} does not exist and "
+                    f"create_bucket would create it in region {location!r}, but [residency] "
+                    "allowed_storage_regions allows only "
+                    f"{', '.join(sorted(self._create_regions))}; nothing was created. Set "
+                    "[storage.s3] region to an allowed region, or change the policy"
+                )
             self._call(
                 "creating bucket",
                 None,

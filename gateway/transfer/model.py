@@ -54,9 +54,10 @@ def check_transfer_id(transfer_id: str) -> str:
 
 def check_name(name: str) -> str:
     if not name or len(name) > 255 or _NAME_BAD.search(name) or name in {".", ".."}:
+        # The name itself is not repeated: file names may carry patient data.
         raise ValidationError(
-            f"file name {name[:80]!r} must be 1-255 characters with no path separators "
-            "or control characters"
+            f"file name of {len(name)} characters refused: it must be 1-255 characters, "
+            "not '.' or '..', with no path separators or control characters"
         )
     return name
 

@@ -53,6 +53,9 @@ from gateway.transfer.receipts import verify_receipt
 
 log = logging.getLogger(__name__)
 
+PROGRESS_SECONDS = 1.0
+"""At most one catalog write of ``bytes_done`` per send per this many seconds."""
+
 
 class PeerLink(Protocol):
     """The wire to one peer node (implemented over gRPC in gateway.rpc.peer_link)."""
@@ -333,7 +336,7 @@ class Outbox:
         yield StartMsg(transfer_id, announce, offset)
         position = offset
         limit = self.settings.max_bytes_per_second
-        began = time.monotonic()
+        began = reported = time.monotonic()
         for data in self.store.open_read(announce.object_id, offset, self.settings.chunk_bytes):
             if self._stop.is_set():
                 state.stopped = True
@@ -341,6 +344,9 @@ class Outbox:
             yield ChunkMsg(position, data, hashlib.sha256(data).digest())
             position += len(data)
             state.sent += len(data)
+            if time.monotonic() - reported >= PROGRESS_SECONDS:  # progress, not per chunk
+                self.catalog.update_transfer(transfer_id, "outbound", bytes_done=position)
+                reported = time.monotonic()
             if limit:
                 ahead = state.sent / limit - (time.monotonic() - began)
                 if ahead > 0:

@@ -11,26 +11,44 @@ must be the object id. The spool file is then moved into the store; a store
 that copies it instead (another filesystem, S3) is read back again and hashed
 once more. Only then is the object catalogued and a signed receipt returned.
 Identical content is stored once (objects are content-addressed).
+
+Proof of possession: a signed receipt says "this sender delivered these bytes",
+so one is issued without the bytes only to a sender that delivered the object
+here before. Anyone else offering an object this node holds gets the answer it
+would get for an object this node does not hold (send it from offset 0), must
+push every byte, and gets its receipt only after those bytes hashed to the
+object id. A resume offset is only ever that of a spool file the same sender
+started under the same transfer id.
+
+Each peer may hold at most ``max_open_per_peer`` inbound transfers in
+``receiving`` whose announced sizes add up to at most
+``max_spooled_bytes_per_peer`` (a spool file never grows past its announced
+size), so a peer that opens transfers and abandons them cannot fill the disk;
+:class:`gateway.transfer.janitor.SpoolJanitor` expires what it abandoned.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.audit import AuditLog
-from gateway.catalog import Catalog, utcnow
+from gateway.catalog import Catalog, TransferRecord, utcnow
 from gateway.errors import (
     IntegrityError,
+    QuotaExceeded,
     ShuttingDown,
     StorageError,
     TransferError,
     ValidationError,
+    YigongError,
 )
 from gateway.hashing import hash_chunks
 from gateway.identity import Identity
@@ -50,6 +68,9 @@ from gateway.transfer.receipts import make_receipt
 
 log = logging.getLogger(__name__)
 
+PROGRESS_SECONDS = 1.0
+"""At most one catalog write of ``bytes_done`` per transfer per this many seconds."""
+
 FactsHook = Callable[[Announce, ObjectStore], Mapping[str, str]]
 """Format-aware checks run on a stored object; their facts go into the receipt."""
 
@@ -60,6 +81,8 @@ class ReceiverSettings:
     spool_dir: Path
     max_chunk_bytes: int
     max_object_bytes: int
+    max_open_per_peer: int = 64
+    max_spooled_bytes_per_peer: int = 128 * 1024**3
 
 
 class Receiver:
@@ -85,6 +108,11 @@ class Receiver:
         self._lock = threading.Lock()
         self.stopping = threading.Event()
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._audit_later: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._audit_thread = threading.Thread(
+            target=self._audit_worker, name="receiver-audit", daemon=True
+        )
+        self._audit_thread.start()
 
     # -- helpers ----------------------------------------------------------
     def _part(self, transfer_id: str) -> Path:
@@ -182,36 +210,122 @@ class Receiver:
 
     # -- protocol ---------------------------------------------------------
     def offer(self, sender: Identity, transfer_id: str, announce: Announce) -> OfferResult:
-        """Where the sender should start, or a receipt if the object is already here."""
+        """Where the sender should start, or a receipt if this sender delivered the object before.
+
+        The answer to a sender that did not deliver the object here is the same
+        whether this node holds it or not: it says nothing about objects of others.
+        """
         if self.stopping.is_set():
             raise ShuttingDown(f"node {self.settings.node_id} is shutting down; retry later")
         check_transfer_id(transfer_id)
         announce.validate(self.settings.max_object_bytes)
-        if self._already_held(announce):
-            done = self.catalog.find_transfer(transfer_id, "inbound")
-            if done is not None and done.status == "done" and done.receipt:
-                return OfferResult(announce.size, True, done.receipt)
-            receipt = self._finish(sender, transfer_id, announce, utcnow())
-            log.info(
-                "transfer %s: object %s already held; receipt re-issued",
-                transfer_id,
-                announce.object_id,
-            )
+        receipt = self._receipt_for_deliverer(sender, transfer_id, announce)
+        if receipt is not None:
             return OfferResult(announce.size, True, receipt)
-        self._record_inbound(sender, transfer_id, announce)
-        part = self._part(transfer_id)
-        offset = part.stat().st_size if part.exists() else 0
-        if offset > announce.size:
-            part.unlink()
-            offset = 0
-        self.catalog.update_transfer(
-            transfer_id,
-            "inbound",
-            status="receiving",
-            bytes_done=offset,
-            history=("resume", f"offset {offset}") if offset else None,
-        )
+        # One lock with the janitor's expiry: caps checked, row recorded, offset read.
+        with self._lock:
+            self._admit(sender, transfer_id, announce)
+            part = self._part(transfer_id)
+            offset = part.stat().st_size if part.exists() else 0
+            if offset > announce.size:
+                part.unlink()
+                offset = 0
+            self.catalog.update_transfer(
+                transfer_id,
+                "inbound",
+                status="receiving",
+                bytes_done=offset,
+                history=("resume", f"offset {offset}") if offset else None,
+            )
         return OfferResult(offset, False, None)
+
+    def _receipt_for_deliverer(
+        self, sender: Identity, transfer_id: str, announce: Announce
+    ) -> bytes | None:
+        """The receipt for an idempotent re-send: only for the sender that delivered these
+        bytes here before, and only while this node still holds them; else None."""
+        if not self.catalog.delivered_by(announce.object_id, sender.subject_id):
+            if self.catalog.find_object(announce.object_id) is not None:
+                self._withheld(sender, transfer_id, announce)
+            return None
+        if not self._already_held(announce):
+            return None
+        done = self.catalog.find_transfer(transfer_id, "inbound")
+        if (
+            done is not None
+            and done.peer_node == sender.subject_id
+            and done.object_id == announce.object_id
+            and done.status == "done"
+            and done.receipt
+        ):
+            return done.receipt
+        receipt = self._finish(sender, transfer_id, announce, utcnow())
+        log.info(
+            "transfer %s: object %s already delivered by %s; receipt re-issued",
+            transfer_id,
+            announce.object_id,
+            sender.subject_id,
+        )
+        return receipt
+
+    def _withheld(self, sender: Identity, transfer_id: str, announce: Announce) -> None:
+        """Audit (never tell the peer) that a receipt was withheld pending the bytes.
+
+        Written by a helper thread, not before the answer: an audit write (an fsync)
+        only for held objects would make the answer's timing tell what this node holds."""
+        self._audit_later.put(
+            dict(
+                event="transfer.refused",
+                actor=sender.label(),
+                outcome="failure",
+                peer=sender.subject_id,
+                object_id=announce.object_id,
+                transfer_id=transfer_id,
+                details={
+                    "method": "Transfer.Offer",
+                    "reason": "possession not proven",
+                    "action": "receipt withheld; the whole object must be pushed and verified",
+                    "cert_serial": f"{sender.serial:x}",
+                    "cert_subject": sender.subject_id,
+                },
+            )
+        )
+
+    def _audit_worker(self) -> None:
+        while (entry := self._audit_later.get()) is not None:
+            try:
+                self.audit.record(**entry)
+            except YigongError:
+                log.exception("could not audit %s", entry.get("event"))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write the audit entries still waiting (call before the audit log closes)."""
+        self._audit_later.put(None)
+        self._audit_thread.join(timeout)
+
+    def _admit(self, sender: Identity, transfer_id: str, announce: Announce) -> None:
+        """Record the inbound transfer if the sender's open transfers leave room for it."""
+        existing = self.catalog.find_transfer(transfer_id, "inbound")
+        if existing is None or existing.status != "receiving":
+            s = self.settings
+            others = [
+                t
+                for t in self.catalog.open_inbound(sender.subject_id)
+                if t.transfer_id != transfer_id
+            ]
+            spooled = sum(t.size for t in others)
+            if len(others) >= s.max_open_per_peer or spooled + announce.size > (
+                s.max_spooled_bytes_per_peer
+            ):
+                raise QuotaExceeded(
+                    f"transfer {transfer_id} refused: {sender.subject_id} already has "
+                    f"{len(others)} open inbound transfer(s) of {spooled} bytes at node "
+                    f"{s.node_id}; the limits are {s.max_open_per_peer} transfers and "
+                    f"{s.max_spooled_bytes_per_peer} bytes per peer "
+                    "(transfer.max_open_inbound_per_peer, transfer.max_spooled_bytes_per_peer). "
+                    "Retry when open transfers have completed or expired"
+                )
+        self._record_inbound(sender, transfer_id, announce)
 
     def receive(self, sender: Identity, items: Iterator[PushItem]) -> bytes:
         """Consume one Push stream; return the serialized signed receipt."""
@@ -258,6 +372,10 @@ class Receiver:
             raise ValidationError(f"transfer {transfer_id} belongs to another sender or object")
         if record.status == "done" and record.receipt:
             return record.receipt
+        if record.status != "receiving":
+            raise TransferError(
+                f"transfer {transfer_id} is {record.status}, not open; call Offer again"
+            )
         part = self._part(transfer_id)
         have = part.stat().st_size if part.exists() else 0
         if offset != have:
@@ -305,6 +423,7 @@ class Receiver:
         """Write verified chunks until PushEnd: (the end message or None, bytes held)."""
         expected = offset
         max_chunk = self.settings.max_chunk_bytes
+        reported = time.monotonic()
         try:
             for item in items:
                 if self.stopping.is_set():
@@ -327,6 +446,9 @@ class Receiver:
                         self._integrity_failed(sender, transfer_id, announce, expected)
                     spool.write(item.data)
                     expected += len(item.data)
+                    if time.monotonic() - reported >= PROGRESS_SECONDS:
+                        self.catalog.update_transfer(transfer_id, "inbound", bytes_done=expected)
+                        reported = time.monotonic()
                 elif isinstance(item, EndMsg):
                     return item, expected
                 else:
@@ -340,7 +462,16 @@ class Receiver:
         self, sender: Identity, transfer_id: str, announce: Announce, part: Path
     ) -> None:
         """Move the spool file (read back and verified) into the store; if the store
-        copied it instead, read the copy back from the store and hash it again."""
+        copied it instead, read the copy back from the store and hash it again.
+
+        An object already catalogued and stored (a sender proving possession of bytes
+        delivered before) is not stored again: its bytes were verified; the spool goes."""
+        if (
+            self.catalog.find_object(announce.object_id) is not None
+            and self.store.size(announce.object_id) == announce.size
+        ):
+            part.unlink(missing_ok=True)
+            return
         try:
             moved_in = self.store.adopt_file(announce.object_id, part)
         except StorageError:
@@ -365,6 +496,44 @@ class Receiver:
             transfer_id=transfer_id,
             details={"size": size, "store": self.store.describe()},
         )
+
+    def abandon(self, record: TransferRecord, why: str) -> bool:
+        """Expire one open inbound transfer: delete its spool file, mark it ``abandoned``
+        and audit it. False (nothing done) if a Push of it is running right now or the
+        sender was heard of since ``record`` was read."""
+        with self._lock:
+            if record.transfer_id in self._active:
+                return False
+            now = self.catalog.find_transfer(record.transfer_id, "inbound")
+            if now is None or (now.status, now.updated_at) != ("receiving", record.updated_at):
+                return False
+            part = self._part(record.transfer_id)
+            spooled = part.stat().st_size if part.exists() else 0
+            part.unlink(missing_ok=True)
+            self.catalog.update_transfer(
+                record.transfer_id,
+                "inbound",
+                status="abandoned",
+                bytes_done=0,
+                last_error=why,
+                history=("abandoned", why),
+            )
+        self.audit.record(
+            "transfer.abandoned",
+            actor=f"node:{self.settings.node_id}",
+            peer=record.peer_node,
+            object_id=record.object_id,
+            transfer_id=record.transfer_id,
+            details={"reason": why, "spooled_bytes": spooled, "size": record.size},
+        )
+        log.info(
+            "inbound transfer %s from %s abandoned (%s); %d spooled bytes deleted",
+            record.transfer_id,
+            record.peer_node,
+            why,
+            spooled,
+        )
+        return True
 
     def _integrity_failed(
         self,

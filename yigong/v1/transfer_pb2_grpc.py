@@ -66,8 +66,12 @@ class TransferServicer:
 
     def Offer(self, request, context):
         """Announce an object. The receiver answers where to start (0, or the
-        last verified offset of an interrupted transfer), or that it already
-        holds the object, with a signed receipt (idempotent re-send).
+        last verified offset of an interrupted transfer this sender started under
+        this transfer id), or — only to the sender that delivered the object
+        before — that it already holds it, with a signed receipt (idempotent
+        re-send). Any other sender is answered as if the object were not held and
+        proves possession by pushing it. RESOURCE_EXHAUSTED: the sender has too
+        many open inbound transfers or spooled bytes here; retry later.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
