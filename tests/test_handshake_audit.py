@@ -11,6 +11,9 @@ presented.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from gateway.errors import ConfigError
 from gateway.identity import identity_san_uris, node_dns_name
 from gateway.rpc.channel import ClientCredentials, open_channel
 from tests.cluster import Federation, InProcessNode, write_config
+from yigong.v1 import query_pb2, query_pb2_grpc
 
 AUDIT_WAIT = 15.0  # the refusal is audited by the terminator's thread; poll for it
 
@@ -304,3 +308,43 @@ def test_grpc_tls_mode_still_serves_and_unknown_mode_is_a_config_error(
     config.write_text(text.replace("\n[server]\n", '\n[server]\ntls_terminator = "nginx"\n'))
     with pytest.raises(ConfigError, match=r"server\.tls_terminator must be 'gateway'"):
         load_config(config)
+
+
+def test_graceful_stop_lets_a_download_in_flight_finish_through_the_terminator(
+    fed: Federation, tmp_path: Path
+) -> None:
+    """On stop the terminator accepts no new connection, but a stream already open
+    gets ``grace`` seconds to finish: every byte arrives and hashes to the object id."""
+    n = InProcessNode(write_config(fed, tmp_path, "factory-3", "factory"))
+    stopper: threading.Thread | None = None
+    try:
+        src = tmp_path / "object.bin"
+        src.write_bytes(os.urandom(24 * 1024 * 1024))
+        with n.self_client() as client:
+            object_id = client.submit(src, []).object.object_id
+        creds = fed.creds(fed.person("hs-reader", "engineer", "factory-3"))
+        with open_channel(n.address, creds, peer_node_id="factory-3") as ch:
+            stream = query_pb2_grpc.QueryStub(ch).ReadObject(
+                query_pb2.ReadObjectRequest(object_id=object_id), timeout=60
+            )
+            digest = hashlib.sha256()
+            first = next(stream)
+            digest.update(first.chunk.data)
+            stopper = threading.Thread(target=n.node.stop, kwargs={"grace": 30.0})
+            stopper.start()
+            terminator = n.node._terminator
+            assert terminator is not None
+            deadline = time.monotonic() + 30
+            while not terminator._closing.is_set() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with pytest.raises(grpc.RpcError) as err:  # a new connection is not accepted
+                _health(n, creds.grpc_credentials())
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            for msg in stream:  # the open stream goes on
+                digest.update(msg.chunk.data)
+        assert digest.hexdigest() == object_id
+        stopper.join(timeout=60)
+        assert not stopper.is_alive()
+    finally:
+        if stopper is None:
+            n.stop()

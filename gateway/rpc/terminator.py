@@ -38,6 +38,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -166,6 +167,7 @@ class TlsTerminator:
         self._ctx = self._context(cert_pem, key_pem)
         self._callers: dict[str, Caller] = {}
         self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)  # notified when a socket closes
         self._open: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         # gRPC listens on a Unix socket in a directory only this process's user can
@@ -211,9 +213,14 @@ class TlsTerminator:
         if self._accepter is not None:
             self._accepter.join(timeout=5)
 
-    def stop(self) -> None:
-        """Close the listener and every connection still open."""
+    def stop(self, drain: float = 5.0) -> None:
+        """Close the listener; let open connections pass on what the gRPC server already
+        sent (it closes them once stopped) for up to ``drain`` seconds, then cut them."""
         self.close_listener()
+        deadline = time.monotonic() + drain
+        with self._drained:
+            while self._open and time.monotonic() < deadline:
+                self._drained.wait(timeout=max(0.0, deadline - time.monotonic()))
         with self._lock:
             open_now = list(self._open)
             self._callers.clear()
@@ -250,6 +257,7 @@ class TlsTerminator:
                 self._open.add(sock)
             else:
                 self._open.discard(sock)
+                self._drained.notify_all()
 
     def _serve(self, client: socket.socket, remote: str) -> None:
         self._track(client, True)
@@ -361,6 +369,7 @@ class TlsTerminator:
             with self._lock:
                 self._callers.pop(key, None)
                 self._open.discard(backend)
+                self._drained.notify_all()
             backend.close()
             path.unlink(missing_ok=True)
             return
@@ -376,6 +385,7 @@ class TlsTerminator:
             with self._lock:
                 self._callers.pop(key, None)
                 self._open.discard(backend)
+                self._drained.notify_all()
             backend.close()
             path.unlink(missing_ok=True)
 
