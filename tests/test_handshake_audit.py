@@ -251,8 +251,9 @@ def test_leaf_used_as_ca_names_the_federation_leaf_as_issuer(
 def test_accepted_handshake_then_per_call_refusal_records_the_client_address(
     node: InProcessNode, fed: Federation
 ) -> None:
-    """Behind the terminator the gatekeeper still checks every call (here: a revoked
-    certificate on an open connection) and audits the client's own address."""
+    """Behind the terminator the gatekeeper still checks every call, with the client's address.
+
+    Here: a certificate revoked while its connection is open."""
     issued = fed.person("hs-revoked", "engineer", "factory-1")
     creds = fed.creds(issued)
     with open_channel(node.address, creds, peer_node_id="factory-1") as ch:
@@ -274,8 +275,9 @@ def test_accepted_handshake_then_per_call_refusal_records_the_client_address(
 def test_direct_connection_to_the_internal_grpc_socket_is_refused_and_audited(
     node: InProcessNode,
 ) -> None:
-    """gRPC's own listener (a Unix socket in a private directory) only serves
-    connections the terminator forwarded: anything else has no certificate."""
+    """gRPC's internal listener serves only connections the terminator forwarded.
+
+    It is a Unix socket in a private directory; anything else has no certificate."""
     terminator = node.node._terminator
     assert terminator is not None
     before = _last_seq(node)
@@ -313,8 +315,9 @@ def test_grpc_tls_mode_still_serves_and_unknown_mode_is_a_config_error(
 def test_graceful_stop_lets_a_download_in_flight_finish_through_the_terminator(
     fed: Federation, tmp_path: Path
 ) -> None:
-    """On stop the terminator accepts no new connection, but a stream already open
-    gets ``grace`` seconds to finish: every byte arrives and hashes to the object id."""
+    """On stop no new connection is accepted, but an open stream finishes within grace.
+
+    Every byte arrives and hashes to the object id."""
     n = InProcessNode(write_config(fed, tmp_path, "factory-3", "factory"))
     stopper: threading.Thread | None = None
     try:

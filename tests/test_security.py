@@ -92,9 +92,9 @@ def _handshake_creds(case: str, federation: Federation, tmp_path: Path) -> Any:
 def test_handshake_refuses_missing_foreign_or_expired_client_certificate(
     pair: Pair, federation: Federation, tmp_path: Path, case: str
 ) -> None:
-    """The node's TLS terminator ends the connection; the call never reaches the
-    gatekeeper, but the refusal is audited (tests/test_handshake_audit.py: each kind).
+    """The handshake ends the connection before any handler runs, and is audited.
 
+    The node's TLS terminator refuses it (tests/test_handshake_audit.py: each kind).
     With TLS 1.3 the client only sees the socket close: UNAVAILABLE '... Socket closed'."""
     _, factory = pair
     with _channel(factory, _handshake_creds(case, federation, tmp_path)) as ch:
