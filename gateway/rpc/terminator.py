@@ -354,6 +354,9 @@ class TlsTerminator:
     def _forward(self, client: socket.socket, conn: SSL.Connection, remote: str) -> None:
         cert = conn.get_peer_certificate()
         assert cert is not None
+        log.debug(
+            "TLS from %s: %s %s", remote, conn.get_protocol_version_name(), conn.get_cipher_name()
+        )
         pem = cert.to_cryptography().public_bytes(serialization.Encoding.PEM)
         path = self._dir / f"c{next(self._serial)}"
         key = f"unix:{path}"
