@@ -1,13 +1,15 @@
 """Per-call authentication and authorization for the node's gRPC server.
 
 TLS with a required client certificate is the first gate (no certificate,
-or one from another CA, does not get past the handshake). gRPC's Python API
-has no CRL option and checks validity only at the handshake, so this
-interceptor checks the caller's certificate on *every* call — issuer,
-validity period, revocation — reads the identity from it, and asks the one
-decision point (:func:`gateway.authz.authorize`) whether that identity may
-call the method. Refusals are audited and answered with UNAUTHENTICATED or
-PERMISSION_DENIED and a message saying why.
+or one from another CA, does not get past the handshake); the node's own TLS
+terminator (:mod:`gateway.rpc.terminator`) runs it and reports each refusal
+here to be audited (:meth:`Gatekeeper.refused_handshake`). TLS checks
+validity only at the handshake and knows no CRL, so this interceptor checks
+the caller's certificate on *every* call — issuer, validity period,
+revocation — reads the identity from it, and asks the one decision point
+(:func:`gateway.authz.authorize`) whether that identity may call the method.
+Refusals are audited and answered with UNAUTHENTICATED or PERMISSION_DENIED
+and a message saying why.
 """
 
 from __future__ import annotations
