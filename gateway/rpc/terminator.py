@@ -173,7 +173,8 @@ class TlsTerminator:
         # gRPC listens on a Unix socket in a directory only this process's user can
         # enter; each forwarded connection binds its own socket file there, which is
         # the peer address gRPC reports for it (context.peer() == "unix:<that path>").
-        self._dir = Path(tempfile.mkdtemp(prefix="yigong-grpc-"))
+        short = len(tempfile.gettempdir()) <= 64  # a Unix socket path holds < 108 bytes
+        self._dir = Path(tempfile.mkdtemp(prefix="yigong-grpc-", dir=None if short else "/tmp"))
         self.backend_address = f"unix:{self._dir / 'grpc.sock'}"
         self._serial = itertools.count(1)
         self._closing = threading.Event()
