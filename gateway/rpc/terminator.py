@@ -246,6 +246,7 @@ class TlsTerminator:
                 if self._closing.is_set():
                     return
                 log.exception("accept on %s failed", self.listen)
+                time.sleep(0.1)  # e.g. out of file descriptors: do not spin
                 continue
             remote = _peer_string(addr)
             threading.Thread(
