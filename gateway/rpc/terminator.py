@@ -62,6 +62,8 @@ from gateway.pki import TrustStore
 log = logging.getLogger(__name__)
 
 BUFFER = 256 * 1024  # one socket read
+UP_BUFFER = 1024 * 1024  # one read of what the client sends (the bulk of a transfer)
+UNIX_SNDBUF = 4 * 1024 * 1024  # what may be in flight to gRPC: fewer wake-ups
 RECORD = 16 * 1024  # the most plaintext one TLS record holds (one SSL_read)
 BIO_READ = 64 * 1024  # below malloc's mmap threshold: no mmap per read
 HANDSHAKE_TIMEOUT = 15.0
@@ -363,6 +365,8 @@ class TlsTerminator:
         path = self._dir / f"c{next(self._serial)}"
         key = f"unix:{path}"
         backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(OSError):
+            backend.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
         with self._lock:
             self._callers[key] = Caller(pem, remote)
             self._open.add(backend)
@@ -414,15 +418,17 @@ class _Pipe:
     def up(self) -> None:
         """Client → gRPC server: decrypt what arrives, pass it on."""
         conn, closed = self.conn, False
+        buf = bytearray(UP_BUFFER)
+        view = memoryview(buf)
         try:
             while not closed:
-                data = self.client.recv(BUFFER)
-                if not data:
+                n = self.client.recv_into(buf)
+                if not n:
                     break
                 plain: list[bytes] = []
                 self.tls.acquire()
                 try:
-                    conn.bio_write(data)
+                    conn.bio_write(view[:n])
                     while True:
                         try:
                             plain.append(conn.recv(RECORD))
