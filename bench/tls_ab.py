@@ -15,16 +15,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.transfer_bench import FACTORY, GatewayPair, stamp_payload, write_payload
+from bench.transfer_bench import GatewayPair, stamp_payload, write_payload
 from tests.cluster import Federation
 
 MiB = 1024 * 1024
-
-
-def _with_mode(config: Path, mode: str) -> None:
-    text = config.read_text()
-    assert "\n[server]\n" in text
-    config.write_text(text.replace("\n[server]\n", f'\n[server]\ntls_terminator = "{mode}"\n'))
 
 
 class ModePair(GatewayPair):
@@ -98,7 +92,6 @@ def main() -> None:
         f" factory cpu {statistics.median(cpu['grpc']):.2f} s"
     )
     print(f"ratio gateway/grpc: {g / b:.3f}; load average {os.getloadavg()[0]:.2f}")
-    _ = FACTORY
 
 
 if __name__ == "__main__":
