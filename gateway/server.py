@@ -355,8 +355,7 @@ class Node:
             if server.add_insecure_port(terminator.backend_address) == 0:
                 terminator.stop()
                 raise ConfigError(
-                    f"{cfg.source}: cannot open gRPC's internal socket "
-                    f"{terminator.backend_address}"
+                    f"{cfg.source}: cannot open gRPC's internal socket {terminator.backend_address}"
                 )
             server.start()
             try:

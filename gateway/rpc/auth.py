@@ -155,7 +155,6 @@ class Gatekeeper:
             log.exception("could not audit refusal of %s", method)
         context.abort(status_for(exc), str(exc))
 
-
     def _presented(self, context: grpc.ServicerContext) -> dict[str, str]:
         pem = self.client_pem(context)
         if pem is None:
