@@ -6,26 +6,35 @@ grpc/grpc#32635): a certificate its TLS refuses leaves no trace a node can audit
 So, by default (``server.tls_terminator = "gateway"``), the node does the TLS
 handshake itself on its one public port:
 
-* The handshake requests a client certificate and takes any at TLS level; the
-  certificate is then checked with the node's :class:`~gateway.pki.TrustStore`
-  (issuer and signature, validity window: what gRPC's TLS checked). A refused
-  one ends the handshake with a TLS alert and an ``auth.refused`` audit entry:
-  peer address, the refusal's kind (``no_certificate``, ``other_ca``,
-  ``self_signed``, ``issuer_not_ca``, ``expired``, ``not_yet_valid``) and the
-  certificate's serial and subject where one was presented.
-* An accepted connection is forwarded, decrypted, to the gRPC server on an
-  insecure listener bound to ``127.0.0.1`` (ephemeral port). The terminator
-  remembers which of its local ports carries which client certificate; the
-  :class:`~gateway.rpc.auth.Gatekeeper` reads the caller's certificate from there
-  (by ``context.peer()``) and checks it on every call as before (issuer,
-  validity, revocation, identity, authorization). A connection to the internal
-  port that did not come through the terminator has no entry and every call on
-  it is refused.
+* The handshake requests a client certificate and takes any at TLS level (a
+  verify callback); the certificate is then checked with the node's
+  :class:`~gateway.pki.TrustStore` (issuer and signature, validity window: what
+  gRPC's TLS checked). A refused one ends the handshake — the connection is
+  closed, as gRPC's TLS did, so clients see the same error — and is reported to
+  ``on_refused`` (the Gatekeeper audits it as ``auth.refused``, stage
+  ``tls_handshake``): peer address, the refusal's kind (``no_certificate``,
+  ``other_ca``, ``self_signed``, ``issuer_not_ca``, ``expired``,
+  ``not_yet_valid``) and the certificate's serial, subject and issuer where one
+  was presented. Connections that fail for other reasons (not TLS, no HTTP/2,
+  the client refusing *our* certificate) are logged, not audited.
+* An accepted connection is forwarded, decrypted, to the gRPC server listening
+  on a Unix socket in a private directory (mode 0700). Each forwarded
+  connection binds its own socket file there, which gRPC reports as the call's
+  peer (``context.peer() == "unix:<path>"``); the terminator maps that path to
+  the client's certificate and address, and the
+  :class:`~gateway.rpc.auth.Gatekeeper` reads them from there and checks the
+  certificate on every call as before (issuer, validity, revocation, identity,
+  authorization). A connection to the internal socket that did not come through
+  the terminator has no entry, and every call on it is refused.
+* Stopping: :meth:`TlsTerminator.close_listener` first (no new connections),
+  then gRPC's graceful stop, then :meth:`TlsTerminator.stop`, which lets open
+  connections pass on what gRPC already sent before cutting them.
 
 Each connection is one thread per direction. The TLS records are decrypted and
 encrypted by OpenSSL (pyOpenSSL) with memory BIOs, so each direction moves what
-one socket read returns (up to 256 KiB) per round, and one OpenSSL object is
-never used by two threads at once (a lock).
+one socket read returns (up to 1 MiB from the client) per round, and one
+OpenSSL object is never used by two threads at once (a lock). The cost on a
+transfer is measured in bench/README.md ("TLS terminator").
 """
 
 from __future__ import annotations
