@@ -45,6 +45,7 @@ class ServerSection:
     max_workers: int = 16
     grace_seconds: float = 10.0
     max_message_bytes: int = 8 * 1024 * 1024
+    tls_terminator: str = "gateway"  # "gateway": audited handshakes; "grpc": gRPC's own TLS
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,11 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(
             f"{src}: server.listen must be HOST:PORT (PORT 0 picks a free port), "
             f"not {cfg.server.listen!r}"
+        )
+    if cfg.server.tls_terminator not in {"gateway", "grpc"}:
+        raise ConfigError(
+            f"{src}: server.tls_terminator must be 'gateway' (the node does the TLS handshake "
+            f"and audits every refused certificate) or 'grpc', not {cfg.server.tls_terminator!r}"
         )
     if cfg.storage.backend not in {"filesystem", "s3"}:
         raise ConfigError(

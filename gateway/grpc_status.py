@@ -49,7 +49,8 @@ _ERRORS: dict[grpc.StatusCode, type[e.YigongError]] = {
 _HANDSHAKE_CLOSED = (
     "the node closed the connection during the TLS handshake: it did not accept our client "
     "certificate (no client certificate sent, expired, revoked at handshake, or not issued "
-    "by the federation CA). Check the certificate with 'yigong pki show CERT'"
+    "by the federation CA). Check the certificate with 'yigong pki show CERT'; the node's "
+    "audit log names the reason (auth.refused, stage tls_handshake)"
 )
 _TLS_HINTS = (
     (

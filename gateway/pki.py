@@ -688,7 +688,7 @@ class TrustStore:
                 self._crl = self._read_crl(self.crl_path, stamp)
             self._next_check = time.monotonic() + self._interval
 
-    def _check_time_and_revocation(self, cert: x509.Certificate, at: datetime | None) -> None:
+    def _check_time(self, cert: x509.Certificate, at: datetime | None) -> None:
         when = datetime.now(UTC) if at is None else _utc(at)
         for c, what in ((self.ca_cert, "federation CA certificate"), (cert, "certificate for")):
             if when < c.not_valid_before_utc:
@@ -701,6 +701,9 @@ class TrustStore:
                     f"{what} {_describe(c)} expired at "
                     f"{iso(c.not_valid_after_utc)} (now {iso(when)})"
                 )
+
+    def _check_time_and_revocation(self, cert: x509.Certificate, at: datetime | None) -> None:
+        self._check_time(cert, at)
         if self.crl_path is not None and time.monotonic() >= self._next_check:
             self.reload_crl()
         state = self._crl
@@ -713,6 +716,11 @@ class TrustStore:
 
     def verify(self, cert: x509.Certificate, at: datetime | None = None) -> Identity:
         """The identity ``cert`` asserts, if the federation accepts it at ``at`` (default now)."""
+        self._check_issuer(cert)
+        self._check_time_and_revocation(cert, at)
+        return identity_from_certificate(cert)
+
+    def _check_issuer(self, cert: x509.Certificate) -> None:
         try:
             cert.verify_directly_issued_by(self.ca_cert)
         except (ValueError, TypeError, InvalidSignature) as exc:
@@ -724,8 +732,13 @@ class TrustStore:
             raise UntrustedCertificate(
                 f"{_describe(cert)} is the federation CA itself, not a node or person certificate"
             )
-        self._check_time_and_revocation(cert, at)
-        return identity_from_certificate(cert)
+
+    def check_issued(self, cert: x509.Certificate, at: datetime | None = None) -> None:
+        """What a TLS handshake checks: issued by the federation CA and inside its validity
+        window (raises :class:`UntrustedCertificate` or :class:`ExpiredCertificate`).
+        Revocation and identity are :meth:`verify`'s, run on every call."""
+        self._check_issuer(cert)
+        self._check_time(cert, at)
 
     def _verify_cached(
         self, raw: bytes, parse: Callable[[bytes], x509.Certificate], at: datetime | None

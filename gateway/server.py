@@ -41,6 +41,7 @@ from gateway.rpc.auth import AuthInterceptor, Gatekeeper
 from gateway.rpc.channel import ClientCredentials
 from gateway.rpc.peer_link import GrpcPeerLink
 from gateway.rpc.servicers import ExchangeServicer, QueryServicer, TransferServicer
+from gateway.rpc.terminator import TlsTerminator
 from gateway.rpc.witness import SERVICE_NAME as AUDIT_SERVICE_NAME
 from gateway.rpc.witness import AuditServicer, GrpcWitnessLink
 from gateway.storage import ObjectStore
@@ -234,6 +235,7 @@ class Node:
         self.receiver.facts_hook = case_facts_hook(self.cases, self._receipt_facts)
         self.gate = Gatekeeper(self.trust, NodeSelf(node_id, cfg.node.role), self.audit)
         self._server: grpc.Server | None = None
+        self._terminator: TlsTerminator | None = None
         self._health: health.HealthServicer | None = None
         self._stopped = threading.Event()
         self.port = 0
@@ -350,24 +352,8 @@ class Node:
         reflection.enable_server_reflection(
             (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        creds = grpc.ssl_server_credentials(
-            [(self.key_pem, self.cert_pem)],
-            root_certificates=self.ca_pem,
-            require_client_auth=True,
-        )
-        try:
-            port = server.add_secure_port(cfg.server.listen, creds)
-        except RuntimeError as exc:
-            raise ConfigError(
-                f"{cfg.source}: cannot listen on {cfg.server.listen}: {exc}; "
-                "is another process using the port?"
-            ) from exc
-        if port == 0:
-            raise ConfigError(
-                f"{cfg.source}: cannot listen on {cfg.server.listen}; is the port in use?"
-            )
         self.janitor.sweep_at_start()  # before any upload or push can start
-        server.start()
+        port = self._listen(server)
         self._server = server
         self.port = port
         for name in ("", *services):
@@ -402,6 +388,57 @@ class Node:
         )
         return port
 
+    def _listen(self, server: grpc.Server) -> int:
+        """Open the node's one public port and start serving; returns the port.
+
+        ``server.tls_terminator = "gateway"`` (default): the node's own TLS terminator
+        holds the public port, audits every refused client certificate and forwards
+        accepted connections to the gRPC server on a loopback-only port.
+        ``"grpc"``: gRPC's TLS holds the port (handshake refusals are not audited).
+        """
+        cfg = self.cfg
+        if cfg.server.tls_terminator == "gateway":
+            terminator = TlsTerminator(
+                cfg.server.listen,
+                cert_pem=self.cert_pem,
+                key_pem=self.key_pem,
+                trust=self.trust,
+                on_refused=self.gate.refused_handshake,
+            )
+            if server.add_insecure_port(terminator.backend_address) == 0:
+                terminator.stop()
+                raise ConfigError(
+                    f"{cfg.source}: cannot open gRPC's internal socket {terminator.backend_address}"
+                )
+            server.start()
+            try:
+                port = terminator.start()
+            except ConfigError as exc:
+                server.stop(0)
+                terminator.stop()
+                raise ConfigError(f"{cfg.source}: {exc}") from exc
+            self._terminator = terminator
+            self.gate.callers = terminator.caller
+            return port
+        creds = grpc.ssl_server_credentials(
+            [(self.key_pem, self.cert_pem)],
+            root_certificates=self.ca_pem,
+            require_client_auth=True,
+        )
+        try:
+            port = server.add_secure_port(cfg.server.listen, creds)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"{cfg.source}: cannot listen on {cfg.server.listen}: {exc}; "
+                "is another process using the port?"
+            ) from exc
+        if port == 0:
+            raise ConfigError(
+                f"{cfg.source}: cannot listen on {cfg.server.listen}; is the port in use?"
+            )
+        server.start()
+        return port
+
     def stop(self, grace: float | None = None) -> None:
         """Graceful stop: refuse new calls, let in-flight transfers finish for ``grace``
         seconds, then cancel them (their verified bytes stay spooled for resume)."""
@@ -413,8 +450,12 @@ class Node:
             self._health.enter_graceful_shutdown()
         self.hooks.stop()
         self.outbox.stop(timeout=grace)
+        if self._terminator is not None:
+            self._terminator.close_listener()  # no new connections; open ones go on
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self._terminator is not None:
+            self._terminator.stop()
         self.janitor.stop()
         self.receiver.close()
         self.audit.record("node.stop", actor=f"node:{self.cfg.node.id}")

@@ -92,17 +92,18 @@ def _handshake_creds(case: str, federation: Federation, tmp_path: Path) -> Any:
 def test_handshake_refuses_missing_foreign_or_expired_client_certificate(
     pair: Pair, federation: Federation, tmp_path: Path, case: str
 ) -> None:
-    """The server's TLS stack ends the connection; the call never reaches the gatekeeper.
+    """The handshake ends the connection before any handler runs, and is audited.
 
-    Server log (BoringSSL): PEER_DID_NOT_RETURN_A_CERTIFICATE / CERTIFICATE_VERIFY_FAILED:
-    unable to get local issuer certificate / ...: certificate has expired. With TLS 1.3
-    the client only sees the socket close: UNAVAILABLE '... Socket closed'."""
+    The node's TLS terminator refuses it (tests/test_handshake_audit.py: each kind).
+    With TLS 1.3 the client only sees the socket close: UNAVAILABLE '... Socket closed'."""
     _, factory = pair
     with _channel(factory, _handshake_creds(case, federation, tmp_path)) as ch:
         err = _refused(lambda: _health(ch))
     assert err.code() == UNAVAILABLE
     assert "Socket closed" in err.details()
-    assert _events(factory, AUTH_REFUSED) == []  # refused before any handler ran
+    events = _events(factory, AUTH_REFUSED)
+    assert events and all(e.details["stage"] == "tls_handshake" for e in events)
+    assert "method" not in events[0].details  # refused before any handler ran
 
 
 @pytest.mark.parametrize(

@@ -41,12 +41,10 @@ class CaseServicer(case_pb2_grpc.CaseServicer):
     ) -> case_pb2.CaseView:
         with wire_errors(context, "Case.SubmitRecord"):
             caller = self.gate.identity(context)
-            pems: list[bytes] | bytes = context.auth_context().get("x509_pem_cert") or []
-            if not isinstance(pems, list) or not pems:
+            pem = self.gate.client_pem(context)
+            if pem is None:
                 raise AuthenticationError("no client certificate on this call")
-            view = self.cases.submit(
-                caller, bytes(pems[0]), request.record, request.author_signature
-            )
+            view = self.cases.submit(caller, pem, request.record, request.author_signature)
             return view_to_pb(view)
         raise AssertionError("unreachable")
 

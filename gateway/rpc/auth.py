@@ -1,13 +1,15 @@
 """Per-call authentication and authorization for the node's gRPC server.
 
 TLS with a required client certificate is the first gate (no certificate,
-or one from another CA, does not get past the handshake). gRPC's Python API
-has no CRL option and checks validity only at the handshake, so this
-interceptor checks the caller's certificate on *every* call — issuer,
-validity period, revocation — reads the identity from it, and asks the one
-decision point (:func:`gateway.authz.authorize`) whether that identity may
-call the method. Refusals are audited and answered with UNAUTHENTICATED or
-PERMISSION_DENIED and a message saying why.
+or one from another CA, does not get past the handshake); the node's own TLS
+terminator (:mod:`gateway.rpc.terminator`) runs it and reports each refusal
+here to be audited (:meth:`Gatekeeper.refused_handshake`). TLS checks
+validity only at the handshake and knows no CRL, so this interceptor checks
+the caller's certificate on *every* call — issuer, validity period,
+revocation — reads the identity from it, and asks the one decision point
+(:func:`gateway.authz.authorize`) whether that identity may call the method.
+Refusals are audited and answered with UNAUTHENTICATED or PERMISSION_DENIED
+and a message saying why.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from gateway.errors import (
 from gateway.grpc_status import status_for
 from gateway.identity import URN_PREFIX, Identity
 from gateway.pki import TrustStore
+from gateway.rpc.terminator import Caller, HandshakeRefusal
 
 log = logging.getLogger(__name__)
 
@@ -40,35 +43,64 @@ T = TypeVar("T")
 
 
 class Gatekeeper:
-    def __init__(self, trust: TrustStore, node: NodeSelf, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        trust: TrustStore,
+        node: NodeSelf,
+        audit: AuditLog,
+        callers: Callable[[str], Caller | None] | None = None,
+    ) -> None:
         self.trust = trust
         self.node = node
         self.audit = audit
+        # With the node's own TLS terminator in front (gateway.rpc.terminator), the
+        # caller's certificate is looked up by the internal connection's address;
+        # otherwise it is in gRPC's auth context.
+        self.callers = callers
+
+    def _caller(self, context: grpc.ServicerContext) -> Caller | None:
+        return self.callers(context.peer()) if self.callers is not None else None
+
+    def client_pem(self, context: grpc.ServicerContext) -> bytes | None:
+        """The client certificate (PEM) of the call's connection, not yet verified."""
+        if self.callers is not None:
+            caller = self._caller(context)
+            return caller.cert_pem if caller is not None else None
+        pems: list[bytes] | bytes = context.auth_context().get("x509_pem_cert") or []
+        return bytes(pems[0]) if pems and isinstance(pems, list) else None
+
+    def remote(self, context: grpc.ServicerContext) -> str:
+        """The caller's network address (its own, not the terminator's loopback one)."""
+        caller = self._caller(context)
+        return caller.remote if caller is not None else context.peer()
 
     def identity(self, context: grpc.ServicerContext) -> Identity:
         """The verified identity of the caller (raises AuthError/CertificateError)."""
-        auth = context.auth_context()
-        pems: list[bytes] | bytes = auth.get("x509_pem_cert") or []
-        assert isinstance(pems, list)
-        if not pems:
+        pem = self.client_pem(context)
+        if pem is None and self.callers is not None:
+            raise AuthenticationError(
+                f"connection to node {self.node.node_id} did not come through its TLS port; "
+                "connect to the node's public address with a federation certificate"
+            )
+        if pem is None:
             raise AuthenticationError(
                 f"no client certificate presented to node {self.node.node_id}; "
                 "connect with a certificate issued by the federation CA"
             )
-        return self.trust.verify_pem(bytes(pems[0]))
+        return self.trust.verify_pem(pem)
 
     def certificate_pem(self, context: grpc.ServicerContext) -> bytes:
         """PEM of the caller's certificate (call :meth:`identity` first to verify it)."""
-        pems = context.auth_context().get("x509_pem_cert") or []
-        if not pems or not isinstance(pems, list):
+        pem = self.client_pem(context)
+        if pem is None:
             raise AuthenticationError(f"no client certificate presented to {self.node.node_id}")
-        return bytes(pems[0])
+        return pem
 
     def check(self, context: grpc.ServicerContext, method: str) -> Identity:
         try:
             caller = self.identity(context)
         except (AuthError, CertificateError) as exc:
-            self._refuse(context, "auth.refused", None, method, exc, _presented(context))
+            self._refuse(context, "auth.refused", None, method, exc, self._presented(context))
             raise AssertionError("unreachable") from exc
         except PKIError as exc:  # e.g. the CRL is unusable: fail closed
             log.error("cannot check certificates: %s", exc)
@@ -77,7 +109,7 @@ class Gatekeeper:
                 "list is unusable; calls are refused until its operator installs the "
                 "federation CA's current crl.pem"
             )
-            self._refuse(context, "auth.refused", None, method, public, _presented(context))
+            self._refuse(context, "auth.refused", None, method, public, self._presented(context))
             raise AssertionError("unreachable") from exc
         try:
             authorize(caller, method, self.node)
@@ -85,6 +117,23 @@ class Gatekeeper:
             self._refuse(context, "authz.refused", caller, method, exc)
             raise AssertionError("unreachable") from exc
         return caller
+
+    def refused_handshake(self, refusal: HandshakeRefusal) -> None:
+        """Audit a certificate the node's TLS terminator refused during the handshake."""
+        details: dict[str, str] = {
+            "stage": "tls_handshake",
+            "remote": refusal.remote,
+            "reason": type(refusal.error).__name__,
+            "refusal": refusal.kind,
+            "detail": str(refusal.error)[:400],
+        }
+        if refusal.cert is not None:
+            details.update(certificate_facts(refusal.cert))
+            details["cert_issuer"] = refusal.cert.issuer.rfc4514_string()[:200]
+        try:
+            self.audit.record("auth.refused", outcome="failure", details=details)
+        except YigongError:
+            log.exception("could not audit the TLS handshake refused to %s", refusal.remote)
 
     def _refuse(
         self,
@@ -95,7 +144,7 @@ class Gatekeeper:
         exc: YigongError,
         presented: dict[str, str] | None = None,
     ) -> None:
-        peer = context.peer()
+        peer = self.remote(context)
         log.warning("refused %s from %s: %s", method, peer, exc)
         try:
             self.audit.record(
@@ -123,7 +172,7 @@ class Gatekeeper:
             caller = self.identity(context)
         except YigongError:
             caller = None
-        log.warning("refused %s from %s: %s", method, context.peer(), exc)
+        log.warning("refused %s from %s: %s", method, self.remote(context), exc)
         try:
             self.audit.record(
                 event,
@@ -132,14 +181,24 @@ class Gatekeeper:
                 peer=caller.subject_id if caller is not None and caller.is_node else None,
                 details={
                     "method": method,
-                    "remote": context.peer(),
+                    "remote": self.remote(context),
                     "reason": type(exc).__name__,
                     "why": str(exc)[:500],
-                    **_presented(context),
+                    **self._presented(context),
                 },
             )
         except YigongError:
             log.exception("could not audit refusal of %s", method)
+
+    def _presented(self, context: grpc.ServicerContext) -> dict[str, str]:
+        pem = self.client_pem(context)
+        if pem is None:
+            return {}
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError:
+            return {"cert_serial": "unparseable"}
+        return certificate_facts(cert)
 
 
 _AUDITED_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -159,15 +218,9 @@ def refusals_audited(
         raise
 
 
-def _presented(context: grpc.ServicerContext) -> dict[str, str]:
+
+def certificate_facts(cert: x509.Certificate) -> dict[str, str]:
     """Serial and subject of a refused certificate, read without trusting it (for audit)."""
-    pems: list[bytes] | bytes = context.auth_context().get("x509_pem_cert") or []
-    if not pems or not isinstance(pems, list):
-        return {}
-    try:
-        cert = x509.load_pem_x509_certificate(bytes(pems[0]))
-    except ValueError:
-        return {"cert_serial": "unparseable"}
     cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

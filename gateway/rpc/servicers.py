@@ -144,7 +144,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                     until=request.time.until,
                     limit=request.limit,
                 ),
-                remote=context.peer(),
+                remote=self.gate.remote(context),
             )
             return query_pb2.ListObjectsResponse(objects=[object_to_pb(o) for o in found])
         raise AssertionError("unreachable")
@@ -154,7 +154,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
     ) -> query_pb2.ObjectDetail:
         with wire_errors(context, "Query.GetObject"):
             obj, transfers = self.query.get_object(
-                self.gate.identity(context), request.object_id, remote=context.peer()
+                self.gate.identity(context), request.object_id, remote=self.gate.remote(context)
             )
             return query_pb2.ObjectDetail(
                 object=object_to_pb(obj), transfers=[transfer_to_pb(t) for t in transfers]
@@ -177,7 +177,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                     until=request.time.until,
                     limit=request.limit,
                 ),
-                remote=context.peer(),
+                remote=self.gate.remote(context),
             )
             return query_pb2.ListTransfersResponse(transfers=[transfer_to_pb(t) for t in found])
         raise AssertionError("unreachable")
@@ -190,7 +190,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                 self.gate.identity(context),
                 request.object_id,
                 request.offset,
-                remote=context.peer(),
+                remote=self.gate.remote(context),
             )
         return stream_with_errors(context, "Query.ReadObject", _read_responses(obj, chunks))
 
