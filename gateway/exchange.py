@@ -2,13 +2,16 @@
 store it durably, and queue it for delivery to peers.
 
 The upload is spooled, each chunk checked against its SHA-256, the whole
-checked against the SHA-256/size the client announced (if any), then stored
-in the object store (content-addressed) and catalogued. Destinations are
+checked against the SHA-256/size the client announced (if any), its media type
+resolved from its content and name (:func:`gateway.fidelity.sniff.resolve_media_type`:
+inferred when missing, refused when contradicted), design files format-checked, then
+stored in the object store (content-addressed) and catalogued. Destinations are
 checked before any byte is accepted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import uuid
@@ -18,8 +21,15 @@ from pathlib import Path
 
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, ObjectRecord, TransferRecord
-from gateway.errors import ConfigError, IdentifiableData, IntegrityError, ValidationError
+from gateway.errors import (
+    ConfigError,
+    IdentifiableData,
+    IntegrityError,
+    OutboundRefused,
+    ValidationError,
+)
 from gateway.fidelity.formats import is_design_media_type
+from gateway.fidelity.sniff import resolve_media_type
 from gateway.identity import Identity
 from gateway.storage import ObjectStore
 from gateway.transfer.model import ChunkMsg, check_name
@@ -83,6 +93,10 @@ class Exchange:
                     f"upload of {sub.name!r}: {size} bytes arrived, client announced "
                     f"{sub.size}; nothing was stored"
                 )
+            # the type the content shows when none was declared; a contradiction refused
+            sub = dataclasses.replace(
+                sub, media_type=resolve_media_type(part, sub.name, sub.media_type)
+            )
             if self.validate_design is not None and is_design_media_type(sub.media_type):
                 self.validate_design(part, sub.media_type, sub.name)  # refused before storing
             if self.store.size(digest) != size:
@@ -116,7 +130,11 @@ class Exchange:
                     peer=dest,
                     object_id=obj.object_id,
                     case_id=obj.case_id or None,
-                    details={"reason": type(exc).__name__, "action": "submission refused"},
+                    details={
+                        "reason": type(exc).__name__,
+                        "action": "submission refused",
+                        **({"check": exc.check} if isinstance(exc, OutboundRefused) else {}),
+                    },
                 )
                 raise
         queued = [self.outbox.queue(obj, dest, actor=caller.label()) for dest in sub.destinations]
