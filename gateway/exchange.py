@@ -68,6 +68,8 @@ class Exchange:
         self.spool_dir = spool_dir
         self.max_object_bytes = max_object_bytes
         self.validate_design: Callable[[Path, str, str], None] | None = None
+        # set by the hospital role: a type the content contradicts is a security alert there
+        self.alert_on_type_refusal = False
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def submit(
@@ -94,9 +96,13 @@ class Exchange:
                     f"{sub.size}; nothing was stored"
                 )
             # the type the content shows when none was declared; a contradiction refused
-            sub = dataclasses.replace(
-                sub, media_type=resolve_media_type(part, sub.name, sub.media_type)
-            )
+            try:
+                resolved = resolve_media_type(part, sub.name, sub.media_type)
+            except ValidationError as exc:
+                if self.alert_on_type_refusal:
+                    self._alert(caller, sub.case_id, digest, "", exc, "type-mismatch")
+                raise
+            sub = dataclasses.replace(sub, media_type=resolved)
             if self.validate_design is not None and is_design_media_type(sub.media_type):
                 self.validate_design(part, sub.media_type, sub.name)  # refused before storing
             if self.store.size(digest) != size:
@@ -123,19 +129,8 @@ class Exchange:
             try:
                 self.outbox.hooks.check_outgoing(obj, self.store, dest)
             except IdentifiableData as exc:
-                self.audit.record(
-                    "security.alert",
-                    actor=caller.label(),
-                    outcome="failure",
-                    peer=dest,
-                    object_id=obj.object_id,
-                    case_id=obj.case_id or None,
-                    details={
-                        "reason": type(exc).__name__,
-                        "action": "submission refused",
-                        **({"check": exc.check} if isinstance(exc, OutboundRefused) else {}),
-                    },
-                )
+                check = exc.check if isinstance(exc, OutboundRefused) else ""
+                self._alert(caller, obj.case_id, obj.object_id, dest, exc, check)
                 raise
         queued = [self.outbox.queue(obj, dest, actor=caller.label()) for dest in sub.destinations]
         log.info(
@@ -146,6 +141,24 @@ class Exchange:
             ",".join(sub.destinations) or "nobody",
         )
         return obj, queued
+
+    def _alert(
+        self, caller: Identity, case_id: str, object_id: str, peer: str, exc: Exception, check: str
+    ) -> None:
+        """A refused submission is a security alert naming who tried (ids only)."""
+        self.audit.record(
+            "security.alert",
+            actor=caller.label(),
+            outcome="failure",
+            peer=peer or None,
+            object_id=object_id,
+            case_id=case_id or None,
+            details={
+                "reason": type(exc).__name__,
+                "action": "submission refused",
+                **({"check": check} if check else {}),
+            },
+        )
 
     def _spool(self, part: Path, chunks: Iterator[ChunkMsg]) -> tuple[str, int]:
         hasher = hashlib.sha256()

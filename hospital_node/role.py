@@ -147,6 +147,7 @@ class HospitalRole(RoleHooks):
             format_check=self._format_check,
         )
         self.guard = OutgoingGuard(self.vault, self.release_records, self.outbound)
+        node.exchange.alert_on_type_refusal = True  # a mis-declared upload: security alert
         self.releaser = Releaser(
             node,
             self.vault,

@@ -226,11 +226,15 @@ def agrees(media_type: str, found: Sniffed) -> bool:
 def resolve_media_type(path: Path, name: str, declared: str) -> str:
     """The media type to record for an upload (see the module doc).
 
-    Returns ``declared`` unchanged when it is given and the content agrees; the
-    detected or extension type when it is missing; raises ValidationError naming the
-    file, the declared type or extension, and what the content is.
+    Returns ``application/dicom`` for DICOM content whatever was declared (so the
+    hospital's guard sees it for what it is); ``declared`` unchanged when it is given
+    and the content agrees; the detected or extension type when it is missing; raises
+    ValidationError naming the file, the declared type or extension, and what the
+    content is.
     """
     found = sniff_file(path)
+    if found.kind == "dicom":
+        return found.media_type  # DICOM has one door; whatever it is called, it is DICOM
     by_name = media_type_for_name(name)
     given = canonical(declared)
     if given and given != OCTET_STREAM:

@@ -1,0 +1,341 @@
+"""Nothing identifying leaves a hospital by any door (issue #16): the outbound gate.
+
+Real nodes over mTLS (a hospital and a factory), the patient's study entering the
+hospital through its DICOM SCP and confirmed for the case, so the pseudonym vault knows
+the patient; hostile and clean files built here byte by byte and submitted with a
+clinician's certificate and with the node's own certificate.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ValidationError, YigongError
+from gateway.fidelity.sniff import resolve_media_type, sniff_file
+from hospital_node.outbound.identifiers import (
+    ACCESSION,
+    BIRTH_DATE,
+    NAME,
+    PATIENT_ID,
+    IdentifierMatcher,
+    patient_needles,
+)
+from tests.cluster import Federation, InProcessNode, write_config
+from tests.dicom_factory import (
+    ACCESSION as STUDY_ACCESSION,
+)
+from tests.dicom_factory import (
+    IDENTIFYING_STRINGS,
+    PATIENT_BIRTH_DATE,
+    to_part10,
+)
+from tests.dicom_factory import (
+    PATIENT_ID as STUDY_PATIENT_ID,
+)
+from tests.outbound_files import (
+    binary_stl,
+    clean_pdf,
+    jpeg_with_exif,
+    pdf_document,
+    png,
+    stream,
+    text_content,
+    threemf,
+)
+from tests.test_hospital_release import (
+    CASE,
+    confirm,
+    hospital_stub,
+    person,
+    push,
+    series,
+    settle,
+    wait_done,
+)
+
+Pair = tuple[InProcessNode, InProcessNode]
+LIMIT = 4 * 1024 * 1024
+
+
+@pytest.fixture
+def gated(federation: Federation, tmp_path: Path) -> Iterator[Pair]:
+    """Hospital + factory; the hospital's patient study confirmed for CASE."""
+    factory = InProcessNode(write_config(federation, tmp_path, "factory-1", "factory"))
+    hospital = InProcessNode(
+        write_config(
+            federation,
+            tmp_path,
+            "hospital-1",
+            "hospital",
+            peers={"factory-1": factory.address},
+            extra=f"[outbound]\nmax_expanded_bytes = {LIMIT}\nmax_archive_depth = 5\n",
+        )
+    )
+    try:
+        datasets = series(3)
+        push(hospital, datasets)
+        settle(hospital)
+        stub = hospital_stub(hospital, person(federation, "dr-x", "clinician"))
+        wait_done(hospital, confirm(stub, datasets[0].StudyInstanceUID).transfer_ids, 60)
+        yield hospital, factory
+    finally:
+        hospital.stop()
+        factory.stop()
+
+
+# --- hostile files -----------------------------------------------------------------
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue())
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("plan.pdf", b"\x00" * (4 * LIMIT))
+    return buf.getvalue()
+
+
+def _nested(depth: int) -> bytes:
+    data = clean_pdf()
+    name = "inner.pdf"
+    for level in range(depth):
+        data, name = _zip({name: data}), f"level{level}.zip"
+    return data
+
+
+def _hostile() -> list[tuple[str, bytes, str, str]]:
+    """(file name, bytes, expected message fragment, audited check)."""
+    instances = [to_part10(ds) for ds in series(3)]
+    part10 = instances[0]
+    meta_end = 144 + int.from_bytes(part10[140:144], "little")
+    name_pdf = pdf_document([stream(text_content("Patient: DOE JANE, knee"), flate=True)])
+    return [
+        ("ct20.zip", _zip({f"IM{n:04d}": d for n, d in enumerate(instances)}), "is DICOM", "dicom"),
+        ("report.pdf", part10, "yigong study confirm", ""),
+        ("slice.bin", part10[meta_end:], "yigong study confirm", ""),
+        ("study.tar.gz", _tar_gz({"CT/1.dcm": part10}), "is DICOM", "dicom"),
+        ("summary.pdf", name_pdf, f"{NAME} was found in PDF page 1 text", "identifier"),
+        (
+            "photo.png",
+            png({"Comment": f"id {STUDY_PATIENT_ID}"}),
+            f"{PATIENT_ID} was found in PNG chunk #2 (tEXt)",
+            "identifier",
+        ),
+        (
+            "guide.stl",
+            binary_stl(b"patient born " + PATIENT_BIRTH_DATE.encode()),
+            f"{BIRTH_DATE} was found in STL header (80 bytes)",
+            "identifier",
+        ),
+        (
+            "cam.jpg",
+            jpeg_with_exif(b"ImageDescription\x00" + STUDY_ACCESSION.encode()),
+            f"{ACCESSION} was found in JPEG EXIF (APP1)",
+            "identifier",
+        ),
+        ("bomb.zip", _bomb(), "outbound.max_expanded_bytes", "expansion-limit"),
+        ("deep.zip", _nested(20), "outbound.max_archive_depth (5)", "depth-limit"),
+        ("notes.bin", b"free text notes\n" * 10, "may not leave the hospital", "type-not-allowed"),
+        ("model.7z", b"7z\xbc\xaf\x27\x1c" + b"\x00" * 64, "7-Zip", "archive-type"),
+    ]
+
+
+def _refused_and_audited(
+    hospital: InProcessNode, client: object, tmp_path: Path, actor: str
+) -> None:
+    submit = client.submit  # type: ignore[attr-defined]
+    for name, data, fragment, check in _hostile():
+        path = tmp_path / name
+        path.write_bytes(data)
+        before = len(hospital.node.audit.events(event="security.alert", limit=100_000))
+        with pytest.raises(YigongError) as err:
+            submit(path, ["factory-1"], case_id=CASE)
+        text = str(err.value)
+        assert "FAILED_PRECONDITION" in text, (name, text)
+        assert fragment in text, (name, text)
+        assert not [s for s in IDENTIFYING_STRINGS if s in text], (name, text)
+        alerts = hospital.node.audit.events(event="security.alert", limit=100_000)[before:]
+        assert len(alerts) == 1, name
+        (alert,) = alerts
+        assert alert.actor == actor and alert.details["action"] == "submission refused"
+        assert alert.object_id == hashlib.sha256(data).hexdigest()
+        if check:
+            assert alert.details["check"] == check, (name, alert.details)
+        audit_text = repr(alert.details)
+        assert not [s for s in IDENTIFYING_STRINGS if s in audit_text]
+
+
+def _clean_ones_arrive(
+    hospital: InProcessNode, factory: InProcessNode, client: object, tmp_path: Path
+) -> None:
+    submit = client.submit  # type: ignore[attr-defined]
+    sent = {}
+    for name, data in (
+        ("review.pdf", clean_pdf(b"wall thickness 2.0 mm", "Design review case " + CASE)),
+        ("guide.stl", binary_stl()),
+        ("guide.3mf", threemf()),
+        ("bundle.zip", _zip({"a/review.pdf": clean_pdf(), "a/guide.stl": binary_stl()})),
+    ):
+        path = tmp_path / name
+        path.write_bytes(data)
+        reply = submit(path, ["factory-1"], case_id=CASE)  # no --media-type: inferred
+        wait_done(hospital, [t.transfer_id for t in reply.queued], 60)
+        sent[hashlib.sha256(data).hexdigest()] = data
+    for oid, data in sent.items():
+        assert b"".join(factory.node.store.open_read(oid)) == data
+    types = {o.object_id: o.media_type for o in factory.node.catalog.list_objects()}
+    assert [types[oid] for oid in sent] == [
+        "application/pdf",
+        "model/stl",
+        "model/3mf",
+        "application/zip",
+    ]
+
+
+def test_hostile_files_refused_and_audited_clean_ones_arrive_clinician(
+    gated: Pair, federation: Federation, tmp_path: Path
+) -> None:
+    hospital, factory = gated
+    client = hospital.client(person(federation, "dr-x", "clinician"))
+    _refused_and_audited(hospital, client, tmp_path, "clinician:dr-x@hospital-1")
+    before = {o.object_id for o in factory.node.catalog.list_objects()}
+    assert all(o.media_type == "application/dicom" for o in factory.node.catalog.list_objects())
+    _clean_ones_arrive(hospital, factory, client, tmp_path)
+    assert before < {o.object_id for o in factory.node.catalog.list_objects()}
+
+
+def test_hostile_files_refused_with_the_nodes_own_certificate(
+    gated: Pair, tmp_path: Path
+) -> None:
+    hospital, factory = gated
+    with hospital.self_client() as client:
+        _refused_and_audited(hospital, client, tmp_path, "node:hospital-1")
+        _clean_ones_arrive(hospital, factory, client, tmp_path)
+
+
+def test_gate_rechecks_before_every_send_attempt(gated: Pair) -> None:
+    """A PDF holding the name, queued bypassing Submit, fails at send time."""
+    from tests.cluster import wait_for
+
+    hospital, factory = gated
+    n = hospital.node
+    data = pdf_document([stream(text_content("DOE JANE"), flate=True)])
+    digest = hashlib.sha256(data).hexdigest()
+    n.store.put_stream(digest, [data])
+    obj = n.catalog.add_object(
+        object_id=digest,
+        size=len(data),
+        name="x.pdf",
+        media_type="application/pdf",
+        case_id=CASE,
+        origin_node="hospital-1",
+    )
+    transfer = n.outbox.queue(obj, "factory-1", actor="test")
+    wait_for(lambda: n.catalog.get_transfer(transfer.transfer_id, "outbound").status == "failed")
+    t = n.catalog.get_transfer(transfer.transfer_id, "outbound")
+    assert NAME in t.last_error and "DOE" not in t.last_error
+    assert digest not in {o.object_id for o in factory.node.catalog.list_objects()}
+    alerts = n.audit.events(event="security.alert", transfer_id=transfer.transfer_id)
+    assert [a.details["check"] for a in alerts] == ["identifier"]
+
+
+def test_factory_design_without_media_type_is_typed_and_checked(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """#11.7: on any node a design file sent without --media-type gets its real type
+    (and so its format check); a declared type the content contradicts is refused."""
+    _, factory = pair
+    path = tmp_path / "guide.stl"
+    path.write_bytes(binary_stl())
+    with factory.self_client() as client:
+        reply = client.submit(path, [])
+        assert reply.object.media_type == "model/stl"
+        bad = tmp_path / "broken.stl"
+        bad.write_bytes(b"solid x\nfacet normal 0 0 0\n")
+        with pytest.raises(YigongError, match=r"INVALID_ARGUMENT.*broken\.stl"):
+            client.submit(bad, [])
+        picture = tmp_path / "p.png"
+        picture.write_bytes(png())
+        with pytest.raises(YigongError, match="declared application/pdf but its content is PNG"):
+            client.submit(picture, [], media_type="application/pdf")
+
+
+# --- the scanners and the sniffing, without nodes ------------------------------------
+
+
+def test_matcher_finds_every_written_form_never_a_substring_of_a_longer_word() -> None:
+    m = IdentifierMatcher(
+        patient_needles(
+            "Zhang^San=张^三=ちょう^さん", "MRN0012345", "19770412", ["OID-77"], ["A123"]
+        )
+    )
+    hits = {
+        "报告 张三 男".encode(): NAME,
+        "张三".encode("utf-16-le"): NAME,
+        "张三".encode("utf-16-be"): NAME,
+        "张三".encode("gb18030"): NAME,
+        "ちょう".encode(): NAME,
+        b"zhang^san": NAME,
+        b"SAN ZHANG": NAME,
+        "zhang".encode("utf-16-le"): NAME,
+        b"id mrn0012345.": PATIENT_ID,
+        "1977年04月12日".encode(): BIRTH_DATE,
+        "1977年4月12日".encode(): BIRTH_DATE,
+        b"12/04/1977": BIRTH_DATE,
+        b"1977-04-12": BIRTH_DATE,
+        b"dob:19770412": BIRTH_DATE,
+        b"OID-77": "another ID of the patient",
+        b"acc A123;": ACCESSION,
+    }
+    for data, what in hits.items():
+        assert m.search(data) == what, data
+    for data in (b"zhangsanfeng", b"MRN00123456", b"119770412", b"A1234", b"Santos"):
+        assert m.search(data) is None, data
+    assert "Zhang" not in repr(m) and "MRN" not in repr(m)
+    assert not IdentifierMatcher(())
+
+
+def test_sniffing_names_the_real_type_and_refuses_contradictions(tmp_path: Path) -> None:
+    dicom = to_part10(series(1)[0])
+    cases = {
+        "a.stl": (binary_stl(), "", "model/stl"),
+        "a.bin": (clean_pdf(), "", "application/pdf"),
+        "a.3mf": (threemf(), "", "model/3mf"),
+        "a.png": (png(), "application/octet-stream", "image/png"),
+        "report.pdf": (dicom, "application/pdf", "application/dicom"),
+        "x.json": (b'{"wall_mm": 2}', "", "application/json"),
+        "x.dat": (b"plain", "", "application/octet-stream"),
+    }
+    for name, (data, declared, expected) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert resolve_media_type(path, name, declared) == expected, name
+    path = tmp_path / "photo.pdf"
+    path.write_bytes(png())
+    with pytest.raises(ValidationError, match=r"extension says application/pdf.*PNG image"):
+        resolve_media_type(path, "photo.pdf", "")
+    assert sniff_file(path).kind == "png"
