@@ -18,8 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import ValidationError, YigongError
+from gateway.catalog import ObjectRecord
+from gateway.errors import OutboundRefused, ValidationError, YigongError
 from gateway.fidelity.sniff import resolve_media_type, sniff_file
+from gateway.storage.filesystem import FilesystemStore
+from hospital_node.outbound import OutboundGate, OutboundLimits
 from hospital_node.outbound.identifiers import (
     ACCESSION,
     BIRTH_DATE,
@@ -339,3 +342,59 @@ def test_sniffing_names_the_real_type_and_refuses_contradictions(tmp_path: Path)
     with pytest.raises(ValidationError, match=r"extension says application/pdf.*PNG image"):
         resolve_media_type(path, "photo.pdf", "")
     assert sniff_file(path).kind == "png"
+
+
+def _gate_check(
+    tmp_path: Path, name: str, data: bytes, media_type: str = "", case_id: str = CASE
+) -> str:
+    """Run the gate (no nodes) on ``data`` for the fictitious patient; the refusal text,
+    or "" when the file passes."""
+    store = FilesystemStore(tmp_path / "objects")
+    digest = hashlib.sha256(data).hexdigest()
+    store.put_stream(digest, [data])
+    matcher = IdentifierMatcher(
+        patient_needles("DOE^JANE=杜^简", STUDY_PATIENT_ID, PATIENT_BIRTH_DATE, [], ["ACC77"])
+    )
+    gate = OutboundGate(
+        lambda case: matcher if case == CASE else IdentifierMatcher(()),
+        lambda oid: False,
+        tmp_path / "scratch",
+        OutboundLimits(max_expanded_bytes=LIMIT, max_archive_depth=5),
+    )
+    obj = ObjectRecord(digest, len(data), name, media_type, case_id, "hospital-1", {}, "")
+    try:
+        gate.check(obj, store, "factory-1")
+    except OutboundRefused as exc:
+        assert not [s for s in ("DOE", "JANE", "杜", STUDY_PATIENT_ID) if s in str(exc)]
+        return f"{exc.check}: {exc}"
+    return ""
+
+
+def test_gate_names_each_place_an_identifier_hides_never_the_value(tmp_path: Path) -> None:
+    hex_title = "<" + "Jane Doe".encode("utf-16-be").hex() + ">"
+    cases = [
+        ("a.pdf", pdf_document([stream(text_content("ok"))], info={"Author": "Jane Doe"}),
+         "identifier: 'a.pdf' is not sent to factory-1: the patient's name was found in "
+         "PDF metadata field /Author"),
+        ("b.pdf", pdf_document([stream(text_content("ok")), f"<< /T {hex_title} >>".encode()]),
+         "PDF object 5 (strings)"),
+        ("c.csv", "part,owner\nguide,杜简\n".encode("utf-16"), "the file's bytes"),
+        ("d.3mf", threemf("Guide for Jane Doe"), "3MF metadata 'Title'"),
+        ("e.obj", b"# patient MRN0012345\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n",
+         "the patient ID was found in OBJ comment (line 1)"),
+        ("f.zip", _zip({"x/doe_jane.pdf": clean_pdf()}), "the name of archive member #1 holds"),
+        ("jane-doe.pdf", clean_pdf(), "its file name holds the patient's name"),
+        ("g.zip", _zip({"r.pdf": clean_pdf(), "n.txt": b"hello"}),
+         "archive member #2 ('n.txt') is of unknown type"),
+        ("h.pdf", png(), "declared application/pdf but its content is PNG image"),
+        ("i.json", b'{"acc": "ACC77"}', "an accession number of the patient's studies"),
+        ("j.stl", binary_stl(b"solid 19770412"), "STL header (80 bytes)"),
+    ]  # fmt: skip
+    for name, data, expected in cases:
+        declared = "application/pdf" if name == "h.pdf" else ""
+        text = _gate_check(tmp_path, name, data, declared)
+        assert expected in text, (name, text)
+    # clean files pass; without a case there is no patient to search for, types still hold
+    assert _gate_check(tmp_path, "k.pdf", clean_pdf()) == ""
+    assert _gate_check(tmp_path, "l.stl", binary_stl(b"solid 19770412"), case_id="") == ""
+    assert _gate_check(tmp_path, "m.zip", _zip({"x.dcm": to_part10(series(1)[0])}), case_id="")

@@ -169,7 +169,10 @@ class OutboundGate:
                 scratch,
             )
             try:
-                self._file(run, path, obj.name, obj.media_type, "", 0)
+                declared = obj.media_type
+                if canonical(declared) in ("", OCTET_STREAM):
+                    declared = media_type_for_name(obj.name)
+                self._file(run, path, obj.name, declared, "", 0)
             except Unscannable as exc:
                 log.warning("outbound gate refused object %s for %s (%s)", oid, peer, exc.check)
                 raise OutboundRefused(
@@ -207,7 +210,8 @@ class OutboundGate:
             self._archive(run, path, name, ARCHIVES[mtype], where, depth)
         else:
             self._search(run, self._views(run, path, mtype, it), where)
-        self._search(run, raw_views(path, run.matcher.overlap), where)
+        if run.matcher:
+            self._search(run, raw_views(path, run.matcher.overlap), where)
 
     def _type_of(self, found: Sniffed, declared: str, it: str) -> str:
         mtype = canonical(declared)
@@ -262,7 +266,8 @@ class OutboundGate:
             self._search(run, threemf_metadata_views(path.read_bytes(), _printable(member)), "")
         elif found.kind in ("png", "jpeg"):
             self._search(run, self._views(run, path, found.media_type, where), where)
-        self._search(run, raw_views(path, run.matcher.overlap), where)
+        if run.matcher:
+            self._search(run, raw_views(path, run.matcher.overlap), where)
 
     def _views(self, run: _Run, path: Path, mtype: str, it: str) -> Iterator[tuple[str, bytes]]:
         if mtype in _TEXT_FORMATS and self.format_check is not None:

@@ -93,7 +93,8 @@ def pdf_views(path: Path, budget: Budget) -> Iterator[tuple[str, bytes]]:
                 yield f"PDF object {idnum} (strings)", strings
             if isinstance(obj, StreamObject):
                 data = obj.get_data()
-                budget.charge(len(data), f"PDF object {idnum}")
+                if "/Filter" in obj:  # decompressed: charged; raw streams are the file's bytes
+                    budget.charge(len(data), f"PDF object {idnum}")
                 if looks_like_dicom(data[:132]):
                     raise Unscannable(
                         f"PDF object {idnum} is an embedded DICOM data set", "dicom"
