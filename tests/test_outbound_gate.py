@@ -320,6 +320,12 @@ def test_matcher_finds_every_written_form_never_a_substring_of_a_longer_word() -
         assert m.search(data) is None, data
     assert "Zhang" not in repr(m) and "MRN" not in repr(m)
     assert not IdentifierMatcher(())
+    # A two-letter name is searched in text places, not in binary bytes (where it would
+    # be "found" by chance); the whole name is searched everywhere.
+    short = IdentifierMatcher(patient_needles("Li^Na", "", ""))
+    assert short.search(b"\x00li\x00") == NAME
+    assert short.search(b"\x00li\x00", binary=True) is None
+    assert short.search(b"\x00LI NA\x00", binary=True) == NAME
 
 
 def test_sniffing_names_the_real_type_and_refuses_contradictions(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ from gateway.storage import ObjectStore
 from hospital_node.outbound.archives import Counter, members
 from hospital_node.outbound.identifiers import IdentifierMatcher
 from hospital_node.outbound.scanners import (
+    BINARY_PLACES,
     Budget,
     Unscannable,
     jpeg_views,
@@ -92,6 +93,7 @@ ARCHIVES = {
     "model/3mf": "3mf",
 }
 _TEXT_FORMATS = frozenset({"model/obj", "application/json", "text/csv"})
+_TEXT_PLACES = _TEXT_FORMATS | {"model/step"}  # whose bytes are text: every pattern counts
 _ALLOWED_LIST = ", ".join(ALLOWED_MEDIA_TYPES.values())
 
 
@@ -211,7 +213,8 @@ class OutboundGate:
         else:
             self._search(run, self._views(run, path, mtype, it), where)
         if run.matcher:
-            self._search(run, raw_views(path, run.matcher.overlap), where)
+            text = mtype in _TEXT_PLACES or (mtype == "model/stl" and not found.strong)
+            self._search(run, raw_views(path, run.matcher.overlap), where, text=text)
 
     def _type_of(self, found: Sniffed, declared: str, it: str) -> str:
         mtype = canonical(declared)
@@ -288,13 +291,17 @@ class OutboundGate:
         return iter(())
 
     @staticmethod
-    def _search(run: _Run, views: Iterator[tuple[str, bytes]], where: str) -> None:
+    def _search(
+        run: _Run, views: Iterator[tuple[str, bytes]], where: str, *, text: bool = False
+    ) -> None:
+        """Search each view; ``text``: the file is text, its bytes are a text place."""
         if not run.matcher:
             for _ in views:  # still read to the end: unreadable content does not leave
                 pass
             return
         for location, data in views:
-            hit = run.matcher.search(data)
+            binary = not text and location.endswith(BINARY_PLACES)
+            hit = run.matcher.search(data, binary=binary)
             if hit:
                 place = f"{where}, {location}" if where else location
                 raise Unscannable(

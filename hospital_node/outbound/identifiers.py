@@ -17,9 +17,12 @@ Accession Number, Other Patient IDs and the IDs of the Other Patient IDs Sequenc
 
 each encoded as UTF-8, UTF-16 (both byte orders) and, when not ASCII, GB18030;
 case-insensitive (ASCII case by byte, other scripts by casefold/upper variants).
-Latin names and IDs match whole words only (``Ann`` does not hit ``Annual``; ID
-``12345`` does not hit ``9123456``). A hit tells *which kind* of identifier was found,
-never its value; the matcher's ``repr`` withholds everything.
+In a file's raw or decompressed bytes only patterns of at least :data:`MIN_BINARY_BYTES`
+bytes are searched (a two-letter name would be "found" in any compressed stream);
+text places (PDF text and metadata, PNG/JPEG text, headers, comments, names) are
+searched for all of them. Latin names and IDs match whole words only (``Ann`` does
+not hit ``Annual``; ID ``12345`` does not hit ``9123456``). A hit tells *which kind*
+of identifier was found, never its value; the matcher's ``repr`` withholds everything.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MIN_ID_CHARS = 3
 MIN_DIGIT_ID_CHARS = 4
+MIN_BINARY_BYTES = 5
 NAME = "the patient's name"
 PATIENT_ID = "the patient ID"
 OTHER_ID = "another ID of the patient"
@@ -105,12 +109,19 @@ class IdentifierMatcher:
     def __bool__(self) -> bool:
         return bool(self._patterns)
 
-    def search(self, data: bytes) -> str | None:
-        """The kind of the first identifier found in ``data``, or None."""
+    def search(self, data: bytes, *, binary: bool = False) -> str | None:
+        """The kind of the first identifier found in ``data``, or None.
+
+        ``binary``: ``data`` is a file's raw or decompressed bytes, where a pattern of
+        fewer than :data:`MIN_BINARY_BYTES` bytes (``Li`` in UTF-8 or UTF-16) would be
+        found by chance in any few megabytes; those are searched in text places only.
+        """
         if not self._patterns or not data:
             return None
         low = data.lower()
         for p in self._patterns:
+            if binary and len(p.needle) < MIN_BINARY_BYTES:
+                continue
             start = low.find(p.needle)
             while start >= 0:
                 if not p.boundary or self._whole(low, start, p):

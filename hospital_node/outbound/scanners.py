@@ -23,6 +23,10 @@ from gateway.fidelity.sniff import looks_like_dicom
 log = logging.getLogger(__name__)
 
 RAW_CHUNK = 4 * 1024 * 1024
+RAW_BYTES = "the file's bytes"
+DECODED_STREAM = "(decoded stream)"
+BINARY_PLACES = (RAW_BYTES, DECODED_STREAM)
+"""Locations whose data is binary (see IdentifierMatcher.search)."""
 MAX_PDF_OBJECT_DEPTH = 32
 MAX_TEXT_LINES = 2_000_000
 
@@ -60,7 +64,7 @@ def raw_views(path: Path, overlap: int) -> Iterator[tuple[str, bytes]]:
             chunk = fh.read(RAW_CHUNK)
             if not chunk:
                 return
-            yield "the file's bytes", tail + chunk
+            yield RAW_BYTES, tail + chunk
             tail = chunk[-overlap:] if overlap else b""
 
 
@@ -99,7 +103,7 @@ def pdf_views(path: Path, budget: Budget) -> Iterator[tuple[str, bytes]]:
                     raise Unscannable(
                         f"PDF object {idnum} is an embedded DICOM data set", "dicom"
                     )
-                yield f"PDF object {idnum} (decoded stream)", data
+                yield f"PDF object {idnum} {DECODED_STREAM}", data
     except Unscannable:
         raise
     except Exception as exc:  # pypdf raises many kinds; each means: cannot be checked
