@@ -64,6 +64,12 @@ class _Pattern:
     boundary: bytes  # b"" (none), b"alnum" or b"digit"
 
 
+def _alternation(patterns: list[_Pattern]) -> re.Pattern[bytes] | None:
+    if not patterns:
+        return None
+    return re.compile(b"|".join(re.escape(p.needle) for p in patterns))
+
+
 def _is_boundary_char(byte: int, kind: bytes) -> bool:
     if kind == b"digit":
         return 0x30 <= byte <= 0x39
@@ -97,6 +103,11 @@ class IdentifierMatcher:
                         key, _Pattern(what, raw, width, enc.endswith("be"), boundary)
                     )
         self._patterns = sorted(patterns.values(), key=lambda p: -len(p.needle))
+        # one alternation per kind of place: far faster than one find() per pattern
+        self._any = _alternation(self._patterns)
+        self._binary = _alternation(
+            [p for p in self._patterns if len(p.needle) >= MIN_BINARY_BYTES]
+        )
         digest = hashlib.sha256()
         for p in self._patterns:
             digest.update(p.needle + b"\x00" + p.what.encode() + b"\x00")
@@ -116,17 +127,21 @@ class IdentifierMatcher:
         fewer than :data:`MIN_BINARY_BYTES` bytes (``Li`` in UTF-8 or UTF-16) would be
         found by chance in any few megabytes; those are searched in text places only.
         """
-        if not self._patterns or not data:
+        rx = self._binary if binary else self._any
+        if rx is None or not data:
             return None
         low = data.lower()
-        for p in self._patterns:
-            if binary and len(p.needle) < MIN_BINARY_BYTES:
-                continue
-            start = low.find(p.needle)
-            while start >= 0:
-                if not p.boundary or self._whole(low, start, p):
+        found = rx.search(low)
+        while found is not None:
+            start = found.start()
+            for p in self._patterns:
+                if binary and len(p.needle) < MIN_BINARY_BYTES:
+                    continue
+                if low.startswith(p.needle, start) and (
+                    not p.boundary or self._whole(low, start, p)
+                ):
                     return p.what
-                start = low.find(p.needle, start + 1)
+            found = rx.search(low, start + 1)
         return None
 
     def search_text(self, text: str) -> str | None:

@@ -97,13 +97,13 @@ def pdf_views(path: Path, budget: Budget) -> Iterator[tuple[str, bytes]]:
                 yield f"PDF object {idnum} (strings)", strings
             if isinstance(obj, StreamObject):
                 data = obj.get_data()
-                if "/Filter" in obj:  # decompressed: charged; raw streams are the file's bytes
-                    budget.charge(len(data), f"PDF object {idnum}")
                 if looks_like_dicom(data[:132]):
                     raise Unscannable(
                         f"PDF object {idnum} is an embedded DICOM data set", "dicom"
                     )
-                yield f"PDF object {idnum} {DECODED_STREAM}", data
+                if "/Filter" in obj:  # an unfiltered stream is searched as the file's bytes
+                    budget.charge(len(data), f"PDF object {idnum}")
+                    yield f"PDF object {idnum} {DECODED_STREAM}", data
     except Unscannable:
         raise
     except Exception as exc:  # pypdf raises many kinds; each means: cannot be checked
