@@ -137,7 +137,6 @@ def sniff_bytes(head: bytes, size: int) -> Sniffed:
         (b"7z\xbc\xaf\x27\x1c", "7z"),
         (b"BZh", "bzip2"),
         (b"\xfd7zXZ\x00", "xz"),
-        (b"ISO-10303-21;", "step"),
     ):
         if head.startswith(magic):
             return Sniffed(kind, True)
@@ -150,6 +149,8 @@ def sniff_bytes(head: bytes, size: int) -> Sniffed:
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if text.startswith((b"ply\n", b"ply\r\n")):
         return Sniffed("ply", True)
+    if text.startswith(b"ISO-10303-21;"):
+        return Sniffed("step", True)
     if text[:5].lower() == b"solid" and text[5:6] in (b" ", b"\n", b"\r", b"\t", b""):
         return Sniffed("stl", False)
     if text.startswith((b"{", b"[")):
