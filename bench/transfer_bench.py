@@ -99,27 +99,40 @@ def log(msg: str) -> None:
 
 
 # --- payload ---------------------------------------------------------------------------------
+_PNG_HEAD = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + b"\x00" * 17
+_PNG_END = struct.pack(">I", 0) + b"IEND" + b"\xaeB`\x82"
+_STAMP_AT = len(_PNG_HEAD) + 8  # inside the first IDAT chunk's data
+
+
 def write_payload(path: Path, size: int) -> None:
     """``size`` real (non-sparse) bytes: one random 16 MiB block, each copy stamped
-    with its index so no two blocks are equal."""
+    with its index so no two blocks are equal, framed as PNG chunks (a hospital sends
+    only types its outbound gate allows: a PNG is one, and its gate reads no pixels)."""
     block = os.urandom(min(_BLOCK, max(size, 8)))
-    written = 0
+    body = size - len(_PNG_HEAD) - len(_PNG_END)
+    if body < 13:
+        raise ValueError(f"a bench payload needs at least {13 + len(_PNG_HEAD) + 12} bytes")
     index = 0
     with open(path, "wb") as fh:
-        while written < size:
-            piece = (index.to_bytes(8, "big") + block[8:])[: size - written]
-            fh.write(piece)
-            written += len(piece)
+        fh.write(_PNG_HEAD)
+        while body > 0:
+            n = min(_BLOCK, body - 12)
+            if 0 < body - 12 - n < 13:
+                n -= 13  # leave room for one more whole chunk
+            piece = (index.to_bytes(8, "big") + block[8:] * (1 + n // len(block)))[:n]
+            fh.write(struct.pack(">I", n) + b"IDAT" + piece + b"\x00\x00\x00\x00")
+            body -= n + 12
             index += 1
+        fh.write(_PNG_END)
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def stamp_payload(path: Path, stamp: int) -> None:
-    """Overwrite the first 8 bytes so the file is a new object (new SHA-256)."""
+    """Overwrite 8 bytes of the first chunk so the file is a new object (new SHA-256)."""
     fd = os.open(path, os.O_WRONLY)
     try:
-        os.pwrite(fd, struct.pack(">Q", 0xB0000000_00000000 | stamp), 0)
+        os.pwrite(fd, struct.pack(">Q", 0xB0000000_00000000 | stamp), _STAMP_AT)
     finally:
         os.close(fd)
 

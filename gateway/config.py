@@ -174,6 +174,15 @@ class DesignSection:
 
 
 @dataclass(frozen=True)
+class OutboundSection:
+    """Hospital only: bounds of the outbound gate's content scan (hospital_node.outbound)."""
+
+    max_expanded_bytes: int = 512 * 1024 * 1024
+    max_archive_members: int = 10_000
+    max_archive_depth: int = 5
+
+
+@dataclass(frozen=True)
 class PacsSection:
     """Hospital only: the PACS approved designs are exported to (off without a host)."""
 
@@ -209,6 +218,7 @@ class NodeConfig:
     atna: AtnaSection = field(default_factory=AtnaSection)
     design: DesignSection = field(default_factory=DesignSection)
     pacs: PacsSection = field(default_factory=PacsSection)
+    outbound: OutboundSection = field(default_factory=OutboundSection)
 
     @property
     def peer_regions(self) -> frozenset[str]:
@@ -382,6 +392,12 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(f"{src}: pacs.port must be 1-65535")
     if cfg.design.max_mesh_bytes < 1 or cfg.design.max_mesh_triangles < 1:
         raise ConfigError(f"{src}: design.max_mesh_bytes and design.max_mesh_triangles must be > 0")
+    o = cfg.outbound
+    if o.max_expanded_bytes < 1 or o.max_archive_members < 1 or not 1 <= o.max_archive_depth <= 64:
+        raise ConfigError(
+            f"{src}: outbound.max_expanded_bytes and outbound.max_archive_members must be > 0, "
+            "outbound.max_archive_depth 1-64"
+        )
     seen: set[str] = set()
     for peer in cfg.peers:
         if not peer.id or not peer.address:
@@ -420,6 +436,7 @@ def load_config(path: Path | str) -> NodeConfig:
         "atna": AtnaSection,
         "design": DesignSection,
         "pacs": PacsSection,
+        "outbound": OutboundSection,
     }
     unknown = sorted(set(raw) - set(sections) - {"peers"})
     if unknown:

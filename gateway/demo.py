@@ -42,7 +42,34 @@ log = logging.getLogger(__name__)
 
 HOSPITAL, FACTORY, ENGINEER, OFFICER = "hospital-1", "factory-1", "eng-1", "officer-1"
 FEDERATION, REGION, CASE_ID = "yigong-demo", "cn-east", "demo-case-1"
-SAMPLE_NAME, SAMPLE_BYTES, SAMPLE_SEED = "sample-ct-volume.raw", 1024 * 1024, 20190101
+SAMPLE_NAME, SAMPLE_BYTES, SAMPLE_SEED = "sample-design-review.pdf", 1024 * 1024, 20190101
+
+
+def sample_payload() -> bytes:
+    """The demo's file: a design-review PDF with SAMPLE_BYTES of synthetic data in one
+    stream (a hospital may send only allowed, clean types; no patient data)."""
+    data = random.Random(SAMPLE_SEED).randbytes(SAMPLE_BYTES)
+    page = b"BT /F1 12 Tf 20 100 Td (yigong demo: design review) Tj ET"
+    bodies = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 200] /Contents 4 0 R >>",
+        b"<< /Length %d >>\nstream\n" % len(page) + page + b"\nendstream",
+        b"<< /Length %d >>\nstream\n" % len(data) + data + b"\nendstream",
+    ]
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = []
+    for n, body in enumerate(bodies, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % n + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(bodies) + 1)
+    out += b"".join(b"%010d 00000 n \n" % off for off in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(bodies) + 1,
+        xref,
+    )
+    return bytes(out)
 READY_TIMEOUT, TRANSFER_TIMEOUT, STOP_TIMEOUT = 30.0, 60.0, 20.0
 TRANSFER_TUNING = "[transfer]\nretry_initial_seconds = 0.2\nretry_max_seconds = 2.0"
 
@@ -236,11 +263,11 @@ class Demo:
     def send(self) -> tuple[str, str, bytes]:
         sample = self.root / "sample" / SAMPLE_NAME
         sample.parent.mkdir()
-        payload = random.Random(SAMPLE_SEED).randbytes(SAMPLE_BYTES)
+        payload = sample_payload()
         sample.write_bytes(payload)
         self.say(
             "",
-            f"[3/6] Send {SAMPLE_NAME} ({SAMPLE_BYTES} bytes, synthetic, no patient data) "
+            f"[3/6] Send {SAMPLE_NAME} ({len(payload)} bytes, synthetic, no patient data) "
             f"{HOSPITAL} -> {FACTORY}",
         )
         started = time.monotonic()

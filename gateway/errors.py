@@ -25,6 +25,7 @@ Tree::
     │       └── ResidencyViolation  data would go to / be stored in a region the policy forbids
     ├── ValidationError             a request or input is malformed
     │   └── IdentifiableData        an object still identifies a patient: never sent
+    │       └── OutboundRefused     the hospital's outbound gate refused a file (type, content)
     ├── NotFound                    a requested object / transfer / record does not exist
     ├── StorageError                object store failed (I/O, S3)
     ├── CatalogError                catalog database failed or is inconsistent
@@ -95,6 +96,17 @@ class ValidationError(YigongError):
 
 class IdentifiableData(ValidationError):
     """An object bound for another node still carries patient-identifying data."""
+
+
+class OutboundRefused(IdentifiableData):
+    """The hospital's outbound gate refused a file: DICOM outside its door, a type that
+    may not leave, a declared type the content contradicts, content that cannot be
+    checked, or an identifier of the case's patient found in it. ``check`` names the
+    rule (for the audit; never a value)."""
+
+    def __init__(self, message: str, check: str = "") -> None:
+        super().__init__(message)
+        self.check = check
 
 
 class NotFound(YigongError):

@@ -2,13 +2,16 @@
 store it durably, and queue it for delivery to peers.
 
 The upload is spooled, each chunk checked against its SHA-256, the whole
-checked against the SHA-256/size the client announced (if any), then stored
-in the object store (content-addressed) and catalogued. Destinations are
+checked against the SHA-256/size the client announced (if any), its media type
+resolved from its content and name (:func:`gateway.fidelity.sniff.resolve_media_type`:
+inferred when missing, refused when contradicted), design files format-checked, then
+stored in the object store (content-addressed) and catalogued. Destinations are
 checked before any byte is accepted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -19,8 +22,15 @@ from pathlib import Path
 
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, ObjectRecord, TransferRecord
-from gateway.errors import ConfigError, IdentifiableData, IntegrityError, ValidationError
+from gateway.errors import (
+    ConfigError,
+    IdentifiableData,
+    IntegrityError,
+    OutboundRefused,
+    ValidationError,
+)
 from gateway.fidelity.formats import is_design_media_type
+from gateway.fidelity.sniff import resolve_media_type
 from gateway.identity import Identity
 from gateway.storage import ObjectStore
 from gateway.transfer.model import ChunkMsg, check_name
@@ -59,6 +69,8 @@ class Exchange:
         self.spool_dir = spool_dir
         self.max_object_bytes = max_object_bytes
         self.validate_design: Callable[[Path, str, str], None] | None = None
+        # set by the hospital role: a type the content contradicts is a security alert there
+        self.alert_on_type_refusal = False
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def submit(
@@ -84,6 +96,14 @@ class Exchange:
                     f"upload of {sub.name!r}: {size} bytes arrived, client announced "
                     f"{sub.size}; nothing was stored"
                 )
+            # the type the content shows when none was declared; a contradiction refused
+            try:
+                resolved = resolve_media_type(part, sub.name, sub.media_type)
+            except ValidationError as exc:
+                if self.alert_on_type_refusal:
+                    self._alert(caller, sub.case_id, digest, "", exc, "type-mismatch")
+                raise
+            sub = dataclasses.replace(sub, media_type=resolved)
             if self.validate_design is not None and is_design_media_type(sub.media_type):
                 self.validate_design(part, sub.media_type, sub.name)  # refused before storing
             if self.store.size(digest) != size:
@@ -110,15 +130,8 @@ class Exchange:
             try:
                 self.outbox.hooks.check_outgoing(obj, self.store, dest)
             except IdentifiableData as exc:
-                self.audit.record(
-                    "security.alert",
-                    actor=caller.label(),
-                    outcome="failure",
-                    peer=dest,
-                    object_id=obj.object_id,
-                    case_id=obj.case_id or None,
-                    details={"reason": type(exc).__name__, "action": "submission refused"},
-                )
+                check = exc.check if isinstance(exc, OutboundRefused) else ""
+                self._alert(caller, obj.case_id, obj.object_id, dest, exc, check)
                 raise
         queued = [self.outbox.queue(obj, dest, actor=caller.label()) for dest in sub.destinations]
         log.info(
@@ -129,6 +142,24 @@ class Exchange:
             ",".join(sub.destinations) or "nobody",
         )
         return obj, queued
+
+    def _alert(
+        self, caller: Identity, case_id: str, object_id: str, peer: str, exc: Exception, check: str
+    ) -> None:
+        """A refused submission is a security alert naming who tried (ids only)."""
+        self.audit.record(
+            "security.alert",
+            actor=caller.label(),
+            outcome="failure",
+            peer=peer or None,
+            object_id=object_id,
+            case_id=case_id or None,
+            details={
+                "reason": type(exc).__name__,
+                "action": "submission refused",
+                **({"check": check} if check else {}),
+            },
+        )
 
     def _spool(self, part: Path, chunks: Iterator[ChunkMsg]) -> tuple[str, int]:
         hasher = hashlib.sha256()

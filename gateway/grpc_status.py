@@ -16,6 +16,7 @@ _CODES: tuple[tuple[type[e.YigongError], grpc.StatusCode], ...] = (
     (e.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (e.PKIError, grpc.StatusCode.UNAVAILABLE),  # e.g. CRL unverifiable: fail closed, retry later
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (e.OutboundRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (e.IdentifiableData, grpc.StatusCode.FAILED_PRECONDITION),
     (e.ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.NotFound, grpc.StatusCode.NOT_FOUND),

@@ -8,8 +8,9 @@ upload may arrive as ``application/octet-stream``. A DICOM object is re-parsed f
 store and re-scanned (:func:`hospital_node.deid.scan_for_identifiers`) against the
 pseudonym of its case; any finding refuses the send naming the attributes (never their
 values). Even a clean DICOM object is refused unless this node's release produced it
-for that destination after a clinician's confirmation. Other objects (design files,
-reports) pass.
+for that destination after a clinician's confirmation. Every other object goes to the
+outbound gate (:class:`hospital_node.outbound.OutboundGate`): case records, and files of
+an allowed type whose content passes the scan for the case patient's identifiers.
 
 :meth:`OutgoingGuard.check_receipt` compares the receiver's receipt facts for a released
 instance (SOP Instance UID, pixel and geometry hashes) with what the release recorded.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import struct
 from collections.abc import Mapping
 
 from pydicom import dcmread
@@ -32,8 +32,10 @@ from gateway.fidelity.dicom import (
     FACT_PIXEL_SHA256,
     FACT_SOP_INSTANCE_UID,
 )
+from gateway.fidelity.sniff import looks_like_dicom
 from gateway.storage import ObjectStore
 from hospital_node.deid import scan_for_identifiers
+from hospital_node.outbound import OutboundGate
 from hospital_node.release_store import ReleaseStore
 from hospital_node.vault import PseudonymVault
 
@@ -42,25 +44,6 @@ log = logging.getLogger(__name__)
 DICOM_MEDIA_TYPE = "application/dicom"
 MAX_LISTED = 25
 _HEAD_BYTES = 132
-_EXPLICIT_VRS = frozenset(
-    b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
-    b"UL UN UR US UT UV".split()
-)
-
-
-def looks_like_dicom(head: bytes) -> bool:
-    """Whether the first bytes of an object are DICOM (Part 10, or a bare data set)."""
-    if head[128:132] == b"DICM" or head[:4] == b"DICM":
-        return True
-    if len(head) < 8:
-        return False
-    group, element = struct.unpack("<HH", head[:4])
-    if group not in (0x0002, 0x0008) or element > 0x0100:
-        return False
-    if head[4:6] in _EXPLICIT_VRS:
-        return True
-    (length,) = struct.unpack("<I", head[4:8])  # implicit VR little endian
-    return length < 0x400
 
 
 def is_dicom_media_type(media_type: str) -> bool:
@@ -74,9 +57,12 @@ def read_object(store: ObjectStore, object_id: str) -> bytes:
 
 
 class OutgoingGuard:
-    def __init__(self, vault: PseudonymVault, records: ReleaseStore) -> None:
+    def __init__(
+        self, vault: PseudonymVault, records: ReleaseStore, gate: OutboundGate | None = None
+    ) -> None:
         self.vault = vault
         self.records = records
+        self.gate = gate
 
     def is_dicom(self, obj: ObjectRecord, store: ObjectStore) -> bool:
         if is_dicom_media_type(obj.media_type):
@@ -88,6 +74,8 @@ class OutgoingGuard:
     def check_outgoing(self, obj: ObjectRecord, store: ObjectStore, peer: str) -> None:
         """Raise IdentifiableData unless ``obj`` may leave the hospital for ``peer``."""
         if not self.is_dicom(obj, store):
+            if self.gate is not None:
+                self.gate.check(obj, store, peer)
             return
         oid = obj.object_id
         try:

@@ -202,6 +202,15 @@ class ReleaseStore:
         )
         return [_confirmation(r) for r in rows]
 
+    def study_uids_for_case(self, case_id: str) -> list[str]:
+        """The studies confirmed for a case (any destination), for the outbound scan."""
+        rows = self.catalog.query(
+            "SELECT DISTINCT study_uid FROM hospital_confirmations WHERE case_id = ?"
+            " ORDER BY study_uid",
+            (case_id,),
+        )
+        return [str(r[0]) for r in rows]
+
     def has_confirmation(self, study_uid: str) -> bool:
         return bool(
             self.catalog.query(

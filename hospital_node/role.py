@@ -17,14 +17,22 @@ import logging
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ConfigError, ValidationError, YigongError
+from gateway.fidelity.formats import validate_design_file
 from gateway.roles import RoleHooks
 from hospital_node.deid import Deidentifier
 from hospital_node.design_export import DesignExporter, ExportResult
 from hospital_node.guard import OutgoingGuard
 from hospital_node.ingest import Ingest
+from hospital_node.outbound import (
+    IdentifierMatcher,
+    OutboundGate,
+    OutboundLimits,
+    case_identifiers,
+)
 from hospital_node.release import ConfirmResult, Releaser
 from hospital_node.release_store import ReleaseStore, ReleaseView, StudyView
 from hospital_node.scp import DicomServer
@@ -127,7 +135,19 @@ class HospitalRole(RoleHooks):
             )
         self.vault = PseudonymVault(node.catalog, vault_key)
         self.release_records = ReleaseStore(node.catalog)
-        self.guard = OutgoingGuard(self.vault, self.release_records)
+        self.outbound = OutboundGate(
+            identifiers=self._case_identifiers,
+            is_case_record=lambda oid: node.cases.cases.find_record(oid) is not None,
+            scratch_dir=cfg.node.data_dir / "spool" / "outbound",
+            limits=OutboundLimits(
+                max_expanded_bytes=cfg.outbound.max_expanded_bytes,
+                max_archive_members=cfg.outbound.max_archive_members,
+                max_archive_depth=cfg.outbound.max_archive_depth,
+            ),
+            format_check=self._format_check,
+        )
+        self.guard = OutgoingGuard(self.vault, self.release_records, self.outbound)
+        node.exchange.alert_on_type_refusal = True  # a mis-declared upload: security alert
         self.releaser = Releaser(
             node,
             self.vault,
@@ -149,6 +169,32 @@ class HospitalRole(RoleHooks):
 
     def check_outgoing(self, obj: ObjectRecord, store: ObjectStore, peer: str) -> None:
         self.guard.check_outgoing(obj, store, peer)
+
+    def _case_identifiers(self, case_id: str) -> IdentifierMatcher:
+        """What identifies the real patient of a case (for the outbound gate's scan)."""
+        return case_identifiers(
+            case_id,
+            self.vault,
+            self.release_records.study_uids_for_case(case_id) if case_id else [],
+            self._first_original,
+            self.node.store,
+        )
+
+    def _first_original(self, study_uid: str) -> str:
+        for instance in self.studies.instances(study_uid):
+            if not instance.duplicate:
+                return instance.object_id
+        return ""
+
+    def _format_check(self, path: Path, media_type: str, name: str) -> None:
+        d = self.node.cfg.design
+        validate_design_file(
+            path,
+            media_type,
+            name=name,
+            max_mesh_bytes=d.max_mesh_bytes,
+            max_mesh_triangles=d.max_mesh_triangles,
+        )
 
     def check_receipt(
         self, obj: ObjectRecord, facts: Mapping[str, str], store: ObjectStore

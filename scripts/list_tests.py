@@ -46,6 +46,7 @@ FEATURES: list[tuple[str, list[str]]] = [
     ),
     ("De-identification (PS3.15)", ["test_deid_profile.py", "test_deid_engine.py"]),
     ("Confirmation and de-identified release (hospital)", ["test_hospital_release.py"]),
+    ("What can leave a hospital: the outbound gate", ["test_outbound_gate.py"]),
     ("Series geometry and suitability (factory)", ["test_fidelity_series.py", "test_factory.py"]),
     ("Case workflow: signed records and stage gates", ["test_cases.py"]),
     ("Case records from the command line: schema, templates, hashes", ["test_case_cli.py"]),

@@ -14,6 +14,7 @@ import pytest
 from gateway import __version__
 from gateway.cli import main
 from tests.cluster import Federation, InProcessNode, wait_for
+from tests.outbound_files import clean_pdf
 
 
 def _conn(node: InProcessNode, fed: Federation, person: tuple[str, str] | None) -> list[str]:
@@ -48,8 +49,8 @@ def test_send_and_query_as_engineer(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     hospital, factory = pair
-    payload = os.urandom(200_000)
-    src = tmp_path / "knee.raw"
+    payload = clean_pdf(os.urandom(200_000))  # what a hospital may send
+    src = tmp_path / "knee.pdf"
     src.write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shlex
 import signal
 import subprocess
@@ -13,11 +12,12 @@ import time
 from pathlib import Path
 
 from gateway.client import NodeClient
-from gateway.demo import CASE_ID, SAMPLE_BYTES, SAMPLE_NAME, SAMPLE_SEED
+from gateway.demo import CASE_ID, SAMPLE_NAME, sample_payload
 from gateway.hashing import sha256_hex
 from gateway.rpc.channel import ClientCredentials
 
-DIGEST = sha256_hex(random.Random(SAMPLE_SEED).randbytes(SAMPLE_BYTES))
+SAMPLE = sample_payload()
+DIGEST = sha256_hex(SAMPLE)
 
 
 def _demo(*args: str | Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -83,7 +83,7 @@ def test_demo_keep_running_leaves_nodes_to_explore(tmp_path: Path) -> None:
         eng = _creds(doc["certificates"]["engineer"])
         with NodeClient(factory, eng, node_id="factory-1") as client:
             (obj,) = client.list_objects()
-        assert (obj.object_id, obj.size, obj.name) == (DIGEST, SAMPLE_BYTES, SAMPLE_NAME)
+        assert (obj.object_id, obj.size, obj.name) == (DIGEST, len(SAMPLE), SAMPLE_NAME)
 
         hospital = doc["nodes"]["hospital-1"]["address"]
         officer = _creds(doc["certificates"]["officer"])

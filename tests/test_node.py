@@ -16,6 +16,7 @@ from gateway.config import load_config
 from gateway.errors import CatalogError, ConfigError, StorageError
 from gateway.server import Node
 from tests.cluster import Federation, InProcessNode, NodeProcess, wait_for, write_config
+from tests.outbound_files import clean_pdf
 from tests.s3server import S3Server, new_bucket_name
 
 
@@ -46,8 +47,9 @@ def test_factory_on_s3_receives_and_serves(
         )
     )
     try:
-        payload = os.urandom(12 * 1024 * 1024 + 3)  # multipart at 5 MiB parts
-        src = tmp_path / "mesh.stl"
+        # multipart at 5 MiB parts; a hospital may send only allowed, clean types
+        payload = clean_pdf(os.urandom(12 * 1024 * 1024 + 3))
+        src = tmp_path / "review.pdf"
         src.write_bytes(payload)
         digest = hashlib.sha256(payload).hexdigest()
         with hospital.self_client() as client:

@@ -12,13 +12,14 @@ import pytest
 
 from gateway.cli import main
 from tests.cluster import InProcessNode, wait_for
+from tests.outbound_files import clean_pdf
 
 Pair = tuple[InProcessNode, InProcessNode]
 
 
 def _send(hospital: InProcessNode, tmp_path: Path, name: str) -> str:
     src = tmp_path / name
-    src.write_bytes(os.urandom(50_000))
+    src.write_bytes(clean_pdf(os.urandom(50_000)))  # what a hospital may send
     with hospital.self_client() as client:
         tid = client.submit(src, ["factory-1"], case_id="case-o").queued[0].transfer_id
     wait_for(lambda: hospital.node.catalog.get_transfer(tid, "outbound").status == "done")

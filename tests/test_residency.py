@@ -13,6 +13,7 @@ from gateway.errors import ResidencyViolation
 from gateway.server import Node
 from gateway.storage import S3Store
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
+from tests.outbound_files import clean_pdf
 from tests.s3server import S3Server, new_bucket_name
 
 
@@ -41,7 +42,7 @@ def test_peer_in_forbidden_region_refused_before_anything_moves(
     hospital, factory = _pair(federation, tmp_path, "eu-west")
     try:
         src = tmp_path / "design-input.bin"
-        src.write_bytes(os.urandom(4096))
+        src.write_bytes(clean_pdf(os.urandom(4096)))  # what a hospital may send
         with hospital.self_client() as client:
             tid = client.submit(src, ["factory-eu-west"]).queued[0].transfer_id
         rec = wait_for(
@@ -73,7 +74,7 @@ def test_peer_region_allowed_by_policy(federation: Federation, tmp_path: Path) -
     )
     try:
         src = tmp_path / "x.bin"
-        src.write_bytes(b"allowed" * 100)
+        src.write_bytes(clean_pdf(b"allowed" * 100))
         with hospital.self_client() as client:
             tid = client.submit(src, ["factory-eu-west"]).queued[0].transfer_id
         wait_for(lambda: hospital.node.catalog.get_transfer(tid, "outbound").status == "done")

@@ -24,6 +24,7 @@ from tests.cluster import (
     wait_for,
     write_config,
 )
+from tests.outbound_files import clean_pdf
 from yigong.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc
 
 CHUNK = 64 * 1024
@@ -105,9 +106,9 @@ def test_receiver_spool_failure_is_reported_retried_and_delivered(
     that names the spool, nothing is stored or receipted, and the hospital keeps the
     transfer queued and delivers it, bit-identical, once the disk is back."""
     hospital, factory = pair
-    payload = os.urandom(300_000)
+    payload = clean_pdf(os.urandom(300_000))  # what a hospital may send
     digest = hashlib.sha256(payload).hexdigest()
-    src = tmp_path / "scan.bin"
+    src = tmp_path / "scan.pdf"
     src.write_bytes(payload)
 
     def outbound() -> TransferRecord:
@@ -148,8 +149,8 @@ def test_receiver_killed_mid_transfer_resumes_bit_identical(
     )
     hospital = InProcessNode(hcfg)
     try:
-        payload = os.urandom(size)
-        src = tmp_path / "ct.raw"
+        payload = clean_pdf(os.urandom(size))  # what a hospital may send
+        src = tmp_path / "ct.pdf"
         src.write_bytes(payload)
         digest = hashlib.sha256(payload).hexdigest()
         with hospital.self_client() as client:
@@ -174,10 +175,10 @@ def test_receiver_killed_mid_transfer_resumes_bit_identical(
         )
         out = hospital.node.catalog.get_transfer(tid, "outbound")
         body = verify_receipt(out.receipt or b"", hospital.node.trust, expect_sha256=digest).body
-        assert body.size == size
+        assert body.size == len(payload)
         # Resumed, not restarted: the last attempt sent only what was missing.
         done = hospital.node.audit.events(event="transfer.completed", transfer_id=tid)
-        assert done[-1].details["sent_bytes"] <= size - killed_at
+        assert done[-1].details["sent_bytes"] <= len(payload) - killed_at
         failures = [
             h for h in hospital.node.catalog.history(tid, "outbound") if h.kind == "attempt_failed"
         ]
@@ -215,8 +216,8 @@ def test_peer_down_then_sender_restarts_nothing_lost(
     )
     hospital = NodeProcess(hcfg, tmp_path / "hospital.log")
     hospital.start()
-    payload = os.urandom(2 * 1024 * 1024 + 5)
-    src = tmp_path / "study.bin"
+    payload = clean_pdf(os.urandom(2 * 1024 * 1024 + 5))  # what a hospital may send
+    src = tmp_path / "study.pdf"
     src.write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
     creds = federation.creds(federation.node("hospital-1", "hospital"))

@@ -26,6 +26,7 @@ from gateway.grpc_status import error_from_rpc
 from gateway.identity import node_dns_name
 from gateway.rpc.channel import ClientCredentials, open_channel
 from tests.cluster import Federation, InProcessNode, write_config
+from tests.outbound_files import binary_stl
 from yigong.v1 import query_pb2, query_pb2_grpc, transfer_pb2, transfer_pb2_grpc
 
 Pair = tuple[InProcessNode, InProcessNode]
@@ -293,7 +294,7 @@ def test_allowed_calls_succeed(pair: Pair, federation: Federation, tmp_path: Pat
     with factory.client(engineer) as client:
         assert client.list_objects() == []
     src = tmp_path / "design.stl"
-    src.write_bytes(b"solid x\nendsolid x\n")
+    src.write_bytes(binary_stl())  # typed and mesh-checked from its content
     with hospital.self_client() as client:
         reply = client.submit(src, [])
     assert reply.object.size == src.stat().st_size and list(reply.queued) == []

@@ -10,6 +10,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.cluster import InProcessNode, wait_for
+from tests.outbound_files import clean_pdf
 
 
 def test_one_trace_id_across_both_nodes(
@@ -20,7 +21,7 @@ def test_one_trace_id_across_both_nodes(
     hospital.node.telemetry.add_span_processor(SimpleSpanProcessor(spans_h))
     factory.node.telemetry.add_span_processor(SimpleSpanProcessor(spans_f))
     src = tmp_path / "x.bin"
-    src.write_bytes(os.urandom(300_000))
+    src.write_bytes(clean_pdf(os.urandom(300_000)))  # what a hospital may send
     with hospital.self_client() as client:
         tid = client.submit(src, ["factory-1"]).queued[0].transfer_id
     wait_for(lambda: hospital.node.catalog.get_transfer(tid, "outbound").status == "done")

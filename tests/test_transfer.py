@@ -10,6 +10,7 @@ import pytest
 
 from gateway.transfer.receipts import verify_receipt
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
+from tests.outbound_files import clean_pdf
 from yigong.v1 import common_pb2
 
 
@@ -22,8 +23,8 @@ def test_send_hospital_to_factory_same_receipt_both_sides(
     pair: tuple[InProcessNode, InProcessNode], tmp_path: Path
 ) -> None:
     hospital, factory = pair
-    payload = os.urandom(3 * 1024 * 1024 + 123)
-    src = tmp_path / "scan.bin"
+    payload = clean_pdf(os.urandom(3 * 1024 * 1024 + 123))  # what a hospital may send
+    src = tmp_path / "report.pdf"
     src.write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
     with hospital.self_client() as client:
@@ -64,8 +65,8 @@ def test_identical_content_twice_is_idempotent(
     pair: tuple[InProcessNode, InProcessNode], tmp_path: Path
 ) -> None:
     hospital, factory = pair
-    src = tmp_path / "same.bin"
-    src.write_bytes(b"identical content " * 1000)
+    src = tmp_path / "same.pdf"
+    src.write_bytes(clean_pdf(b"identical content " * 1000))
     with hospital.self_client() as client:
         first = client.submit(src, ["factory-1"]).queued[0].transfer_id
         wait_for(lambda: _done(hospital, first, "outbound"))
@@ -118,9 +119,10 @@ def test_bytes_done_advances_on_both_nodes_during_a_transfer(
         )
     )
     try:
-        size = 4 * 1024 * 1024
-        src = tmp_path / "slow.bin"
-        src.write_bytes(os.urandom(size))
+        payload = clean_pdf(os.urandom(4 * 1024 * 1024))  # what a hospital may send
+        size = len(payload)
+        src = tmp_path / "slow.pdf"
+        src.write_bytes(payload)
         with hospital.self_client() as client:
             tid = client.submit(src, ["factory-1"]).queued[0].transfer_id
         seen: dict[str, set[int]] = {"outbound": set(), "inbound": set()}

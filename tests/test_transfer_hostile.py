@@ -27,6 +27,7 @@ from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.transfer.receipts import verify_receipt
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
+from tests.outbound_files import clean_pdf
 from yigong.v1 import common_pb2, exchange_pb2, exchange_pb2_grpc, transfer_pb2, transfer_pb2_grpc
 
 Pair = tuple[InProcessNode, InProcessNode]
@@ -107,8 +108,9 @@ def refused(call: Any) -> grpc.RpcError:
 
 
 def deliver(hospital: InProcessNode, tmp_path: Path, payload: bytes) -> str:
-    """hospital-1 sends ``payload`` to the factory through its outbox; the transfer id."""
-    src = tmp_path / f"{hashlib.sha256(payload).hexdigest()[:12]}.bin"
+    """hospital-1 sends ``payload`` (a PDF: what a hospital may send) to the factory through
+    its outbox; the transfer id."""
+    src = tmp_path / f"{hashlib.sha256(payload).hexdigest()[:12]}.pdf"
     src.write_bytes(payload)
     with hospital.self_client() as client:
         tid = str(client.submit(src, ["factory-1"]).queued[0].transfer_id)
@@ -142,7 +144,7 @@ def test_receipt_refused_to_a_node_that_knows_only_the_hash_and_size(
     pair: Pair, federation: Federation, tmp_path: Path
 ) -> None:
     hospital, factory = pair
-    payload = os.urandom(300_000)
+    payload = clean_pdf(os.urandom(300_000))
     deliver(hospital, tmp_path, payload)
     header = header_of(payload)
     with hostile(federation, factory) as h2:
@@ -185,7 +187,7 @@ def test_node_that_pushes_the_bytes_proves_possession_and_gets_its_receipt(
     pair: Pair, federation: Federation, tmp_path: Path
 ) -> None:
     hospital, factory = pair
-    payload = os.urandom(200_000)
+    payload = clean_pdf(os.urandom(200_000))
     deliver(hospital, tmp_path, payload)
     header = header_of(payload)
     with hostile(federation, factory) as h2:
@@ -212,7 +214,7 @@ def test_original_senders_resend_is_still_idempotent(
     pair: Pair, federation: Federation, tmp_path: Path
 ) -> None:
     hospital, factory = pair
-    payload = os.urandom(150_000)
+    payload = clean_pdf(os.urandom(150_000))
     tid = deliver(hospital, tmp_path, payload)
     header = header_of(payload)
     stored = factory.node.catalog.get_transfer(tid, "inbound").receipt
@@ -235,7 +237,7 @@ def test_offer_answer_is_identical_for_held_and_unheld_objects_of_other_senders(
     pair: Pair, federation: Federation, tmp_path: Path
 ) -> None:
     hospital, factory = pair
-    held = os.urandom(120_000)
+    held = clean_pdf(os.urandom(120_000))
     deliver(hospital, tmp_path, held)
     unheld = os.urandom(len(held))
     partial = os.urandom(4 * CHUNK)

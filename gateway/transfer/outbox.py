@@ -30,6 +30,7 @@ from gateway.errors import (
     ConfigError,
     IdentifiableData,
     IntegrityError,
+    OutboundRefused,
     ReceiptError,
     ResidencyViolation,
     ShuttingDown,
@@ -449,7 +450,11 @@ class Outbox:
             peer=rec.peer_node,
             object_id=rec.object_id,
             transfer_id=rec.transfer_id,
-            details={"reason": type(exc).__name__, "action": "send refused"},
+            details={
+                "reason": type(exc).__name__,
+                "action": "send refused",
+                **({"check": exc.check} if isinstance(exc, OutboundRefused) else {}),
+            },
         )
         log.error("transfer %s to %s refused: %s", rec.transfer_id, rec.peer_node, exc)
 
