@@ -40,6 +40,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from pydicom import dcmread, dcmwrite
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
@@ -69,6 +70,7 @@ DATE_OFFSET_RANGE: tuple[int, int] = (-3650, -365)
 MIN_KEY_BYTES = 16
 _UID_LABEL = b"yigong.deid.uid.v1\x00"
 _DATE_LABEL = b"yigong.deid.date-offset.v1\x00"
+_RECIPIENT_LABEL = b"yigong.deid.recipient.v1\x00"
 
 BURNED_IN_MODALITIES = frozenset({"US", "SC", "XC", "OT", "ES"})
 SECONDARY_CAPTURE_CLASSES = frozenset(
@@ -102,6 +104,23 @@ def check_unchanged(before: tuple[str, str], after: tuple[str, str], sop_uid: st
 
 class BurnedInAnnotationHeld(ValidationError):
     """The instance may show patient data in its pixels; it is held for a clinician."""
+
+
+class DeidRefused(ValidationError):
+    """The instance cannot be de-identified into a valid, useful object; not produced."""
+
+
+def refused_sequence(tag: int, items: int, sop_uid: str) -> DeidRefused:
+    """Why an instance whose D-action sequence ``tag`` holds ``items`` items is refused."""
+    keyword = keyword_for_tag(tag) or "sequence"
+    return DeidRefused(
+        f"instance {sop_uid or '(no SOP Instance UID)'} not de-identified: "
+        f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {keyword} holds {items} item(s), which "
+        "PS3.15 Table E.1-1 replaces by a dummy (action D); no valid dummy item can be made "
+        "without the document's template, and emptying it would empty the document "
+        "(e.g. the content of a Structured Report or Key Object Selection), so the "
+        "instance is not released"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,14 +282,20 @@ def dummy_value(vr: str) -> Any:
     return DUMMY_VALUES.get(vr, "X")
 
 
+DOCUMENT_DUMMY_LENGTH = len(DUMMY_VALUES["OB"])
+"""Encapsulated Document Length of a de-identified instance: the Encapsulated Document
+(action D) is replaced by the OB dummy, so its length is the dummy's."""
+
+
 class _Pass:
     """One de-identification pass over one instance."""
 
-    def __init__(self, deid: Deidentifier, pseudonym: str) -> None:
+    def __init__(self, deid: Deidentifier, pseudonym: str, sop_uid: str = "") -> None:
         self.deid = deid
         self.profile = deid.profile
         self.pseudonym = pseudonym
         self.offset = deid.date_offset_days(pseudonym)
+        self.sop_uid = sop_uid  # only named in a refusal
         self.counts: Counter[str] = Counter()
 
     def walk(self, ds: Dataset, in_clean: bool) -> None:
@@ -290,7 +315,15 @@ class _Pass:
             for item in elem.value or ():
                 self.walk(item, in_clean or treatment is Treatment.RECURSE_CLEAN)
             return
+        if treatment is Treatment.REFUSE:
+            if elem.value:
+                raise refused_sequence(int(elem.tag), len(elem.value), self.sop_uid)
+            return
         self.counts[treatment.value] += 1
+        if treatment is Treatment.DOCUMENT_LENGTH:
+            # the document is replaced by the dummy: its length is the dummy's
+            elem.value = DOCUMENT_DUMMY_LENGTH
+            return
         if treatment is Treatment.EMPTY:
             elem.value = empty_value_for_VR(elem.VR)
         elif treatment is Treatment.DUMMY:
@@ -338,6 +371,18 @@ class Deidentifier:
 
     def __repr__(self) -> str:
         return f"Deidentifier(options={sorted(o.value for o in self.profile.options)})"
+
+    def for_recipient(self, context: bytes) -> Deidentifier:
+        """The de-identifier of one patient and one destination (``context`` names both).
+
+        Its key is HMAC-SHA256(this key, label + context): UID mapping and date offset
+        are the same for everything one destination receives about one patient, and
+        share nothing with what another destination receives about the same patient.
+        """
+        if not context:
+            raise ConfigError("a recipient de-identifier needs a non-empty context")
+        sub = hmac.new(self._key, _RECIPIENT_LABEL + bytes(context), hashlib.sha256).digest()
+        return Deidentifier(sub, options=self.profile.options, fast=self.fast)
 
     def map_uid(self, uid: str) -> str:
         """The replacement of ``uid`` under this key."""
@@ -406,7 +451,7 @@ class Deidentifier:
         hold_burned_in(burned_in_reason(ds), original_sop, allow_burned_in)
         geo_before, pix_before = geometry_hash(ds), pixel_hash(ds)
         out = ds if in_place else copy.deepcopy(ds)
-        run = _Pass(self, pseudonym)
+        run = _Pass(self, pseudonym, original_sop)
         run.walk(out, in_clean=False)
         self._finish(out, pseudonym)
         new_sop = str(out.get("SOPInstanceUID", "") or "")

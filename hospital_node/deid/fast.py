@@ -144,6 +144,7 @@ class _Walk:
         self.encodings: list[str] = [default_encoding]
         self.source: dict[int, RawDataElement] = {}  # recorded input top-level elements
         self.output: dict[int, RawDataElement] = {}  # every output top-level element
+        self.refused: tuple[int, int] | None = None  # (tag, items) of a D sequence with items
         cache = _caches.get(run.deid)
         if cache is None:
             cache = _caches[run.deid] = {}
@@ -295,6 +296,11 @@ class _Walk:
         if treatment is Treatment.EMPTY:
             self.run.counts[treatment.value] += 1
             return _header(tag, "SQ", 0)
+        if treatment is Treatment.REFUSE:
+            found, _end = self.items(vstart, length, end)
+            if found and self.refused is None:
+                self.refused = (tag, len(found))  # raised where the engine raises it
+            return _header(tag, "SQ", 0)
         if treatment not in (Treatment.RECURSE, Treatment.RECURSE_CLEAN):
             raise FastPathUnsupported("unexpected treatment of a sequence")
         clean = in_clean or treatment is Treatment.RECURSE_CLEAN
@@ -400,6 +406,7 @@ def deidentify_part10_fast(
         burned_in_reason,
         check_pseudonym,
         hold_burned_in,
+        refused_sequence,
     )
 
     meta_raw, body = _meta_elements(data)
@@ -428,6 +435,8 @@ def deidentify_part10_fast(
     except Exception as exc:
         raise FastPathUnsupported(f"value not handled: {type(exc).__name__}") from exc
     hold_burned_in(reason, original_sop, allow_burned_in)
+    if walk.refused is not None:
+        raise refused_sequence(walk.refused[0], walk.refused[1], original_sop)
 
     # finishing attributes (the engine's own _finish) and the file meta
     try:
