@@ -85,7 +85,9 @@ class _Scan:
         self.profile = profile
         self.pseudonym = pseudonym
         self.dates_declared = dates_declared
+        self.first: list[str] = []  # the patient's name and ID: listed first
         self.findings: list[str] = []
+        self.untabled: list[str] = []  # unlisted free text: listed last
 
     def walk(self, ds: Dataset, path: str, in_clean: bool) -> None:
         for tag in list(ds.keys()):
@@ -106,7 +108,11 @@ class _Scan:
                     self.walk(item, prefix, in_clean or treatment is Treatment.RECURSE_CLEAN)
                 continue
             reason = self.check(treatment, elem.VR, element_values(elem), code)
-            if reason:
+            if reason and treatment is Treatment.PSEUDONYM:
+                self.first.append(_describe(path, tag, reason))
+            elif reason and not code and treatment is Treatment.CLEAN_TEXT:
+                self.untabled.append(_describe(path, tag, "text not in Table E.1-1 not cleaned"))
+            elif reason:
                 self.findings.append(_describe(path, tag, reason))
 
     def check_method(self, ds: Dataset, tag: int) -> None:
@@ -186,7 +192,7 @@ def scan_for_identifiers(
     scan = _Scan(profile, pseudonym, declared.strip() == "MODIFIED")
     scan.walk(ds, "", in_clean=False)
 
-    findings = scan.findings
+    findings = scan.first + scan.findings + scan.untabled
     for tag in (PATIENT_NAME_TAG, PATIENT_ID_TAG):
         if tag not in ds:
             findings.append(_describe("", tag, "missing; must be the case pseudonym"))
