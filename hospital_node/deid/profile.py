@@ -146,7 +146,6 @@ KEPT_BY_NAME: Mapping[str, str] = {
     "CodingSchemeDesignator": "names the coding scheme of a code",
     "CodingSchemeVersion": "version of the coding scheme of a code",
     "LongCodeValue": "coded-entry identifier from a coding scheme",
-    "URNCodeValue": "coded-entry identifier from a coding scheme",
     "RescaleType": "units of the rescaled pixel values: part of the geometry, never changed",
 }
 """Free-text attributes not listed in Table E.1-1 that are kept verbatim, by keyword,
