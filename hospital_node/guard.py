@@ -7,10 +7,10 @@ bare data set starting with a group 0002/0008 element), because a careless or ho
 upload may arrive as ``application/octet-stream``. A DICOM object is re-parsed from the
 store and re-scanned (:func:`hospital_node.deid.scan_for_identifiers`) against the
 pseudonym its case was released under to that destination (per patient and
-destination, :mod:`hospital_node.vault`); any finding refuses the send naming the attributes (never their
-values). Even a clean DICOM object is refused unless this node's release produced it
-for that destination after a clinician's confirmation. Other objects (design files,
-reports) pass.
+destination, :mod:`hospital_node.vault`); any finding refuses the send naming the
+attributes (never their values). Even a clean DICOM object is refused unless this
+node's release produced it for that destination after a clinician's confirmation.
+Other objects (design files, reports) pass.
 
 :meth:`OutgoingGuard.check_receipt` compares the receiver's receipt facts for a released
 instance (SOP Instance UID, pixel and geometry hashes) with what the release recorded.

@@ -147,7 +147,9 @@ def test_overlay_groups_are_removed_entirely() -> None:
     assert [t for t in out.keys() if 0x6000 <= t >> 16 <= 0x60FF] == []
     assert b"JANE" not in to_part10(out)
     out.add_new(0x60000010, "US", 4)
-    assert scan_for_identifiers(out, CASE) == ["(6000,0010) OverlayRows: must be removed (action X)"]
+    assert scan_for_identifiers(out, CASE) == [
+        "(6000,0010) OverlayRows: must be removed (action X)"
+    ]
 
 
 @pytest.mark.parametrize("offset", ["+0800", "-0500", "+0100", "CET", "Europe/Berlin"])
@@ -224,7 +226,9 @@ def text_item(text: str) -> Dataset:
     return item
 
 
-@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.88.59"])
+@pytest.mark.parametrize(
+    "sop_class", ["1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.88.59"]
+)
 def test_content_sequence_with_items_refuses_the_instance_with_its_reason(sop_class: str) -> None:
     """Emptying it would empty the document; no valid dummy item exists: refused."""
     message = check_same_refusal(to_part10(report([text_item("DOE JANE, fracture")], sop_class)))
