@@ -335,7 +335,7 @@ def test_date_shift_preserves_intervals_across_studies() -> None:
     assert _day(first.StudyDate) == date(2024, 3, 15) + timedelta(days=offset)
     assert (_day(second.StudyDate) - _day(first.StudyDate)).days == 87
     assert first.AcquisitionDateTime[:8] == first.StudyDate
-    assert first.AcquisitionDateTime[8:] == "093505.250000+0800"
+    assert first.AcquisitionDateTime[8:] == "093505.250000"  # the UTC offset is dropped
     assert first.StudyTime == "093012" and first.AcquisitionTime == "093505.250"
     assert first.PatientBirthDate == "" and PATIENT_BIRTH_DATE not in str(first)
     offsets = {Deidentifier(KEY).date_offset_days(f"CASE-{n}") for n in range(20)}
@@ -351,8 +351,8 @@ def test_date_shift_preserves_intervals_across_studies() -> None:
         ("2024", "2024"),
         ("202403", "202402"),
         ("20240315", "20240214"),
-        ("2024+0800", "2024+0800"),
-        ("20240315101500.5-0500", "20240214101500.5-0500"),
+        ("2024+0800", "2024"),  # a UTC offset would tell the season of the real date
+        ("20240315101500.5-0500", "20240214101500.5"),
         ("nonsense", None),
         ("", ""),
     ],

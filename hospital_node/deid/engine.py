@@ -12,10 +12,13 @@ Descriptors, applied recursively to every sequence item.
   unlinkable without the key. UIDs under the DICOM root (1.2.840.10008.) are
   well-known UIDs, not instance identifiers, and are kept.
 - Dates (every DA and the date part of every DT that is kept) are shifted by a whole
-  number of days in [-3650, -365] derived from the key and the case pseudonym, so all
+  number of days in [-3650, -365] derived from the key and the pseudonym, so all
   intervals of one patient are preserved; times are unchanged. Partial DT values keep
-  their precision. A value that is not a date is replaced by a fixed dummy date.
-- Patient's Name and Patient ID become the case pseudonym; Patient Identity Removed,
+  their precision; a DT's UTC offset suffix is dropped (it would tell the season). A
+  value that is not a date is replaced by a fixed dummy date.
+- The release de-identifies with :meth:`Deidentifier.for_recipient`: one key (so one
+  UID mapping and one date offset) and one pseudonym per patient and destination.
+- Patient's Name and Patient ID become the pseudonym; Patient Identity Removed,
   De-identification Method (+ Code Sequence, CID 7050) and Longitudinal Temporal
   Information Modified (PS3.15 E.3.6) are set.
 - Pixel data and geometry are never touched: both hashes of :mod:`gateway.fidelity.dicom`
@@ -173,14 +176,18 @@ def shift_date(value: str, days: int) -> str | None:
 
 
 def shift_datetime(value: str, days: int) -> str | None:
-    """Shift the date part of a DT value by ``days``, keeping time, offset and precision."""
+    """Shift the date part of a DT value by ``days``, keeping time and precision.
+
+    A UTC offset suffix (``+0100``) is dropped, like Timezone Offset From UTC: with the
+    date shifted, a daylight-saving offset would tell the season of the real date.
+    """
     text = value.strip(" \x00")
     if not text:
         return ""
     m = _DT_RE.fullmatch(text)
     if not m:
         return None
-    year, month, day, time_part, offset = m.groups()
+    year, month, day, time_part, _offset = m.groups()
     if time_part and not day:
         return None
     new = _shifted(year, month, day, days)
@@ -191,7 +198,13 @@ def shift_datetime(value: str, days: int) -> str | None:
         out += f"{new.month:02d}"
     if day:
         out += f"{new.day:02d}"
-    return out + (time_part or "") + (offset or "")
+    return out + (time_part or "")
+
+
+def has_utc_offset(value: str) -> bool:
+    """Whether a DT value ends in a UTC offset suffix (``+hhmm`` / ``-hhmm``)."""
+    m = _DT_RE.fullmatch(value.strip(" \x00"))
+    return bool(m and m.group(5))
 
 
 def burned_in_reason(ds: Dataset) -> str | None:

@@ -40,6 +40,7 @@ from hospital_node.deid.engine import (
     dummy_value,
     element_values,
     element_vr,
+    has_utc_offset,
     method_code_items,
     method_description,
 )
@@ -170,6 +171,8 @@ class _Scan:
             ok = all(clean_text(str(v)) == str(v) for v in values)
             return None if ok else "descriptor not cleaned (action C)"
         if treatment is Treatment.SHIFT_DATE:
+            if vr == "DT" and any(has_utc_offset(str(v)) for v in values):
+                return "date-time keeps a UTC offset (it would tell the season)"
             ok = self.dates_declared or all(_is_dummy(vr, v) for v in values)
             return None if ok else "date present but dates are not declared MODIFIED"
         if treatment is Treatment.KEEP_VALID:
