@@ -188,7 +188,7 @@ def test_without_options_the_basic_profile_applies() -> None:
         (tag("MakerNote"), "OB", False, Treatment.REMOVE),  # C on OB falls back to X
         (tag("FrameOriginTimestamp"), "OB", False, Treatment.DUMMY),  # C on OB -> basic D
         (tag("RequestAttributesSequence"), "SQ", False, Treatment.RECURSE_CLEAN),
-        (tag("ReferencedImageSequence"), "SQ", False, Treatment.RECURSE),
+        (tag("ReferencedImageSequence"), "SQ", False, Treatment.RECURSE_REFERENCE),
         (tag("ReferencedStudySequence"), "SQ", False, Treatment.EMPTY),
         (tag("ContentSequence"), "SQ", False, Treatment.REFUSE),  # plain D on SQ: refuse
         (tag("InstitutionCodeSequence"), "SQ", False, Treatment.EMPTY),  # X/Z/D on SQ

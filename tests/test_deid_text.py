@@ -271,3 +271,55 @@ def test_d_sequences_are_emptied_removed_or_refused_by_their_basic_code() -> Non
     data = to_part10(report([text_item("x")]))
     with pytest.raises(DeidRefused):
         deidentify_part10_fast(Deidentifier(KEY), data, CASE, allow_burned_in=False)
+
+
+# --- sequences kept for their references --------------------------------------------------
+
+
+@pytest.mark.parametrize("keyword", ["ReferencedImageSequence", "SourceImageSequence"])
+def test_reference_sequence_items_keep_only_what_references(keyword: str) -> None:
+    """Action U on a sequence: UIDs (mapped), numbers, coded strings and codes stay; every
+    other element goes, even text made only of allowlisted words and nested deeper."""
+    purpose = Dataset()
+    purpose.CodeValue = "121320"
+    purpose.CodingSchemeDesignator = "DCM"
+    purpose.CodeMeaning = "Uncompressed predecessor JANE"
+    purpose.ContextIdentifier = "7201"
+    item = Dataset()
+    item.ReferencedSOPClassUID = CTImageStorage
+    item.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.77.2"
+    item.ReferencedFrameNumber = "3"
+    item.SpatialLocationsPreserved = "YES"
+    item.PurposeOfReferenceCodeSequence = Sequence([purpose])
+    item.SeriesDescription = "AXIAL BONE"  # allowlisted words: cleaning alone would keep it
+    item.ContentDate = "20240315"
+    item.OperatorsName = "DOE^JANE"
+    item.add_new(0x00420011, "OB", b"%PDF JANE")
+    purpose.ContentDate = "20240315"
+    ds = base_dataset()
+    setattr(ds, keyword, Sequence([item]))
+    out = dcmread(io.BytesIO(check_equivalent(to_part10(ds))))
+    (kept,) = getattr(out, keyword)
+    assert sorted(e.keyword for e in kept) == [
+        "PurposeOfReferenceCodeSequence",
+        "ReferencedFrameNumber",
+        "ReferencedSOPClassUID",
+        "ReferencedSOPInstanceUID",
+        "SpatialLocationsPreserved",
+    ]
+    assert kept.ReferencedSOPInstanceUID == ENGINE.map_uid("1.2.826.0.1.3680043.8.498.77.2")
+    (code,) = kept.PurposeOfReferenceCodeSequence
+    assert sorted(e.keyword for e in code) == [
+        "CodeMeaning",
+        "CodeValue",
+        "CodingSchemeDesignator",
+        "ContextIdentifier",
+    ]
+    assert (code.CodeValue, code.CodingSchemeDesignator) == ("121320", "DCM")
+    assert "JANE" not in code.CodeMeaning
+    assert scan_for_identifiers(out, CASE) == []
+    kept.SeriesDescription = "AXIAL BONE"
+    assert scan_for_identifiers(out, CASE) == [
+        f"({ds[keyword].tag >> 16:04X},{ds[keyword].tag & 0xFFFF:04X})[0].(0008,103E) "
+        "SeriesDescription: must be removed (action X)"
+    ]

@@ -56,10 +56,12 @@ from hospital_node.deid.profile import (
     DEFAULT_OPTIONS,
     DUMMY_VALUES,
     OPTION_CODES,
+    RECURSE_TREATMENTS,
     TABLE_EDITION,
     ConfidentialityProfile,
     Option,
     Treatment,
+    child_context,
     default_profile,
     dictionary_vr,
     well_formed,
@@ -311,7 +313,7 @@ class _Pass:
         self.sop_uid = sop_uid  # only named in a refusal
         self.counts: Counter[str] = Counter()
 
-    def walk(self, ds: Dataset, in_clean: bool) -> None:
+    def walk(self, ds: Dataset, in_clean: int) -> None:
         for tag in list(ds.keys()):
             vr = element_vr(ds, tag)
             treatment, _code = self.profile.treatment(tag, vr, in_clean_sequence=in_clean)
@@ -323,10 +325,10 @@ class _Pass:
                 continue
             self.apply(ds[tag], treatment, in_clean)
 
-    def apply(self, elem: DataElement, treatment: Treatment, in_clean: bool) -> None:
-        if treatment in (Treatment.RECURSE, Treatment.RECURSE_CLEAN):
+    def apply(self, elem: DataElement, treatment: Treatment, in_clean: int) -> None:
+        if treatment in RECURSE_TREATMENTS:
             for item in elem.value or ():
-                self.walk(item, in_clean or treatment is Treatment.RECURSE_CLEAN)
+                self.walk(item, child_context(in_clean, treatment))
             return
         if treatment is Treatment.REFUSE:
             if elem.value:

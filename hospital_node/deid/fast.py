@@ -54,7 +54,12 @@ from gateway.fidelity.dicom import (
     geometry_hash,
     pixel_hash,
 )
-from hospital_node.deid.profile import Treatment, dictionary_vr
+from hospital_node.deid.profile import (
+    RECURSE_TREATMENTS,
+    Treatment,
+    child_context,
+    dictionary_vr,
+)
 
 if TYPE_CHECKING:
     from hospital_node.deid.engine import Deidentifier, DeidResult, _Pass
@@ -121,7 +126,7 @@ def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:
     return RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True, True, False)
 
 
-_CacheKey = tuple[str, tuple[str, ...], int, str, bytes, Treatment, bool]
+_CacheKey = tuple[str, tuple[str, ...], int, str, bytes, Treatment, int]
 _CacheValue = tuple[bytes, int, tuple[tuple[str, int], ...]]
 _CACHE_LIMIT = 4096
 _caches: weakref.WeakKeyDictionary[Deidentifier, dict[_CacheKey, _CacheValue]] = (
@@ -234,7 +239,7 @@ class _Walk:
 
     # -- de-identification -----------------------------------------------------------
     def dataset(
-        self, pos: int, end: int, *, in_clean: bool, top: bool, undefined: bool = False
+        self, pos: int, end: int, *, in_clean: int, top: bool, undefined: bool = False
     ) -> list[tuple[int, bytes]]:
         """The de-identified elements (tag, encoding) of the data set in ``data[pos:end]``."""
         data = self.data
@@ -291,7 +296,7 @@ class _Walk:
         return out
 
     def sequence(
-        self, tag: int, treatment: Treatment, length: int, vstart: int, end: int, in_clean: bool
+        self, tag: int, treatment: Treatment, length: int, vstart: int, end: int, in_clean: int
     ) -> bytes:
         if treatment is Treatment.EMPTY:
             self.run.counts[treatment.value] += 1
@@ -301,9 +306,9 @@ class _Walk:
             if found and self.refused is None:
                 self.refused = (tag, len(found))  # raised where the engine raises it
             return _header(tag, "SQ", 0)
-        if treatment not in (Treatment.RECURSE, Treatment.RECURSE_CLEAN):
+        if treatment not in RECURSE_TREATMENTS:
             raise FastPathUnsupported("unexpected treatment of a sequence")
-        clean = in_clean or treatment is Treatment.RECURSE_CLEAN
+        clean = child_context(in_clean, treatment)
         found, _end = self.items(vstart, length, end)
         parts: list[bytes] = []
         for start, stop, undefined in found:
@@ -315,7 +320,7 @@ class _Walk:
         return _header(tag, "SQ", len(value)) + value
 
     def changed(
-        self, tag: int, vr: str, value: bytes, treatment: Treatment, in_clean: bool
+        self, tag: int, vr: str, value: bytes, treatment: Treatment, in_clean: int
     ) -> tuple[bytes, int]:
         """Decode one element with pydicom, apply the engine's change, encode it again."""
         key = (self.run.pseudonym, tuple(self.encodings), tag, vr, value, treatment, in_clean)

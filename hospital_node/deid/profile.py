@@ -30,7 +30,9 @@ Action resolution (:func:`resolve_action`), in order:
    would empty the document;
    U keeps reference sequences (Referenced Image / Source Image)
    and replaces every UID inside them consistently, preserving the links between
-   instances.
+   instances; their items keep only what references (UIDs, numbers, coded strings,
+   nested sequences, coded entries with Code Meaning cleaned), see
+   :data:`REFERENCE_VRS`.
 3. C ("clean") is applied by VR: DA/DT dates are shifted by the per-patient offset;
    TM is kept (the shift is a whole number of days, so time of day is unchanged);
    text VRs are cleaned with the allowlist (:mod:`hospital_node.deid.clean`);
@@ -206,10 +208,35 @@ class Treatment(Enum):
     SHIFT_DATE = "shift-date"
     RECURSE = "recurse"
     RECURSE_CLEAN = "recurse-clean"
+    RECURSE_REFERENCE = "recurse-reference"
     KEEP = "keep"
     KEEP_VALID = "keep-if-well-formed"
     REFUSE = "refuse-if-items"
     DOCUMENT_LENGTH = "document-length"
+
+
+IN_REFERENCE = 2
+"""``in_clean_sequence`` value inside a sequence kept for its references (action U on a
+sequence: Referenced Image, Source Image). 0 = plain, 1 = inside a cleaned sequence."""
+REFERENCE_VRS = frozenset(
+    {"UI", "SQ", "CS", "IS", "US", "UL", "SS", "SL", "UV", "SV", "FL", "FD", "DS", "AT"}
+)
+"""What an item of a reference sequence keeps: UIDs, numbers (frame and segment numbers),
+coded strings and nested sequences, plus the coded entries of :data:`KEPT_BY_NAME` and
+Code Meaning (cleaned), which a Purpose of Reference code needs to stay valid."""
+CODE_MEANING_TAG = 0x00080104
+
+
+def child_context(context: int, treatment: Treatment) -> int:
+    """The ``in_clean_sequence`` value for the items of a sequence given ``treatment``."""
+    if context == IN_REFERENCE or treatment is Treatment.RECURSE_REFERENCE:
+        return IN_REFERENCE
+    return 1 if context or treatment is Treatment.RECURSE_CLEAN else 0
+
+
+RECURSE_TREATMENTS = frozenset(
+    {Treatment.RECURSE, Treatment.RECURSE_CLEAN, Treatment.RECURSE_REFERENCE}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +361,7 @@ class ConfidentialityProfile:
                 return pattern
         return None
 
-    def treatment(self, tag: int, vr: str, *, in_clean_sequence: bool) -> tuple[Treatment, str]:
+    def treatment(self, tag: int, vr: str, *, in_clean_sequence: int) -> tuple[Treatment, str]:
         """Decide what happens to element ``tag`` with runtime ``vr``.
 
         Returns the treatment and the table code it came from (for counting and for
@@ -349,6 +376,13 @@ class ConfidentialityProfile:
             # every element of an overlay (not only its data and comments); the timezone
             # offset would tell the season (daylight saving) of the shifted dates
             return Treatment.REMOVE, "X"
+        if (
+            in_clean_sequence == IN_REFERENCE
+            and vr not in REFERENCE_VRS
+            and tag not in KEPT_BY_NAME_TAGS
+            and tag != CODE_MEANING_TAG
+        ):
+            return Treatment.REMOVE, "X"  # a reference item keeps only what references
         if tag in (PATIENT_NAME_TAG, PATIENT_ID_TAG):
             return Treatment.PSEUDONYM, "D"
         if tag == ENCAPSULATED_DOCUMENT_LENGTH_TAG:
@@ -375,8 +409,10 @@ class ConfidentialityProfile:
             return Treatment.REMOVE  # X/D: absent is valid where it is type 3
         return Treatment.REFUSE  # plain D: emptying it would empty the document
 
-    def _untabled(self, tag: int, vr: str, in_clean_sequence: bool) -> Treatment:
+    def _untabled(self, tag: int, vr: str, in_clean_sequence: int) -> Treatment:
         if vr == "SQ":
+            if in_clean_sequence == IN_REFERENCE:
+                return Treatment.RECURSE_REFERENCE
             return Treatment.RECURSE_CLEAN if in_clean_sequence else Treatment.RECURSE
         if vr in DATE_VRS and self.shift_dates:
             return Treatment.SHIFT_DATE
@@ -410,7 +446,8 @@ class ConfidentialityProfile:
         if action is Action.UID:
             if vr == "UI":
                 return Treatment.MAP_UID
-            return Treatment.RECURSE if vr == "SQ" else Treatment.DUMMY
+            # a sequence kept for its references keeps only what references
+            return Treatment.RECURSE_REFERENCE if vr == "SQ" else Treatment.DUMMY
         # KEEP (retained patient characteristics and the like). A retained value must
         # still be what its VR says: free text is cleaned, formatted values (age, code
         # string, decimal) are kept only when well-formed - "Jane Doe age" is no age.

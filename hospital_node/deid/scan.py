@@ -49,9 +49,11 @@ from hospital_node.deid.profile import (
     DEFAULT_OPTIONS,
     PATIENT_ID_TAG,
     PATIENT_NAME_TAG,
+    RECURSE_TREATMENTS,
     ConfidentialityProfile,
     Option,
     Treatment,
+    child_context,
     default_profile,
     well_formed,
 )
@@ -90,7 +92,7 @@ class _Scan:
         self.findings: list[str] = []
         self.untabled: list[str] = []  # unlisted free text: listed last
 
-    def walk(self, ds: Dataset, path: str, in_clean: bool) -> None:
+    def walk(self, ds: Dataset, path: str, in_clean: int) -> None:
         for tag in list(ds.keys()):
             if not path and tag in (METHOD_TAG, METHOD_CODES_TAG):
                 self.check_method(ds, tag)  # written by the de-identifier itself
@@ -103,10 +105,10 @@ class _Scan:
                 self.check_removed(ds, tag, path, code)
                 continue
             elem = ds[tag]
-            if treatment in (Treatment.RECURSE, Treatment.RECURSE_CLEAN):
+            if treatment in RECURSE_TREATMENTS:
                 for i, item in enumerate(elem.value or ()):
                     prefix = f"{path}({tag >> 16:04X},{tag & 0xFFFF:04X})[{i}]."
-                    self.walk(item, prefix, in_clean or treatment is Treatment.RECURSE_CLEAN)
+                    self.walk(item, prefix, child_context(in_clean, treatment))
                 continue
             reason = self.check(treatment, elem.VR, element_values(elem), code)
             if reason and treatment is Treatment.PSEUDONYM:
