@@ -7,12 +7,15 @@ stored is read back from its own store:
 - one patient, two cases, one manufacturer: the same pseudonym and the same date offset
   (so the interval between the patient's studies is kept), consistent UIDs;
 - the same patient to two manufacturers: no pseudonym, offset or UID in common;
-- a case released before per-patient pseudonyms keeps its per-case scheme;
+- a case released before per-patient pseudonyms keeps its per-case scheme, and the vault
+  schema migration keeps every existing row;
 - a Structured Report in a study is refused with its reason, the images are released.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import os
 from collections.abc import Iterator
@@ -20,13 +23,21 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from gateway.catalog import Catalog
 from gateway.errors import ValidationError
-from hospital_node.vault import SCHEME_CASE
+from hospital_node.vault import (
+    MIGRATIONS,
+    SCHEME_CASE,
+    PatientIdentity,
+    PseudonymVault,
+    _derive,
+)
 from tests.cluster import Federation, InProcessNode, write_config
 from tests.dicom_factory import PATIENT_ID
 from tests.test_hospital_release import (
@@ -245,3 +256,38 @@ def test_structured_report_is_refused_with_its_reason_and_the_images_released(
     ]
     wait_done(hospital, reply.transfer_ids)
     assert len(received(f1, "CASE-SR")) == 2
+
+
+def test_vault_schema_migration_keeps_every_existing_row(tmp_path: Path) -> None:
+    """A catalog with the first vault schema (per-case pseudonyms only) gains the recipient
+    table; its rows, their patients and their per-case pseudonyms are unchanged."""
+    key = bytes(range(1, 33))
+    path = tmp_path / "catalog.sqlite"
+    old = Catalog(path)
+    old.extend("hospital_vault", MIGRATIONS[:1])  # the schema before this change
+    patient = PatientIdentity("MRN-1", "DOE^JANE", "19800101", "HOSPITAL MRN")
+    aead = AESGCM(_derive(key, b"yigong.vault.encryption.v1"))
+    nonce = b"\x01" * 12
+    legacy = "YG-" + hmac.new(
+        _derive(key, b"yigong.vault.pseudonym.v1"), b"CASE-OLD", hashlib.sha256
+    ).hexdigest()[:12].upper()
+    with old.transaction() as db:
+        db.execute(
+            "INSERT INTO hospital_vault VALUES (?, ?, ?, ?, ?)",
+            ("CASE-OLD", legacy, nonce,
+             aead.encrypt(nonce, patient.to_bytes(), b"yigong.vault.row.v1\x00CASE-OLD"),
+             "2026-01-01T00:00:00Z"),
+        )  # fmt: skip
+    vault = PseudonymVault(Catalog(path), key)  # applies the second migration
+    assert vault.lookup("CASE-OLD").same_patient(patient)
+    assert vault.case_pseudonym("CASE-OLD") == legacy == vault.pseudonym("CASE-OLD")
+    assert vault.pseudonym("CASE-OLD", "factory-1") == legacy  # nothing newer recorded
+    assert vault.lookup_pseudonym(legacy)[0] == "CASE-OLD"
+    assert vault.recipient("CASE-OLD", "factory-1") is None
+    fresh = vault.recipient_for(patient, "factory-1")
+    assert fresh.pseudonym != legacy and "MRN-1" not in repr(fresh)
+    assert fresh != vault.recipient_for(patient, "factory-2")
+    versions = Catalog(path).query(
+        "SELECT version FROM schema_versions WHERE namespace = 'hospital_vault'"
+    )
+    assert [int(r[0]) for r in versions] == [len(MIGRATIONS)] == [2]
