@@ -1,8 +1,8 @@
 """Text the table does not list, overlays, timezone, encapsulated documents, SR/KO.
 
-Every free-text attribute of pydicom's data dictionary (VR SH, LO, ST, LT, UT, UC, PN;
-listed in Table E.1-1 or not) gets a unique canary token, at top level and nested in
-the sequences an outside probe found leaking (kept for their references, or simply not
+Every free-text attribute of pydicom's data dictionary (VR SH, LO, ST, LT, UT, UC, PN,
+and the URLs, UR; listed in Table E.1-1 or not) gets a unique canary token, at top level
+and nested in the sequences an outside probe found leaking (kept for their references, or simply not
 listed: Referenced Image, Source Image, Anatomic Region, Derivation Code, Contrast/Bolus
 Agent, Real World Value Mapping, Purpose of Reference two levels deep) and in a cleaned
 one (Request Attributes). Both paths (the engine and the byte-walking fast path) must
@@ -32,7 +32,7 @@ from tests.test_deid_fast import check_equivalent, check_same_refusal
 KEY = b"federation-test-key-0123456789abcdef"
 CASE = "CASE-2024-0001"
 ENGINE = Deidentifier(KEY, fast=False)
-FREE_TEXT = ("SH", "LO", "ST", "LT", "UT", "UC", "PN")
+FREE_TEXT = ("SH", "LO", "ST", "LT", "UT", "UC", "PN", "UR")
 
 TEXT_ATTRIBUTES: dict[str, list[tuple[int, str]]] = {
     vr: sorted(
@@ -113,8 +113,10 @@ def test_the_kept_by_name_list_is_explicit_and_only_free_text() -> None:
         "CodingSchemeVersion",
         "LongCodeValue",
         "RescaleType",
+        "URNCodeValue",
+        "CodingSchemeURL",
     }
-    assert all(by_keyword[k] in FREE_TEXT for k in KEPT_BY_NAME)
+    assert all(by_keyword[k] in (*FREE_TEXT, "UR") for k in KEPT_BY_NAME)
     assert all(reason for reason in KEPT_BY_NAME.values())
 
 

@@ -51,7 +51,8 @@ Patient ID get the pseudonym; any other PN attribute gets a dummy; a public attr
 unknown to the data dictionary with VR UN (an opaque blob that cannot be inspected)
 is removed. Every free-text attribute (SH, LO, ST, LT, UT, UC) the table does not
 list is cleaned with the allowlist at any depth, top level or nested in any
-sequence, unless :data:`KEPT_BY_NAME` keeps it by keyword; everything else not in
+sequence, and every URL (UR) it does not list is removed (a Retrieve URL holds the
+original UIDs), unless :data:`KEPT_BY_NAME` keeps it by keyword; everything else not in
 the table is kept, with dates shifted and sequences recursed into.
 """
 
@@ -149,9 +150,12 @@ KEPT_BY_NAME: Mapping[str, str] = {
     "CodingSchemeVersion": "version of the coding scheme of a code",
     "LongCodeValue": "coded-entry identifier from a coding scheme",
     "RescaleType": "units of the rescaled pixel values: part of the geometry, never changed",
+    "URNCodeValue": "coded-entry identifier from a coding scheme (a URN)",
+    "CodingSchemeURL": "where a coding scheme is published, not about the patient",
 }
-"""Free-text attributes not listed in Table E.1-1 that are kept verbatim, by keyword,
-with the reason. Every other unlisted free-text attribute is cleaned (any depth)."""
+"""Free-text (and URL) attributes not listed in Table E.1-1 that are kept verbatim, by
+keyword, with the reason. Every other unlisted free-text attribute is cleaned and every
+other unlisted URL (UR) removed, at any depth."""
 
 CODED_ENTRY_TAGS = frozenset(
     {
@@ -422,6 +426,8 @@ class ConfidentialityProfile:
             return Treatment.REMOVE
         if vr in FREE_TEXT_VRS and tag not in KEPT_BY_NAME_TAGS:
             return Treatment.CLEAN_TEXT  # at any depth, in any sequence
+        if vr == "UR" and tag not in KEPT_BY_NAME_TAGS:
+            return Treatment.REMOVE  # a retrieve/storage URL names the hospital's originals
         return Treatment.KEEP
 
     def _clean_treatment(self, vr: str) -> Treatment | None:
