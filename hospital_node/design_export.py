@@ -147,7 +147,7 @@ class DesignExporter:
         vault: PseudonymVault,
         releases: ReleaseStore,
         cases: Callable[[], CaseService],
-        uid_map: Callable[[str], str],
+        uid_map: Callable[[str, str, str], str],
         send: Sender,
         equipment: Equipment | None = None,
     ) -> None:
@@ -409,7 +409,9 @@ class DesignExporter:
         for keys, at in ((STUDY_KEYS, 0), (SERIES_KEYS, 1)):
             key, named = _named(params, keys)
             if named:
-                candidates = [c for c in candidates if self._is(named, c[at])]
+                candidates = [
+                    c for c in candidates if self._is(named, c[at], case_id, manufacturer)
+                ]
                 if not candidates:
                     raise ValidationError(
                         f"case {case_id}: the design output names {key} {_shown(named)}, which "
@@ -419,7 +421,9 @@ class DesignExporter:
         for study, series, object_id in candidates:
             ds, data = self._original(case_id, study, series, object_id)
             frame = str(ds.get("FrameOfReferenceUID", "") or "").strip()
-            if frame and (not named_frame or self._is(named_frame, frame)):
+            if frame and (
+                not named_frame or self._is(named_frame, frame, case_id, manufacturer)
+            ):
                 return _Source(study, series, frame, ds, data)
         if named_frame:
             raise ValidationError(
@@ -450,9 +454,10 @@ class DesignExporter:
             )
         return ds, data
 
-    def _is(self, named: str, original_uid: str) -> bool:
-        """Whether a UID from the design output is ``original_uid`` or its keyed mapping."""
-        return named in (original_uid, self._uid_map(original_uid))
+    def _is(self, named: str, original_uid: str, case_id: str, manufacturer: str) -> bool:
+        """Whether a UID from the design output is ``original_uid`` or its keyed mapping
+        (as the manufacturer received it for this case: per patient and destination)."""
+        return named in (original_uid, self._uid_map(case_id, manufacturer, original_uid))
 
 
 def _named(params: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str, str]:

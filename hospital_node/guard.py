@@ -6,11 +6,13 @@ or when its bytes look like DICOM whatever it is called (``DICM`` at offset 128,
 bare data set starting with a group 0002/0008 element), because a careless or hostile
 upload may arrive as ``application/octet-stream``. A DICOM object is re-parsed from the
 store and re-scanned (:func:`hospital_node.deid.scan_for_identifiers`) against the
-pseudonym of its case; any finding refuses the send naming the attributes (never their
-values). Even a clean DICOM object is refused unless this node's release produced it
-for that destination after a clinician's confirmation. Every other object goes to the
-outbound gate (:class:`hospital_node.outbound.OutboundGate`): case records, and files of
-an allowed type whose content passes the scan for the case patient's identifiers.
+pseudonym its case was released under to that destination (per patient and
+destination, :mod:`hospital_node.vault`); any finding refuses the send naming the
+attributes (never their values). Even a clean DICOM object is refused unless this
+node's release produced it for that destination after a clinician's confirmation.
+Every other object goes to
+the outbound gate (:class:`hospital_node.outbound.OutboundGate`): case records, and files
+of an allowed type whose content passes the scan for the case patient's identifiers.
 
 :meth:`OutgoingGuard.check_receipt` compares the receiver's receipt facts for a released
 instance (SOP Instance UID, pixel and geometry hashes) with what the release recorded.
@@ -79,7 +81,7 @@ class OutgoingGuard:
             return
         oid = obj.object_id
         try:
-            pseudonym = self.vault.pseudonym(obj.case_id)
+            pseudonym = self.vault.pseudonym(obj.case_id, peer)
         except ValidationError as exc:
             raise IdentifiableData(
                 f"DICOM object {oid} has no valid case id, so it cannot have been "

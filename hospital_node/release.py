@@ -6,10 +6,17 @@ Flow of :meth:`Releaser.confirm` (a verified clinician, or an auto-forward rule)
    configured peer, and the study not yet confirmed for that case and destination;
 2. every instance is read from the store; all must belong to one patient, who is
    bound to the case in the pseudonym vault (:mod:`hospital_node.vault`);
-3. each instance is de-identified under the case pseudonym (geometry and pixel hashes
-   checked by the de-identifier); an instance that may show patient data in its
-   pixels is held back unless burned-in annotation was allowed; the de-identified
-   bytes become a new object;
+3. each instance is de-identified for its recipient, i.e. the patient (Patient ID +
+   Issuer) at this destination: one pseudonym, one date offset and one UID mapping
+   per patient and destination (:meth:`PseudonymVault.recipient_for`,
+   :meth:`Deidentifier.for_recipient`), so a patient's cases to one manufacturer are
+   consistent with each other and nothing links them to what another manufacturer
+   receives (a case released to a destination before this scheme keeps its per-case
+   pseudonym and the node-wide key there). Geometry and pixel hashes are checked by
+   the de-identifier; an instance that may show patient data in its pixels is held
+   back unless burned-in annotation was allowed; an instance the de-identifier
+   refuses (e.g. a Structured Report whose content would be emptied) is recorded as
+   failed with the reason; the de-identified bytes become a new object;
 4. the signed confirmation record and one release row per instance are stored in one
    transaction and audited (``case.confirmation``);
 5. each released object passes the outgoing guard and is queued to the destination.
@@ -52,7 +59,14 @@ from hospital_node.release_store import (
     ReleaseStore,
 )
 from hospital_node.studies import InstanceRecord, StudyCatalog
-from hospital_node.vault import PatientIdentity, PseudonymVault, check_case_id, patient_of
+from hospital_node.vault import (
+    SCHEME_CASE,
+    PatientIdentity,
+    PseudonymVault,
+    Recipient,
+    check_case_id,
+    patient_of,
+)
 
 if TYPE_CHECKING:
     from gateway.server import Node
@@ -60,6 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECORD_TYPE = "data_confirmation"
+MAX_CACHED_RECIPIENTS = 64
 DEID_LABEL = f"PS3.15-{TABLE_EDITION}"
 
 
@@ -108,6 +123,41 @@ class Releaser:
         self._studies = studies
         self._check_outgoing = check_outgoing
         self._lock = threading.Lock()
+        self._recipients: dict[bytes, Deidentifier] = {}  # context digest -> de-identifier
+
+    # -- per patient and destination -----------------------------------------------------
+    def deidentifier_for(self, recipient: Recipient) -> Deidentifier:
+        """The de-identifier of ``recipient`` (the node-wide one for the legacy scheme)."""
+        if recipient.context is None:
+            return self.deid
+        digest = hashlib.sha256(recipient.context).digest()
+        found = self._recipients.get(digest)
+        if found is None:
+            if len(self._recipients) >= MAX_CACHED_RECIPIENTS:
+                self._recipients.clear()
+            found = self._recipients[digest] = self.deid.for_recipient(recipient.context)
+        return found
+
+    def recipient(
+        self, case_id: str, destination: str, patient: PatientIdentity | None = None
+    ) -> Recipient:
+        """The recipient ``case_id`` is (or will be) released to ``destination`` as.
+
+        Recorded in the vault: that one. Released there before per-patient pseudonyms
+        (a confirmation but no vault record): the legacy per-case scheme. Otherwise the
+        patient's recipient at ``destination`` (``patient``, else the vault's).
+        """
+        known = self.vault.recipient(case_id, destination)
+        if known is not None:
+            return known
+        if self.records.confirmations_for_case(case_id, destination):
+            return Recipient(self.vault.case_pseudonym(case_id), SCHEME_CASE, None)
+        who = patient if patient is not None else self.vault.lookup(case_id)
+        return self.vault.recipient_for(who, destination)
+
+    def map_uid_for(self, case_id: str, destination: str, uid: str) -> str:
+        """The de-identified form of ``uid`` as ``destination`` received it for the case."""
+        return self.deidentifier_for(self.recipient(case_id, destination)).map_uid(uid)
 
     # -- confirmation ------------------------------------------------------------------
     def confirm(
@@ -201,12 +251,15 @@ class Releaser:
             instances = [i for i in studies.instances(study_uid) if not i.duplicate]
             if not instances:
                 raise StudyNotReady(f"study {study_uid} has no instances to send")
-            patient, rows = self._prepare(study_uid, instances, case_id, allow_burned_in)
+            patient, recipient, rows = self._prepare(
+                study_uid, instances, case_id, destination, allow_burned_in
+            )
             self.vault.store(case_id, patient)
+            self.vault.bind(case_id, destination, recipient)
             record = {
                 "type": RECORD_TYPE,
                 "study_uid": study_uid,
-                "deid_study_uid": self.deid.map_uid(study_uid),
+                "deid_study_uid": self.deidentifier_for(recipient).map_uid(study_uid),
                 "case_id": case_id,
                 "destination": destination,
                 "clinician": {"label": signer.label, "serial": signer.serial},
@@ -249,11 +302,17 @@ class Releaser:
         return ConfirmResult(confirmation, released, transfer_ids)
 
     def _prepare(
-        self, study_uid: str, instances: Sequence[InstanceRecord], case_id: str, allow: bool
-    ) -> tuple[PatientIdentity, list[InstanceRelease]]:
+        self,
+        study_uid: str,
+        instances: Sequence[InstanceRecord],
+        case_id: str,
+        destination: str,
+        allow: bool,
+    ) -> tuple[PatientIdentity, Recipient, list[InstanceRelease]]:
         """De-identify every instance; all must belong to the case's one patient."""
-        pseudonym = self.vault.pseudonym(case_id)
         patient: PatientIdentity | None = None
+        recipient: Recipient | None = None
+        deid = self.deid
         rows: list[InstanceRelease] = []
         for inst in instances:
             data = read_object(self.store, inst.object_id)
@@ -262,18 +321,27 @@ class Releaser:
                 patient = who
                 if self.vault.has_case(case_id):
                     self.vault.store(case_id, patient)  # refuses another patient early
+                recipient = self.recipient(case_id, destination, patient)
+                deid = self.deidentifier_for(recipient)
             elif not patient.same_patient(who):
                 raise StudyNotReady(
                     f"the instances of study {study_uid} belong to more than one patient "
                     "(different Patient ID / Issuer); nothing was sent. Have the study "
                     "corrected in the PACS and sent again"
                 )
-            rows.append(self._deidentify(inst, data, case_id, pseudonym, allow))
-        assert patient is not None
-        return patient, rows
+            assert recipient is not None
+            rows.append(self._deidentify(deid, inst, data, case_id, recipient.pseudonym, allow))
+        assert patient is not None and recipient is not None
+        return patient, recipient, rows
 
     def _deidentify(
-        self, inst: InstanceRecord, data: bytes, case_id: str, pseudonym: str, allow: bool
+        self,
+        deid: Deidentifier,
+        inst: InstanceRecord,
+        data: bytes,
+        case_id: str,
+        pseudonym: str,
+        allow: bool,
     ) -> InstanceRelease:
         """One instance → a stored, catalogued de-identified object (or why not)."""
         row = InstanceRelease(
@@ -284,7 +352,7 @@ class Releaser:
             status="released",
         )
         try:
-            out, result = self.deid.deidentify_part10(data, pseudonym, allow_burned_in=allow)
+            out, result = deid.deidentify_part10(data, pseudonym, allow_burned_in=allow)
         except BurnedInAnnotationHeld:
             return row.replace(status="held", reason=_burned_in_reason(data))
         except IntegrityError as exc:

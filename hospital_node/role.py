@@ -298,7 +298,7 @@ class HospitalRole(RoleHooks):
             vault=self.vault,
             releases=self.release_records,
             cases=lambda: node.cases,  # built by the Node after its role hooks
-            uid_map=self.releaser.deid.map_uid,
+            uid_map=self.releaser.map_uid_for,
             send=send_to_pacs,
         )
 

@@ -15,9 +15,24 @@ readable by group or others refuses the start):
   HKDF-SHA256, one encrypts the vault rows (AES-GCM, random 96-bit nonce, the case id as
   associated data so a row cannot be moved to another case), one makes pseudonyms.
 
-The pseudonym of a case is ``"YG-"`` + the first 12 hex digits (upper case) of
-HMAC-SHA256(pseudonym key, case id): deterministic, unlinkable to the patient without
-the key, and valid as Patient's Name / Patient ID of the de-identified instances.
+Pseudonyms are per patient and destination. What one destination (manufacturer)
+receives about one patient is de-identified under one :class:`Recipient`: the pseudonym
+``"YG-"`` + the first 12 hex digits (upper case) of HMAC-SHA256(pseudonym key, label +
+patient + destination), and a context from which the de-identifier derives that
+recipient's UID-mapping and date-offset key (:meth:`Deidentifier.for_recipient`). The
+patient is Patient ID + Issuer of Patient ID as stored in the vault (the same key
+:meth:`PatientIdentity.same_patient` compares; names and birth dates get corrected and
+do not count). So two cases of one patient sent to one manufacturer carry the same
+pseudonym, the same date offset and the same UID mapping; the same patient sent to two
+manufacturers shares nothing between them. The pseudonym is deterministic, unlinkable
+to the patient without the key, and valid as Patient's Name / Patient ID.
+
+Table ``hospital_vault_recipients`` records, per (case, destination), the pseudonym
+used and its scheme. A case released to a destination before this scheme existed (a
+confirmation recorded, no recipient row) keeps the per-case pseudonym it was released
+under (scheme ``case-v0``: ``"YG-"`` + 12 hex of HMAC(pseudonym key, case id), still in
+the ``pseudonym`` column of ``hospital_vault``) and the node-wide UID/date key, so
+existing releases, receipts and resends stay consistent; nothing is rewritten.
 """
 
 from __future__ import annotations
@@ -60,7 +75,20 @@ MIGRATIONS: tuple[str, ...] = (
         created_at TEXT NOT NULL
     )
     """,
+    """
+    CREATE TABLE hospital_vault_recipients (
+        case_id     TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        pseudonym   TEXT NOT NULL,
+        scheme      TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        PRIMARY KEY (case_id, destination)
+    )
+    """,
 )
+SCHEME_PATIENT_DESTINATION = "patient-destination-v1"
+SCHEME_CASE = "case-v0"
+_RECIPIENT_LABEL = b"yigong.vault.recipient-pseudonym.v1\x00"
 
 
 def check_case_id(case_id: str) -> str:
@@ -158,6 +186,32 @@ class PatientIdentity:
         )
 
 
+@dataclass(frozen=True, repr=False)
+class Recipient:
+    """Everything one destination receives about one patient is de-identified with this.
+
+    ``context`` (None for the legacy per-case scheme: the node-wide key) holds the
+    patient's identifiers: it is only ever an HMAC input, never stored, logged or sent.
+    """
+
+    pseudonym: str
+    scheme: str
+    context: bytes | None
+
+    def __repr__(self) -> str:
+        return f"Recipient({self.pseudonym}, {self.scheme})"
+
+
+def patient_context(patient: PatientIdentity, destination: str) -> bytes:
+    """The (patient, destination) key material: Issuer + Patient ID + destination node id."""
+    return json.dumps(
+        ["yigong.patient-destination.v1", patient.issuer_of_patient_id, patient.patient_id,
+         destination],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode("utf-8")  # fmt: skip
+
+
 def patient_of(data: bytes) -> PatientIdentity:
     """Patient ID, Name, Birth Date and Issuer of Patient ID of a Part-10 instance."""
     try:
@@ -190,11 +244,78 @@ class PseudonymVault:
     def __repr__(self) -> str:
         return "PseudonymVault(<key withheld>)"
 
-    def pseudonym(self, case_id: str) -> str:
-        """The case's pseudonym: ``YG-`` + 12 upper-case hex digits of a keyed HMAC."""
+    def case_pseudonym(self, case_id: str) -> str:
+        """The legacy per-case pseudonym (scheme ``case-v0``): ``YG-`` + 12 hex of a keyed
+        HMAC of the case id. Releases made before per-patient pseudonyms carry it."""
         check_case_id(case_id)
         digest = hmac.new(self._pseudonym_key, case_id.encode("utf-8"), hashlib.sha256)
         return PSEUDONYM_PREFIX + digest.hexdigest()[:12].upper()
+
+    def recipient_for(self, patient: PatientIdentity, destination: str) -> Recipient:
+        """The recipient of ``patient`` at ``destination`` (computed, nothing stored)."""
+        context = patient_context(patient, destination)
+        digest = hmac.new(self._pseudonym_key, _RECIPIENT_LABEL + context, hashlib.sha256)
+        pseudonym = PSEUDONYM_PREFIX + digest.hexdigest()[:12].upper()
+        return Recipient(pseudonym, SCHEME_PATIENT_DESTINATION, context)
+
+    def recipient(self, case_id: str, destination: str) -> Recipient | None:
+        """The recipient recorded for ``case_id`` at ``destination`` (None: none yet)."""
+        rows = self.catalog.query(
+            "SELECT pseudonym, scheme FROM hospital_vault_recipients"
+            " WHERE case_id = ? AND destination = ?",
+            (case_id, destination),
+        )
+        if not rows:
+            return None
+        pseudonym, scheme = str(rows[0][0]), str(rows[0][1])
+        if scheme == SCHEME_CASE:
+            return Recipient(pseudonym, scheme, None)
+        found = self.recipient_for(self.lookup(case_id), destination)
+        if found.pseudonym != pseudonym:
+            raise ConfigError(
+                f"vault entry of case {case_id} for {destination} does not match its patient "
+                "under this node's vault key (wrong deid.vault_key_file, or the row was altered)"
+            )
+        return found
+
+    def bind(self, case_id: str, destination: str, recipient: Recipient) -> None:
+        """Record that ``case_id`` goes to ``destination`` as ``recipient`` (first one wins;
+        the case must already be stored)."""
+        with self.catalog.transaction() as db:
+            db.execute(
+                "INSERT INTO hospital_vault_recipients VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(case_id, destination) DO NOTHING",
+                (case_id, destination, recipient.pseudonym, recipient.scheme, utcnow()),
+            )
+
+    def pseudonym(self, case_id: str, destination: str | None = None) -> str:
+        """The pseudonym under which ``case_id`` was released (to ``destination``).
+
+        With a destination: the recorded recipient's pseudonym, else (nothing released
+        under the per-patient scheme) the legacy per-case one. Without: the one pseudonym
+        recorded for the case (a case goes to its manufacturer); the legacy per-case one
+        when none is recorded; ValidationError when its destinations have different ones.
+        """
+        check_case_id(case_id)
+        if destination is not None:
+            found = self.catalog.query(
+                "SELECT pseudonym FROM hospital_vault_recipients"
+                " WHERE case_id = ? AND destination = ?",
+                (case_id, destination),
+            )
+        else:
+            found = self.catalog.query(
+                "SELECT DISTINCT pseudonym FROM hospital_vault_recipients WHERE case_id = ?",
+                (case_id,),
+            )
+        if not found:
+            return self.case_pseudonym(case_id)
+        if len(found) > 1:
+            raise ValidationError(
+                f"case {case_id} was released to several destinations, each under its own "
+                "pseudonym; name the destination"
+            )
+        return str(found[0][0])
 
     def derived_case_id(self, study_uid: str) -> str:
         """Case id of a study released without a clinician (auto-forward): ``AUTO-`` + 16
@@ -205,12 +326,13 @@ class PseudonymVault:
         return "AUTO-" + digest[:16].upper()
 
     def store(self, case_id: str, patient: PatientIdentity) -> str:
-        """Bind ``case_id`` to ``patient`` (idempotent); returns the pseudonym.
+        """Bind ``case_id`` to ``patient`` (idempotent); returns the legacy case pseudonym
+        (kept in the row: it keeps the row unique, and older releases carry it).
 
         A case belongs to one patient: binding it to another Patient ID raises
         ValidationError (the message names the case, never the patients).
         """
-        pseudonym = self.pseudonym(case_id)
+        pseudonym = self.case_pseudonym(case_id)
         with self.catalog.transaction() as db:
             row = db.execute(
                 "SELECT nonce, ciphertext FROM hospital_vault WHERE case_id = ?", (case_id,)
@@ -229,7 +351,7 @@ class PseudonymVault:
                 "INSERT INTO hospital_vault VALUES (?, ?, ?, ?, ?)",
                 (case_id, pseudonym, nonce, ciphertext, utcnow()),
             )
-        log.info("vault: case %s bound to pseudonym %s", case_id, pseudonym)
+        log.info("vault: case %s stored", case_id)
         return pseudonym
 
     def lookup(self, case_id: str) -> PatientIdentity:
@@ -242,8 +364,16 @@ class PseudonymVault:
         return self._decrypt(case_id, bytes(rows[0][0]), bytes(rows[0][1]))
 
     def lookup_pseudonym(self, pseudonym: str) -> tuple[str, PatientIdentity]:
-        """The case id and patient behind ``pseudonym`` (NotFound when unknown)."""
+        """The (first) case id and the patient behind ``pseudonym`` (NotFound when unknown).
+
+        A per-patient pseudonym may name several cases of one patient: the earliest
+        bound is returned (the patient is the same for all of them).
+        """
         rows = self.catalog.query(
+            "SELECT case_id FROM hospital_vault_recipients WHERE pseudonym = ?"
+            " ORDER BY created_at, case_id LIMIT 1",
+            (pseudonym,),
+        ) or self.catalog.query(
             "SELECT case_id FROM hospital_vault WHERE pseudonym = ?", (pseudonym,)
         )
         if not rows:

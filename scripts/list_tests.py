@@ -44,8 +44,14 @@ FEATURES: list[tuple[str, list[str]]] = [
             "test_ingest_fast.py",
         ],
     ),
-    ("De-identification (PS3.15)", ["test_deid_profile.py", "test_deid_engine.py"]),
-    ("Confirmation and de-identified release (hospital)", ["test_hospital_release.py"]),
+    (
+        "De-identification (PS3.15)",
+        ["test_deid_profile.py", "test_deid_engine.py", "test_deid_text.py"],
+    ),
+    (
+        "Confirmation and de-identified release (hospital)",
+        ["test_hospital_release.py", "test_deid_recipients.py"],
+    ),
     ("What can leave a hospital: the outbound gate", ["test_outbound_gate.py"]),
     ("Series geometry and suitability (factory)", ["test_fidelity_series.py", "test_factory.py"]),
     ("Case workflow: signed records and stage gates", ["test_cases.py"]),

@@ -33,8 +33,9 @@ from pydicom.uid import (
 from gateway.errors import IntegrityError, ValidationError
 from hospital_node.deid import BurnedInAnnotationHeld, Deidentifier, scan_for_identifiers
 from hospital_node.deid import engine as engine_module
+from hospital_node.deid.engine import DeidRefused
 from hospital_node.deid.fast import FastPathUnsupported, deidentify_part10_fast
-from hospital_node.deid.profile import Action, TableRow, dictionary_vr
+from hospital_node.deid.profile import Action, TableRow, Treatment, default_profile, dictionary_vr
 from tests.dicom_factory import (
     SeriesInfo,
     StudyInfo,
@@ -120,6 +121,16 @@ def check_fallback(data: bytes) -> None:
     assert result.new_sop_uid == expected[1].new_sop_uid  # type: ignore[attr-defined]
 
 
+def check_same_refusal(data: bytes) -> str:
+    """Both paths refuse ``data`` with the same DeidRefused message; returns it."""
+    with pytest.raises(DeidRefused) as fast_exc:
+        deidentify_part10_fast(FAST, data, CASE, allow_burned_in=False)
+    with pytest.raises(DeidRefused) as slow_exc:
+        SLOW.deidentify_part10(data, CASE)
+    assert str(fast_exc.value) == str(slow_exc.value)
+    return str(slow_exc.value)
+
+
 # --- (a) the per-attribute cases of test_deid_engine, through both paths -------------------
 
 
@@ -156,6 +167,10 @@ def test_acted_attribute_equivalent(row: TableRow) -> None:
     if row.tag >> 16 == 0x0002 or dictionary_vr(row.tag) == "UN":
         # a file-meta element in the body duplicates the meta; a UN value is opaque
         check_fallback(_acted_case(row))
+        return
+    vr = dictionary_vr(row.tag)
+    if default_profile().treatment(row.tag, vr, in_clean_sequence=False)[0] is Treatment.REFUSE:
+        check_same_refusal(_acted_case(row))
         return
     out = check_equivalent(_acted_case(row))
     assert scan_for_identifiers(dcmread(io.BytesIO(out)), CASE) == []
@@ -254,7 +269,7 @@ def test_nested_sequences_equivalent() -> None:
     middle = Dataset()
     middle.ReferencedImageSequence = Sequence([inner, copy.deepcopy(inner)])
     middle.AccessionNumber = "ACC-1"
-    middle.ContentSequence = Sequence([Dataset()])  # an empty item
+    middle.InstitutionCodeSequence = Sequence([Dataset()])  # an empty item, X/Z/D
     ds.add_new(0x00081115, "SQ", Sequence([middle]))  # Referenced Series: recursed
     ds.add_new(0x00400275, "SQ", Sequence([copy.deepcopy(middle)]))  # Request Attributes
     ds.add_new(0x00081140, "SQ", Sequence([]))  # an empty sequence

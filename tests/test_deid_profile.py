@@ -188,15 +188,23 @@ def test_without_options_the_basic_profile_applies() -> None:
         (tag("MakerNote"), "OB", False, Treatment.REMOVE),  # C on OB falls back to X
         (tag("FrameOriginTimestamp"), "OB", False, Treatment.DUMMY),  # C on OB -> basic D
         (tag("RequestAttributesSequence"), "SQ", False, Treatment.RECURSE_CLEAN),
-        (tag("ReferencedImageSequence"), "SQ", False, Treatment.RECURSE),
+        (tag("ReferencedImageSequence"), "SQ", False, Treatment.RECURSE_REFERENCE),
         (tag("ReferencedStudySequence"), "SQ", False, Treatment.EMPTY),
-        (tag("ContentSequence"), "SQ", False, Treatment.EMPTY),  # D on SQ -> empty
+        (tag("ContentSequence"), "SQ", False, Treatment.REFUSE),  # plain D on SQ: refuse
+        (tag("InstitutionCodeSequence"), "SQ", False, Treatment.EMPTY),  # X/Z/D on SQ
+        (tag("OperatorIdentificationSequence"), "SQ", False, Treatment.REMOVE),  # X/D
+        (tag("TimezoneOffsetFromUTC"), "SH", False, Treatment.REMOVE),
+        (tag("EncapsulatedDocumentLength"), "UL", False, Treatment.DOCUMENT_LENGTH),
+        (0x60000010, "US", False, Treatment.REMOVE),  # Overlay Rows: the whole overlay
+        (tag("DocumentTitle"), "ST", False, Treatment.CLEAN_TEXT),  # not in the table
+        (tag("LUTExplanation"), "LO", False, Treatment.CLEAN_TEXT),
+        (tag("RescaleType"), "LO", False, Treatment.KEEP),  # kept by name
         (tag("AnnotationGroupUID"), "UI", False, Treatment.MAP_UID),  # D on UI
         (tag("PatientName"), "PN", False, Treatment.PSEUDONYM),
         (tag("PatientID"), "LO", True, Treatment.PSEUDONYM),
         (tag("EvaluatorName"), "PN", False, Treatment.DUMMY),  # PN not in the table
         (tag("CodeMeaning"), "LO", True, Treatment.CLEAN_TEXT),
-        (tag("CodeMeaning"), "LO", False, Treatment.KEEP),
+        (tag("CodeMeaning"), "LO", False, Treatment.CLEAN_TEXT),  # any depth
         (tag("CodeValue"), "SH", True, Treatment.KEEP),
         (tag("BodyPartExamined"), "CS", True, Treatment.KEEP),
         (tag("PixelSpacing"), "DS", True, Treatment.KEEP),

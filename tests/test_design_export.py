@@ -377,7 +377,7 @@ def test_series_choice_config_and_pacs_failures_and_the_cli(
         if obj.media_type == "application/dicom":
             data = b"".join(world.factory.node.store.open_read(obj.object_id))
             seen.add(str(dcmread(io.BytesIO(data), stop_before_pixels=True).SeriesInstanceUID))
-    deid_second = world.role.releaser.deid.map_uid(second.series_uid)
+    deid_second = world.role.releaser.map_uid_for(case_id, "factory-1", second.series_uid)
     assert deid_second in seen and len(seen) == 2
     stl = binary_stl(20.0)
     model = world.upload(case_id, "plate.stl", stl, "model/stl")

@@ -33,7 +33,7 @@ from gateway.config import load_config
 from gateway.errors import ConfigError, ReceiptError, YigongError
 from gateway.server import Node
 from hospital_node.deid import scan_for_identifiers
-from hospital_node.deid.profile import Action, default_profile, dictionary_vr
+from hospital_node.deid.profile import Action, Treatment, default_profile, dictionary_vr
 from hospital_node.role import AUTO_FORWARD_INTERVAL_SECONDS, HospitalRole
 from hospital_node.studies import StudyCatalog
 from hospital_node.vault import load_or_create_key, patient_of
@@ -395,11 +395,19 @@ def test_burned_in_instance_held_unless_allowed(pair: Pair, federation: Federati
     assert [i.sop_instance_uid for i in held] == [datasets[1].SOPInstanceUID]
     assert held[0].burned_in == "YES" and "--allow-burned-in" in held[0].releases[0].reason
 
+    first = {r.deid_object_id for i in reply.instances for r in i.releases if r.deid_object_id}
     reply = confirm(stub, uid, case_id="CASE-2024-0018", allow_burned_in=True)
     assert len(reply.transfer_ids) == 3
     assert json.loads(reply.confirmation.record_json)["allow_burned_in"] is True
     wait_done(hospital, reply.transfer_ids)
-    assert len(factory.node.catalog.list_objects(case_id="CASE-2024-0018")) == 3
+    # One patient, one manufacturer: the same study under a second case is de-identified
+    # exactly as before (same pseudonym, offset and UIDs), so the two instances released
+    # before are the very same objects; only the formerly held one is new.
+    second = {r.deid_object_id for i in reply.instances for r in i.releases if r.deid_object_id}
+    assert len(second) == 3 and first < second
+    held_now = factory.node.catalog.list_objects(case_id="CASE-2024-0018")
+    assert [o.object_id for o in held_now] == list(second - first)
+    assert {o.object_id for o in factory.node.catalog.list_objects(case_id=CASE)} == first
 
 
 # --- the pseudonym vault -----------------------------------------------------------------
@@ -424,7 +432,14 @@ def test_vault_is_encrypted_and_looks_up_the_patient(pair: Pair, federation: Fed
     assert PATIENT_NAME not in repr(patient)
     assert vault.lookup_pseudonym(vault.pseudonym(CASE)) == (CASE, patient)
     rows = hospital.node.catalog.query("SELECT * FROM hospital_vault")
-    assert len(rows) == 1 and rows[0]["pseudonym"] == vault.pseudonym(CASE)
+    assert len(rows) == 1 and rows[0]["pseudonym"] == vault.case_pseudonym(CASE)
+    rows = hospital.node.catalog.query("SELECT * FROM hospital_vault_recipients")
+    assert [(r["case_id"], r["destination"], r["pseudonym"], r["scheme"]) for r in rows] == [
+        (CASE, "factory-1", vault.pseudonym(CASE), "patient-destination-v1")
+    ]
+    assert vault.pseudonym(CASE) == vault.pseudonym(CASE, "factory-1") != vault.case_pseudonym(
+        CASE
+    )
     data_dir = hospital.node.cfg.data_dir
     dbs = [p for p in files_under(data_dir) if p.name.startswith(("catalog", "audit"))]
     assert len(dbs) >= 2
@@ -580,6 +595,7 @@ def test_cli_list_show_and_confirm_needs_yes(
 
 # --- the per-attribute leak test generated from Table E.1-1 -------------------------------
 
+REFUSE = Treatment.REFUSE
 IDENTITY_UIDS = (0x00080018, 0x0020000D, 0x0020000E, 0x00200052)  # SOP, study, series, FoR
 UID_CHARS = frozenset(b"0123456789.")
 HOSPITAL_SIDE_LOGGERS = ("hospital_node", "pynetdicom")
@@ -610,7 +626,8 @@ def tokenized_instance() -> tuple[Dataset, dict[str, list[bytes]]]:
     needles = {f"{tag:08X} identity UID": [str(ds[tag].value).encode()] for tag in IDENTITY_UIDS}
     outer, inner, private = Dataset(), Dataset(), []
     dates = 0
-    for i, row in enumerate(default_profile().concrete_rows()):
+    profile = default_profile()
+    for i, row in enumerate(profile.concrete_rows()):
         assert row.tag is not None
         tag, vr = row.tag, dictionary_vr(row.tag)
         if (
@@ -621,6 +638,8 @@ def tokenized_instance() -> tuple[Dataset, dict[str, list[bytes]]]:
             continue
         if row.action is Action.CLEAN and vr == "TM":
             continue
+        if vr == "SQ" and profile.treatment(tag, vr, in_clean_sequence=False)[0] is REFUSE:
+            continue  # a plain-D sequence with items refuses the instance (tested apart)
         value: object
         if vr == "SQ":
             value, found = sequence_token(i, uid_only=row.action is Action.UID)

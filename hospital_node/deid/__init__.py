@@ -9,7 +9,9 @@ Public API::
     findings = scan_for_identifiers(ds, "CASE-0001")   # [] means it may be sent
 
 Raises :class:`BurnedInAnnotationHeld` (a ``ValidationError``) for instances that may
-show patient data in their pixels unless ``allow_burned_in=True``, and
+show patient data in their pixels unless ``allow_burned_in=True``, :class:`DeidRefused`
+(a ``ValidationError``) for instances that cannot be de-identified into a valid object
+(a Content Sequence of SR/KO holding items, ...), and
 ``gateway.errors.IntegrityError`` if geometry or pixel data would change.
 """
 
@@ -17,6 +19,7 @@ from hospital_node.deid.clean import clean_text
 from hospital_node.deid.engine import (
     BurnedInAnnotationHeld,
     Deidentifier,
+    DeidRefused,
     DeidResult,
     burned_in_reason,
     date_offset_days,
@@ -37,6 +40,7 @@ __all__ = [
     "Action",
     "BurnedInAnnotationHeld",
     "ConfidentialityProfile",
+    "DeidRefused",
     "DeidResult",
     "Deidentifier",
     "Option",

@@ -12,10 +12,13 @@ Descriptors, applied recursively to every sequence item.
   unlinkable without the key. UIDs under the DICOM root (1.2.840.10008.) are
   well-known UIDs, not instance identifiers, and are kept.
 - Dates (every DA and the date part of every DT that is kept) are shifted by a whole
-  number of days in [-3650, -365] derived from the key and the case pseudonym, so all
+  number of days in [-3650, -365] derived from the key and the pseudonym, so all
   intervals of one patient are preserved; times are unchanged. Partial DT values keep
-  their precision. A value that is not a date is replaced by a fixed dummy date.
-- Patient's Name and Patient ID become the case pseudonym; Patient Identity Removed,
+  their precision; a DT's UTC offset suffix is dropped (it would tell the season). A
+  value that is not a date is replaced by a fixed dummy date.
+- The release de-identifies with :meth:`Deidentifier.for_recipient`: one key (so one
+  UID mapping and one date offset) and one pseudonym per patient and destination.
+- Patient's Name and Patient ID become the pseudonym; Patient Identity Removed,
   De-identification Method (+ Code Sequence, CID 7050) and Longitudinal Temporal
   Information Modified (PS3.15 E.3.6) are set.
 - Pixel data and geometry are never touched: both hashes of :mod:`gateway.fidelity.dicom`
@@ -40,6 +43,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from pydicom import dcmread, dcmwrite
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
@@ -52,10 +56,12 @@ from hospital_node.deid.profile import (
     DEFAULT_OPTIONS,
     DUMMY_VALUES,
     OPTION_CODES,
+    RECURSE_TREATMENTS,
     TABLE_EDITION,
     ConfidentialityProfile,
     Option,
     Treatment,
+    child_context,
     default_profile,
     dictionary_vr,
     well_formed,
@@ -69,6 +75,7 @@ DATE_OFFSET_RANGE: tuple[int, int] = (-3650, -365)
 MIN_KEY_BYTES = 16
 _UID_LABEL = b"yigong.deid.uid.v1\x00"
 _DATE_LABEL = b"yigong.deid.date-offset.v1\x00"
+_RECIPIENT_LABEL = b"yigong.deid.recipient.v1\x00"
 
 BURNED_IN_MODALITIES = frozenset({"US", "SC", "XC", "OT", "ES"})
 SECONDARY_CAPTURE_CLASSES = frozenset(
@@ -102,6 +109,23 @@ def check_unchanged(before: tuple[str, str], after: tuple[str, str], sop_uid: st
 
 class BurnedInAnnotationHeld(ValidationError):
     """The instance may show patient data in its pixels; it is held for a clinician."""
+
+
+class DeidRefused(ValidationError):
+    """The instance cannot be de-identified into a valid, useful object; not produced."""
+
+
+def refused_sequence(tag: int, items: int, sop_uid: str) -> DeidRefused:
+    """Why an instance whose D-action sequence ``tag`` holds ``items`` items is refused."""
+    keyword = keyword_for_tag(tag) or "sequence"
+    return DeidRefused(
+        f"instance {sop_uid or '(no SOP Instance UID)'} not de-identified: "
+        f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {keyword} holds {items} item(s), which "
+        "PS3.15 Table E.1-1 replaces by a dummy (action D); no valid dummy item can be made "
+        "without the document's template, and emptying it would empty the document "
+        "(e.g. the content of a Structured Report or Key Object Selection), so the "
+        "instance is not released"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,14 +178,18 @@ def shift_date(value: str, days: int) -> str | None:
 
 
 def shift_datetime(value: str, days: int) -> str | None:
-    """Shift the date part of a DT value by ``days``, keeping time, offset and precision."""
+    """Shift the date part of a DT value by ``days``, keeping time and precision.
+
+    A UTC offset suffix (``+0100``) is dropped, like Timezone Offset From UTC: with the
+    date shifted, a daylight-saving offset would tell the season of the real date.
+    """
     text = value.strip(" \x00")
     if not text:
         return ""
     m = _DT_RE.fullmatch(text)
     if not m:
         return None
-    year, month, day, time_part, offset = m.groups()
+    year, month, day, time_part, _offset = m.groups()
     if time_part and not day:
         return None
     new = _shifted(year, month, day, days)
@@ -172,7 +200,13 @@ def shift_datetime(value: str, days: int) -> str | None:
         out += f"{new.month:02d}"
     if day:
         out += f"{new.day:02d}"
-    return out + (time_part or "") + (offset or "")
+    return out + (time_part or "")
+
+
+def has_utc_offset(value: str) -> bool:
+    """Whether a DT value ends in a UTC offset suffix (``+hhmm`` / ``-hhmm``)."""
+    m = _DT_RE.fullmatch(value.strip(" \x00"))
+    return bool(m and m.group(5))
 
 
 def burned_in_reason(ds: Dataset) -> str | None:
@@ -263,17 +297,23 @@ def dummy_value(vr: str) -> Any:
     return DUMMY_VALUES.get(vr, "X")
 
 
+DOCUMENT_DUMMY_LENGTH = len(DUMMY_VALUES["OB"])
+"""Encapsulated Document Length of a de-identified instance: the Encapsulated Document
+(action D) is replaced by the OB dummy, so its length is the dummy's."""
+
+
 class _Pass:
     """One de-identification pass over one instance."""
 
-    def __init__(self, deid: Deidentifier, pseudonym: str) -> None:
+    def __init__(self, deid: Deidentifier, pseudonym: str, sop_uid: str = "") -> None:
         self.deid = deid
         self.profile = deid.profile
         self.pseudonym = pseudonym
         self.offset = deid.date_offset_days(pseudonym)
+        self.sop_uid = sop_uid  # only named in a refusal
         self.counts: Counter[str] = Counter()
 
-    def walk(self, ds: Dataset, in_clean: bool) -> None:
+    def walk(self, ds: Dataset, in_clean: int) -> None:
         for tag in list(ds.keys()):
             vr = element_vr(ds, tag)
             treatment, _code = self.profile.treatment(tag, vr, in_clean_sequence=in_clean)
@@ -285,12 +325,20 @@ class _Pass:
                 continue
             self.apply(ds[tag], treatment, in_clean)
 
-    def apply(self, elem: DataElement, treatment: Treatment, in_clean: bool) -> None:
-        if treatment in (Treatment.RECURSE, Treatment.RECURSE_CLEAN):
+    def apply(self, elem: DataElement, treatment: Treatment, in_clean: int) -> None:
+        if treatment in RECURSE_TREATMENTS:
             for item in elem.value or ():
-                self.walk(item, in_clean or treatment is Treatment.RECURSE_CLEAN)
+                self.walk(item, child_context(in_clean, treatment))
+            return
+        if treatment is Treatment.REFUSE:
+            if elem.value:
+                raise refused_sequence(int(elem.tag), len(elem.value), self.sop_uid)
             return
         self.counts[treatment.value] += 1
+        if treatment is Treatment.DOCUMENT_LENGTH:
+            # the document is replaced by the dummy: its length is the dummy's
+            elem.value = DOCUMENT_DUMMY_LENGTH
+            return
         if treatment is Treatment.EMPTY:
             elem.value = empty_value_for_VR(elem.VR)
         elif treatment is Treatment.DUMMY:
@@ -338,6 +386,18 @@ class Deidentifier:
 
     def __repr__(self) -> str:
         return f"Deidentifier(options={sorted(o.value for o in self.profile.options)})"
+
+    def for_recipient(self, context: bytes) -> Deidentifier:
+        """The de-identifier of one patient and one destination (``context`` names both).
+
+        Its key is HMAC-SHA256(this key, label + context): UID mapping and date offset
+        are the same for everything one destination receives about one patient, and
+        share nothing with what another destination receives about the same patient.
+        """
+        if not context:
+            raise ConfigError("a recipient de-identifier needs a non-empty context")
+        sub = hmac.new(self._key, _RECIPIENT_LABEL + bytes(context), hashlib.sha256).digest()
+        return Deidentifier(sub, options=self.profile.options, fast=self.fast)
 
     def map_uid(self, uid: str) -> str:
         """The replacement of ``uid`` under this key."""
@@ -406,7 +466,7 @@ class Deidentifier:
         hold_burned_in(burned_in_reason(ds), original_sop, allow_burned_in)
         geo_before, pix_before = geometry_hash(ds), pixel_hash(ds)
         out = ds if in_place else copy.deepcopy(ds)
-        run = _Pass(self, pseudonym)
+        run = _Pass(self, pseudonym, original_sop)
         run.walk(out, in_clean=False)
         self._finish(out, pseudonym)
         new_sop = str(out.get("SOPInstanceUID", "") or "")

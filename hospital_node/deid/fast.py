@@ -54,7 +54,12 @@ from gateway.fidelity.dicom import (
     geometry_hash,
     pixel_hash,
 )
-from hospital_node.deid.profile import Treatment, dictionary_vr
+from hospital_node.deid.profile import (
+    RECURSE_TREATMENTS,
+    Treatment,
+    child_context,
+    dictionary_vr,
+)
 
 if TYPE_CHECKING:
     from hospital_node.deid.engine import Deidentifier, DeidResult, _Pass
@@ -121,7 +126,7 @@ def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:
     return RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True, True, False)
 
 
-_CacheKey = tuple[str, tuple[str, ...], int, str, bytes, Treatment, bool]
+_CacheKey = tuple[str, tuple[str, ...], int, str, bytes, Treatment, int]
 _CacheValue = tuple[bytes, int, tuple[tuple[str, int], ...]]
 _CACHE_LIMIT = 4096
 _caches: weakref.WeakKeyDictionary[Deidentifier, dict[_CacheKey, _CacheValue]] = (
@@ -144,6 +149,7 @@ class _Walk:
         self.encodings: list[str] = [default_encoding]
         self.source: dict[int, RawDataElement] = {}  # recorded input top-level elements
         self.output: dict[int, RawDataElement] = {}  # every output top-level element
+        self.refused: tuple[int, int] | None = None  # (tag, items) of a D sequence with items
         cache = _caches.get(run.deid)
         if cache is None:
             cache = _caches[run.deid] = {}
@@ -233,7 +239,7 @@ class _Walk:
 
     # -- de-identification -----------------------------------------------------------
     def dataset(
-        self, pos: int, end: int, *, in_clean: bool, top: bool, undefined: bool = False
+        self, pos: int, end: int, *, in_clean: int, top: bool, undefined: bool = False
     ) -> list[tuple[int, bytes]]:
         """The de-identified elements (tag, encoding) of the data set in ``data[pos:end]``."""
         data = self.data
@@ -290,14 +296,19 @@ class _Walk:
         return out
 
     def sequence(
-        self, tag: int, treatment: Treatment, length: int, vstart: int, end: int, in_clean: bool
+        self, tag: int, treatment: Treatment, length: int, vstart: int, end: int, in_clean: int
     ) -> bytes:
         if treatment is Treatment.EMPTY:
             self.run.counts[treatment.value] += 1
             return _header(tag, "SQ", 0)
-        if treatment not in (Treatment.RECURSE, Treatment.RECURSE_CLEAN):
+        if treatment is Treatment.REFUSE:
+            found, _end = self.items(vstart, length, end)
+            if found and self.refused is None:
+                self.refused = (tag, len(found))  # raised where the engine raises it
+            return _header(tag, "SQ", 0)
+        if treatment not in RECURSE_TREATMENTS:
             raise FastPathUnsupported("unexpected treatment of a sequence")
-        clean = in_clean or treatment is Treatment.RECURSE_CLEAN
+        clean = child_context(in_clean, treatment)
         found, _end = self.items(vstart, length, end)
         parts: list[bytes] = []
         for start, stop, undefined in found:
@@ -309,7 +320,7 @@ class _Walk:
         return _header(tag, "SQ", len(value)) + value
 
     def changed(
-        self, tag: int, vr: str, value: bytes, treatment: Treatment, in_clean: bool
+        self, tag: int, vr: str, value: bytes, treatment: Treatment, in_clean: int
     ) -> tuple[bytes, int]:
         """Decode one element with pydicom, apply the engine's change, encode it again."""
         key = (self.run.pseudonym, tuple(self.encodings), tag, vr, value, treatment, in_clean)
@@ -400,6 +411,7 @@ def deidentify_part10_fast(
         burned_in_reason,
         check_pseudonym,
         hold_burned_in,
+        refused_sequence,
     )
 
     meta_raw, body = _meta_elements(data)
@@ -428,6 +440,8 @@ def deidentify_part10_fast(
     except Exception as exc:
         raise FastPathUnsupported(f"value not handled: {type(exc).__name__}") from exc
     hold_burned_in(reason, original_sop, allow_burned_in)
+    if walk.refused is not None:
+        raise refused_sequence(walk.refused[0], walk.refused[1], original_sop)
 
     # finishing attributes (the engine's own _finish) and the file meta
     try:

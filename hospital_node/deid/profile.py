@@ -22,10 +22,17 @@ Action resolution (:func:`resolve_action`), in order:
    ``X/Z`` -> Z, ``X/D`` -> D, ``Z/D`` -> D, ``X/Z/D`` -> D, ``X/Z/U*`` -> U.
    Z keeps a type-2 attribute present but empty; D keeps a type-1 attribute valid
    with a dummy value (fixed per VR, see :data:`DUMMY_VALUES`; a UID gets its mapped
-   UID; a sequence, for which no dummy can be made without IOD knowledge, is emptied);
+   UID). A sequence cannot get a dummy item without knowing its IOD or template, so
+   D on a sequence is decided by the row's basic code: ``X/Z/D`` and ``Z/D`` empty it
+   (zero items, valid where it is type 2 or 3), ``X/D`` removes it, and a plain ``D``
+   (Content Sequence of SR and KO, Graphic Annotation, Verifying Observer, ...) that
+   holds items refuses the whole instance (:class:`Treatment.REFUSE`): emptying it
+   would empty the document;
    U keeps reference sequences (Referenced Image / Source Image)
    and replaces every UID inside them consistently, preserving the links between
-   instances.
+   instances; their items keep only what references (UIDs, numbers, coded strings,
+   nested sequences, coded entries with Code Meaning cleaned), see
+   :data:`REFERENCE_VRS`.
 3. C ("clean") is applied by VR: DA/DT dates are shifted by the per-patient offset;
    TM is kept (the shift is a whole number of days, so time of day is unchanged);
    text VRs are cleaned with the allowlist (:mod:`hospital_node.deid.clean`);
@@ -35,11 +42,18 @@ Action resolution (:func:`resolve_action`), in order:
 
 Beyond the table (decided in :meth:`ConfidentialityProfile.treatment`):
 private attributes, group lengths, command-group elements and file-meta elements
-misplaced in a data set body are removed (the file meta itself is rebuilt); Patient's
-Name and Patient ID get the case pseudonym; any other PN attribute gets a dummy;
-a public attribute unknown to the data dictionary with VR UN (an opaque blob that
-cannot be inspected) is removed; everything else not in the table is kept, with
-dates shifted and sequences recursed into.
+misplaced in a data set body are removed (the file meta itself is rebuilt); every
+element of an overlay group (60xx, even) is removed, not only Overlay Data and
+Comments; Timezone Offset From UTC is removed (with shifted dates, a daylight-saving
+offset would tell the season of the real date); Encapsulated Document Length is set
+to the length of the dummy document that replaces the original; Patient's Name and
+Patient ID get the pseudonym; any other PN attribute gets a dummy; a public attribute
+unknown to the data dictionary with VR UN (an opaque blob that cannot be inspected)
+is removed. Every free-text attribute (SH, LO, ST, LT, UT, UC) the table does not
+list is cleaned with the allowlist at any depth, top level or nested in any
+sequence, and every URL (UR) it does not list is removed (a Retrieve URL holds the
+original UIDs), unless :data:`KEPT_BY_NAME` keeps it by keyword; everything else not in
+the table is kept, with dates shifted and sequences recursed into.
 """
 
 from __future__ import annotations
@@ -53,7 +67,7 @@ from enum import Enum, StrEnum
 from importlib import resources
 from typing import Any
 
-from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
 
 from gateway.errors import ConfigError
 
@@ -130,6 +144,19 @@ def well_formed(vr: str, value: object) -> bool:
     return pattern is None or bool(pattern.match(str(value)))
 
 
+KEPT_BY_NAME: Mapping[str, str] = {
+    "CodeValue": "coded-entry identifier from a coding scheme (its Code Meaning is cleaned)",
+    "CodingSchemeDesignator": "names the coding scheme of a code",
+    "CodingSchemeVersion": "version of the coding scheme of a code",
+    "LongCodeValue": "coded-entry identifier from a coding scheme",
+    "RescaleType": "units of the rescaled pixel values: part of the geometry, never changed",
+    "URNCodeValue": "coded-entry identifier from a coding scheme (a URN)",
+    "CodingSchemeURL": "where a coding scheme is published, not about the patient",
+}
+"""Free-text (and URL) attributes not listed in Table E.1-1 that are kept verbatim, by
+keyword, with the reason. Every other unlisted free-text attribute is cleaned and every
+other unlisted URL (UR) removed, at any depth."""
+
 CODED_ENTRY_TAGS = frozenset(
     {
         0x00080100,  # Code Value
@@ -139,7 +166,16 @@ CODED_ENTRY_TAGS = frozenset(
         0x00080120,  # URN Code Value
     }
 )
-"""Coded-entry identifiers kept inside cleaned sequences: they come from a coding scheme."""
+"""Coded-entry identifiers (kept by name, see :data:`KEPT_BY_NAME`)."""
+
+KEPT_BY_NAME_TAGS: frozenset[int] = frozenset(
+    int(tag_for_keyword(keyword) or 0) for keyword in KEPT_BY_NAME
+)
+
+TIMEZONE_OFFSET_TAG = 0x00080201
+ENCAPSULATED_DOCUMENT_TAG = 0x00420011
+ENCAPSULATED_DOCUMENT_LENGTH_TAG = 0x00420015
+CONTENT_SEQUENCE_TAG = 0x0040A730
 
 DUMMY_TEXT = "X"
 DUMMY_NAME = "ANONYMOUS"
@@ -176,8 +212,35 @@ class Treatment(Enum):
     SHIFT_DATE = "shift-date"
     RECURSE = "recurse"
     RECURSE_CLEAN = "recurse-clean"
+    RECURSE_REFERENCE = "recurse-reference"
     KEEP = "keep"
     KEEP_VALID = "keep-if-well-formed"
+    REFUSE = "refuse-if-items"
+    DOCUMENT_LENGTH = "document-length"
+
+
+IN_REFERENCE = 2
+"""``in_clean_sequence`` value inside a sequence kept for its references (action U on a
+sequence: Referenced Image, Source Image). 0 = plain, 1 = inside a cleaned sequence."""
+REFERENCE_VRS = frozenset(
+    {"UI", "SQ", "CS", "IS", "US", "UL", "SS", "SL", "UV", "SV", "FL", "FD", "DS", "AT"}
+)
+"""What an item of a reference sequence keeps: UIDs, numbers (frame and segment numbers),
+coded strings and nested sequences, plus the coded entries of :data:`KEPT_BY_NAME` and
+Code Meaning (cleaned), which a Purpose of Reference code needs to stay valid."""
+CODE_MEANING_TAG = 0x00080104
+
+
+def child_context(context: int, treatment: Treatment) -> int:
+    """The ``in_clean_sequence`` value for the items of a sequence given ``treatment``."""
+    if context == IN_REFERENCE or treatment is Treatment.RECURSE_REFERENCE:
+        return IN_REFERENCE
+    return 1 if context or treatment is Treatment.RECURSE_CLEAN else 0
+
+
+RECURSE_TREATMENTS = frozenset(
+    {Treatment.RECURSE, Treatment.RECURSE_CLEAN, Treatment.RECURSE_REFERENCE}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,7 +365,7 @@ class ConfidentialityProfile:
                 return pattern
         return None
 
-    def treatment(self, tag: int, vr: str, *, in_clean_sequence: bool) -> tuple[Treatment, str]:
+    def treatment(self, tag: int, vr: str, *, in_clean_sequence: int) -> tuple[Treatment, str]:
         """Decide what happens to element ``tag`` with runtime ``vr``.
 
         Returns the treatment and the table code it came from (for counting and for
@@ -313,8 +376,21 @@ class ConfidentialityProfile:
             # private, command group, file meta in a data set body (the file meta is
             # rebuilt from scratch), group lengths
             return Treatment.REMOVE, "X"
+        if 0x6000 <= group <= 0x601E or tag == TIMEZONE_OFFSET_TAG:
+            # every element of an overlay (not only its data and comments); the timezone
+            # offset would tell the season (daylight saving) of the shifted dates
+            return Treatment.REMOVE, "X"
+        if (
+            in_clean_sequence == IN_REFERENCE
+            and vr not in REFERENCE_VRS
+            and tag not in KEPT_BY_NAME_TAGS
+            and tag != CODE_MEANING_TAG
+        ):
+            return Treatment.REMOVE, "X"  # a reference item keeps only what references
         if tag in (PATIENT_NAME_TAG, PATIENT_ID_TAG):
             return Treatment.PSEUDONYM, "D"
+        if tag == ENCAPSULATED_DOCUMENT_LENGTH_TAG:
+            return Treatment.DOCUMENT_LENGTH, "D"
         row = self.lookup(tag)
         if row is None:
             return self._untabled(tag, vr, in_clean_sequence), ""
@@ -324,10 +400,23 @@ class ConfidentialityProfile:
             if treatment is not None:
                 return treatment, action.value
             action = row.fallback
+        if action is Action.DUMMY and vr == "SQ":
+            return self._dummy_sequence(row.basic), action.value
         return self._basic_treatment(action, vr), action.value
 
-    def _untabled(self, tag: int, vr: str, in_clean_sequence: bool) -> Treatment:
+    @staticmethod
+    def _dummy_sequence(basic: str) -> Treatment:
+        """D on a sequence (no dummy item can be made without IOD or template knowledge)."""
+        if "Z" in basic:
+            return Treatment.EMPTY  # X/Z/D, Z/D: zero items is valid where it is type 2/3
+        if "X" in basic:
+            return Treatment.REMOVE  # X/D: absent is valid where it is type 3
+        return Treatment.REFUSE  # plain D: emptying it would empty the document
+
+    def _untabled(self, tag: int, vr: str, in_clean_sequence: int) -> Treatment:
         if vr == "SQ":
+            if in_clean_sequence == IN_REFERENCE:
+                return Treatment.RECURSE_REFERENCE
             return Treatment.RECURSE_CLEAN if in_clean_sequence else Treatment.RECURSE
         if vr in DATE_VRS and self.shift_dates:
             return Treatment.SHIFT_DATE
@@ -335,8 +424,10 @@ class ConfidentialityProfile:
             return Treatment.DUMMY
         if vr == "UN" and not dictionary_has_tag(tag):
             return Treatment.REMOVE
-        if in_clean_sequence and vr in FREE_TEXT_VRS and tag not in CODED_ENTRY_TAGS:
-            return Treatment.CLEAN_TEXT
+        if vr in FREE_TEXT_VRS and tag not in KEPT_BY_NAME_TAGS:
+            return Treatment.CLEAN_TEXT  # at any depth, in any sequence
+        if vr == "UR" and tag not in KEPT_BY_NAME_TAGS:
+            return Treatment.REMOVE  # a retrieve/storage URL names the hospital's originals
         return Treatment.KEEP
 
     def _clean_treatment(self, vr: str) -> Treatment | None:
@@ -361,7 +452,8 @@ class ConfidentialityProfile:
         if action is Action.UID:
             if vr == "UI":
                 return Treatment.MAP_UID
-            return Treatment.RECURSE if vr == "SQ" else Treatment.DUMMY
+            # a sequence kept for its references keeps only what references
+            return Treatment.RECURSE_REFERENCE if vr == "SQ" else Treatment.DUMMY
         # KEEP (retained patient characteristics and the like). A retained value must
         # still be what its VR says: free text is cleaned, formatted values (age, code
         # string, decimal) are kept only when well-formed - "Jane Doe age" is no age.

@@ -10,7 +10,11 @@ de-identifier would have produced, using the same decision
   unknown public attributes) must be absent or empty — private ones absent;
 - Z attributes must be empty; D attributes empty or the fixed dummy (UIDs mapped);
 - U attributes must hold UIDs under ``2.25.`` (or well-known UIDs under the DICOM root);
-- C text must be unchanged by cleaning; dates are accepted only when the instance
+- C text, and every free-text attribute the table does not list (any depth, unless
+  kept by name), must be unchanged by cleaning; overlay groups and Timezone Offset
+  From UTC must be absent; a plain-D sequence (Content Sequence, ...) must hold no
+  items; Encapsulated Document Length must be the dummy document's length; dates are
+  accepted only when the instance
   declares Longitudinal Temporal Information Modified = MODIFIED;
 - Patient's Name and Patient ID must equal the case pseudonym, Patient Identity
   Removed must be YES and the De-identification Method Code Sequence must name the
@@ -31,23 +35,31 @@ from pydicom.dataset import Dataset
 from hospital_node.deid.clean import clean_text
 from hospital_node.deid.engine import (
     DICOM_UID_ROOT,
+    DOCUMENT_DUMMY_LENGTH,
     MAPPED_UID_ROOT,
     dummy_value,
     element_values,
     element_vr,
+    has_utc_offset,
+    method_code_items,
+    method_description,
 )
 from hospital_node.deid.profile import (
     BASIC_PROFILE_CODE,
     DEFAULT_OPTIONS,
     PATIENT_ID_TAG,
     PATIENT_NAME_TAG,
+    RECURSE_TREATMENTS,
     ConfidentialityProfile,
     Option,
     Treatment,
+    child_context,
     default_profile,
     well_formed,
 )
 
+METHOD_TAG = 0x00120063  # De-identification Method
+METHOD_CODES_TAG = 0x00120064  # De-identification Method Code Sequence
 _FORBIDDEN_META_TAGS = (
     0x00020016,  # Source Application Entity Title
     0x00020017,  # Sending Application Entity Title
@@ -76,10 +88,15 @@ class _Scan:
         self.profile = profile
         self.pseudonym = pseudonym
         self.dates_declared = dates_declared
+        self.first: list[str] = []  # the patient's name and ID: listed first
         self.findings: list[str] = []
+        self.untabled: list[str] = []  # unlisted free text: listed last
 
-    def walk(self, ds: Dataset, path: str, in_clean: bool) -> None:
+    def walk(self, ds: Dataset, path: str, in_clean: int) -> None:
         for tag in list(ds.keys()):
+            if not path and tag in (METHOD_TAG, METHOD_CODES_TAG):
+                self.check_method(ds, tag)  # written by the de-identifier itself
+                continue
             vr = element_vr(ds, tag)
             treatment, code = self.profile.treatment(tag, vr, in_clean_sequence=in_clean)
             if treatment is Treatment.KEEP:
@@ -88,14 +105,37 @@ class _Scan:
                 self.check_removed(ds, tag, path, code)
                 continue
             elem = ds[tag]
-            if treatment in (Treatment.RECURSE, Treatment.RECURSE_CLEAN):
+            if treatment in RECURSE_TREATMENTS:
                 for i, item in enumerate(elem.value or ()):
                     prefix = f"{path}({tag >> 16:04X},{tag & 0xFFFF:04X})[{i}]."
-                    self.walk(item, prefix, in_clean or treatment is Treatment.RECURSE_CLEAN)
+                    self.walk(item, prefix, child_context(in_clean, treatment))
                 continue
             reason = self.check(treatment, elem.VR, element_values(elem), code)
-            if reason:
+            if reason and treatment is Treatment.PSEUDONYM:
+                self.first.append(_describe(path, tag, reason))
+            elif reason and not code and treatment is Treatment.CLEAN_TEXT:
+                self.untabled.append(_describe(path, tag, "text not in Table E.1-1 not cleaned"))
+            elif reason:
                 self.findings.append(_describe(path, tag, reason))
+
+    def check_method(self, ds: Dataset, tag: int) -> None:
+        """De-identification Method (+ Code Sequence) must be exactly what we write."""
+        options = self.profile.options
+        if tag == METHOD_TAG:
+            ok = [str(v) for v in element_values(ds[tag])] == method_description(options)
+        else:
+            expected = [
+                (str(i.CodeValue), str(i.CodingSchemeDesignator), str(i.CodeMeaning))
+                for i in method_code_items(options)
+            ]
+            found = [
+                (str(i.get("CodeValue", "")), str(i.get("CodingSchemeDesignator", "")),
+                 str(i.get("CodeMeaning", "")), len(i))
+                for i in ds[tag].value or ()
+            ]  # fmt: skip
+            ok = found == [(*e, 3) for e in expected]
+        if not ok:
+            self.findings.append(_describe("", tag, "not the values the de-identifier writes"))
 
     def check_removed(self, ds: Dataset, tag: int, path: str, code: str) -> None:
         group = tag >> 16
@@ -113,6 +153,11 @@ class _Scan:
             return None if treatment is not Treatment.PSEUDONYM else "must be the case pseudonym"
         if treatment is Treatment.EMPTY:
             return f"must be empty (action {code})"
+        if treatment is Treatment.REFUSE:
+            return f"must not hold items: such an instance is not released (action {code})"
+        if treatment is Treatment.DOCUMENT_LENGTH:
+            ok = len(values) == 1 and str(values[0]) == str(DOCUMENT_DUMMY_LENGTH)
+            return None if ok else "must be the length of the dummy document"
         if treatment is Treatment.DUMMY:
             if vr == "SQ" or not all(_is_dummy(vr, v) for v in values):
                 return f"must be empty or a dummy value (action {code or 'D'})"
@@ -128,6 +173,8 @@ class _Scan:
             ok = all(clean_text(str(v)) == str(v) for v in values)
             return None if ok else "descriptor not cleaned (action C)"
         if treatment is Treatment.SHIFT_DATE:
+            if vr == "DT" and any(has_utc_offset(str(v)) for v in values):
+                return "date-time keeps a UTC offset (it would tell the season)"
             ok = self.dates_declared or all(_is_dummy(vr, v) for v in values)
             return None if ok else "date present but dates are not declared MODIFIED"
         if treatment is Treatment.KEEP_VALID:
@@ -150,7 +197,7 @@ def scan_for_identifiers(
     scan = _Scan(profile, pseudonym, declared.strip() == "MODIFIED")
     scan.walk(ds, "", in_clean=False)
 
-    findings = scan.findings
+    findings = scan.first + scan.findings + scan.untabled
     for tag in (PATIENT_NAME_TAG, PATIENT_ID_TAG):
         if tag not in ds:
             findings.append(_describe("", tag, "missing; must be the case pseudonym"))
