@@ -251,6 +251,14 @@ class PseudonymVault:
         case_id = str(rows[0][0])
         return case_id, self.lookup(case_id)
 
+    def case_pseudonym(self, case_id: str) -> str | None:
+        """The pseudonym this vault issued for ``case_id`` (None: it issued none): what the
+        case's order must name and what the released instances carry."""
+        rows = self.catalog.query(
+            "SELECT pseudonym FROM hospital_vault WHERE case_id = ?", (case_id,)
+        )
+        return str(rows[0][0]) if rows else None
+
     def has_case(self, case_id: str) -> bool:
         return bool(
             self.catalog.query("SELECT 1 FROM hospital_vault WHERE case_id = ?", (case_id,))
