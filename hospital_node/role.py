@@ -28,6 +28,7 @@ from hospital_node.deid import Deidentifier
 from hospital_node.design_export import DesignExporter, ExportResult
 from hospital_node.guard import OutgoingGuard
 from hospital_node.ingest import Ingest
+from hospital_node.record_facts import HospitalRecordFacts
 from hospital_node.release import ConfirmResult, Releaser
 from hospital_node.release_store import (
     Confirmation,
@@ -44,6 +45,7 @@ from hospital_node.study_identity import StudyIdentities
 from hospital_node.vault import PseudonymVault, load_or_create_key
 
 if TYPE_CHECKING:
+    from gateway.cases.facts import RecordFacts
     from gateway.catalog import ObjectRecord
     from gateway.identity import Identity
     from gateway.server import Node
@@ -143,6 +145,7 @@ class HospitalRole(RoleHooks):
         self.identities = StudyIdentities(node.catalog, vault_key)
         self.release_records = ReleaseStore(node.catalog)
         self.guard = OutgoingGuard(self.vault, self.release_records)
+        self.record_facts = HospitalRecordFacts(self.vault, self.release_records)
         self.releaser = Releaser(
             node,
             self.vault,
@@ -164,6 +167,9 @@ class HospitalRole(RoleHooks):
 
     def check_outgoing(self, obj: ObjectRecord, store: ObjectStore, peer: str) -> None:
         self.guard.check_outgoing(obj, store, peer)
+
+    def check_case_record(self, ctx: RecordFacts) -> None:
+        self.record_facts(ctx)
 
     def check_receipt(
         self, obj: ObjectRecord, facts: Mapping[str, str], store: ObjectStore
