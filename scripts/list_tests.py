@@ -40,9 +40,15 @@ FEATURES: list[tuple[str, list[str]]] = [
         ],
     ),
     ("De-identification (PS3.15)", ["test_deid_profile.py", "test_deid_engine.py"]),
-    ("Confirmation and de-identified release (hospital)", ["test_hospital_release.py"]),
+    (
+        "Confirmation and de-identified release (hospital)",
+        ["test_hospital_release.py", "test_study_identity.py"],
+    ),
     ("Series geometry and suitability (factory)", ["test_fidelity_series.py", "test_factory.py"]),
-    ("Case workflow: signed records and stage gates", ["test_cases.py"]),
+    (
+        "Case workflow: signed records and stage gates",
+        ["test_cases.py", "test_record_binding.py"],
+    ),
     (
         "Design files, mesh fidelity, Encapsulated STL export",
         ["test_design_files.py", "test_stl_export.py", "test_design_export.py"],

@@ -104,6 +104,7 @@ class Released:
     study: str  # the de-identified Study Instance UID, as the factory received it
     pseudonym: str  # the pseudonym the hospital's vault issued for the case
     confirmation_id: str
+    original: str  # the hospital-local Study Instance UID
 
 
 @dataclasses.dataclass
@@ -144,7 +145,7 @@ class Env:
         )
         pseudonym = role.vault.case_pseudonym(case_id)
         assert pseudonym is not None
-        released = Released(deid, pseudonym, result.confirmation.confirmation_id)
+        released = Released(deid, pseudonym, result.confirmation.confirmation_id, study.study_uid)
         self.released[case_id] = released
         return released
 
