@@ -30,7 +30,7 @@ import re
 import struct
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -59,7 +59,7 @@ from hospital_node.ingest_fast import (
     meta_elements,
 )
 from hospital_node.studies import InstanceRecord, StudyCatalog
-from hospital_node.study_identity import StudyIdentities, StudyIdentity, identity_of
+from hospital_node.study_identity import IdentitySource, StudyIdentities, identity_source
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,9 @@ class Parsed:
     pixel_spans: tuple[tuple[int, int, int], ...] = ()
     """With ``defer_pixel_hash``: (tag, offset in the Part-10 object, length) of each pixel
     data element, hashed later from the spool file (the filer, off the C-STORE's path)."""
-    identity: StudyIdentity | None = None
-    """Whom the study is of (:mod:`hospital_node.study_identity`): hospital-only, kept
-    encrypted, never logged or audited."""
+    identity: IdentitySource | None = field(default=None, compare=False, repr=False)
+    """Whom the study is of, undecoded (:func:`hospital_node.study_identity.identity_source`):
+    hospital-only, kept encrypted, never logged or audited."""
 
 
 def _tag(tag: int) -> str:
@@ -436,7 +436,7 @@ def _parse(part10: bytes, context_sop_class: str, defer_pixel_hash: bool = False
         pixel_sha256="" if spans else pixel_hash(ds),
         burned_in=_burned_in(ds),
         pixel_spans=spans,
-        identity=identity_of(ds),
+        identity=identity_source(ds if clean is None else clean),
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -31,6 +31,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from gateway.catalog import Catalog, utcnow
 from gateway.errors import ConfigError
@@ -63,6 +65,11 @@ _KEYWORDS = {  # field -> DICOM keyword of the attribute it is read from
     "referring_physician": "ReferringPhysicianName",
 }
 MAX_CHARS = 200
+_SOURCE_TAGS = (
+    0x00080005,  # Specific Character Set: how the names are encoded
+    0x00080020, 0x00080030, 0x00080050, 0x00080090, 0x00081030,
+    0x00100010, 0x00100020, 0x00100030, 0x00100040, 0x00101010,
+)  # fmt: skip
 
 
 @dataclass(frozen=True, repr=False)
@@ -94,9 +101,31 @@ class StudyIdentity:
         return cls(**{f.name: str(raw.get(f.name, "")) for f in fields(cls)})
 
 
-def identity_of(ds: Any) -> StudyIdentity:
-    """The identity attributes of a data set (pydicom ``Dataset``); an attribute that is
-    absent or cannot be decoded is empty (ingest never fails on it)."""
+IdentitySource = Mapping[Any, Any]
+"""The identity attributes of an instance, undecoded: tag -> (Raw)DataElement."""
+
+
+def identity_source(elements: Dataset | Mapping[Any, Any]) -> IdentitySource:
+    """The identity attributes of an instance *undecoded* (a few small raw elements, from a
+    data set or its raw element dict): taken for every instance at ingest (microseconds),
+    decoded (:func:`identity_of`) only for a study's first."""
+    if not isinstance(elements, Dataset):
+        return {tag: elements[tag] for tag in _SOURCE_TAGS if tag in elements}
+    out: dict[int, Any] = {}
+    for tag in _SOURCE_TAGS:
+        try:
+            elem = elements.get_item(tag)
+        except Exception:  # an odd element: left out, shown as absent
+            continue
+        if elem is not None:
+            out[tag] = elem
+    return out
+
+
+def identity_of(source: Dataset | IdentitySource) -> StudyIdentity:
+    """The identity attributes of a data set or an :func:`identity_source`; an attribute
+    that is absent or cannot be decoded is empty (ingest never fails on it)."""
+    ds = source if isinstance(source, Dataset) else Dataset({Tag(t): e for t, e in source.items()})
     values: dict[str, str] = {}
     for name, keyword in _KEYWORDS.items():
         try:
@@ -125,11 +154,13 @@ class StudyIdentities:
     def __repr__(self) -> str:
         return "StudyIdentities(<key withheld>)"
 
-    def record(self, study_uid: str, identity: StudyIdentity | None) -> None:
-        """Keep ``identity`` for ``study_uid`` unless one is kept already (the first
-        instance received speaks for the study)."""
-        if identity is None or study_uid in self._known:
+    def record(self, study_uid: str, source: IdentitySource | StudyIdentity | None) -> None:
+        """Keep the identity in ``source`` (:func:`identity_source` of an instance, or an
+        identity) for ``study_uid`` unless one is kept already (the first instance received
+        speaks for the study)."""
+        if source is None or study_uid in self._known:
             return
+        identity = source if isinstance(source, StudyIdentity) else identity_of(source)
         nonce = os.urandom(12)
         ciphertext = self._aead.encrypt(nonce, identity.to_bytes(), self._aad(study_uid))
         with self.catalog.transaction() as db:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from gateway import authz
@@ -25,7 +25,8 @@ from gateway.audit import QUERY
 from gateway.cli import main
 from gateway.client import NodeClient
 from gateway.identity import Identity
-from hospital_node.study_identity import StudyIdentities, StudyIdentity
+from hospital_node.ingest import parse_instance
+from hospital_node.study_identity import StudyIdentities, StudyIdentity, identity_of
 from tests.cluster import Federation, InProcessNode, NodeProcess, wait_for, write_config
 from tests.dicom_factory import (
     ACCESSION,
@@ -35,6 +36,7 @@ from tests.dicom_factory import (
     REFERRING_PHYSICIAN,
     StudyInfo,
     ct_series,
+    to_part10,
 )
 from tests.test_hospital_release import (
     CASE,
@@ -361,3 +363,18 @@ def test_no_identity_reaches_the_factory_a_log_file_or_an_atna_message(
     # The search finds what is there: the hospital keeps the originals, identity included.
     originals = b"".join(p.read_bytes() for p in files_under(tmp_path / "hospital-1-data"))
     assert PATIENT_NAME.encode() in originals and OTHER_ID.encode() in originals
+
+
+def test_identity_is_read_the_same_on_the_fast_and_the_full_parse() -> None:
+    """Explicit VR Little Endian takes the one-pass fast path, Implicit VR the full one;
+    both keep the same identity (decoded only for a study's first instance)."""
+    (explicit,) = ct_series(1, rows=16, cols=16, study=StudyInfo(patient_name=OTHER_NAME))
+    implicit = explicit.copy()
+    implicit.file_meta = explicit.file_meta.copy()
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    fast = parse_instance(to_part10(explicit), defer_pixel_hash=True)
+    full = parse_instance(to_part10(implicit))
+    assert fast.identity is not None and full.identity is not None
+    a, b = identity_of(fast.identity), identity_of(full.identity)
+    assert a == b and a.patient_name == OTHER_NAME and a.birth_date == PATIENT_BIRTH_DATE
+    assert OTHER_NAME not in repr(fast)  # the raw attributes stay out of reprs
