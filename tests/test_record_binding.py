@@ -257,3 +257,23 @@ def test_acceptance_must_name_the_delivered_unique_device_identifier(env: Env) -
     view = env.sign("clinician", case_id, "acceptance", acceptance())
     assert view.stage == "follow_up"
     env.synced(case_id)
+
+
+def test_design_confirmation_arriving_before_the_design_files_waits_for_them(env: Env) -> None:
+    """The engineer's production confirmation reaches the hospital before the design's
+    file: the hospital holds the record back until the file arrives, then places it."""
+    case_id = "C-BIND-DESIGN-WAIT"
+    advance(env, case_id, "design_output")
+    model = env.upload(case_id, to=())  # at the factory only, for now
+    design_hash = last_hash(env.sign("engineer", case_id, "design_output", design(model)))
+    env.synced(case_id)
+    env.sign("engineer", case_id, "design_confirmation", confirm("production", design_hash))
+    factory_length = factory_chain(env, case_id)
+    pending = env.hospital.cases.cases.pending
+    wait_for(lambda: pending(case_id), 30, what="the confirmation waiting at the hospital")
+    assert len(env.hospital.cases.cases.records(case_id)) == factory_length - 1
+    env.upload(case_id)  # the file reaches the hospital: the waiting record is placed
+    assert env.synced(case_id) == factory_length
+    assert pending(case_id) == []
+    view = env.sign("clinician", case_id, "design_confirmation", confirm("clinical", design_hash))
+    assert view.stage == "production"
