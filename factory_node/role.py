@@ -24,6 +24,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from factory_node.record_facts import FactoryRecordFacts
 from factory_node.studies import (
     ReceivedInstance,
     StudyStore,
@@ -48,6 +49,7 @@ from gateway.fidelity.series import SliceGeometry, slice_geometry
 from gateway.roles import RoleHooks
 
 if TYPE_CHECKING:
+    from gateway.cases.facts import RecordFacts
     from gateway.identity import Identity
     from gateway.server import Node
     from gateway.storage import ObjectStore
@@ -85,6 +87,7 @@ class FactoryRole(RoleHooks):
         self.node = node
         self.service_names = (factory_pb2.DESCRIPTOR.services_by_name["Factory"].full_name,)
         self.studies = StudyStore(node.catalog)
+        self.record_facts = FactoryRecordFacts(self.studies, node.store)
         self.monitor = SuitabilityMonitor(
             self.studies, node.audit, node.cfg.suitability, node.cfg.node.id
         )
@@ -131,6 +134,9 @@ class FactoryRole(RoleHooks):
         if added:  # not for a receipt re-issued for an object already recorded
             self.monitor.touch(announce.case_id, facts[FACT_STUDY_UID])
         return facts
+
+    def check_case_record(self, ctx: RecordFacts) -> None:
+        self.record_facts(ctx)
 
     def add_services(self, server: Any, gate: Any) -> None:
         from factory_node.service import FactoryServicer

@@ -64,6 +64,11 @@ POLICY: Mapping[str, frozenset[str]] = {
 
 _OPPOSITE = {"hospital": "factory", "factory": "hospital"}
 
+IDENTITY_VIEWERS: frozenset[str] = frozenset({SELF, "clinician"})
+"""Who sees whom a study is of (patient name, ID, birth date, ... in the hospital's
+study list/show): the hospital node itself and its own clinicians, who confirm releases.
+Officers and everyone else see UIDs only. Only ever on a hospital node."""
+
 
 @dataclass(frozen=True)
 class NodeSelf:
@@ -84,6 +89,12 @@ def principal_of(caller: Identity, node: NodeSelf) -> str | None:
     if caller.org_node == node.node_id:
         return caller.role
     return None
+
+
+def may_see_identity(caller: Identity, node: NodeSelf) -> bool:
+    """Whether ``caller`` may see patient identity in this node's study views
+    (:data:`IDENTITY_VIEWERS`; never on a factory node)."""
+    return node.role == "hospital" and principal_of(caller, node) in IDENTITY_VIEWERS
 
 
 def authorize(caller: Identity, method: str, node: NodeSelf) -> str:

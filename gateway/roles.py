@@ -17,6 +17,8 @@ Hook points:
 - :meth:`RoleHooks.start` / :meth:`RoleHooks.stop` — role services (e.g. the DICOM SCP).
 - :meth:`RoleHooks.settle` — before the query endpoint reads the catalog: wait until
   what the role acknowledged to outside senders (e.g. a PACS) is catalogued.
+- :meth:`RoleHooks.check_case_record` — a case record's content against what the role
+  holds, on submission and on arrival (:mod:`gateway.cases.facts`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from gateway.cases.facts import RecordFacts
     from gateway.catalog import ObjectRecord
     from gateway.storage import ObjectStore
     from gateway.transfer.model import Announce
@@ -48,6 +51,10 @@ class RoleHooks:
 
     def add_services(self, server: Any, gate: Any) -> None:
         """Register gRPC servicers on ``server`` (a grpc.Server) using ``gate`` for identity."""
+
+    def check_case_record(self, ctx: RecordFacts) -> None:
+        """Raise RecordUnfounded (or, for arriving records, FactsPending) when the record
+        contradicts (or is not yet backed by) what this role holds."""
 
     def start(self) -> None:
         pass

@@ -2,6 +2,11 @@
 
     yigong study list [--status received] [--json]
     yigong study show STUDY_UID [--json]
+
+``list``, ``show`` and the preview of ``confirm`` show whom a study is of (patient name,
+ID, birth date, sex, age, accession number, study date and time, description, modality,
+referring physician) to this hospital's clinicians and the node itself only; officers
+see UIDs. Each study shown with its identity is audited by its UID.
     yigong study confirm STUDY_UID --case ID --to FACTORY_NODE [--allow-burned-in] [--yes]
     yigong study export-design --case ID --object SHA256 [--again] [--yes]
 
@@ -99,8 +104,22 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_summary_dict(s) for s in studies], indent=2))
         return 0
+    if any(s.HasField("identity") for s in studies):  # a clinician (or the node) of this hospital
+        _table(
+            ["STUDY UID", "PATIENT", "PATIENT ID", "BORN", "SEX/AGE", "ACCESSION",
+             "STUDY DATE", "MODALITY", "DESCRIPTION", "REFERRING", "STATUS", "INSTANCES",
+             "CASES (PSEUDONYM)"],
+            [
+                [
+                    s.study_uid, *_identity_cells(s.identity), s.status,
+                    f"{s.instance_count} in {s.series_count} series", _cases_cell(s),
+                ]
+                for s in studies
+            ],
+        )  # fmt: skip
+        return 0
     _table(
-        ["STUDY UID", "STATUS", "INSTANCES", "SERIES", "LAST RECEIVED", "RECEIVED"],
+        ["STUDY UID", "STATUS", "INSTANCES", "SERIES", "LAST RECEIVED", "RECEIVED", "CASES"],
         [
             [
                 s.study_uid,
@@ -109,11 +128,52 @@ def cmd_list(args: argparse.Namespace) -> int:
                 str(s.series_count),
                 _t(s.last_received_at),
                 _t(s.received_at),
+                _cases_cell(s),
             ]
             for s in studies
         ],
     )
+    if studies and studies[0].identity_withheld:
+        print("(patient identity is shown to this hospital's clinicians only)")
     return 0
+
+
+def _da(value: str) -> str:
+    """A DICOM DA (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
+    return f"{value[:4]}-{value[4:6]}-{value[6:]}" if len(value) == 8 and value.isdigit() else value
+
+
+def _tm(value: str) -> str:
+    digits = value.split(".")[0]
+    return f"{digits[:2]}:{digits[2:4]}" if len(digits) >= 4 and digits.isdigit() else value
+
+
+def _identity_cells(i: hospital_pb2.StudyIdentity) -> list[str]:
+    if not i.recorded:
+        return ["(not recorded)", "", "", "", "", "", ",".join(i.modalities), "", ""]
+    when = " ".join(x for x in (_da(i.study_date), _tm(i.study_time)) if x)
+    return [
+        i.patient_name or "-",
+        i.patient_id or "-",
+        _da(i.birth_date) or "-",
+        f"{i.sex or '-'}/{i.age or '-'}",
+        i.accession_number or "-",
+        when or "-",
+        ",".join(i.modalities) or "-",
+        i.study_description or "-",
+        i.referring_physician or "-",
+    ]
+
+
+def _cases_cell(s: hospital_pb2.HospitalStudySummary) -> str:
+    return (
+        ", ".join(
+            f"{c.case_id} ({c.pseudonym or '-'})"
+            + ("" if len(s.cases) < 2 else f" -> {c.destination}")
+            for c in s.cases
+        )
+        or "-"
+    )
 
 
 def _get(client: NodeClient, study_uid: str) -> hospital_pb2.HospitalStudy:
@@ -155,7 +215,31 @@ def _summary_dict(s: hospital_pb2.HospitalStudySummary) -> dict[str, Any]:
     return out
 
 
+def _print_identity(s: hospital_pb2.HospitalStudySummary) -> None:
+    if s.identity_withheld:
+        print(f"{'patient':>15}: (shown to this hospital's clinicians only)")
+        return
+    i = s.identity
+    if not i.recorded:
+        print(f"{'patient':>15}: (not recorded: received before identities were kept)")
+        return
+    when = " ".join(x for x in (_da(i.study_date), _tm(i.study_time)) if x)
+    for label, value in (
+        ("patient", i.patient_name),
+        ("patient id", i.patient_id),
+        ("born", _da(i.birth_date)),
+        ("sex / age", f"{i.sex or '-'} / {i.age or '-'}"),
+        ("accession", i.accession_number),
+        ("study date", when),
+        ("modality", ",".join(i.modalities)),
+        ("description", i.study_description),
+        ("referring", i.referring_physician),
+    ):
+        print(f"{label:>15}: {value or '-'}")
+
+
 def _print_summary(s: hospital_pb2.HospitalStudySummary) -> None:
+    _print_identity(s)
     for label, value in (
         ("study", s.study_uid),
         ("status", s.status + (f" (since {_t(s.received_at)})" if s.received_at else "")),
@@ -211,6 +295,10 @@ def _print_confirmations(study: hospital_pb2.HospitalStudy) -> None:
         who = f"{c.confirmed_by} (certificate {c.certificate_serial})"
         print(f"\nconfirmed {_t(c.created_at)} by {who}{flags}")
         print(f"  case {c.case_id} -> {c.destination}, confirmation {c.confirmation_id}")
+        if c.pseudonym:
+            print(f"  pseudonym {c.pseudonym} (what the case's order names)")
+        if c.deid_study_uid:
+            print(f"  de-identified study {c.deid_study_uid} (what the data confirmation names)")
         rows = [
             (i, r)
             for i in study.instances
@@ -235,6 +323,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
             s = study.study
             burned = "included" if args.allow_burned_in else "held back"
             print("Sending data out of the hospital cannot be undone. This would send:")
+            _print_identity(s)
             for label, value in (
                 ("study", s.study_uid),
                 ("status", s.status),
@@ -263,6 +352,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     c = reply.confirmation
     statuses = Counter(r.status for i in reply.instances for r in i.releases)
     print(f"confirmed: confirmation {c.confirmation_id}, signed by node for {c.confirmed_by}")
+    print(f"case {c.case_id}: pseudonym {c.pseudonym}, de-identified study {c.deid_study_uid}")
     print("instances: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())))
     print(f"queued {len(reply.transfer_ids)} transfer(s) to {c.destination}")
     for i in reply.instances:

@@ -30,7 +30,7 @@ import re
 import struct
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -59,6 +59,7 @@ from hospital_node.ingest_fast import (
     meta_elements,
 )
 from hospital_node.studies import InstanceRecord, StudyCatalog
+from hospital_node.study_identity import IdentitySource, StudyIdentities, identity_source
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ class Parsed:
     pixel_spans: tuple[tuple[int, int, int], ...] = ()
     """With ``defer_pixel_hash``: (tag, offset in the Part-10 object, length) of each pixel
     data element, hashed later from the spool file (the filer, off the C-STORE's path)."""
+    identity: IdentitySource | None = field(default=None, compare=False, repr=False)
+    """Whom the study is of, undecoded (:func:`hospital_node.study_identity.identity_source`):
+    hospital-only, kept encrypted, never logged or audited."""
 
 
 def _tag(tag: int) -> str:
@@ -432,6 +436,7 @@ def _parse(part10: bytes, context_sop_class: str, defer_pixel_hash: bool = False
         pixel_sha256="" if spans else pixel_hash(ds),
         burned_in=_burned_in(ds),
         pixel_spans=spans,
+        identity=identity_source(ds if clean is None else clean),
     )
 
 
@@ -464,10 +469,11 @@ class Ingest:
 
     def __init__(
         self, store: ObjectStore, catalog: Catalog, studies: StudyCatalog, audit: AuditLog,
-        node_id: str,
+        node_id: str, identities: StudyIdentities | None = None,
     ) -> None:  # fmt: skip
         self.store, self.catalog, self.studies = store, catalog, studies
         self.audit, self.node_id = audit, node_id
+        self.identities = identities
 
     def ingest(
         self, part10: bytes, *, calling_ae: str, called_ae: str, context_sop_class: str = ""
@@ -557,6 +563,9 @@ class Ingest:
                 )  # fmt: skip
         with self.catalog.transaction():
             added = [self._catalogue(f.parsed, rec) for f, rec, _ in todo]
+            if self.identities is not None:
+                for f, rec, _ in todo:
+                    self.identities.record(rec.study_uid, f.parsed.identity)
         for (f, rec, _), new in zip(todo, added, strict=True):
             if rec.duplicate and new:
                 log.warning(

@@ -135,6 +135,30 @@ class StudyView:
     confirmations: list[Confirmation]
     instances: list[Any]  # hospital_node.studies.InstanceRecord
     releases: dict[str, list[ReleaseView]]  # by source object id
+    listing: StudyListing | None = None  # identity (if the caller may see it) and cases
+
+
+@dataclass(frozen=True)
+class StudyCase:
+    """A case a study was confirmed for, as the hospital's clinicians see it."""
+
+    case_id: str
+    pseudonym: str  # the vault's pseudonym of the case ("" if none)
+    destination: str
+    confirmation_id: str
+    deid_study_uid: str
+
+
+@dataclass(frozen=True)
+class StudyListing:
+    """A study with whom it is of: ``identity`` is None unless the caller may see it
+    (``withheld``), or when none was kept for the study."""
+
+    summary: Any  # hospital_node.studies.StudySummary
+    identity: Any  # hospital_node.study_identity.StudyIdentity | None
+    withheld: bool
+    modalities: tuple[str, ...]
+    cases: tuple[StudyCase, ...]
 
 
 _CONFIRMATION_COLS = ", ".join(f.name for f in dataclasses.fields(Confirmation))

@@ -13,6 +13,7 @@ Sections (each owned by one feature; keep them separate):
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway import authz
+from gateway.audit import QUERY
 from gateway.errors import ConfigError, ValidationError, YigongError
 from gateway.fidelity.formats import validate_design_file
 from gateway.roles import RoleHooks
@@ -33,14 +36,24 @@ from hospital_node.outbound import (
     OutboundLimits,
     case_identifiers,
 )
+from hospital_node.record_facts import HospitalRecordFacts
 from hospital_node.release import ConfirmResult, Releaser
-from hospital_node.release_store import ReleaseStore, ReleaseView, StudyView
+from hospital_node.release_store import (
+    Confirmation,
+    ReleaseStore,
+    ReleaseView,
+    StudyCase,
+    StudyListing,
+    StudyView,
+)
 from hospital_node.scp import DicomServer
 from hospital_node.spool import DicomSpool
 from hospital_node.studies import StudyCatalog
+from hospital_node.study_identity import StudyIdentities
 from hospital_node.vault import PseudonymVault, load_or_create_key
 
 if TYPE_CHECKING:
+    from gateway.cases.facts import RecordFacts
     from gateway.catalog import ObjectRecord
     from gateway.identity import Identity
     from gateway.server import Node
@@ -79,7 +92,10 @@ class HospitalRole(RoleHooks):
         node, cfg = self.node, self.node.cfg.dicom
         if not cfg.enabled:
             return
-        ingest = Ingest(node.store, node.catalog, self.studies, node.audit, node.cfg.node.id)
+        ingest = Ingest(
+            node.store, node.catalog, self.studies, node.audit, node.cfg.node.id,
+            self.identities,
+        )  # fmt: skip
         self.spool = DicomSpool(ingest, cfg.spool_path, max_waiting=cfg.spool_max_waiting)
         self.spool.start()
         self._dicom = DicomServer(
@@ -134,6 +150,7 @@ class HospitalRole(RoleHooks):
                 "they must be two different secrets"
             )
         self.vault = PseudonymVault(node.catalog, vault_key)
+        self.identities = StudyIdentities(node.catalog, vault_key)
         self.release_records = ReleaseStore(node.catalog)
         self.outbound = OutboundGate(
             identifiers=self._case_identifiers,
@@ -148,6 +165,7 @@ class HospitalRole(RoleHooks):
         )
         self.guard = OutgoingGuard(self.vault, self.release_records, self.outbound)
         node.exchange.alert_on_type_refusal = True  # a mis-declared upload: security alert
+        self.record_facts = HospitalRecordFacts(self.vault, self.release_records)
         self.releaser = Releaser(
             node,
             self.vault,
@@ -169,6 +187,9 @@ class HospitalRole(RoleHooks):
 
     def check_outgoing(self, obj: ObjectRecord, store: ObjectStore, peer: str) -> None:
         self.guard.check_outgoing(obj, store, peer)
+
+    def check_case_record(self, ctx: RecordFacts) -> None:
+        self.record_facts(ctx)
 
     def _case_identifiers(self, case_id: str) -> IdentifierMatcher:
         """What identifies the real patient of a case (for the outbound gate's scan)."""
@@ -310,14 +331,16 @@ class HospitalRole(RoleHooks):
         )
 
     # Domain side of yigong.v1.Hospital (every call audited as 'query' or 'case.confirmation').
-    def list_studies(self, caller: Identity, status: str = "", limit: int = 0) -> list[Any]:
+    def list_studies(
+        self, caller: Identity, status: str = "", limit: int = 0
+    ) -> list[StudyListing]:
         if status not in ("", "receiving", "received"):
             raise ValidationError("status must be 'receiving', 'received' or empty (any)")
         if not 0 <= limit <= 1000:
             raise ValidationError("limit must be between 1 and 1000 (0 = 100)")
         found = list(self._study_source().list_studies(status=status, limit=limit or 100))
         self._audit_query(caller, "hospital.list_studies", count=len(found), status=status)
-        return found
+        return self._listings(caller, found)
 
     def get_study(self, caller: Identity, study_uid: str) -> StudyView:
         studies = self._study_source()
@@ -333,7 +356,50 @@ class HospitalRole(RoleHooks):
                     ReleaseView(r, c.destination, t.status if t else "", t.last_error if t else "")
                 )
         self._audit_query(caller, "hospital.get_study", study_uid=study_uid)
-        return StudyView(summary, confirmations, list(studies.instances(study_uid)), releases)
+        (listing,) = self._listings(caller, [summary])
+        instances = list(studies.instances(study_uid))
+        return StudyView(summary, confirmations, instances, releases, listing)
+
+    def _listings(self, caller: Identity, summaries: list[Any]) -> list[StudyListing]:
+        """Each study with its cases (and pseudonyms) and — for the hospital's clinicians
+        and the node itself only (:func:`gateway.authz.may_see_identity`) — whom it is of.
+        Every study whose identity is shown is audited by its UID, never a value."""
+        node = authz.NodeSelf(self.node.cfg.node.id, self.node.cfg.node.role)
+        visible = authz.may_see_identity(caller, node)
+        uids = [s.study_uid for s in summaries]
+        identities = self.identities.many(uids) if visible else {}
+        if identities:
+            with self.node.audit.batch():
+                for uid in uids:
+                    if uid in identities:
+                        self.node.audit.record(
+                            QUERY,
+                            actor=caller.label(),
+                            details={"query": "hospital.study_identity", "study_instance_uid": uid},
+                        )
+        return [
+            StudyListing(
+                s,
+                identities.get(s.study_uid),
+                not visible,
+                self.studies.modalities(s.study_uid),
+                tuple(self._cases_of(s.study_uid)),
+            )
+            for s in summaries
+        ]
+
+    def _cases_of(self, study_uid: str) -> list[StudyCase]:
+        return [self.study_case(c) for c in self.release_records.confirmations(study_uid)]
+
+    def study_case(self, c: Confirmation) -> StudyCase:
+        """The case of confirmation ``c`` with the vault's pseudonym (what its order names)
+        and the de-identified study UID (what its data confirmation names)."""
+        try:
+            deid_uid = str(json.loads(c.record).get("deid_study_uid", ""))
+        except ValueError:
+            deid_uid = ""
+        pseudonym = self.vault.issued_pseudonym(c.case_id, c.destination) or ""
+        return StudyCase(c.case_id, pseudonym, c.destination, c.confirmation_id, deid_uid)
 
     def confirm_study(
         self,

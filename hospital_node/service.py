@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from gateway.rpc.auth import Gatekeeper, wire_errors
-from hospital_node.release_store import Confirmation, ReleaseView
+from hospital_node.release_store import Confirmation, ReleaseView, StudyCase, StudyListing
 from yigong.v1 import hospital_pb2, hospital_pb2_grpc
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class HospitalServicer(hospital_pb2_grpc.HospitalServicer):
                 self.gate.identity(context), request.status, request.limit
             )
             return hospital_pb2.ListHospitalStudiesResponse(
-                studies=[summary_to_pb(s) for s in found]
+                studies=[listing_to_pb(s) for s in found]
             )
         raise AssertionError("unreachable")
 
@@ -45,9 +45,14 @@ class HospitalServicer(hospital_pb2_grpc.HospitalServicer):
         with wire_errors(context, "Hospital.GetStudy"):
             view = self.role.get_study(self.gate.identity(context), request.study_uid)
             cert = self.role.node.cert_pem
+            listing = view.listing
+            cases = {c.confirmation_id: c for c in listing.cases} if listing else {}
             return hospital_pb2.HospitalStudy(
-                study=summary_to_pb(view.summary),
-                confirmations=[confirmation_to_pb(c, cert) for c in view.confirmations],
+                study=listing_to_pb(listing) if listing else summary_to_pb(view.summary),
+                confirmations=[
+                    confirmation_to_pb(c, cert, cases.get(c.confirmation_id))
+                    for c in view.confirmations
+                ],
                 instances=[
                     instance_to_pb(i, view.releases.get(i.object_id, [])) for i in view.instances
                 ],
@@ -71,7 +76,9 @@ class HospitalServicer(hospital_pb2_grpc.HospitalServicer):
                 for r in result.instances
             ]
             return hospital_pb2.ConfirmStudyResponse(
-                confirmation=confirmation_to_pb(c, self.role.node.cert_pem),
+                confirmation=confirmation_to_pb(
+                    c, self.role.node.cert_pem, self.role.study_case(c)
+                ),
                 transfer_ids=result.transfer_ids,
                 instances=[release_instance_to_pb(v) for v in releases],
             )
@@ -113,8 +120,51 @@ def summary_to_pb(s: StudySummary) -> hospital_pb2.HospitalStudySummary:
     )
 
 
-def confirmation_to_pb(c: Confirmation, cert_pem: bytes) -> hospital_pb2.DataConfirmation:
+def listing_to_pb(listing: StudyListing) -> hospital_pb2.HospitalStudySummary:
+    """A study summary with its cases, and whom it is of when the caller may see it."""
+    pb = summary_to_pb(listing.summary)
+    pb.identity_withheld = listing.withheld
+    i = listing.identity
+    if i is not None:
+        pb.identity.CopyFrom(
+            hospital_pb2.StudyIdentity(
+                patient_name=i.patient_name,
+                patient_id=i.patient_id,
+                birth_date=i.birth_date,
+                sex=i.sex,
+                age=i.age,
+                accession_number=i.accession_number,
+                study_date=i.study_date,
+                study_time=i.study_time,
+                study_description=i.study_description,
+                modalities=list(listing.modalities),
+                referring_physician=i.referring_physician,
+                recorded=True,
+            )
+        )
+    elif not listing.withheld:
+        pb.identity.CopyFrom(
+            hospital_pb2.StudyIdentity(modalities=list(listing.modalities), recorded=False)
+        )
+    pb.cases.extend(
+        hospital_pb2.StudyCase(
+            case_id=c.case_id,
+            pseudonym=c.pseudonym,
+            destination=c.destination,
+            confirmation_id=c.confirmation_id,
+            deid_study_uid=c.deid_study_uid,
+        )
+        for c in listing.cases
+    )
+    return pb
+
+
+def confirmation_to_pb(
+    c: Confirmation, cert_pem: bytes, case: StudyCase | None = None
+) -> hospital_pb2.DataConfirmation:
     return hospital_pb2.DataConfirmation(
+        pseudonym=case.pseudonym if case else "",
+        deid_study_uid=case.deid_study_uid if case else "",
         confirmation_id=c.confirmation_id,
         record_json=c.record,
         signature=c.signature,

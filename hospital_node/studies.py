@@ -288,6 +288,15 @@ class StudyCatalog:
         )
         return [_instance(r) for r in rows]
 
+    def modalities(self, study_uid: str) -> tuple[str, ...]:
+        """The distinct modalities of the study's instances, sorted."""
+        rows = self.catalog.query(
+            "SELECT DISTINCT modality FROM dicom_instances WHERE study_uid = ? AND modality != ''"
+            " ORDER BY modality",
+            (study_uid,),
+        )
+        return tuple(str(r["modality"]) for r in rows)
+
     def find_instance(self, sop_instance_uid: str, object_id: str) -> InstanceRecord | None:
         rows = self.catalog.query(
             "SELECT * FROM dicom_instances WHERE sop_instance_uid = ? AND object_id = ?",

@@ -381,6 +381,14 @@ class PseudonymVault:
         case_id = str(rows[0][0])
         return case_id, self.lookup(case_id)
 
+    def issued_pseudonym(self, case_id: str, destination: str) -> str | None:
+        """The pseudonym this vault issued for ``case_id`` at ``destination`` (None: the
+        vault holds no patient for the case): what the case's order must name and what the
+        instances released to that manufacturer carry."""
+        if not self.has_case(case_id):
+            return None
+        return self.pseudonym(case_id, destination)
+
     def has_case(self, case_id: str) -> bool:
         return bool(
             self.catalog.query("SELECT 1 FROM hospital_vault WHERE case_id = ?", (case_id,))

@@ -9,11 +9,13 @@ import hashlib
 import json
 import sqlite3
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from factory_node.role import FactoryRole
 from gateway import authz
 from gateway.cases import CaseService, case_facts_hook
 from gateway.cases.chain import Verified
@@ -29,7 +31,10 @@ from gateway.config import PeerSection, load_config
 from gateway.errors import PermissionDenied, ValidationError
 from gateway.pki import IssuedCert, load_private_key, sign
 from gateway.server import Node
+from hospital_node.ingest import Ingest
+from hospital_node.role import HospitalRole
 from tests.cluster import Federation, wait_for, write_config
+from tests.dicom_factory import StudyInfo, ct_series, to_part10
 
 HOSPITAL, FACTORY = "hospital-1", "factory-1"
 CASE_POLICY = {
@@ -82,7 +87,8 @@ def _start(config: Path) -> CaseNode:
         add_case_service(server, gate, cases)
 
     node.hooks.add_services = add_services  # type: ignore[method-assign]
-    node.receiver.facts_hook = case_facts_hook(cases, node.receiver.facts_hook)
+    node.cases = cases  # what the role hooks use, as Node.start wires it
+    node.receiver.facts_hook = case_facts_hook(cases, node._receipt_facts)
     port = node.start()
     return CaseNode(node, cases, f"127.0.0.1:{port}")
 
@@ -91,12 +97,57 @@ def _point(node: Node, peer: str, address: str) -> None:
     node.cfg = dataclasses.replace(node.cfg, peers=(PeerSection(peer, address),))
 
 
+@dataclasses.dataclass(frozen=True)
+class Released:
+    """A real study released for a case: what its data confirmation and order must name."""
+
+    study: str  # the de-identified Study Instance UID, as the factory received it
+    pseudonym: str  # the pseudonym the hospital's vault issued for the case
+    confirmation_id: str
+    original: str  # the hospital-local Study Instance UID
+
+
 @dataclasses.dataclass
 class Env:
     fed: Federation
     hospital: CaseNode
     factory: CaseNode
     tmp: Path
+    released: dict[str, Released] = dataclasses.field(default_factory=dict)
+
+    def release(self, case_id: str) -> Released:
+        """Ingest a small CT study at the hospital, confirm it for ``case_id`` as its
+        clinician (de-identified, sent to the factory) and wait until the factory holds it."""
+        if case_id in self.released:
+            return self.released[case_id]
+        node = self.hospital.node
+        role = node.hooks
+        assert isinstance(role, HospitalRole)
+        ingest = Ingest(
+            node.store, node.catalog, role.studies, node.audit, HOSPITAL, role.identities
+        )
+        study = StudyInfo()
+        for ds in ct_series(2, rows=16, cols=16, study=study):
+            ingest.ingest(to_part10(ds), calling_ae="PACS", called_ae="YIGONG")
+        role.studies.tick(datetime.now(UTC) + timedelta(seconds=1), 0.0)
+        clinician = node.trust.verify_pem(self.person("clinician").cert_path.read_bytes())
+        result = role.confirm_study(clinician, study.study_uid, case_id, FACTORY)
+        deid = str(json.loads(result.confirmation.record)["deid_study_uid"])
+        factory = self.factory.node.hooks
+        assert isinstance(factory, FactoryRole)
+        wait_for(
+            lambda: any(
+                s.study_uid == deid and s.instance_count == 2
+                for s in factory.studies.list_studies(case_id, 100)
+            ),
+            30,
+            what=f"the factory to receive the study of case {case_id}",
+        )
+        pseudonym = role.vault.issued_pseudonym(case_id, FACTORY)
+        assert pseudonym is not None
+        released = Released(deid, pseudonym, result.confirmation.confirmation_id, study.study_uid)
+        self.released[case_id] = released
+        return released
 
     def person(self, who: str) -> IssuedCert:
         people = {
@@ -129,12 +180,20 @@ class Env:
 
         return int(wait_for(same, timeout=15, what=f"both nodes to hold case {case_id}"))
 
-    def upload(self, case_id: str, name: str = "implant.stl", to: tuple[str, ...] = ()) -> str:
+    def upload(
+        self, case_id: str, name: str = "implant.stl", to: tuple[str, ...] = (HOSPITAL,)
+    ) -> str:
+        """A design file uploaded at the factory for ``case_id`` and (by default) sent to
+        the hospital, where the clinician confirms what arrived."""
         src = self.tmp / name
         src.write_bytes(stl(f"{case_id}-{name}"))
         with self.factory.client(self.fed, self.person("engineer")) as nc:
             reply = nc.submit(src, list(to), case_id=case_id, media_type="model/stl")
-        return str(reply.object.object_id)
+        oid = str(reply.object.object_id)
+        if HOSPITAL in to:
+            catalog = self.hospital.node.catalog
+            wait_for(lambda: catalog.find_object(oid), 30, what=f"design {oid[:12]} at hospital")
+        return oid
 
 
 @pytest.fixture
@@ -157,15 +216,17 @@ def env(federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 # --------------------------------------------------------------------------- record data
-def data_confirmation() -> dict[str, Any]:
-    return {"studies": ["1.2.826.0.1.3680043.8.498.1"], "complete": True, "modalities": ["CT"]}
+def data_confirmation(study: str = "1.2.826.0.1.3680043.8.498.1") -> dict[str, Any]:
+    """A data confirmation of ``study`` (a real one: :meth:`Env.release`)."""
+    return {"studies": [study], "complete": True, "modalities": ["CT"]}
 
 
-def order(manufacturer: str = FACTORY) -> dict[str, Any]:
+def order(manufacturer: str = FACTORY, pseudonym: str = "YG-3F2A9C01B7D4") -> dict[str, Any]:
+    """An order for the patient of ``pseudonym`` (the case's: :meth:`Env.release`)."""
     return {
         "manufacturer": manufacturer,
         "institution": "Example University Hospital, orthopaedics",
-        "patient": {"pseudonym": "YG-3F2A9C01B7D4", "age": 47, "sex": "female"},
+        "patient": {"pseudonym": pseudonym, "age": 47, "sex": "female"},
         "clinical_description": "Giant cell tumour of the distal radius, resection planned.",
         "treatment_plan": "En-bloc resection, reconstruction with a custom implant.",
         "risks": "Infection, loosening, wrist stiffness.",
@@ -272,8 +333,18 @@ def advance(env: Env, case_id: str, to: str) -> dict[str, str]:
             CaseClient(nc).create(case_id, FACTORY)
     out: dict[str, str] = {}
     steps = [
-        ("order", "clinician", "data_confirmation", lambda: data_confirmation()),
-        ("design_input_review", "clinician", "order", lambda: order()),
+        (
+            "order",
+            "clinician",
+            "data_confirmation",
+            lambda: data_confirmation(env.release(case_id).study),
+        ),
+        (
+            "design_input_review",
+            "clinician",
+            "order",
+            lambda: order(pseudonym=env.release(case_id).pseudonym),
+        ),
         ("design_output", "engineer", "design_input_review", lambda: review()),
         (
             "design_confirmation",
@@ -320,8 +391,9 @@ def test_full_case_across_two_nodes_holds_one_verified_chain(env: Env) -> None:
         opened = CaseClient(nc).create(case_id, FACTORY)
     assert opened.stage == "data_confirmation" and opened.next_seq == 0
     assert opened.head_hash == genesis_hash(case_id)
-    env.sign("clinician", case_id, "data_confirmation", data_confirmation())
-    env.sign("clinician", case_id, "order", order())
+    released = env.release(case_id)
+    env.sign("clinician", case_id, "data_confirmation", data_confirmation(released.study))
+    env.sign("clinician", case_id, "order", order(pseudonym=released.pseudonym))
     env.synced(case_id)
     env.sign("engineer", case_id, "design_input_review", review())
     model = env.upload(case_id, to=(HOSPITAL,))  # the design file itself goes to the hospital too
@@ -613,7 +685,7 @@ def test_rejections_send_the_case_back(env: Env) -> None:
         env.sign(
             "engineer", case_id, "design_input_review", {"decision": "rejected", "findings": "x"}
         )
-    env.sign("clinician", case_id, "order", order())
+    env.sign("clinician", case_id, "order", order(pseudonym=env.release(case_id).pseudonym))
     env.synced(case_id)
     env.sign("engineer", case_id, "design_input_review", review())
     model = env.upload(case_id)
@@ -803,8 +875,9 @@ def test_records_arriving_out_of_order_wait_for_the_gap(
     held = _hold_sends(monkeypatch, env.hospital)
     with env.hospital.client(env.fed, env.person("clinician")) as nc:
         CaseClient(nc).create(case_id, FACTORY)
-    env.sign("clinician", case_id, "data_confirmation", data_confirmation())
-    env.sign("clinician", case_id, "order", order())
+    released = env.release(case_id)
+    env.sign("clinician", case_id, "data_confirmation", data_confirmation(released.study))
+    env.sign("clinician", case_id, "order", order(pseudonym=released.pseudonym))
     first, second = (v.envelope.to_bytes() for v in held)
     factory = env.factory.cases
     facts = factory.accept_remote(second)  # overtook record 0: the case is not even known yet
@@ -873,6 +946,7 @@ def test_cli_create_sign_show_list(env: Env, capsys: pytest.CaptureFixture[str])
     case_id = "C-CLI-1"
     assert _cli(env, "clinician", ["create", "--case", case_id, "--manufacturer", FACTORY]) == 0
     assert f"case {case_id} opened" in capsys.readouterr().out
+    released = env.release(case_id)
     sign = [
         "sign",
         "data_confirmation",
@@ -881,7 +955,7 @@ def test_cli_create_sign_show_list(env: Env, capsys: pytest.CaptureFixture[str])
         "--set",
         "complete:=true",
         "--set",
-        'studies:=["1.2.3.4"]',
+        f'studies:=["{released.study}"]',
         "--set",
         "notes=all series present",
     ]
@@ -891,7 +965,7 @@ def test_cli_create_sign_show_list(env: Env, capsys: pytest.CaptureFixture[str])
     assert shown["author"]["id"] == "case-dr-li" and shown["type"] == "data_confirmation"
     assert shown["data"] == {
         "complete": True,
-        "studies": ["1.2.3.4"],
+        "studies": [released.study],
         "notes": "all series present",
     }
     assert captured.out.strip().encode() == canonical_bytes(shown)
@@ -899,7 +973,7 @@ def test_cli_create_sign_show_list(env: Env, capsys: pytest.CaptureFixture[str])
     assert _cli(env, "clinician", [*sign, "--yes"]) == 0
     assert "record 0 (data_confirmation) signed" in capsys.readouterr().out
     data = env.tmp / "order.json"
-    data.write_text(json.dumps(order()))
+    data.write_text(json.dumps(order(pseudonym=released.pseudonym)))
     assert (
         _cli(
             env,

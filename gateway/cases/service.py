@@ -31,11 +31,12 @@ from gateway.cases.chain import (
     verify_chain,
     verify_envelope,
 )
+from gateway.cases.facts import FactCheck, RecordFacts, check_core
 from gateway.cases.records import CASE_MEDIA_TYPE, Envelope, Record, check_case_id
 from gateway.cases.schema import NODE_ID
 from gateway.cases.store import CaseRow, CaseStore
 from gateway.cases.views import CaseView, build_view
-from gateway.cases.workflow import NextAction, StageRefused, apply, identifiers
+from gateway.cases.workflow import CaseState, NextAction, StageRefused, apply, identifiers
 from gateway.catalog import Catalog, utcnow
 from gateway.errors import (
     AuthenticationError,
@@ -89,8 +90,10 @@ class CaseService:
         sign: Callable[[bytes], bytes],
         cert_pem: bytes,
         outbox: Outbox,
+        facts: FactCheck | None = None,
     ) -> None:
         self.node_id, self.node_role = node_id, node_role
+        self.facts = facts  # the role's fact check (gateway.cases.facts)
         self.catalog, self.store, self.audit, self.trust = catalog, store, audit, trust
         self.outbox = outbox
         self.cases = CaseStore(catalog)
@@ -110,6 +113,7 @@ class CaseService:
             sign=node.sign,
             cert_pem=node.cert_pem,
             outbox=node.outbox,
+            facts=node.hooks.check_case_record,
         )
 
     # -- opening a case -------------------------------------------------------------
@@ -228,6 +232,7 @@ class CaseService:
         digest = sha256_hex(data)
         apply(state, record, digest)  # the stage gate: raises StageRefused / SignerRefused
         self._check_files(case, record)
+        self.check_facts(case, state, record, arriving=False)
         if peer not in self.outbox.settings.known_peers:
             raise ConfigError(
                 f"case {case.case_id}: node {peer} is not a configured peer of {self.node_id}; "
@@ -238,6 +243,30 @@ class CaseService:
         verified = Verified(env, record, caller, self.identity, digest)
         self.cases.append(verified, "local", identifiers(record))
         return verified
+
+    def check_facts(
+        self, case: CaseRow, state: CaseState, record: Record, *, arriving: bool
+    ) -> None:
+        """The record's content against this node's facts (:mod:`gateway.cases.facts`);
+        raises RecordUnfounded, or FactsPending for an arriving record."""
+        ctx = RecordFacts(
+            case.case_id, case.hospital, case.manufacturer, self.node_id, record, state, arriving
+        )
+        check_core(ctx, self.catalog, self.cases)
+        if self.facts is not None:
+            self.facts(ctx)
+
+    def retry_pending(self, case_id: str) -> None:
+        """Place records of ``case_id`` that wait for a fact (call when an object of the
+        case arrived); never raises."""
+        from gateway.cases.sync import drain
+
+        try:
+            if self.cases.pending(case_id):
+                with self.lock:
+                    drain(self, case_id)
+        except Exception:  # the arriving object's receipt must not fail because of it
+            log.exception("case %s: waiting records could not be retried", case_id)
 
     def _check_files(self, case: CaseRow, record: Record) -> None:
         """Files a design or data delivery names must be held by this node, for this case."""

@@ -13,7 +13,10 @@ Placement rules (both nodes must end with the same chain):
 - a record already held is acknowledged again (receipts may be re-issued);
 - a record that arrives before an earlier one waits in ``case_pending`` and is
   applied when the gap closes (transfers may overtake each other);
-- the next record must link to the head and pass the stage gate, else it is refused;
+- the next record must link to the head, pass the stage gate and agree with this
+  node's facts (:mod:`gateway.cases.facts`), else it is refused; a record naming a
+  fact that has not arrived yet (a study, a design file) waits in ``case_pending``
+  and is placed when an object of its case arrives;
 - **the hospital orders the chain.** When both nodes append a record at the same seq
   concurrently (e.g. the clinical and the production design confirmation signed in
   the same second), the hospital keeps its own and refuses the factory's; the factory
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from gateway.audit import CASE_RECORD
 from gateway.cases.chain import ChainError, Verified, verify_envelope
+from gateway.cases.facts import FactsPending
 from gateway.cases.records import CASE_MEDIA_TYPE, MAX_ENVELOPE_BYTES, genesis_hash
 from gateway.cases.service import OPENED_AT, OPENED_BY
 from gateway.cases.store import CaseRow, StoredRecord
@@ -73,7 +77,7 @@ def accept(
             v = _verify(svc, raw, digest)
             status = _place(svc, v, labels or {})
             if status != "pending":
-                _drain(svc, v.record.case_id)
+                drain(svc, v.record.case_id)
         r = v.record
         return {FACT_CASE: r.case_id, FACT_SEQ: str(r.seq), FACT_HASH: digest, FACT_STATUS: status}
     except Exception as exc:  # never raise into the receiver: the receipt carries the refusal
@@ -196,6 +200,12 @@ def _place(svc: CaseService, v: Verified, labels: Mapping[str, str] | None = Non
         )
     state = svc.intact(case).state
     apply(state, r, v.hash)
+    try:
+        svc.check_facts(case, state, r, arriving=True)  # RecordUnfounded: refused
+    except FactsPending as exc:
+        log.info("%s", exc)
+        svc.cases.add_pending(r.case_id, r.seq, v.hash, v.envelope.to_bytes())
+        return "pending"
     svc.cases.append(v, "remote", identifiers(r))
     svc.audit_appended(v, "remote")
     return "appended"
@@ -246,7 +256,7 @@ def _resolve_conflict(
     return stored[: r.seq]
 
 
-def _drain(svc: CaseService, case_id: str) -> None:
+def drain(svc: CaseService, case_id: str) -> None:
     """Apply parked records of ``case_id`` that can now be placed."""
     progress = True
     while progress:
@@ -272,7 +282,10 @@ def case_facts_hook(svc: CaseService, previous: FactsHook | None) -> FactsHook:
 
     def hook(announce: Announce, store: ObjectStore) -> Mapping[str, str]:
         if announce.media_type.split(";", 1)[0].strip().lower() != CASE_MEDIA_TYPE:
-            return previous(announce, store) if previous else {}
+            facts = previous(announce, store) if previous else {}
+            if announce.case_id:  # records of the case may have waited for this object
+                svc.retry_pending(announce.case_id)
+            return facts
         if announce.size > MAX_ENVELOPE_BYTES:
             return {FACT_ERROR: f"case envelope of {announce.size} bytes is too large"}
         try:

@@ -276,8 +276,8 @@ def apply(state: CaseState, record: Record, record_hash: str) -> CaseState:
             raise _refuse(
                 state,
                 kind,
-                f"the order names manufacturer {data['manufacturer']!r}, but the "
-                f"case was opened with {p.manufacturer!r}",
+                f"data.manufacturer: the order names manufacturer {data['manufacturer']!r}, "
+                f"but the case was opened with {p.manufacturer!r}",
             )
         span = data["shrinkage_range"]
         shrinkage = (span["min_percent"], span["max_percent"])
@@ -305,8 +305,8 @@ def apply(state: CaseState, record: Record, record_hash: str) -> CaseState:
             raise _refuse(
                 state,
                 kind,
-                f"it confirms design {data['design_hash'][:16]}…, but the design "
-                f"awaiting confirmation is {state.design[:16]}…",
+                f"data.design_hash: it confirms design {data['design_hash'][:16]}…, but "
+                f"the design awaiting confirmation is {state.design[:16] or '(none)'}…",
             )
         if side in state.confirmed:
             raise _refuse(
@@ -321,7 +321,12 @@ def apply(state: CaseState, record: Record, record_hash: str) -> CaseState:
                 new["stage"] = "production"
     elif kind == "production_record":
         if data["design_hash"] != state.design:
-            raise _refuse(state, kind, "it names a design other than the confirmed one")
+            raise _refuse(
+                state,
+                kind,
+                f"data.design_hash: it names a design other than the confirmed one "
+                f"({state.design[:16]}…)",
+            )
         used = _claim(state, "batch_number", data["batch_number"], kind)
         if "serial_number" in data:
             serial = data["serial_number"]
@@ -329,14 +334,18 @@ def apply(state: CaseState, record: Record, record_hash: str) -> CaseState:
         new.update(stage="delivery_list", batch=data["batch_number"], used=used)
     elif kind == "delivery_list":
         if data["batch_number"] != state.batch:
-            raise _refuse(state, kind, "its batch number is not the one of the production record")
+            raise _refuse(
+                state,
+                kind,
+                "data.batch_number: its batch number is not the one of the production record",
+            )
         used = _claim(state, "udi", data["udi"], kind)
         new.update(stage="data_delivery", udi=data["udi"], used=used)
     elif kind == "data_delivery":
         new["stage"] = "acceptance"
     elif kind == "acceptance":
         if data["udi"] != state.udi:
-            raise _refuse(state, kind, "its UDI is not the one of the delivery list")
+            raise _refuse(state, kind, "data.udi: its UDI is not the one of the delivery list")
         failed = indicator_failures(data["indicators"], state.shrinkage)
         if data["decision"] == "accepted" and failed:
             raise _refuse(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18yigong/v1/hospital.proto\x12\tyigong.v1\";\n\x1aListHospitalStudiesRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\xdd\x01\n\x14HospitalStudySummary\x12\x11\n\tstudy_uid\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x19\n\x11\x66irst_received_at\x18\x03 \x01(\t\x12\x18\n\x10last_received_at\x18\x04 \x01(\t\x12\x13\n\x0breceived_at\x18\x05 \x01(\t\x12\x16\n\x0einstance_count\x18\x06 \x01(\r\x12\x14\n\x0cseries_count\x18\x07 \x01(\r\x12\x13\n\x0breport_json\x18\x08 \x01(\t\x12\x15\n\rreport_sha256\x18\t \x01(\t\"O\n\x1bListHospitalStudiesResponse\x12\x30\n\x07studies\x18\x01 \x03(\x0b\x32\x1f.yigong.v1.HospitalStudySummary\",\n\x17GetHospitalStudyRequest\x12\x11\n\tstudy_uid\x18\x01 \x01(\t\"\xb6\x02\n\x10\x44\x61taConfirmation\x12\x17\n\x0f\x63onfirmation_id\x18\x01 \x01(\t\x12\x13\n\x0brecord_json\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x04 \x01(\x0c\x12\x11\n\tstudy_uid\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x07 \x01(\t\x12\x14\n\x0c\x63onfirmed_by\x18\x08 \x01(\t\x12\x1a\n\x12\x63\x65rtificate_serial\x18\t \x01(\t\x12\x1f\n\x17\x63\x65rtificate_fingerprint\x18\n \x01(\t\x12\x0c\n\x04\x61uto\x18\x0b \x01(\x08\x12\x17\n\x0f\x61llow_burned_in\x18\x0c \x01(\x08\x12\x12\n\ncreated_at\x18\r \x01(\t\"\xdc\x01\n\x0fInstanceRelease\x12\x17\n\x0f\x63onfirmation_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0e\x64\x65id_object_id\x18\x05 \x01(\t\x12\x1d\n\x15\x64\x65id_sop_instance_uid\x18\x06 \x01(\t\x12\x13\n\x0btransfer_id\x18\x07 \x01(\t\x12\x17\n\x0ftransfer_status\x18\x08 \x01(\t\x12\x16\n\x0etransfer_error\x18\t \x01(\t\"\xc4\x01\n\x15HospitalStudyInstance\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x12\n\nseries_uid\x18\x02 \x01(\t\x12\x17\n\x0finstance_number\x18\x03 \x01(\x05\x12\x10\n\x08modality\x18\x04 \x01(\t\x12\x11\n\tobject_id\x18\x05 \x01(\t\x12\x11\n\tburned_in\x18\x06 \x01(\t\x12,\n\x08releases\x18\x07 \x03(\x0b\x32\x1a.yigong.v1.InstanceRelease\"\xa8\x01\n\rHospitalStudy\x12.\n\x05study\x18\x01 \x01(\x0b\x32\x1f.yigong.v1.HospitalStudySummary\x12\x32\n\rconfirmations\x18\x02 \x03(\x0b\x32\x1b.yigong.v1.DataConfirmation\x12\x33\n\tinstances\x18\x03 \x03(\x0b\x32 .yigong.v1.HospitalStudyInstance\"g\n\x13\x43onfirmStudyRequest\x12\x11\n\tstudy_uid\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x17\n\x0f\x61llow_burned_in\x18\x04 \x01(\x08\"\x94\x01\n\x14\x43onfirmStudyResponse\x12\x31\n\x0c\x63onfirmation\x18\x01 \x01(\x0b\x32\x1b.yigong.v1.DataConfirmation\x12\x14\n\x0ctransfer_ids\x18\x02 \x03(\t\x12\x33\n\tinstances\x18\x03 \x03(\x0b\x32 .yigong.v1.HospitalStudyInstance\"Y\n\x13\x45xportDesignRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\r\n\x05\x61gain\x18\x03 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"\xa2\x01\n\x14\x45xportDesignResponse\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x03 \x01(\t\x12\x0c\n\x04pacs\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\r\x12\x19\n\x11source_series_uid\x18\x06 \x01(\t2\xd4\x02\n\x08Hospital\x12\\\n\x0bListStudies\x12%.yigong.v1.ListHospitalStudiesRequest\x1a&.yigong.v1.ListHospitalStudiesResponse\x12H\n\x08GetStudy\x12\".yigong.v1.GetHospitalStudyRequest\x1a\x18.yigong.v1.HospitalStudy\x12O\n\x0c\x43onfirmStudy\x12\x1e.yigong.v1.ConfirmStudyRequest\x1a\x1f.yigong.v1.ConfirmStudyResponse\x12O\n\x0c\x45xportDesign\x12\x1e.yigong.v1.ExportDesignRequest\x1a\x1f.yigong.v1.ExportDesignResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18yigong/v1/hospital.proto\x12\tyigong.v1\";\n\x1aListHospitalStudiesRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\xc9\x02\n\x14HospitalStudySummary\x12\x11\n\tstudy_uid\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x19\n\x11\x66irst_received_at\x18\x03 \x01(\t\x12\x18\n\x10last_received_at\x18\x04 \x01(\t\x12\x13\n\x0breceived_at\x18\x05 \x01(\t\x12\x16\n\x0einstance_count\x18\x06 \x01(\r\x12\x14\n\x0cseries_count\x18\x07 \x01(\r\x12\x13\n\x0breport_json\x18\x08 \x01(\t\x12\x15\n\rreport_sha256\x18\t \x01(\t\x12*\n\x08identity\x18\n \x01(\x0b\x32\x18.yigong.v1.StudyIdentity\x12\x19\n\x11identity_withheld\x18\x0b \x01(\x08\x12#\n\x05\x63\x61ses\x18\x0c \x03(\x0b\x32\x14.yigong.v1.StudyCase\"\x87\x02\n\rStudyIdentity\x12\x14\n\x0cpatient_name\x18\x01 \x01(\t\x12\x12\n\npatient_id\x18\x02 \x01(\t\x12\x12\n\nbirth_date\x18\x03 \x01(\t\x12\x0b\n\x03sex\x18\x04 \x01(\t\x12\x0b\n\x03\x61ge\x18\x05 \x01(\t\x12\x18\n\x10\x61\x63\x63\x65ssion_number\x18\x06 \x01(\t\x12\x12\n\nstudy_date\x18\x07 \x01(\t\x12\x12\n\nstudy_time\x18\x08 \x01(\t\x12\x19\n\x11study_description\x18\t \x01(\t\x12\x12\n\nmodalities\x18\n \x03(\t\x12\x1b\n\x13referring_physician\x18\x0b \x01(\t\x12\x10\n\x08recorded\x18\x0c \x01(\x08\"u\n\tStudyCase\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tpseudonym\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x17\n\x0f\x63onfirmation_id\x18\x04 \x01(\t\x12\x16\n\x0e\x64\x65id_study_uid\x18\x05 \x01(\t\"O\n\x1bListHospitalStudiesResponse\x12\x30\n\x07studies\x18\x01 \x03(\x0b\x32\x1f.yigong.v1.HospitalStudySummary\",\n\x17GetHospitalStudyRequest\x12\x11\n\tstudy_uid\x18\x01 \x01(\t\"\xe1\x02\n\x10\x44\x61taConfirmation\x12\x17\n\x0f\x63onfirmation_id\x18\x01 \x01(\t\x12\x13\n\x0brecord_json\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x04 \x01(\x0c\x12\x11\n\tstudy_uid\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x07 \x01(\t\x12\x14\n\x0c\x63onfirmed_by\x18\x08 \x01(\t\x12\x1a\n\x12\x63\x65rtificate_serial\x18\t \x01(\t\x12\x1f\n\x17\x63\x65rtificate_fingerprint\x18\n \x01(\t\x12\x0c\n\x04\x61uto\x18\x0b \x01(\x08\x12\x17\n\x0f\x61llow_burned_in\x18\x0c \x01(\x08\x12\x12\n\ncreated_at\x18\r \x01(\t\x12\x11\n\tpseudonym\x18\x0e \x01(\t\x12\x16\n\x0e\x64\x65id_study_uid\x18\x0f \x01(\t\"\xdc\x01\n\x0fInstanceRelease\x12\x17\n\x0f\x63onfirmation_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0e\x64\x65id_object_id\x18\x05 \x01(\t\x12\x1d\n\x15\x64\x65id_sop_instance_uid\x18\x06 \x01(\t\x12\x13\n\x0btransfer_id\x18\x07 \x01(\t\x12\x17\n\x0ftransfer_status\x18\x08 \x01(\t\x12\x16\n\x0etransfer_error\x18\t \x01(\t\"\xc4\x01\n\x15HospitalStudyInstance\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x12\n\nseries_uid\x18\x02 \x01(\t\x12\x17\n\x0finstance_number\x18\x03 \x01(\x05\x12\x10\n\x08modality\x18\x04 \x01(\t\x12\x11\n\tobject_id\x18\x05 \x01(\t\x12\x11\n\tburned_in\x18\x06 \x01(\t\x12,\n\x08releases\x18\x07 \x03(\x0b\x32\x1a.yigong.v1.InstanceRelease\"\xa8\x01\n\rHospitalStudy\x12.\n\x05study\x18\x01 \x01(\x0b\x32\x1f.yigong.v1.HospitalStudySummary\x12\x32\n\rconfirmations\x18\x02 \x03(\x0b\x32\x1b.yigong.v1.DataConfirmation\x12\x33\n\tinstances\x18\x03 \x03(\x0b\x32 .yigong.v1.HospitalStudyInstance\"g\n\x13\x43onfirmStudyRequest\x12\x11\n\tstudy_uid\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x17\n\x0f\x61llow_burned_in\x18\x04 \x01(\x08\"\x94\x01\n\x14\x43onfirmStudyResponse\x12\x31\n\x0c\x63onfirmation\x18\x01 \x01(\x0b\x32\x1b.yigong.v1.DataConfirmation\x12\x14\n\x0ctransfer_ids\x18\x02 \x03(\t\x12\x33\n\tinstances\x18\x03 \x03(\x0b\x32 .yigong.v1.HospitalStudyInstance\"Y\n\x13\x45xportDesignRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\r\n\x05\x61gain\x18\x03 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"\xa2\x01\n\x14\x45xportDesignResponse\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x03 \x01(\t\x12\x0c\n\x04pacs\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\r\x12\x19\n\x11source_series_uid\x18\x06 \x01(\t2\xd4\x02\n\x08Hospital\x12\\\n\x0bListStudies\x12%.yigong.v1.ListHospitalStudiesRequest\x1a&.yigong.v1.ListHospitalStudiesResponse\x12H\n\x08GetStudy\x12\".yigong.v1.GetHospitalStudyRequest\x1a\x18.yigong.v1.HospitalStudy\x12O\n\x0c\x43onfirmStudy\x12\x1e.yigong.v1.ConfirmStudyRequest\x1a\x1f.yigong.v1.ConfirmStudyResponse\x12O\n\x0c\x45xportDesign\x12\x1e.yigong.v1.ExportDesignRequest\x1a\x1f.yigong.v1.ExportDesignResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTHOSPITALSTUDIESREQUEST']._serialized_start=39
   _globals['_LISTHOSPITALSTUDIESREQUEST']._serialized_end=98
   _globals['_HOSPITALSTUDYSUMMARY']._serialized_start=101
-  _globals['_HOSPITALSTUDYSUMMARY']._serialized_end=322
-  _globals['_LISTHOSPITALSTUDIESRESPONSE']._serialized_start=324
-  _globals['_LISTHOSPITALSTUDIESRESPONSE']._serialized_end=403
-  _globals['_GETHOSPITALSTUDYREQUEST']._serialized_start=405
-  _globals['_GETHOSPITALSTUDYREQUEST']._serialized_end=449
-  _globals['_DATACONFIRMATION']._serialized_start=452
-  _globals['_DATACONFIRMATION']._serialized_end=762
-  _globals['_INSTANCERELEASE']._serialized_start=765
-  _globals['_INSTANCERELEASE']._serialized_end=985
-  _globals['_HOSPITALSTUDYINSTANCE']._serialized_start=988
-  _globals['_HOSPITALSTUDYINSTANCE']._serialized_end=1184
-  _globals['_HOSPITALSTUDY']._serialized_start=1187
-  _globals['_HOSPITALSTUDY']._serialized_end=1355
-  _globals['_CONFIRMSTUDYREQUEST']._serialized_start=1357
-  _globals['_CONFIRMSTUDYREQUEST']._serialized_end=1460
-  _globals['_CONFIRMSTUDYRESPONSE']._serialized_start=1463
-  _globals['_CONFIRMSTUDYRESPONSE']._serialized_end=1611
-  _globals['_EXPORTDESIGNREQUEST']._serialized_start=1613
-  _globals['_EXPORTDESIGNREQUEST']._serialized_end=1702
-  _globals['_EXPORTDESIGNRESPONSE']._serialized_start=1705
-  _globals['_EXPORTDESIGNRESPONSE']._serialized_end=1867
-  _globals['_HOSPITAL']._serialized_start=1870
-  _globals['_HOSPITAL']._serialized_end=2210
+  _globals['_HOSPITALSTUDYSUMMARY']._serialized_end=430
+  _globals['_STUDYIDENTITY']._serialized_start=433
+  _globals['_STUDYIDENTITY']._serialized_end=696
+  _globals['_STUDYCASE']._serialized_start=698
+  _globals['_STUDYCASE']._serialized_end=815
+  _globals['_LISTHOSPITALSTUDIESRESPONSE']._serialized_start=817
+  _globals['_LISTHOSPITALSTUDIESRESPONSE']._serialized_end=896
+  _globals['_GETHOSPITALSTUDYREQUEST']._serialized_start=898
+  _globals['_GETHOSPITALSTUDYREQUEST']._serialized_end=942
+  _globals['_DATACONFIRMATION']._serialized_start=945
+  _globals['_DATACONFIRMATION']._serialized_end=1298
+  _globals['_INSTANCERELEASE']._serialized_start=1301
+  _globals['_INSTANCERELEASE']._serialized_end=1521
+  _globals['_HOSPITALSTUDYINSTANCE']._serialized_start=1524
+  _globals['_HOSPITALSTUDYINSTANCE']._serialized_end=1720
+  _globals['_HOSPITALSTUDY']._serialized_start=1723
+  _globals['_HOSPITALSTUDY']._serialized_end=1891
+  _globals['_CONFIRMSTUDYREQUEST']._serialized_start=1893
+  _globals['_CONFIRMSTUDYREQUEST']._serialized_end=1996
+  _globals['_CONFIRMSTUDYRESPONSE']._serialized_start=1999
+  _globals['_CONFIRMSTUDYRESPONSE']._serialized_end=2147
+  _globals['_EXPORTDESIGNREQUEST']._serialized_start=2149
+  _globals['_EXPORTDESIGNREQUEST']._serialized_end=2238
+  _globals['_EXPORTDESIGNRESPONSE']._serialized_start=2241
+  _globals['_EXPORTDESIGNRESPONSE']._serialized_end=2403
+  _globals['_HOSPITAL']._serialized_start=2406
+  _globals['_HOSPITAL']._serialized_end=2746
 # @@protoc_insertion_point(module_scope)

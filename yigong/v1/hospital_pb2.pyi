@@ -15,7 +15,7 @@ class ListHospitalStudiesRequest(_message.Message):
     def __init__(self, status: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class HospitalStudySummary(_message.Message):
-    __slots__ = ("study_uid", "status", "first_received_at", "last_received_at", "received_at", "instance_count", "series_count", "report_json", "report_sha256")
+    __slots__ = ("study_uid", "status", "first_received_at", "last_received_at", "received_at", "instance_count", "series_count", "report_json", "report_sha256", "identity", "identity_withheld", "cases")
     STUDY_UID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     FIRST_RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,9 @@ class HospitalStudySummary(_message.Message):
     SERIES_COUNT_FIELD_NUMBER: _ClassVar[int]
     REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
     REPORT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    CASES_FIELD_NUMBER: _ClassVar[int]
     study_uid: str
     status: str
     first_received_at: str
@@ -34,7 +37,52 @@ class HospitalStudySummary(_message.Message):
     series_count: int
     report_json: str
     report_sha256: str
-    def __init__(self, study_uid: _Optional[str] = ..., status: _Optional[str] = ..., first_received_at: _Optional[str] = ..., last_received_at: _Optional[str] = ..., received_at: _Optional[str] = ..., instance_count: _Optional[int] = ..., series_count: _Optional[int] = ..., report_json: _Optional[str] = ..., report_sha256: _Optional[str] = ...) -> None: ...
+    identity: StudyIdentity
+    identity_withheld: bool
+    cases: _containers.RepeatedCompositeFieldContainer[StudyCase]
+    def __init__(self, study_uid: _Optional[str] = ..., status: _Optional[str] = ..., first_received_at: _Optional[str] = ..., last_received_at: _Optional[str] = ..., received_at: _Optional[str] = ..., instance_count: _Optional[int] = ..., series_count: _Optional[int] = ..., report_json: _Optional[str] = ..., report_sha256: _Optional[str] = ..., identity: _Optional[_Union[StudyIdentity, _Mapping]] = ..., identity_withheld: _Optional[bool] = ..., cases: _Optional[_Iterable[_Union[StudyCase, _Mapping]]] = ...) -> None: ...
+
+class StudyIdentity(_message.Message):
+    __slots__ = ("patient_name", "patient_id", "birth_date", "sex", "age", "accession_number", "study_date", "study_time", "study_description", "modalities", "referring_physician", "recorded")
+    PATIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    BIRTH_DATE_FIELD_NUMBER: _ClassVar[int]
+    SEX_FIELD_NUMBER: _ClassVar[int]
+    AGE_FIELD_NUMBER: _ClassVar[int]
+    ACCESSION_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    STUDY_DATE_FIELD_NUMBER: _ClassVar[int]
+    STUDY_TIME_FIELD_NUMBER: _ClassVar[int]
+    STUDY_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    REFERRING_PHYSICIAN_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    patient_name: str
+    patient_id: str
+    birth_date: str
+    sex: str
+    age: str
+    accession_number: str
+    study_date: str
+    study_time: str
+    study_description: str
+    modalities: _containers.RepeatedScalarFieldContainer[str]
+    referring_physician: str
+    recorded: bool
+    def __init__(self, patient_name: _Optional[str] = ..., patient_id: _Optional[str] = ..., birth_date: _Optional[str] = ..., sex: _Optional[str] = ..., age: _Optional[str] = ..., accession_number: _Optional[str] = ..., study_date: _Optional[str] = ..., study_time: _Optional[str] = ..., study_description: _Optional[str] = ..., modalities: _Optional[_Iterable[str]] = ..., referring_physician: _Optional[str] = ..., recorded: _Optional[bool] = ...) -> None: ...
+
+class StudyCase(_message.Message):
+    __slots__ = ("case_id", "pseudonym", "destination", "confirmation_id", "deid_study_uid")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PSEUDONYM_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEID_STUDY_UID_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    pseudonym: str
+    destination: str
+    confirmation_id: str
+    deid_study_uid: str
+    def __init__(self, case_id: _Optional[str] = ..., pseudonym: _Optional[str] = ..., destination: _Optional[str] = ..., confirmation_id: _Optional[str] = ..., deid_study_uid: _Optional[str] = ...) -> None: ...
 
 class ListHospitalStudiesResponse(_message.Message):
     __slots__ = ("studies",)
@@ -49,7 +97,7 @@ class GetHospitalStudyRequest(_message.Message):
     def __init__(self, study_uid: _Optional[str] = ...) -> None: ...
 
 class DataConfirmation(_message.Message):
-    __slots__ = ("confirmation_id", "record_json", "signature", "signer_certificate", "study_uid", "case_id", "destination", "confirmed_by", "certificate_serial", "certificate_fingerprint", "auto", "allow_burned_in", "created_at")
+    __slots__ = ("confirmation_id", "record_json", "signature", "signer_certificate", "study_uid", "case_id", "destination", "confirmed_by", "certificate_serial", "certificate_fingerprint", "auto", "allow_burned_in", "created_at", "pseudonym", "deid_study_uid")
     CONFIRMATION_ID_FIELD_NUMBER: _ClassVar[int]
     RECORD_JSON_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +111,8 @@ class DataConfirmation(_message.Message):
     AUTO_FIELD_NUMBER: _ClassVar[int]
     ALLOW_BURNED_IN_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PSEUDONYM_FIELD_NUMBER: _ClassVar[int]
+    DEID_STUDY_UID_FIELD_NUMBER: _ClassVar[int]
     confirmation_id: str
     record_json: str
     signature: bytes
@@ -76,7 +126,9 @@ class DataConfirmation(_message.Message):
     auto: bool
     allow_burned_in: bool
     created_at: str
-    def __init__(self, confirmation_id: _Optional[str] = ..., record_json: _Optional[str] = ..., signature: _Optional[bytes] = ..., signer_certificate: _Optional[bytes] = ..., study_uid: _Optional[str] = ..., case_id: _Optional[str] = ..., destination: _Optional[str] = ..., confirmed_by: _Optional[str] = ..., certificate_serial: _Optional[str] = ..., certificate_fingerprint: _Optional[str] = ..., auto: _Optional[bool] = ..., allow_burned_in: _Optional[bool] = ..., created_at: _Optional[str] = ...) -> None: ...
+    pseudonym: str
+    deid_study_uid: str
+    def __init__(self, confirmation_id: _Optional[str] = ..., record_json: _Optional[str] = ..., signature: _Optional[bytes] = ..., signer_certificate: _Optional[bytes] = ..., study_uid: _Optional[str] = ..., case_id: _Optional[str] = ..., destination: _Optional[str] = ..., confirmed_by: _Optional[str] = ..., certificate_serial: _Optional[str] = ..., certificate_fingerprint: _Optional[str] = ..., auto: _Optional[bool] = ..., allow_burned_in: _Optional[bool] = ..., created_at: _Optional[str] = ..., pseudonym: _Optional[str] = ..., deid_study_uid: _Optional[str] = ...) -> None: ...
 
 class InstanceRelease(_message.Message):
     __slots__ = ("confirmation_id", "destination", "status", "reason", "deid_object_id", "deid_sop_instance_uid", "transfer_id", "transfer_status", "transfer_error")
