@@ -16,8 +16,6 @@ from google.protobuf.json_format import MessageToDict
 
 from gateway.client import NodeClient
 from gateway.config import load_config
-from gateway.errors import ConfigError
-from gateway.rpc.channel import ClientCredentials
 from yigong.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -28,45 +26,27 @@ def add_connection_options(p: argparse.ArgumentParser) -> None:
         "connection",
         "either --config NODE.toml (act as that node, on its host) or --address with "
         "--cert/--key/--ca (a person's or tool's certificate); YIGONG_ADDRESS, YIGONG_CERT, "
-        "YIGONG_KEY, YIGONG_CA and YIGONG_NODE_ID are read when the options are absent",
+        "YIGONG_KEY, YIGONG_CA and YIGONG_NODE_ID are read when the options are absent and "
+        "ignored with --config. The node that answers is named on stderr.",
     )
-    g.add_argument("--config", type=Path, help="node configuration file")
-    g.add_argument("--address", help="HOST:PORT of the node")
+    g.add_argument("--config", type=Path, help="node configuration file (wins over YIGONG_*)")
+    g.add_argument("--address", help="HOST:PORT of the node's gRPC port")
     g.add_argument("--cert", type=Path, help="client certificate (PEM)")
-    g.add_argument("--key", type=Path, help="client private key (PEM)")
+    g.add_argument("--key", type=Path, help="client private key (PEM), of --cert")
     g.add_argument("--ca", type=Path, help="federation CA certificate (PEM)")
-    g.add_argument("--node-id", help="expected node id of the server (pins its certificate)")
+    g.add_argument(
+        "--node-id",
+        help="node id the server must prove with its certificate (needed when the "
+        "certificate does not name the host of --address)",
+    )
 
 
 def connect(args: argparse.Namespace) -> NodeClient:
-    """A client from --config or --address/--cert/--key/--ca (or YIGONG_* variables)."""
-    address = args.address or os.environ.get("YIGONG_ADDRESS")
-    node_id = args.node_id or os.environ.get("YIGONG_NODE_ID")
-    if args.config:
-        cfg = load_config(args.config)
-        creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
-        if not address:
-            host, _, port = cfg.server.listen.rpartition(":")
-            if port == "0":
-                raise ConfigError(
-                    f"{cfg.source} listens on port 0 (chosen at start-up); pass --address"
-                )
-            address = f"{'127.0.0.1' if host in {'0.0.0.0', '[::]'} else host}:{port}"
-        return NodeClient(address, creds, node_id=node_id or cfg.node.id)
-    cert = args.cert or _env_path("YIGONG_CERT")
-    key = args.key or _env_path("YIGONG_KEY")
-    ca = args.ca or _env_path("YIGONG_CA")
-    if not (address and cert and key and ca):
-        raise ConfigError(
-            "say which node to talk to: --config NODE.toml, or --address HOST:PORT with "
-            "--cert, --key and --ca"
-        )
-    return NodeClient(address, ClientCredentials.from_files(ca, cert, key), node_id=node_id)
+    """A client from --config or --address/--cert/--key/--ca (or YIGONG_* variables);
+    see :mod:`gateway.cli_connect`."""
+    from gateway.cli_connect import connect as resolve_and_connect
 
-
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
+    return resolve_and_connect(args)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -212,7 +192,17 @@ def cmd_query(args: argparse.Namespace) -> int:
                 print(json.dumps([_transfer_dict(t) for t in transfers], indent=2))
             else:
                 _table(
-                    ["TRANSFER", "DIR", "PEER", "STATUS", "TRIES", "OBJECT", "SIZE", "UPDATED"],
+                    [
+                        "TRANSFER",
+                        "DIR",
+                        "PEER",
+                        "STATUS",
+                        "TRIES",
+                        "OBJECT",
+                        "SIZE",
+                        "UPDATED",
+                        "LAST ERROR",
+                    ],
                     [
                         [
                             t.transfer_id,
@@ -223,6 +213,7 @@ def cmd_query(args: argparse.Namespace) -> int:
                             t.object_id[:16] + "…",
                             str(t.size),
                             _t(t.updated_at),
+                            _short(t.last_error),
                         ]
                         for t in transfers
                     ],
@@ -263,6 +254,12 @@ def cmd_query(args: argparse.Namespace) -> int:
             digest, size = client.download(args.object_id, args.output)
             print(f"wrote {args.output} ({size} bytes, sha256 {digest}, verified)")
     return 0
+
+
+def _short(text: str, width: int = 80) -> str:
+    """One line of at most ``width`` characters (the whole text is in --json)."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def _t(iso: str) -> str:
