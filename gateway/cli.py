@@ -54,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Command groups, in the order of the help text. Role commands (study, factory)
     # live with their role; the rest are the shared core's.
     from factory_node import cli_factory
-    from gateway import cli_audit, cli_node, cli_pki, demo
+    from gateway import cli_audit, cli_config, cli_node, cli_pki, demo
     from gateway.cases import cli as cli_case
     from hospital_node import cli_study
 
-    for group in (cli_pki, cli_node, demo, cli_study, cli_factory, cli_case, cli_audit):
+    groups = (cli_pki, cli_node, demo, cli_study, cli_factory, cli_case, cli_audit, cli_config)
+    for group in groups:
         group.register(sub)
     return parser
 

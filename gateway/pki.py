@@ -521,6 +521,31 @@ def issue_person_cert(
     )
 
 
+def refresh_crl(ca_dir: Path | str) -> Path:
+    """Re-sign the CA's CRL with the same entries and a new validity (``CRL_VALIDITY``).
+
+    A CRL expires (its next-update time); a node that loads an expired one trusts no
+    certificate. Run this (``yigong pki crl``) before that and copy the file to every node.
+    """
+    ca_dir = Path(ca_dir)
+    ca_cert, ca_key = load_certificate(ca_dir / CA_CERT), load_private_key(ca_dir / CA_KEY)
+    with _locked(ca_dir):
+        crl = _load_crl(ca_dir / CRL_FILE, ca_cert)
+        _write_public(
+            ca_dir / CRL_FILE, _build_crl(ca_key, ca_cert, list(crl), _crl_number(crl) + 1)
+        )
+    return ca_dir / CRL_FILE
+
+
+def crl_info(path: Path | str, ca_cert_path: Path | str) -> tuple[int, datetime]:
+    """Entries and next-update time of the CRL at ``path``, after checking the CA signed it."""
+    crl = _load_crl(Path(path), load_certificate(ca_cert_path))
+    next_update = crl.next_update_utc
+    if next_update is None:
+        raise PKIError(f"revocation list {path} has no next-update time")
+    return len(list(crl)), next_update
+
+
 def revoke(ca_dir: Path | str, serial: int, reason: str = "unspecified") -> Path:
     """Revoke ``serial``: add it to the CA's CRL (re-signed), mark the index; return the CRL."""
     ca_dir = Path(ca_dir)
