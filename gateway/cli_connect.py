@@ -287,8 +287,7 @@ def connect(args: argparse.Namespace) -> NodeClient:
         )
     region = f", region {server.region}" if server.region else ""
     print(
-        f"node {server.subject_id} ({server.role}{region}) at {target.address}, "
-        f"as {me.label()}",
+        f"node {server.subject_id} ({server.role}{region}) at {target.address}, as {me.label()}",
         file=sys.stderr,
         flush=True,
     )

@@ -60,10 +60,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("send", help="upload a file to a node and queue it for peers")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, help="the file to send")
     p.add_argument("--to", action="append", required=True, metavar="PEER", help="peer node id")
     p.add_argument("--case", default="", help="case id")
-    p.add_argument("--media-type", default="application/octet-stream")
+    p.add_argument("--media-type", default="application/octet-stream", help="MIME type of the file")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_connection_options(p)
     p.set_defaults(func=cmd_send)
@@ -76,26 +76,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ("transfers", "list transfers"),
     ):
         p = qs.add_parser(name, help=helptext)
-        p.add_argument("--case", default="")
-        p.add_argument("--peer", default="")
+        p.add_argument("--case", default="", help="only this case")
+        p.add_argument("--peer", default="", help="only objects/transfers of this peer node")
         p.add_argument("--since", default="", help="ISO-8601 date/time (UTC if no zone)")
-        p.add_argument("--until", default="")
-        p.add_argument("--limit", type=int, default=0)
+        p.add_argument("--until", default="", help="ISO-8601 date/time, exclusive")
+        p.add_argument("--limit", type=int, default=0, help="at most this many (0: default)")
         if name == "transfers":
-            p.add_argument("--status", default="")
-            p.add_argument("--direction", choices=["inbound", "outbound"])
+            p.add_argument(
+                "--status", default="", help="only this status (queued, sending, done, failed)"
+            )
+            p.add_argument(
+                "--direction", choices=["inbound", "outbound"], help="only this direction"
+            )
             p.add_argument("--object", default="", help="object id")
         p.add_argument("--json", action="store_true", help="print JSON")
         add_connection_options(p)
         p.set_defaults(func=cmd_query)
     p = qs.add_parser("object", help="one object: metadata, hashes, transfers, receipts")
-    p.add_argument("object_id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("object_id", help="the object's SHA-256 (hex)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     add_connection_options(p)
     p.set_defaults(func=cmd_query)
     p = qs.add_parser("download", help="stream an object's bytes to a file (verified)")
-    p.add_argument("object_id")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("object_id", help="the object's SHA-256 (hex)")
+    p.add_argument(
+        "-o", "--output", type=Path, required=True, help="file to write (not a directory)"
+    )
     add_connection_options(p)
     p.set_defaults(func=cmd_query)
 
