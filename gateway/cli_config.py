@@ -95,16 +95,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     cfg = cfg_box[0]
     checks.run("CA certificate", lambda: _ca(cfg))
-    checks.run("node certificate", lambda: _node_cert(cfg))
+    cert_ok = checks.run("node certificate", lambda: _node_cert(cfg))
     checks.run("revocation list", lambda: _crl(cfg))
     checks.run("storage", lambda: _storage(cfg))
     for what, path in (("catalog", cfg.catalog.path), ("audit log", cfg.audit.path)):
         checks.run(what, functools.partial(_writable_file, path))
-    if args.no_peers:
-        checks.line("WARN", "peers", "not contacted (--no-peers)")
+    if args.no_peers or not cert_ok:
+        why = "--no-peers" if args.no_peers else "fix the node certificate first"
+        checks.line("WARN", "peers", f"not contacted ({why})")
     elif not cfg.peers:
         checks.line("OK", "peers", "none configured (this node sends to no one)")
-    for peer in () if args.no_peers else cfg.peers:
+    for peer in cfg.peers if cert_ok and not args.no_peers else ():
         peer_check = functools.partial(_peer, cfg, peer.id, peer.address, args.timeout)
         checks.run(f"peer {peer.id}", peer_check)
     print(

@@ -28,7 +28,7 @@ FEATURES: list[tuple[str, list[str]]] = [
     ("Failure and recovery", ["test_resilience.py"]),
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
     ("Node process, configuration, catalog", ["test_node.py"]),
-    ("Command line and demo", ["test_cli.py", "test_demo.py"]),
+    ("Command line and demo", ["test_cli.py", "test_cli_usability.py", "test_demo.py"]),
     ("Audit log", ["test_audit.py", "test_atna.py"]),
     (
         "DICOM ingest (hospital)",
