@@ -6,7 +6,8 @@ One line per check, ``OK``, ``WARN`` or ``FAIL``, each failure with what to do:
 - the CA certificate, the node certificate and its key: the key belongs to the
   certificate, the CA issued it, it is valid now (a warning 30 days before it expires),
   and its node id, role and region are those of ``[node]``;
-- the CRL: present, signed by the CA, not expired, the node's own certificate not in it;
+- the CRL: present, signed by the CA, the node's own certificate not in it (a warning
+  when it is past its renewal time);
 - storage, catalog and audit locations: reachable and writable;
 - every peer: one mTLS handshake (the peer must present its own node certificate) and a
   gRPC health check, each with a short timeout.
@@ -151,18 +152,20 @@ def _crl(cfg: NodeConfig) -> str | tuple[str, str]:
             "('yigong pki crl --ca-dir CA --out PATH' writes a fresh one)"
         )
     entries, next_update = pki.crl_info(cfg.tls.crl, cfg.tls.ca)
-    if next_update < datetime.now(UTC):
-        raise YigongError(
-            f"{cfg.tls.crl} expired at {pki.iso(next_update)}: the node trusts no certificate "
-            "until it gets a fresh one ('yigong pki crl --ca-dir CA --out PATH' on the CA)"
-        )
+    stale = next_update < datetime.now(UTC)
     cert = pki.load_certificate(cfg.tls.cert)
     store = pki.TrustStore(cfg.tls.ca, cfg.tls.crl)
     try:
         store.verify(cert)
     except YigongError as exc:
         raise YigongError(f"the node certificate {cfg.tls.cert}: {exc}") from exc
-    return f"{cfg.tls.crl}: {entries} revoked, valid until {pki.iso(next_update)}"
+    text = f"{cfg.tls.crl}: {entries} revoked, valid until {pki.iso(next_update)}"
+    if stale:
+        return "WARN", text + (
+            " -- past its renewal time: run 'yigong pki crl --ca-dir CA --out PATH' on the CA "
+            "and copy it here (revocations since then are unknown to this node)"
+        )
+    return text
 
 
 def _storage(cfg: NodeConfig) -> str:

@@ -658,9 +658,12 @@ class TrustStore:
         self._next_check = time.monotonic() + crl_check_interval
         self._crl = _CrlState(None, 0, {})
         if self.crl_path is not None:
-            self._crl = self._read_crl(self.crl_path, self._stamp(self.crl_path))
-            if self._crl.error:
-                raise PKIError(self._crl.error)
+            self._crl = self._read_crl(self.crl_path, self._stamp(self.crl_path), quiet=True)
+            if self._crl.error:  # raised, not also logged: the caller reports it once
+                raise PKIError(
+                    f"{self._crl.error} ([tls] crl): put the federation's crl.pem there; "
+                    f"'yigong pki crl --ca-dir CA --out {self.crl_path}' writes a fresh one"
+                )
 
     @staticmethod
     def _stamp(path: Path) -> _Stamp | None:
@@ -670,7 +673,7 @@ class TrustStore:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _read_crl(self, path: Path, stamp: _Stamp | None) -> _CrlState:
+    def _read_crl(self, path: Path, stamp: _Stamp | None, quiet: bool = False) -> _CrlState:
         old = self._crl
         try:
             crl = _load_crl(path, self.ca_cert)
@@ -680,7 +683,8 @@ class TrustStore:
                     f"the loaded {old.number}; refusing a rolled-back CRL"
                 )
         except PKIError as exc:
-            log.error("%s", exc)
+            if not quiet:
+                log.error("%s", exc)
             return _CrlState(stamp, old.number, old.revoked, str(exc))
         if crl.next_update_utc is not None and crl.next_update_utc < datetime.now(UTC):
             log.warning(

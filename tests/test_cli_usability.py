@@ -455,3 +455,22 @@ def test_pki_crl_refreshes_and_copies_the_revocation_list(
     with pytest.raises(RevokedCertificate):
         store.verify(pki.load_certificate(person.cert_path))
     shutil.rmtree(ca_dir)
+
+
+def test_serve_with_a_missing_crl_says_once_where_to_put_it(
+    federation: Federation, tmp_path: Path
+) -> None:
+    config = write_config(federation, tmp_path, "factory-1", "factory")
+    missing = tmp_path / "crl.pem"
+    config.write_text(config.read_text().replace(str(federation.crl), str(missing)))
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        f"error: revocation list {missing} does not exist ([tls] crl): put the federation's "
+        f"crl.pem there; 'yigong pki crl --ca-dir CA --out {missing}' writes a fresh one"
+    ]
