@@ -244,8 +244,10 @@ def test_duplicates_identical_resend_and_conflicting_bytes(
     port, studies = port_of(hospital), studies_of(hospital)
 
     assert [r.Status for r in push(port, [first, first])] == [0, 0]
+    hospital.settle()  # acknowledged instances are filed right after the answer
     assert len(studies.instances(study.study_uid)) == 1
     assert [r.Status for r in push(port, [second])] == [0]
+    hospital.settle()
     rows = studies.instances(study.study_uid)
     assert [r.duplicate for r in rows] == [False, True]
     ids = [sha256_hex(expected_part10(p)[0]) for p in (first, second)]
