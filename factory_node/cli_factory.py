@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fs.required = True
     p = fs.add_parser("studies", help="list received studies, grouped per case")
     p.add_argument("--case", default="", help="only this case")
-    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="at most this many (0: default)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_connection_options(p)
     p.set_defaults(func=cmd_studies)

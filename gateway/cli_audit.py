@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = cmds.add_parser("list", help="list audit events (oldest first)")
     p.add_argument("--config", type=Path, required=True, help="the node's configuration")
-    p.add_argument("--event", choices=sorted(EVENT_TYPES))
+    p.add_argument("--event", choices=sorted(EVENT_TYPES), help="only this event type")
     p.add_argument("--actor", help="e.g. engineer:alice@factory-1 or node:hospital-1")
     p.add_argument("--object", help="object id (SHA-256)")
     p.add_argument("--transfer", help="transfer id")
@@ -69,31 +69,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_list)
 
     p = cmds.add_parser("verify", help="check the hash chain and the signed checkpoints")
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="the node's configuration")
     p.add_argument(
         "--with-peers",
         action="store_true",
         help="also check against the checkpoints each peer witnessed (over mTLS)",
     )
     p.add_argument("--peer", action="append", help="with --with-peers: only this peer")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_verify)
 
     p = cmds.add_parser("checkpoint", help="export the newest signed checkpoint as JSON")
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="the node's configuration")
     p.add_argument("-o", "--output", type=Path, help="write to a file instead of stdout")
     p.set_defaults(func=cmd_checkpoint)
 
     p = cmds.add_parser("check", help="check an exported checkpoint against the grown log")
     p.add_argument("checkpoint", type=Path, help="JSON from 'yigong audit checkpoint'")
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="the node's configuration")
     p.set_defaults(func=cmd_check)
 
     p = cmds.add_parser(
         "export", help="export events as IHE ATNA (PS3.15 A.5) XML files or as JSON lines"
     )
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--format", choices=["atna", "json"], default="atna")
+    p.add_argument("--config", type=Path, required=True, help="the node's configuration")
+    p.add_argument(
+        "--format",
+        choices=["atna", "json"],
+        default="atna",
+        help="atna: DICOM PS3.15 A.5 XML; json: one file per event (default atna)",
+    )
     p.add_argument("--since", help="ISO-8601 (UTC if no zone)")
     p.add_argument("--until", help="ISO-8601 (UTC if no zone)")
     p.add_argument("--after", type=int, help="only entries after this sequence number")
@@ -109,9 +114,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = cmds.add_parser(
         "reconcile", help="compare shared transfers with each peer's records (over mTLS)"
     )
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="the node's configuration")
     p.add_argument("--peer", action="append", help="only this peer (repeatable)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_reconcile)
 
 

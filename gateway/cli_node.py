@@ -19,8 +19,6 @@ from gateway.cli_progress import add_progress_options
 from gateway.cli_send import add_send_options, run_send
 from gateway.client import NodeClient
 from gateway.config import load_config
-from gateway.errors import ConfigError
-from gateway.rpc.channel import ClientCredentials
 from yigong.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -31,45 +29,27 @@ def add_connection_options(p: argparse.ArgumentParser) -> None:
         "connection",
         "either --config NODE.toml (act as that node, on its host) or --address with "
         "--cert/--key/--ca (a person's or tool's certificate); YIGONG_ADDRESS, YIGONG_CERT, "
-        "YIGONG_KEY, YIGONG_CA and YIGONG_NODE_ID are read when the options are absent",
+        "YIGONG_KEY, YIGONG_CA and YIGONG_NODE_ID are read when the options are absent and "
+        "ignored with --config. The node that answers is named on stderr.",
     )
-    g.add_argument("--config", type=Path, help="node configuration file")
-    g.add_argument("--address", help="HOST:PORT of the node")
+    g.add_argument("--config", type=Path, help="node configuration file (wins over YIGONG_*)")
+    g.add_argument("--address", help="HOST:PORT of the node's gRPC port")
     g.add_argument("--cert", type=Path, help="client certificate (PEM)")
-    g.add_argument("--key", type=Path, help="client private key (PEM)")
+    g.add_argument("--key", type=Path, help="client private key (PEM), of --cert")
     g.add_argument("--ca", type=Path, help="federation CA certificate (PEM)")
-    g.add_argument("--node-id", help="expected node id of the server (pins its certificate)")
+    g.add_argument(
+        "--node-id",
+        help="node id the server must prove with its certificate (needed when the "
+        "certificate does not name the host of --address)",
+    )
 
 
 def connect(args: argparse.Namespace) -> NodeClient:
-    """A client from --config or --address/--cert/--key/--ca (or YIGONG_* variables)."""
-    address = args.address or os.environ.get("YIGONG_ADDRESS")
-    node_id = args.node_id or os.environ.get("YIGONG_NODE_ID")
-    if args.config:
-        cfg = load_config(args.config)
-        creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
-        if not address:
-            host, _, port = cfg.server.listen.rpartition(":")
-            if port == "0":
-                raise ConfigError(
-                    f"{cfg.source} listens on port 0 (chosen at start-up); pass --address"
-                )
-            address = f"{'127.0.0.1' if host in {'0.0.0.0', '[::]'} else host}:{port}"
-        return NodeClient(address, creds, node_id=node_id or cfg.node.id)
-    cert = args.cert or _env_path("YIGONG_CERT")
-    key = args.key or _env_path("YIGONG_KEY")
-    ca = args.ca or _env_path("YIGONG_CA")
-    if not (address and cert and key and ca):
-        raise ConfigError(
-            "say which node to talk to: --config NODE.toml, or --address HOST:PORT with "
-            "--cert, --key and --ca"
-        )
-    return NodeClient(address, ClientCredentials.from_files(ca, cert, key), node_id=node_id)
+    """A client from --config or --address/--cert/--key/--ca (or YIGONG_* variables);
+    see :mod:`gateway.cli_connect`."""
+    from gateway.cli_connect import connect as resolve_and_connect
 
-
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
+    return resolve_and_connect(args)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,10 +63,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("send", help="upload a file to a node and queue it for peers")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, help="the file to send")
     p.add_argument("--to", action="append", required=True, metavar="PEER", help="peer node id")
     p.add_argument("--case", default="", help="case id")
-    p.add_argument("--media-type", default="application/octet-stream")
+    p.add_argument("--media-type", default="application/octet-stream", help="MIME type of the file")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_send_options(p)
     add_progress_options(p)
@@ -101,21 +81,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ("transfers", "list transfers"),
     ):
         p = qs.add_parser(name, help=helptext)
-        p.add_argument("--case", default="")
-        p.add_argument("--peer", default="")
+        p.add_argument("--case", default="", help="only this case")
+        p.add_argument("--peer", default="", help="only objects/transfers of this peer node")
         p.add_argument("--since", default="", help="ISO-8601 date/time (UTC if no zone)")
-        p.add_argument("--until", default="")
-        p.add_argument("--limit", type=int, default=0)
+        p.add_argument("--until", default="", help="ISO-8601 date/time, exclusive")
+        p.add_argument("--limit", type=int, default=0, help="at most this many (0: default)")
         if name == "transfers":
-            p.add_argument("--status", default="")
-            p.add_argument("--direction", choices=["inbound", "outbound"])
+            p.add_argument(
+                "--status", default="", help="only this status (queued, sending, done, failed)"
+            )
+            p.add_argument(
+                "--direction", choices=["inbound", "outbound"], help="only this direction"
+            )
             p.add_argument("--object", default="", help="object id")
         p.add_argument("--json", action="store_true", help="print JSON")
         add_connection_options(p)
         p.set_defaults(func=cmd_query)
     p = qs.add_parser("object", help="one object: metadata, hashes, transfers, receipts")
-    p.add_argument("object_id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("object_id", help="the object's SHA-256 (hex)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     add_connection_options(p)
     p.set_defaults(func=cmd_query)
     p = qs.add_parser(
@@ -213,7 +197,17 @@ def cmd_query(args: argparse.Namespace) -> int:
                 print(json.dumps([_transfer_dict(t) for t in transfers], indent=2))
             else:
                 _table(
-                    ["TRANSFER", "DIR", "PEER", "STATUS", "TRIES", "OBJECT", "SIZE", "UPDATED"],
+                    [
+                        "TRANSFER",
+                        "DIR",
+                        "PEER",
+                        "STATUS",
+                        "TRIES",
+                        "OBJECT",
+                        "SIZE",
+                        "UPDATED",
+                        "LAST ERROR",
+                    ],
                     [
                         [
                             t.transfer_id,
@@ -224,6 +218,7 @@ def cmd_query(args: argparse.Namespace) -> int:
                             t.object_id[:16] + "…",
                             str(t.size),
                             _t(t.updated_at),
+                            _short(t.last_error),
                         ]
                         for t in transfers
                     ],
@@ -263,6 +258,12 @@ def cmd_query(args: argparse.Namespace) -> int:
         else:
             return run_download(args, client)
     return 0
+
+
+def _short(text: str, width: int = 80) -> str:
+    """One line of at most ``width`` characters (the whole text is in --json)."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def _t(iso: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = cmds.add_parser("issue-node", help="issue a node (server+client) certificate")
     _ca_dir(p)
     p.add_argument("--id", required=True, help="node id, e.g. hospital-1")
-    p.add_argument("--role", required=True, choices=sorted(NODE_ROLES))
+    p.add_argument("--role", required=True, choices=sorted(NODE_ROLES), help="role of the node")
     p.add_argument("--region", required=True, help="data-residency region, e.g. cn-east")
     p.add_argument("--out", required=True, type=Path, help="directory for <id>.crt/.key/ca.crt")
     p.add_argument(
@@ -53,7 +54,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = cmds.add_parser("issue-person", help="issue a person/tool (client) certificate")
     _ca_dir(p)
     p.add_argument("--id", required=True, help="person or tool id, e.g. alice")
-    p.add_argument("--role", required=True, choices=sorted(PERSON_ROLES))
+    p.add_argument(
+        "--role", required=True, choices=sorted(PERSON_ROLES), help="what the person may do"
+    )
     p.add_argument("--org", required=True, metavar="NODE_ID", help="node the person belongs to")
     p.add_argument("--out", required=True, type=Path, help="directory for <id>.crt/.key/ca.crt")
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
@@ -64,9 +67,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", type=_hex_serial, metavar="HEX", help="serial number in hex")
     which.add_argument("--cert", type=Path, metavar="PATH", help="certificate file to revoke")
-    p.add_argument("--reason", default="unspecified", choices=list(pki.REVOCATION_REASONS))
+    p.add_argument(
+        "--reason",
+        default="unspecified",
+        choices=list(pki.REVOCATION_REASONS),
+        help="revocation reason recorded in the CRL (default unspecified)",
+    )
     p.add_argument("--yes", action="store_true", help="really revoke (it cannot be undone)")
     p.set_defaults(func=cmd_revoke)
+
+    p = cmds.add_parser(
+        "crl",
+        help="re-sign the revocation list (it expires after 7 days) and copy it for nodes",
+        description="Re-sign ca/crl.pem with the same entries and a fresh validity, and "
+        "optionally copy it where a node's [tls] crl points. Run it at least weekly.",
+    )
+    _ca_dir(p)
+    p.add_argument(
+        "--out",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        help="also copy the CRL here (a file, or a directory for crl.pem); repeatable",
+    )
+    p.set_defaults(func=cmd_crl)
 
     p = cmds.add_parser("list", help="list the certificates a CA has issued")
     _ca_dir(p)
@@ -74,7 +98,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_list)
 
     p = cmds.add_parser("show", help="show the identity a certificate file asserts")
-    p.add_argument("cert", type=Path, metavar="CERT")
+    p.add_argument("cert", type=Path, metavar="CERT", help="certificate file (PEM)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_show)
 
@@ -165,6 +189,23 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     print(f"revoked {target}, reason {args.reason}")
     print(f"wrote {crl_path} (revocation list; copy it to every node)")
     print(f"wrote {Path(args.ca_dir) / pki.INDEX_FILE} (index of issued certificates)")
+    return 0
+
+
+def cmd_crl(args: argparse.Namespace) -> int:
+    crl_path = pki.refresh_crl(args.ca_dir)
+    entries, next_update = pki.crl_info(crl_path, Path(args.ca_dir) / pki.CA_CERT)
+    print(
+        f"wrote {crl_path} (revocation list, {entries} revoked, valid until "
+        f"{pki.iso(next_update)}; copy it to every node's [tls] crl path)"
+    )
+    for out in args.out or []:
+        dest = out / pki.CRL_FILE if out.is_dir() else out
+        try:
+            shutil.copyfile(crl_path, dest)
+        except OSError as exc:
+            raise PKIError(f"cannot copy the CRL to {dest}: {exc.strerror}") from exc
+        print(f"wrote {dest} (copy of the revocation list)")
     return 0
 
 

@@ -138,6 +138,10 @@ class NodeClient:
     def download(self, object_id: str, dest: Path) -> tuple[str, int]:
         """Stream an object to ``dest`` (atomically), verifying every chunk and the whole."""
         dest = Path(dest)
+        if dest.is_dir():
+            raise ValidationError(
+                f"{dest} is a directory: give the file to write, e.g. -o {dest / object_id[:16]}"
+            )
         tmp = dest.with_name(f".{dest.name}.part")
         hasher = hashlib.sha256()
         size = 0

@@ -95,5 +95,10 @@ def error_from_rpc(exc: grpc.RpcError, target: str) -> e.YigongError:
     hint = tls_hint(details) if code == grpc.StatusCode.UNAVAILABLE else None
     if hint is not None:
         return e.AuthenticationError(f"{target}: {hint} ({details})")
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return e.ValidationError(
+            f"{target} does not offer this call ({details}): it is a node of another role "
+            "(hospital/factory) or of an older version"
+        )
     cls = _ERRORS.get(code, e.YigongError)
     return cls(f"{target} answered {code.name}: {details}")

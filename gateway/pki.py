@@ -521,6 +521,31 @@ def issue_person_cert(
     )
 
 
+def refresh_crl(ca_dir: Path | str) -> Path:
+    """Re-sign the CA's CRL with the same entries and a new validity (``CRL_VALIDITY``).
+
+    A CRL expires (its next-update time); a node that loads an expired one trusts no
+    certificate. Run this (``yigong pki crl``) before that and copy the file to every node.
+    """
+    ca_dir = Path(ca_dir)
+    ca_cert, ca_key = load_certificate(ca_dir / CA_CERT), load_private_key(ca_dir / CA_KEY)
+    with _locked(ca_dir):
+        crl = _load_crl(ca_dir / CRL_FILE, ca_cert)
+        _write_public(
+            ca_dir / CRL_FILE, _build_crl(ca_key, ca_cert, list(crl), _crl_number(crl) + 1)
+        )
+    return ca_dir / CRL_FILE
+
+
+def crl_info(path: Path | str, ca_cert_path: Path | str) -> tuple[int, datetime]:
+    """Entries and next-update time of the CRL at ``path``, after checking the CA signed it."""
+    crl = _load_crl(Path(path), load_certificate(ca_cert_path))
+    next_update = crl.next_update_utc
+    if next_update is None:
+        raise PKIError(f"revocation list {path} has no next-update time")
+    return len(list(crl)), next_update
+
+
 def revoke(ca_dir: Path | str, serial: int, reason: str = "unspecified") -> Path:
     """Revoke ``serial``: add it to the CA's CRL (re-signed), mark the index; return the CRL."""
     ca_dir = Path(ca_dir)
@@ -633,9 +658,12 @@ class TrustStore:
         self._next_check = time.monotonic() + crl_check_interval
         self._crl = _CrlState(None, 0, {})
         if self.crl_path is not None:
-            self._crl = self._read_crl(self.crl_path, self._stamp(self.crl_path))
-            if self._crl.error:
-                raise PKIError(self._crl.error)
+            self._crl = self._read_crl(self.crl_path, self._stamp(self.crl_path), quiet=True)
+            if self._crl.error:  # raised, not also logged: the caller reports it once
+                raise PKIError(
+                    f"{self._crl.error} ([tls] crl): put the federation's crl.pem there; "
+                    f"'yigong pki crl --ca-dir CA --out {self.crl_path}' writes a fresh one"
+                )
 
     @staticmethod
     def _stamp(path: Path) -> _Stamp | None:
@@ -645,7 +673,7 @@ class TrustStore:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _read_crl(self, path: Path, stamp: _Stamp | None) -> _CrlState:
+    def _read_crl(self, path: Path, stamp: _Stamp | None, quiet: bool = False) -> _CrlState:
         old = self._crl
         try:
             crl = _load_crl(path, self.ca_cert)
@@ -655,7 +683,8 @@ class TrustStore:
                     f"the loaded {old.number}; refusing a rolled-back CRL"
                 )
         except PKIError as exc:
-            log.error("%s", exc)
+            if not quiet:
+                log.error("%s", exc)
             return _CrlState(stamp, old.number, old.revoked, str(exc))
         if crl.next_update_utc is not None and crl.next_update_utc < datetime.now(UTC):
             log.warning(

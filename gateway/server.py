@@ -428,9 +428,11 @@ class Node:
         try:
             port = server.add_secure_port(cfg.server.listen, creds)
         except RuntimeError as exc:
+            reason = str(exc).split(";")[0]  # drop gRPC's "set GRPC_VERBOSITY" advice
             raise ConfigError(
-                f"{cfg.source}: cannot listen on {cfg.server.listen}: {exc}; "
-                "is another process using the port?"
+                f"{cfg.source}: cannot listen on {cfg.server.listen}: {reason}; is another "
+                "process using the port, or is the address not one of this host's? "
+                "([server] listen)"
             ) from exc
         if port == 0:
             raise ConfigError(

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_connection_options(s)
     s.set_defaults(func=cmd_list)
     s = ss.add_parser("show", help="completeness report, confirmations and release status")
-    s.add_argument("study_uid")
+    s.add_argument("study_uid", help="Study Instance UID (as received from the PACS)")
     s.add_argument("--json", action="store_true", help="print JSON")
     add_connection_options(s)
     s.set_defaults(func=cmd_show)
@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "confirm",
         help="confirm a received study for a case and send it, de-identified (irreversible)",
     )
-    s.add_argument("study_uid")
+    s.add_argument("study_uid", help="Study Instance UID (as received from the PACS)")
     s.add_argument("--case", required=True, help="case id (no patient data in it)")
     s.add_argument("--to", required=True, metavar="FACTORY_NODE", help="destination node id")
     s.add_argument(

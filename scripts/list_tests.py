@@ -29,7 +29,7 @@ FEATURES: list[tuple[str, list[str]]] = [
     ("Hostile peer on the transfer path", ["test_transfer_hostile.py"]),
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
     ("Node process, configuration, catalog", ["test_node.py"]),
-    ("Command line and demo", ["test_cli.py", "test_demo.py"]),
+    ("Command line and demo", ["test_cli.py", "test_cli_usability.py", "test_demo.py"]),
     (
         "Command line: progress, waiting, bulk download",
         ["test_cli_progress.py", "test_cli_bulk_download.py"],

@@ -1,9 +1,12 @@
-"""``yigong demo``: the README's run command, end to end as a user would run it."""
+"""``yigong demo``: the README's run command, end to end as a user would run it: the main
+path (PACS C-STORE, clinician confirmation, de-identified study and suitability at the
+factory, engineer download) and a file round trip."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -12,12 +15,14 @@ import time
 from pathlib import Path
 
 from gateway.client import NodeClient
-from gateway.demo import CASE_ID, SAMPLE_NAME, sample_payload
+from gateway.demo import CASE_ID
+from gateway.demo_data import FICTITIOUS_ID, FICTITIOUS_NAME, clean_pdf
+from gateway.demo_steps import PDF_NAME, SLICES
 from gateway.hashing import sha256_hex
 from gateway.rpc.channel import ClientCredentials
 
-SAMPLE = sample_payload()
-DIGEST = sha256_hex(SAMPLE)
+PDF = clean_pdf(f"Design review for case {CASE_ID}")
+DIGEST = sha256_hex(PDF)
 
 
 def _demo(*args: str | Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -45,26 +50,71 @@ def _creds(cert: dict[str, str]) -> ClientCredentials:
     return ClientCredentials.from_files(Path(cert["ca"]), Path(cert["cert"]), Path(cert["key"]))
 
 
-def test_demo_sends_a_file_and_both_sides_agree(tmp_path: Path) -> None:
+def test_demo_runs_the_main_path_from_pacs_to_engineer(tmp_path: Path) -> None:
     root = tmp_path / "demo"
     run = _demo("--dir", root)
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
-    # The object id, both receipts and the download all state the same SHA-256.
-    assert out.count(f"sha256 {DIGEST}") >= 5, out
-    assert f"SHA-256 is identical on both sides: {DIGEST}" in out
-    assert "receipt signature bytes are identical on both sides" in out
-    assert "CHECK FAILED" not in out
-    assert "matches the file the hospital sent" in out
+    assert "CHECK FAILED" not in out and "Demo passed every check" in out
+    # Ten numbered steps, each with its duration.
+    assert re.findall(r"^\[(\d+)/10\]", out, re.M) == [str(i) for i in range(1, 11)], out
+    assert len(re.findall(r"^  \(\d+\.\d s\)$", out, re.M)) == 10, out
+    # The study is pushed by C-STORE, as a PACS does.
+    assert f"C-STORE: {SLICES}/{SLICES} instances answered Success (0x0000)" in out
+    assert "status received, 12 instances in 1 series" in out
+    # The clinician confirms; every instance is released and sent.
+    assert "signed by hospital-1 for clinician:dr-demo@hospital-1" in out
+    assert f"{SLICES} instances released, {SLICES} transfers queued" in out
+    assert f"all {SLICES} transfers done" in out
+    # The factory holds the de-identified study and its suitability result.
+    assert "suitability PASSED" in out and f"suitability passed for all {SLICES}" in out
+    assert "no trace of the patient's name or ID in any of" in out
+    factory_files = [p for p in (root / "data" / "factory-1").rglob("*") if p.is_file()]
+    assert factory_files
+    for path in factory_files:
+        data = path.read_bytes()
+        assert b"FICTITIOUS" not in data and FICTITIOUS_ID.encode() not in data, path
+    hospital_files = [p for p in (root / "data" / "hospital-1").rglob("*") if p.is_file()]
+    assert any(FICTITIOUS_NAME.encode() in p.read_bytes() for p in hospital_files)
+    # The engineer downloads the whole study; every instance is verified and pseudonymous.
+    assert f"download verified: {SLICES}/{SLICES} instances match their SHA-256" in out
+    (pseudonym,) = re.findall(r"patient name in every instance: (YG-\S+) ", out)
+    downloads = sorted((root / "downloads" / CASE_ID).glob("*.dcm"))
+    assert len(downloads) == SLICES
+    for path in downloads:
+        data = path.read_bytes()
+        assert pseudonym.encode() in data and b"FICTITIOUS" not in data
+    # Query endpoints and audit logs of both nodes agree.
+    assert f"list the same {SLICES} transfers, all done, with byte-identical signed" in out
+    assert "audit hospital-1: 12 'transfer.completed' entries" in out
+    assert "audit factory-1: 12 'transfer.received' entries" in out
+    assert "both audit logs record every transfer once" in out
+    # The file round trip: a clean PDF, the same receipt on both sides, verified download.
+    assert f"sha256 {DIGEST}" in out and "matches the file the hospital sent" in out
+    assert (root / "downloads" / PDF_NAME).read_bytes() == PDF
     # Both nodes were real processes, stopped cleanly.
     stopped = [line for line in out.splitlines() if line.strip().startswith("stopped ")]
     assert len(stopped) == 2 and all("exit status 0" in line for line in stopped), out
-    assert (root / "downloads" / SAMPLE_NAME).read_bytes() == (
-        root / "sample" / SAMPLE_NAME
-    ).read_bytes()
     for node in ("hospital-1", "factory-1"):
         assert f"node {node} stopped" in (root / "logs" / f"{node}.log").read_text()
     assert f"Everything is in {root}" in out
+
+
+def test_demo_without_dir_removes_its_temporary_folder(tmp_path: Path) -> None:
+    """The throwaway folder holds the CA's private key: it must not be left behind."""
+    env_tmp = tmp_path / "tmp"
+    env_tmp.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(env_tmp)},
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    (removed,) = re.findall(r"Removed the temporary folder (\S+) ", run.stdout)
+    assert Path(removed).parent == env_tmp and not Path(removed).exists()
+    assert list(env_tmp.iterdir()) == []
 
 
 def test_demo_keep_running_leaves_nodes_to_explore(tmp_path: Path) -> None:
@@ -75,22 +125,43 @@ def test_demo_keep_running_leaves_nodes_to_explore(tmp_path: Path) -> None:
         doc = json.loads(run.stdout)  # stdout is exactly one JSON document
         pids = [n["pid"] for n in doc["nodes"].values()]
         assert set(doc["nodes"]) == {"hospital-1", "factory-1"}
+        # Every port and every certificate is listed.
+        hospital_ports = doc["nodes"]["hospital-1"]["ports"]
+        assert hospital_ports["grpc"] > 0 and hospital_ports["dicom"] > 0
+        assert "console" in hospital_ports and doc["nodes"]["factory-1"]["ports"]["grpc"] > 0
+        assert doc["nodes"]["hospital-1"]["dicom"]["ae_title"] == "YIGONG"
+        assert set(doc["certificates"]) == {
+            "ca",
+            "hospital",
+            "factory",
+            "clinician",
+            "engineer",
+            "officer",
+        }
+        for name, files in doc["certificates"].items():
+            assert all(Path(p).is_file() for p in files.values()), name
         assert all(_alive(pid) for pid in pids), "nodes must outlive the demo command"
-        assert "SHA-256 is identical on both sides" in run.stderr
+        assert (
+            "Demo" not in run.stdout and "both audit logs record every transfer once" in run.stderr
+        )
         assert Path(doc["ca_dir"], "ca.crt").is_file()
 
         factory = doc["nodes"]["factory-1"]["address"]
         eng = _creds(doc["certificates"]["engineer"])
         with NodeClient(factory, eng, node_id="factory-1") as client:
-            (obj,) = client.list_objects()
-        assert (obj.object_id, obj.size, obj.name) == (DIGEST, len(SAMPLE), SAMPLE_NAME)
+            objects = client.list_objects()
+        assert len(objects) == SLICES + 1
+        (pdf,) = [o for o in objects if o.name == PDF_NAME]
+        assert (pdf.object_id, pdf.size) == (DIGEST, len(PDF))
 
         hospital = doc["nodes"]["hospital-1"]["address"]
         officer = _creds(doc["certificates"]["officer"])
         with NodeClient(hospital, officer, node_id="hospital-1") as client:
-            (transfer,) = client.list_transfers()
-        assert (transfer.direction, transfer.status) == ("outbound", "done")
-        assert transfer.case_id == CASE_ID and transfer.HasField("receipt")
+            transfers = client.list_transfers()
+        assert len(transfers) == SLICES + 1
+        for transfer in transfers:
+            assert (transfer.direction, transfer.status) == ("outbound", "done")
+            assert transfer.case_id == CASE_ID and transfer.HasField("receipt")
 
         # The printed example commands work as printed (a person's certificate; --config).
         objects = next(e for e in doc["examples"] if e.startswith("yigong query objects"))
@@ -99,7 +170,7 @@ def test_demo_keep_running_leaves_nodes_to_explore(tmp_path: Path) -> None:
             cmd = [sys.executable, "-m", "gateway.cli", *shlex.split(example)[1:], "--json"]
             listed = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
             assert listed.returncode == 0, listed.stderr
-            assert [o[field] for o in json.loads(listed.stdout)] == [want], example
+            assert want in [o[field] for o in json.loads(listed.stdout)], example
         assert sorted(doc["stop"].split()) == sorted(["kill", *map(str, pids)])
     finally:
         for pid in pids:

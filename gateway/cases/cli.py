@@ -51,13 +51,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = cs.add_parser("create", help="open a case with a manufacturer node (clinicians)")
     p.add_argument("--case", required=True, dest="case_id", help="case id (no patient data)")
     p.add_argument("--manufacturer", required=True, help="node id of the factory")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     add_connection_options(p)
     p.set_defaults(func=cmd_create)
 
     p = cs.add_parser("sign", help="sign the case's next record with your key and submit it")
     p.add_argument("type", choices=list(TYPES), metavar="TYPE", help="record type (see 'types')")
-    p.add_argument("--case", required=True, dest="case_id")
+    p.add_argument("--case", required=True, dest="case_id", help="case id")
     p.add_argument("--data", type=Path, help="JSON file with the record's fields")
     p.add_argument(
         "--set",
@@ -67,19 +67,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="set a field (dotted path for nested fields); KEY:=JSON for numbers, lists, ...",
     )
     p.add_argument("--yes", action="store_true", help="really sign (otherwise show the record)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     add_connection_options(p)
     p.set_defaults(func=cmd_sign)
 
     p = cs.add_parser("show", help="the whole chain, verified; stage; who acts next")
-    p.add_argument("case_id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("case_id", help="case id")
+    p.add_argument("--json", action="store_true", help="print JSON")
     add_connection_options(p)
     p.set_defaults(func=cmd_show)
 
     p = cs.add_parser("list", help="cases of the node")
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=0, help="at most this many (0: no limit)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     add_connection_options(p)
     p.set_defaults(func=cmd_list)
 
