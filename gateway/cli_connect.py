@@ -286,11 +286,13 @@ def connect(args: argparse.Namespace) -> NodeClient:
             f"{wanted} nodes (give the address or --config of a {wanted} node)"
         )
     region = f", region {server.region}" if server.region else ""
-    print(
-        f"node {server.subject_id} ({server.role}{region}) at {target.address}, as {me.label()}",
-        file=sys.stderr,
-        flush=True,
-    )
+    if not getattr(args, "quiet", False):  # --quiet: nothing on stderr but errors
+        print(
+            f"node {server.subject_id} ({server.role}{region}) at {target.address}, "
+            f"as {me.label()}",
+            file=sys.stderr,
+            flush=True,
+        )
     creds = ClientCredentials.from_files(target.ca, target.cert, target.key)
     client = NodeClient(target.address, creds, node_id=target.node_id)
     client.target = f"node {server.subject_id} at {target.address}"

@@ -15,10 +15,10 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-FICTITIOUS_NAME = "DEMO^FICTITIOUS^PATIENT"
+FICTITIOUS_NAME = "FICTITIOUS^DEMOPATIENT"  # no common word: the outbound scan matches words
 FICTITIOUS_ID = "DEMO-MRN-000042"
 FICTITIOUS_BIRTH_DATE = "19700101"
-FICTITIOUS_STRINGS = ("DEMO^FICTITIOUS", "FICTITIOUS", FICTITIOUS_ID)
+FICTITIOUS_STRINGS = ("FICTITIOUS^DEMOPATIENT", "FICTITIOUS", "DEMOPATIENT", FICTITIOUS_ID)
 """What must never be found in the factory's data directory."""
 
 

@@ -108,7 +108,8 @@ def test_a_filled_in_template_is_signed_and_the_preview_is_readable(
     assert "run again with --yes" in err
     assert env.hospital.cases.view(case_id).next_seq == 0
     # the real facts filled in: signed
-    data["studies"] = ["1.2.826.0.1.3680043.8.498.1"]
+    released = env.release(case_id)  # a study really confirmed and sent for the case
+    data["studies"] = [released.study]
     data["notes"] = "all series present"
     path.write_text(json.dumps(data))
     assert _cli(env, "clinician", [*sign, "--yes"]) == 0
@@ -116,7 +117,7 @@ def test_a_filled_in_template_is_signed_and_the_preview_is_readable(
     record = json.loads(env.hospital.cases.view(case_id).records[0].record_json)
     assert record["data"] == {
         "complete": True,
-        "studies": ["1.2.826.0.1.3680043.8.498.1"],
+        "studies": [released.study],
         "notes": "all series present",
     }
 

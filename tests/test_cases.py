@@ -115,9 +115,10 @@ class Env:
     tmp: Path
     released: dict[str, Released] = dataclasses.field(default_factory=dict)
 
-    def release(self, case_id: str) -> Released:
-        """Ingest a small CT study at the hospital, confirm it for ``case_id`` as its
-        clinician (de-identified, sent to the factory) and wait until the factory holds it."""
+    def release(self, case_id: str, patient_id: str | None = None) -> Released:
+        """Ingest a small CT study (of ``patient_id``, default the fictitious patient) at
+        the hospital, confirm it for ``case_id`` as its clinician (de-identified, sent to
+        the factory) and wait until the factory holds it."""
         if case_id in self.released:
             return self.released[case_id]
         node = self.hospital.node
@@ -126,7 +127,7 @@ class Env:
         ingest = Ingest(
             node.store, node.catalog, role.studies, node.audit, HOSPITAL, role.identities
         )
-        study = StudyInfo()
+        study = StudyInfo() if patient_id is None else StudyInfo(patient_id=patient_id)
         for ds in ct_series(2, rows=16, cols=16, study=study):
             ingest.ingest(to_part10(ds), calling_ae="PACS", called_ae="YIGONG")
         role.studies.tick(datetime.now(UTC) + timedelta(seconds=1), 0.0)

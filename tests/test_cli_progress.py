@@ -17,6 +17,7 @@ from gateway.cli import main
 from gateway.cli_progress import Reporter, human_bytes
 from gateway.cli_send import EXIT_FAILED, EXIT_TIMEOUT
 from tests.cluster import Federation, InProcessNode, write_config
+from tests.outbound_files import clean_pdf
 
 
 def _node_conn(node: InProcessNode) -> list[str]:
@@ -73,8 +74,8 @@ def test_send_wait_returns_when_the_receipt_is_verified(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     hospital, _ = pair
-    payload = os.urandom(3_000_000)
-    src = tmp_path / "knee.raw"
+    payload = clean_pdf(os.urandom(3_000_000))  # what a hospital may send
+    src = tmp_path / "knee.pdf"
     src.write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
     rc = main(
@@ -93,13 +94,13 @@ def test_send_wait_returns_when_the_receipt_is_verified(
     )
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert f"stored object {digest} (3000000 bytes)" in out
+    assert f"stored object {digest} ({len(payload)} bytes)" in out
     assert "delivered, receipt signed by factory-1 verified" in out
-    assert f"(sha256 {digest[:16]}…, 3000000 bytes)" in out
+    assert f"(sha256 {digest[:16]}…, {len(payload)} bytes)" in out
     # progress (plain lines: stderr is not a terminal here) on stderr, not stdout
-    assert "upload knee.raw: 100% (2.9 MiB of 2.9 MiB)" in err
+    assert "upload knee.pdf: 100% (2.9 MiB of 2.9 MiB)" in err
     assert "transfer to factory-1: 100%" in err
-    assert "upload knee.raw" not in out
+    assert "upload knee.pdf" not in out
 
 
 def test_send_wait_json_stays_parseable_and_quiet_silences_progress(
@@ -108,8 +109,8 @@ def test_send_wait_json_stays_parseable_and_quiet_silences_progress(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     hospital, _ = pair
-    src = tmp_path / "plan.bin"
-    src.write_bytes(b"plan" * 1000)
+    src = tmp_path / "plan.pdf"
+    src.write_bytes(clean_pdf(b"plan" * 1000))
     rc = main(
         [
             "send",
@@ -139,8 +140,8 @@ def test_send_wait_times_out_with_its_own_exit_status(
 ) -> None:
     hospital, factory = pair
     factory.stop()  # the peer is down: the transfer stays queued, retrying
-    src = tmp_path / "late.bin"
-    src.write_bytes(b"x" * 5000)
+    src = tmp_path / "late.pdf"
+    src.write_bytes(clean_pdf(b"x" * 5000))
     rc = main(
         ["send", str(src), "--to", "factory-1", "--wait", "--timeout", "1.5", *_node_conn(hospital)]
     )
@@ -168,8 +169,8 @@ def test_send_wait_reports_a_refused_transfer_as_failed(
         )
     )
     try:
-        src = tmp_path / "plan.bin"
-        src.write_bytes(b"plan" * 100)
+        src = tmp_path / "plan.pdf"
+        src.write_bytes(clean_pdf(b"plan" * 100))
         rc = main(
             [
                 "send",
@@ -198,12 +199,12 @@ def test_send_on_a_terminal_draws_bars_on_stderr_and_keeps_stdout_plain(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     hospital, _ = pair
-    src = tmp_path / "scan.bin"
-    src.write_bytes(os.urandom(2_000_000))
+    src = tmp_path / "scan.pdf"
+    src.write_bytes(clean_pdf(os.urandom(2_000_000)))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     rc = main(["send", str(src), "--to", "factory-1", "--wait", "--json", *_node_conn(hospital)])
     out, err = capsys.readouterr()
     assert rc == 0
     assert json.loads(out)["wait"]["status"] == "done"  # no control sequences in stdout
-    assert "\x1b[" in err and "upload scan.bin" in err and "transfer to factory-1" in err
-    assert "1.9/1.9 MiB" in err
+    assert "\x1b[" in err and "upload scan.pdf" in err and "transfer to factory-1" in err
+    assert "0.0/1.9 MiB" in err  # sizes drawn (the final frame is cut at 80 columns)

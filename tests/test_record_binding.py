@@ -23,9 +23,17 @@ from gateway.cases.signing import PersonSigner
 from gateway.errors import ValidationError
 from hospital_node.ingest import Ingest
 from hospital_node.role import HospitalRole
+from hospital_node.vault import PatientIdentity
 from tests import test_cases
 from tests.cluster import wait_for
-from tests.dicom_factory import StudyInfo, ct_series, to_part10
+from tests.dicom_factory import (
+    PATIENT_BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    StudyInfo,
+    ct_series,
+    to_part10,
+)
 from tests.test_cases import (
     FACTORY,
     HOSPITAL,
@@ -125,7 +133,9 @@ def test_data_confirmation_must_name_a_study_released_for_this_case_to_its_manuf
 def test_order_must_name_the_pseudonym_the_vault_issued_for_the_case(env: Env) -> None:
     case_id = "C-BIND-ORDER"
     advance(env, case_id, "order")
-    other = env.release("C-BIND-ORDER2").pseudonym  # issued by the vault, for another case
+    # issued by the vault, for another case of another patient (one patient's cases to one
+    # manufacturer share their pseudonym)
+    other = env.release("C-BIND-ORDER2", patient_id="MRN-OTHER-2").pseudonym
     for wrong in ("YG-000000000000", other):
         with pytest.raises(ValidationError) as err:
             env.sign("clinician", case_id, "order", order(pseudonym=wrong))
@@ -163,7 +173,9 @@ def test_factory_checks_arriving_records_against_the_studies_it_received(env: En
     for ds in ct_series(2, rows=16, cols=16, study=study):
         ingest.ingest(to_part10(ds), calling_ae="PACS", called_ae="YIGONG")
     role.studies.tick(datetime.now(UTC) + timedelta(seconds=1), 0.0)
-    deid = role.releaser.deid.map_uid(study.study_uid)
+    patient = PatientIdentity(PATIENT_ID, PATIENT_NAME, PATIENT_BIRTH_DATE, "HOSPITAL MRN")
+    recipient = role.releaser.recipient(case_id, FACTORY, patient)  # before the vault knows it
+    deid = role.releaser.deidentifier_for(recipient).map_uid(study.study_uid)
     first = from_hospital(
         env, case_id, 0, genesis_hash(case_id), "data_confirmation", data_confirmation(deid)
     )
