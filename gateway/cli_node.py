@@ -242,6 +242,8 @@ def cmd_query(args: argparse.Namespace) -> int:
                     ("created", _t(o.created_at)),
                 ):
                     print(f"{label:>12}: {value}")
+                for key, value in sorted(o.labels.items()):
+                    print(f"{'label':>12}: {key} = {value}")
                 for t in detail.transfers:
                     print(
                         f"\n  transfer {t.transfer_id} {t.direction} {t.peer_node}: "
@@ -253,11 +255,38 @@ def cmd_query(args: argparse.Namespace) -> int:
                             f"    receipt signed by {body.receiver_node}: sha256 {body.sha256}, "
                             f"{body.size} bytes, completed {_t(body.completed_at)}"
                         )
+                        for line in _fact_lines(dict(body.facts)):
+                            print(f"      {line}")
                     if t.last_error:
                         print(f"    last error: {t.last_error}")
         else:
             return run_download(args, client)
     return 0
+
+
+_FACT_NAMES = {
+    "mesh.format": "format",
+    "mesh.unit": "unit",
+    "mesh.triangles": "triangles",
+    "mesh.vertices": "vertices",
+    "mesh.area_mm2": "area (mm²)",
+    "mesh.volume_mm3": "volume (mm³)",
+    "mesh.bbox_min_mm": "bounding box min (mm)",
+    "mesh.bbox_max_mm": "bounding box max (mm)",
+    "mesh.watertight": "watertight",
+}
+
+
+def _fact_lines(facts: dict[str, str]) -> list[str]:
+    """The receiver's format facts of a receipt (mesh figures, DICOM hashes), readable:
+    the figures both nodes computed and agreed on, shown without --json too."""
+    if not facts:
+        return []
+    width = max(len(_FACT_NAMES.get(k, k)) for k in facts)
+    lines = ["facts both nodes computed:"]
+    for key in sorted(facts, key=lambda k: (k not in _FACT_NAMES, k)):
+        lines.append(f"  {_FACT_NAMES.get(key, key):<{width}}  {facts[key]}")
+    return lines
 
 
 def _short(text: str, width: int = 80) -> str:

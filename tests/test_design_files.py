@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import trimesh
 
+from gateway.cli import main as cli_main
 from gateway.errors import NotFound, ReceiptError, ValidationError
 from gateway.fidelity.formats import (
     FACT_ERROR,
@@ -462,7 +463,9 @@ def factory_to_hospital(
 
 
 def test_factory_sends_stl_and_both_sides_agree_on_its_figures(
-    factory_to_hospital: tuple[InProcessNode, InProcessNode], tmp_path: Path
+    factory_to_hospital: tuple[InProcessNode, InProcessNode],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     factory, hospital = factory_to_hospital
     design = write(tmp_path, "femoral-plate.stl", stl_binary(box()))
@@ -484,6 +487,15 @@ def test_factory_sends_stl_and_both_sides_agree_on_its_figures(
         assert {k: receipt.facts[k] for k in BOX_FACTS} == BOX_FACTS
         held = hospital.node.catalog.find_transfer(tid, "inbound")
         assert held is not None and held.receipt == sent.receipt  # both keep the same receipt
+
+        # The figures are in the human-readable view too, not only in --json.
+        conn = ["--config", str(factory.config), "--address", factory.address]
+        assert cli_main(["query", "object", reply.object.object_id, *conn]) == 0
+        shown = capsys.readouterr().out
+        assert "facts both nodes computed:" in shown
+        assert re.search(r"^ +triangles +12$", shown, re.M), shown
+        assert re.search(r"^ +volume \(mm³\) +6000\.000000$", shown, re.M), shown
+        assert re.search(r"^ +watertight +true$", shown, re.M), shown
 
         # A file that does not parse as its declared type is refused on upload.
         broken = write(tmp_path, "broken-plate.stl", stl_binary(box())[:300])
