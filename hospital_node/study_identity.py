@@ -22,20 +22,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from gateway.catalog import Catalog, utcnow
-from gateway.errors import ConfigError
+from hospital_node.sealed import RowSeal
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +136,7 @@ class StudyIdentities:
     """Encrypted Study Instance UID → :class:`StudyIdentity` in the node's catalog."""
 
     def __init__(self, catalog: Catalog, vault_key: bytes) -> None:
-        if len(vault_key) != 32:
-            raise ConfigError("the vault key must be 32 bytes")
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_KEY_LABEL).derive(
-            vault_key
-        )
-        self._aead = AESGCM(key)
+        self._seal = RowSeal(vault_key, _KEY_LABEL, _AAD_LABEL)
         self.catalog = catalog
         catalog.extend(NAMESPACE, MIGRATIONS)
         self._known: set[str] = set()  # studies with a row: skip the insert (ingest path)
@@ -161,8 +151,7 @@ class StudyIdentities:
         if source is None or study_uid in self._known:
             return
         identity = source if isinstance(source, StudyIdentity) else identity_of(source)
-        nonce = os.urandom(12)
-        ciphertext = self._aead.encrypt(nonce, identity.to_bytes(), self._aad(study_uid))
+        nonce, ciphertext = self._seal.seal(_row_id(study_uid), identity.to_bytes())
         with self.catalog.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO hospital_study_identity VALUES (?, ?, ?, ?)",
@@ -189,15 +178,12 @@ class StudyIdentities:
                 found[uid] = self._decrypt(uid, bytes(r["nonce"]), bytes(r["ciphertext"]))
         return found
 
-    def _aad(self, study_uid: str) -> bytes:
-        return _AAD_LABEL + study_uid.encode("ascii", "replace")
-
     def _decrypt(self, study_uid: str, nonce: bytes, ciphertext: bytes) -> StudyIdentity:
-        try:
-            plain = self._aead.decrypt(nonce, ciphertext, self._aad(study_uid))
-        except InvalidTag as exc:
-            raise ConfigError(
-                f"the identity row of study {study_uid} does not decrypt with this node's "
-                "vault key (wrong deid.vault_key_file, or the row was altered)"
-            ) from exc
+        plain = self._seal.open(
+            _row_id(study_uid), nonce, ciphertext, f"the identity row of study {study_uid}"
+        )
         return StudyIdentity.from_bytes(plain)
+
+
+def _row_id(study_uid: str) -> bytes:
+    return study_uid.encode("ascii", "replace")

@@ -48,14 +48,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydicom import dcmread
 
 from gateway.catalog import Catalog, utcnow
 from gateway.errors import ConfigError, NotFound, ValidationError
+from hospital_node.sealed import RowSeal, derive_key
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +223,6 @@ def patient_of(data: bytes) -> PatientIdentity:
     )
 
 
-def _derive(key: bytes, label: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(key)
-
-
 class PseudonymVault:
     """Encrypted case ↔ patient map in the node's catalog."""
 
@@ -237,8 +230,8 @@ class PseudonymVault:
         if len(key) != KEY_BYTES:
             raise ConfigError(f"the vault key must be {KEY_BYTES} bytes")
         self.catalog = catalog
-        self._aead = AESGCM(_derive(key, b"yigong.vault.encryption.v1"))
-        self._pseudonym_key = _derive(key, b"yigong.vault.pseudonym.v1")
+        self._seal = RowSeal(key, b"yigong.vault.encryption.v1", _AAD_LABEL)
+        self._pseudonym_key = derive_key(key, b"yigong.vault.pseudonym.v1")
         catalog.extend("hospital_vault", MIGRATIONS)
 
     def __repr__(self) -> str:
@@ -345,8 +338,7 @@ class PseudonymVault:
                         "patient's device together: use a new case id for this patient"
                     )
                 return pseudonym
-            nonce = os.urandom(12)
-            ciphertext = self._aead.encrypt(nonce, patient.to_bytes(), self._aad(case_id))
+            nonce, ciphertext = self._seal.seal(case_id.encode("utf-8"), patient.to_bytes())
             db.execute(
                 "INSERT INTO hospital_vault VALUES (?, ?, ?, ?, ?)",
                 (case_id, pseudonym, nonce, ciphertext, utcnow()),
@@ -394,15 +386,8 @@ class PseudonymVault:
             self.catalog.query("SELECT 1 FROM hospital_vault WHERE case_id = ?", (case_id,))
         )
 
-    def _aad(self, case_id: str) -> bytes:
-        return _AAD_LABEL + case_id.encode("utf-8")
-
     def _decrypt(self, case_id: str, nonce: bytes, ciphertext: bytes) -> PatientIdentity:
-        try:
-            plain = self._aead.decrypt(nonce, ciphertext, self._aad(case_id))
-        except InvalidTag as exc:
-            raise ConfigError(
-                f"vault entry of case {case_id} does not decrypt with this node's vault key "
-                "(wrong deid.vault_key_file, or the row was altered)"
-            ) from exc
+        plain = self._seal.open(
+            case_id.encode("utf-8"), nonce, ciphertext, f"vault entry of case {case_id}"
+        )
         return PatientIdentity.from_bytes(plain)

@@ -31,12 +31,12 @@ from pydicom.uid import generate_uid
 
 from gateway.catalog import Catalog
 from gateway.errors import ValidationError
+from hospital_node.sealed import derive_key
 from hospital_node.vault import (
     MIGRATIONS,
     SCHEME_CASE,
     PatientIdentity,
     PseudonymVault,
-    _derive,
 )
 from tests.cluster import Federation, InProcessNode, write_config
 from tests.dicom_factory import PATIENT_ID
@@ -266,10 +266,10 @@ def test_vault_schema_migration_keeps_every_existing_row(tmp_path: Path) -> None
     old = Catalog(path)
     old.extend("hospital_vault", MIGRATIONS[:1])  # the schema before this change
     patient = PatientIdentity("MRN-1", "DOE^JANE", "19800101", "HOSPITAL MRN")
-    aead = AESGCM(_derive(key, b"yigong.vault.encryption.v1"))
+    aead = AESGCM(derive_key(key, b"yigong.vault.encryption.v1"))
     nonce = b"\x01" * 12
     legacy = "YG-" + hmac.new(
-        _derive(key, b"yigong.vault.pseudonym.v1"), b"CASE-OLD", hashlib.sha256
+        derive_key(key, b"yigong.vault.pseudonym.v1"), b"CASE-OLD", hashlib.sha256
     ).hexdigest()[:12].upper()
     with old.transaction() as db:
         db.execute(
