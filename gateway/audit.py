@@ -109,6 +109,8 @@ Scalar = str | int | float | bool | None
 Signer = Callable[[bytes], bytes]
 """Signs checkpoint bytes with the node key (ECDSA P-256 / SHA-256 in the federation)."""
 Verifier = Callable[[bytes, bytes], None]
+Progress = Callable[[int], None]
+PROGRESS_EVERY: Final = 10_000  # entries between progress reports of a verification
 """``verify(data, signature)``; raises (e.g. BadSignature) when the signature does not verify."""
 
 _DENIED_KEYS: Final = frozenset(
@@ -397,9 +399,14 @@ def _stored_checkpoints(
 
 
 def _chain_fault_after(
-    rows: Iterable[Sequence[Any]], prev: str, last: int, cps: Sequence[Checkpoint] = ()
+    rows: Iterable[Sequence[Any]],
+    prev: str,
+    last: int,
+    cps: Sequence[Checkpoint] = (),
+    progress: Progress | None = None,
 ) -> tuple[int, str] | None:
-    """First fault in ``rows`` (entries after ``last``, whose hash is ``prev``), or None."""
+    """First fault in ``rows`` (entries after ``last``, whose hash is ``prev``), or None.
+    ``progress(entries_checked)`` is called every PROGRESS_EVERY entries."""
     heads: dict[int, list[Checkpoint]] = {}
     for cp in cps:
         heads.setdefault(cp.seq, []).append(cp)
@@ -407,6 +414,8 @@ def _chain_fault_after(
         if row[0] != last + 1 or row[10] != prev or _safe_hash(prev, row[:10]) != row[11]:
             return _chain_fault(row, last + 1)
         prev, last = row[11], row[0]
+        if progress is not None and last % PROGRESS_EVERY == 0:
+            progress(last)
         for cp in heads.get(last, ()):
             if cp.head_hash != prev:
                 return (
@@ -514,8 +523,11 @@ def verify_log(
     *,
     verify_signature: Verifier | None = None,
     extra_checkpoints: Sequence[Checkpoint] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Verify the audit log file at ``path`` (read-only; safe while a writer is running).
+
+    ``progress(entries_checked, entries_total)`` reports a long verification.
 
     Recomputes the chain from genesis; compares every checkpoint's head hash with
     the recomputed hash at its seq; verifies each checkpoint signature with
@@ -543,6 +555,7 @@ def verify_log(
             genesis_hash(node_id),
             0,
             cps,
+            None if progress is None else lambda done: progress(done, n_entries),
         )
         newest = cps[-1].seq if cps else 0
         if fault is not None:

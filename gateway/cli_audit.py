@@ -33,6 +33,7 @@ from gateway.audit import (
 from gateway.audit_witness import Witnessed
 from gateway.catalog import Catalog
 from gateway.cli_node import _table
+from gateway.cli_progress import Reporter, add_progress_options
 from gateway.client import NodeClient
 from gateway.config import NodeConfig, load_config
 from gateway.errors import ValidationError, YigongError
@@ -76,6 +77,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="also check against the checkpoints each peer witnessed (over mTLS)",
     )
     p.add_argument("--peer", action="append", help="with --with-peers: only this peer")
+    add_progress_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_verify)
 
@@ -292,7 +294,16 @@ def _witness_summary(cfg: NodeConfig, peer: str, held: list[Witnessed]) -> str:
 def cmd_verify(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if not args.with_peers:
-        report = verify_log(cfg.audit.path, cfg.node.id, verify_signature=_verifier(cfg))
+        with Reporter.for_args(args) as reporter:
+            task = reporter.task("verify audit log", unit="entries")
+            report = verify_log(
+                cfg.audit.path,
+                cfg.node.id,
+                verify_signature=_verifier(cfg),
+                progress=lambda done, total: task.update(done, total),
+            )
+            task.update(report.entries, report.entries)
+            task.done("ok" if report.ok else "FAILED")
         if args.json:
             print(json.dumps(report.__dict__, sort_keys=True))
         else:
@@ -301,9 +312,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     peers = args.peer or [p.id for p in cfg.peers]
     found, failed = _witnessed(cfg, peers)
     extra = [w.checkpoint for held in found.values() for w in held]
-    report = verify_log(
-        cfg.audit.path, cfg.node.id, verify_signature=_verifier(cfg), extra_checkpoints=extra
-    )
+    with Reporter.for_args(args) as reporter:
+        task = reporter.task("verify audit log", unit="entries")
+        report = verify_log(
+            cfg.audit.path,
+            cfg.node.id,
+            verify_signature=_verifier(cfg),
+            extra_checkpoints=extra,
+            progress=lambda done, total: task.update(done, total),
+        )
+        task.update(report.entries, report.entries)
+        task.done("ok" if report.ok else "FAILED")
     newest = max((c.seq for c in extra), default=0)
     incomplete = [f"{peer}: {why}" for peer, why in failed.items()]
     if not peers:

@@ -121,13 +121,24 @@ class Reporter:
                 TimeRemainingColumn,
                 TransferSpeedColumn,
             )
+            from rich.text import Text
+
+            class AmountColumn(DownloadColumn):
+                """Bytes as sizes; other units (entries, files) as plain counts."""
+
+                def render(self, task: Any) -> Any:
+                    unit = task.fields.get("unit", "bytes")
+                    if unit == "bytes":
+                        return super().render(task)
+                    total = f"/{int(task.total)}" if task.total else ""
+                    return Text(f"{int(task.completed)}{total} {unit}", style="progress.download")
 
             console = Console(file=self.stream, force_terminal=True)
             self._rich = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 TextColumn("{task.percentage:>3.0f}%"),
-                DownloadColumn(binary_units=True),
+                AmountColumn(binary_units=True),
                 TransferSpeedColumn(),
                 TimeRemainingColumn(),
                 console=console,
@@ -150,7 +161,7 @@ class Reporter:
     def task(self, description: str, total: int = 0, unit: str = "bytes") -> Task:
         t = Task(self, description, total, unit)
         if self._rich is not None:
-            t._rich_id = self._rich.add_task(description, total=total or None)
+            t._rich_id = self._rich.add_task(description, total=total or None, unit=unit)
         return t
 
     def note(self, text: str) -> None:

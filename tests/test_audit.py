@@ -113,6 +113,23 @@ def test_untouched_log_verifies_with_signed_checkpoints(
     assert audit.verify_log(path, NODE, verify_signature=verifier) == report
 
 
+def test_long_verification_reports_its_progress(
+    path: Path, signer: Signer, verifier: Verifier
+) -> None:
+    """A verification of a long log reports entries checked against the total (for the
+    CLI's progress bar), every audit.PROGRESS_EVERY entries."""
+    n = 2 * audit.PROGRESS_EVERY + 7
+    with AuditLog(path, NODE, signer=signer) as log, log.batch():
+        for i in range(n):
+            log.record("query", actor="person:alice", details={"query": f"q{i}"})
+    seen: list[tuple[int, int]] = []
+    report = audit.verify_log(
+        path, NODE, verify_signature=verifier, progress=lambda d, t: seen.append((d, t))
+    )
+    assert report.ok and report.entries == n
+    assert seen == [(audit.PROGRESS_EVERY, n), (2 * audit.PROGRESS_EVERY, n)]
+
+
 def test_stored_format_is_the_documented_one(path: Path, signer: Signer) -> None:
     log = make_log(path, signer, 3)
     conn = sqlite3.connect(path)

@@ -501,3 +501,22 @@ def test_check_prints_one_clean_verdict_line(
     assert out[0].startswith(f"OK: audit log {hospital.node.cfg.audit.path}: ")
     assert f"still contains exactly what {cp_file} signed (entry {seq})" in out[0]
     assert "ok:" not in out[0]
+
+
+def test_verify_shows_progress_on_stderr_and_quiet_silences_it(
+    nodes: Pair, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A verification is long work: progress goes to stderr (plain lines when not a
+    terminal), the verdict alone to stdout; --quiet leaves stderr empty."""
+    hospital, _ = nodes
+    record_queries(hospital, 3)
+    config = str(hospital.config)
+    assert main(["audit", "verify", "--config", config]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("OK: ") and len(out.splitlines()) == 1
+    entries = int(out.split(" entries")[0].rsplit(" ", 1)[1])
+    assert f"verify audit log: 100% ({entries} of {entries} entries)" in err
+    assert err.splitlines()[-1].endswith(", ok")
+    assert main(["audit", "verify", "--config", config, "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("OK: ") and err == ""
