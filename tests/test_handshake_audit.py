@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +36,8 @@ from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.identity import identity_san_uris, node_dns_name
 from gateway.rpc.channel import ClientCredentials, open_channel
-from tests.cluster import Federation, InProcessNode, write_config
+from gateway.rpc.terminator import SOCKET_DIR_PREFIX
+from tests.cluster import Federation, InProcessNode, NodeProcess, write_config
 from yigong.v1 import query_pb2, query_pb2_grpc
 
 AUDIT_WAIT = 15.0  # the refusal is audited by the terminator's thread; poll for it
@@ -351,3 +353,36 @@ def test_graceful_stop_lets_a_download_in_flight_finish_through_the_terminator(
     finally:
         if stopper is None:
             n.stop()
+
+
+def test_socket_folder_of_a_killed_node_is_swept_by_the_next_start(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """The terminator's private socket folder is removed on stop; one a SIGKILL left
+    behind is removed by the next node that starts on the host (its pid is gone)."""
+    parent = Path(tempfile.gettempdir())
+
+    def folders_of(pid: int) -> list[Path]:
+        return [
+            d
+            for d in parent.glob(f"{SOCKET_DIR_PREFIX}*")
+            if (d / "pid").exists() and (d / "pid").read_text() == str(pid)
+        ]
+
+    config = write_config(federation, tmp_path, "factory-1", "factory")
+    killed = NodeProcess(config, tmp_path / "killed.log")
+    killed.start()
+    assert killed.proc is not None
+    pid = killed.proc.pid
+    (folder,) = folders_of(pid)
+    assert (folder / "grpc.sock").exists() and oct(folder.stat().st_mode & 0o777) == "0o700"
+    killed.kill()
+    assert folders_of(pid) == [folder]  # nothing could clean up after SIGKILL
+    already = set(folders_of(os.getpid()))  # nodes of other tests in this process
+    node = InProcessNode(config)
+    try:
+        assert not folder.exists()  # swept at the next start
+        (own,) = set(folders_of(os.getpid())) - already
+    finally:
+        node.stop()
+    assert not own.exists()  # a clean stop removes its own

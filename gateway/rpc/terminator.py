@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -158,6 +159,35 @@ class _Handshake:
     checked: bool = False
 
 
+SOCKET_DIR_PREFIX = "yigong-grpc-"
+
+
+def sweep_stale_socket_dirs(parent: Path) -> int:
+    """Remove the socket folders that nodes killed without a stop (SIGKILL, a crash) left
+    in ``parent``: ours (same user), holding the pid of a process that no longer runs.
+    Returns how many were removed."""
+    removed = 0
+    for folder in parent.glob(f"{SOCKET_DIR_PREFIX}*"):
+        try:
+            if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            pid = int((folder / "pid").read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or still being created: leave it
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # a process of another user has that pid now
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    if removed:
+        log.info("removed %d socket folder(s) of stopped nodes from %s", removed, parent)
+    return removed
+
+
 class TlsTerminator:
     """The node's public TLS port; forwards accepted connections to the gRPC server."""
 
@@ -185,7 +215,10 @@ class TlsTerminator:
         # enter; each forwarded connection binds its own socket file there, which is
         # the peer address gRPC reports for it (context.peer() == "unix:<that path>").
         short = len(tempfile.gettempdir()) <= 64  # a Unix socket path holds < 108 bytes
-        self._dir = Path(tempfile.mkdtemp(prefix="yigong-grpc-", dir=None if short else "/tmp"))
+        parent = Path(tempfile.gettempdir() if short else "/tmp")
+        sweep_stale_socket_dirs(parent)
+        self._dir = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX, dir=parent))
+        (self._dir / "pid").write_text(str(os.getpid()))  # whose it is, for the sweep
         self.backend_address = f"unix:{self._dir / 'grpc.sock'}"
         self._serial = itertools.count(1)
         self._closing = threading.Event()
