@@ -3,6 +3,12 @@
 Servers: :func:`status_for` picks the code an error is answered with.
 Clients: :func:`error_from_rpc` turns an :class:`grpc.RpcError` back into a
 :class:`~gateway.errors.YigongError` with a message a person can act on.
+
+"Send again later" is decided by the error class (``YigongError.retryable``, the
+``[retry]`` marks of the tree in :mod:`gateway.errors`), not here: retryable errors,
+and only they, are answered with a code in :data:`RETRY_LATER` (as the DIMSE
+translator answers them ``0xA7xx``), and a client rebuilds a retryable error from
+such a code. ``tests/test_error_tree.py`` holds both tables to that.
 """
 
 from __future__ import annotations
