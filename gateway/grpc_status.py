@@ -3,6 +3,12 @@
 Servers: :func:`status_for` picks the code an error is answered with.
 Clients: :func:`error_from_rpc` turns an :class:`grpc.RpcError` back into a
 :class:`~gateway.errors.YigongError` with a message a person can act on.
+
+"Send again later" is decided by the error class (``YigongError.retryable``, the
+``[retry]`` marks of the tree in :mod:`gateway.errors`), not here: retryable errors,
+and only they, are answered with a code in :data:`RETRY_LATER` (as the DIMSE
+translator answers them ``0xA7xx``), and a client rebuilds a retryable error from
+such a code. ``tests/test_error_tree.py`` holds both tables to that.
 """
 
 from __future__ import annotations
@@ -11,25 +17,57 @@ import grpc
 
 from gateway import errors as e
 
-_CODES: tuple[tuple[type[e.YigongError], grpc.StatusCode], ...] = (
-    (e.CertificateError, grpc.StatusCode.UNAUTHENTICATED),
-    (e.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (e.PKIError, grpc.StatusCode.UNAVAILABLE),  # e.g. CRL unverifiable: fail closed, retry later
-    (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (e.OutboundRefused, grpc.StatusCode.FAILED_PRECONDITION),
-    (e.IdentifiableData, grpc.StatusCode.FAILED_PRECONDITION),
-    (e.ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
-    (e.NotFound, grpc.StatusCode.NOT_FOUND),
-    (e.IntegrityError, grpc.StatusCode.DATA_LOSS),
-    (e.ReceiptError, grpc.StatusCode.DATA_LOSS),
-    (e.PeerUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (e.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (e.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
-    (e.NotReady, grpc.StatusCode.UNAVAILABLE),
-    (e.StorageError, grpc.StatusCode.UNAVAILABLE),
-    (e.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
-    (e.TransferError, grpc.StatusCode.ABORTED),
-)
+_S = grpc.StatusCode
+
+CODES: dict[type[e.YigongError], grpc.StatusCode] = {
+    # One row per class of gateway.errors (tests/test_error_tree.py checks it). A class
+    # without a row (defined later, elsewhere) is answered like its nearest ancestor.
+    # Retryable errors (YigongError.retryable) and only they get a RETRY_LATER code.
+    e.YigongError: _S.INTERNAL,
+    e.ConfigError: _S.FAILED_PRECONDITION,
+    e.PKIError: _S.UNAVAILABLE,  # e.g. CRL unverifiable: fail closed, retry later
+    e.CertificateError: _S.UNAUTHENTICATED,
+    e.UntrustedCertificate: _S.UNAUTHENTICATED,
+    e.ExpiredCertificate: _S.UNAUTHENTICATED,
+    e.RevokedCertificate: _S.UNAUTHENTICATED,
+    e.BadSignature: _S.UNAUTHENTICATED,  # a bad signature stays bad: not UNAVAILABLE
+    e.AuthError: _S.PERMISSION_DENIED,
+    e.AuthenticationError: _S.UNAUTHENTICATED,
+    e.PermissionDenied: _S.PERMISSION_DENIED,
+    e.ResidencyViolation: _S.PERMISSION_DENIED,
+    e.SignerRefused: _S.PERMISSION_DENIED,
+    e.ValidationError: _S.INVALID_ARGUMENT,
+    e.IdentifiableData: _S.FAILED_PRECONDITION,
+    e.OutboundRefused: _S.FAILED_PRECONDITION,
+    e.ChainError: _S.INVALID_ARGUMENT,
+    e.Refused: _S.INVALID_ARGUMENT,
+    e.StageRefused: _S.INVALID_ARGUMENT,
+    e.RecordUnfounded: _S.INVALID_ARGUMENT,
+    e.CaseFormatError: _S.INVALID_ARGUMENT,
+    e.StudyNotReady: _S.INVALID_ARGUMENT,
+    e.UnreadableInstance: _S.INVALID_ARGUMENT,
+    e.DatasetMismatch: _S.INVALID_ARGUMENT,
+    e.BurnedInAnnotationHeld: _S.INVALID_ARGUMENT,
+    e.DeidRefused: _S.INVALID_ARGUMENT,
+    e.MeshFormatError: _S.INVALID_ARGUMENT,
+    e.StepFormatError: _S.INVALID_ARGUMENT,
+    e.NotFound: _S.NOT_FOUND,
+    e.StorageError: _S.UNAVAILABLE,
+    e.CatalogError: _S.UNAVAILABLE,  # was INTERNAL: a failing catalog passes; retry later
+    e.AuditError: _S.UNAVAILABLE,  # was INTERNAL: nothing is done unaudited; retry later
+    e.TransferError: _S.ABORTED,
+    e.IntegrityError: _S.DATA_LOSS,
+    e.ReceiptError: _S.DATA_LOSS,
+    e.FactsDisagree: _S.DATA_LOSS,
+    e.QuotaExceeded: _S.RESOURCE_EXHAUSTED,
+    e.PeerUnavailable: _S.UNAVAILABLE,
+    e.NotReady: _S.UNAVAILABLE,
+    e.FactsPending: _S.UNAVAILABLE,
+    e.ShuttingDown: _S.UNAVAILABLE,
+}
+
+RETRY_LATER: frozenset[grpc.StatusCode] = frozenset({_S.UNAVAILABLE, _S.RESOURCE_EXHAUSTED})
+"""The codes that tell a caller to send the same call again later (with backoff)."""
 
 _ERRORS: dict[grpc.StatusCode, type[e.YigongError]] = {
     grpc.StatusCode.UNAUTHENTICATED: e.AuthenticationError,
@@ -70,9 +108,11 @@ _TLS_HINTS = (
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status code a server answers ``exc`` with."""
-    for cls, code in _CODES:
-        if isinstance(exc, cls):
+    """The gRPC status code a server answers ``exc`` with: its class's row, else its
+    nearest ancestor's; anything that is not a YigongError (a bug) is INTERNAL."""
+    for cls in type(exc).__mro__:
+        code = CODES.get(cls)
+        if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
 

@@ -43,7 +43,13 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from gateway.audit import DICOM_INSTANCE_RECEIVED, AuditLog
 from gateway.catalog import Catalog, utcnow
-from gateway.errors import AuditError, ValidationError, YigongError
+from gateway.errors import (
+    AuditError,
+    DatasetMismatch,
+    UnreadableInstance,
+    ValidationError,
+    YigongError,
+)
 from gateway.fidelity.dicom import PIXEL_DATA_TAGS, geometry_hash, pixel_hash
 from gateway.fidelity.series import SliceGeometry, slice_geometry
 from gateway.hashing import sha256_hex
@@ -73,14 +79,6 @@ across pydicom upgrades; change them only with a note in docs/dicom-ingest.md.""
 
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _PIXEL_DATA = 0x7FE00010
-
-
-class UnreadableInstance(ValidationError):
-    """The data set cannot be parsed (PS3.4 B.2.3 "Error: Cannot understand")."""
-
-
-class DatasetMismatch(ValidationError):
-    """The data set does not match its SOP class ("Error: Data Set does not match SOP Class")."""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from gateway.errors import (
     IdentifiableData,
     IntegrityError,
     PermissionDenied,
+    StudyNotReady,
     ValidationError,
     YigongError,
 )
@@ -76,10 +77,6 @@ log = logging.getLogger(__name__)
 RECORD_TYPE = "data_confirmation"
 MAX_CACHED_RECIPIENTS = 64
 DEID_LABEL = f"PS3.15-{TABLE_EDITION}"
-
-
-class StudyNotReady(ValidationError):
-    """The study cannot be confirmed now (still receiving, already confirmed, ...)."""
 
 
 @dataclass(frozen=True)

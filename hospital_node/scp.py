@@ -371,8 +371,10 @@ class DicomServer:
         except Exception as exc:  # every failure becomes a status; the node carries on
             rsp = dimse.store_response(exc)
             log.warning(
-                "C-STORE of %s from %s refused with 0x%04X: %s",
-                request.AffectedSOPInstanceUID, calling, rsp.Status, dimse.reason(exc),
+                "C-STORE of %s from %s refused with 0x%04X (%s): %s",
+                request.AffectedSOPInstanceUID, calling, rsp.Status,
+                "send again later" if dimse.retry_later(rsp.Status) else "final",
+                dimse.reason(exc),
             )  # fmt: skip
             if not isinstance(exc, YigongError):
                 log.debug("internal error during C-STORE", exc_info=True)

@@ -64,7 +64,10 @@ FEATURES: list[tuple[str, list[str]]] = [
         "Residency, telemetry and the officer's view",
         ["test_residency.py", "test_telemetry.py", "test_officer.py"],
     ),
-    ("Wire contract and house style", ["test_protos.py", "test_lint.py", "test_docs.py"]),
+    (
+        "Wire contract and house style",
+        ["test_protos.py", "test_lint.py", "test_docs.py", "test_error_tree.py"],
+    ),
     ("Benchmarks (smoke)", ["test_bench_smoke.py", "test_bench_dicom_smoke.py"]),
 ]
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 from gateway.cases.records import Envelope, Record
 from gateway.cases.store import CaseStore
-from gateway.cases.workflow import CaseState, StageRefused
+from gateway.cases.workflow import CaseState
 from gateway.catalog import Catalog
-from gateway.errors import NotReady, ValidationError
+from gateway.errors import FactsPending, RecordUnfounded, ValidationError
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,6 @@ class RecordFacts:
 FactCheck = Callable[[RecordFacts], None]
 """Raises RecordUnfounded (or FactsPending, arriving records only) when the record's
 content contradicts (or is not yet backed by) what this node holds."""
-
-
-class RecordUnfounded(StageRefused):
-    """A signed record names something this node's facts contradict."""
-
-
-class FactsPending(NotReady):
-    """A record from the other node names a fact that has not reached this node yet."""
 
 
 def design_files(cases: CaseStore, design_hash: str) -> list[dict[str, str]] | None:

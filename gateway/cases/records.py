@@ -44,7 +44,7 @@ from typing import Any
 
 from gateway.audit import canonical_json
 from gateway.cases.schema import CaseFormatError, is_hex64, shown, validate_data
-from gateway.errors import ValidationError
+from gateway.errors import ChainError as ChainError
 from gateway.hashing import sha256_hex
 
 RECORD_FORMAT = "yigong-case-record/1"
@@ -71,10 +71,6 @@ _ENVELOPE_KEYS = frozenset(
         "node_signature",
     }
 )
-
-
-class ChainError(ValidationError):
-    """A case record or chain does not verify, or cannot be extended with a record."""
 
 
 def canonical_bytes(value: Any) -> bytes:

@@ -20,12 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from gateway.errors import ValidationError
-
-
-class CaseFormatError(ValidationError):
-    """A record or envelope is not well formed (bytes, JSON, canonical form, fields)."""
-
+from gateway.errors import CaseFormatError
 
 Spec = Callable[[Any, str], None]
 """Checks one value at a path (``data.patient.age``); raises CaseFormatError."""

@@ -38,14 +38,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from gateway.audit import CASE_RECORD
-from gateway.cases.chain import ChainError, Verified, verify_envelope
+from gateway.cases.chain import Verified, verify_envelope
 from gateway.cases.facts import FactsPending
 from gateway.cases.records import CASE_MEDIA_TYPE, MAX_ENVELOPE_BYTES, genesis_hash
 from gateway.cases.service import OPENED_AT, OPENED_BY
 from gateway.cases.store import CaseRow, StoredRecord
 from gateway.cases.workflow import apply, identifiers
 from gateway.catalog import utcnow
-from gateway.errors import PKIError, ValidationError, YigongError
+from gateway.errors import PKIError, Refused, ValidationError, YigongError
 from gateway.hashing import sha256_hex
 from gateway.storage import ObjectStore
 from gateway.transfer.model import Announce
@@ -58,10 +58,6 @@ log = logging.getLogger(__name__)
 
 FACT_STATUS, FACT_ERROR = "case.status", "case.error"
 FACT_CASE, FACT_SEQ, FACT_HASH = "case.id", "case.seq", "case.record_hash"
-
-
-class Refused(ChainError):
-    """A record from the peer that is not taken into the chain."""
 
 
 def accept(

@@ -50,7 +50,7 @@ from typing import Any
 
 from gateway.cases.records import Record, genesis_hash
 from gateway.cases.schema import TYPES, shown
-from gateway.errors import PermissionDenied, ValidationError
+from gateway.errors import SignerRefused, StageRefused
 
 CLINICIAN, ENGINEER = "clinician", "engineer"
 STAGES: tuple[str, ...] = (
@@ -97,14 +97,6 @@ SIGNERS: dict[str, frozenset[str]] = (
 )
 CHANGE_WINDOW = STAGES[STAGES.index("design_confirmation") : STAGES.index("acceptance") + 1]
 SIDE_OF_ROLE = {CLINICIAN: "clinical", ENGINEER: "production"}
-
-
-class StageRefused(ValidationError):
-    """A record is out of the standard's order, or contradicts the case so far."""
-
-
-class SignerRefused(PermissionDenied):
-    """The author may not sign this record type for this case (role or node)."""
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class MeshFormatError(Exception):
-    """The file is not a valid file of the format it was read as (message: why)."""
+from gateway.errors import MeshFormatError
 
 
 @dataclass(frozen=True)

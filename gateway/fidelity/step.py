@@ -21,10 +21,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-
-class StepFormatError(Exception):
-    """The file is not a well-formed ISO 10303-21 file (message: why)."""
-
+from gateway.errors import StepFormatError
 
 _NORMAL_STOP = re.compile(r"'|;|/\*")
 _ENTITY = re.compile(r"#\d+\s*=")

@@ -28,6 +28,7 @@ from gateway.catalog import Catalog, ObjectRecord, TransferRecord, iso_utc, utcn
 from gateway.errors import (
     CertificateError,
     ConfigError,
+    FactsDisagree,
     IdentifiableData,
     IntegrityError,
     OutboundRefused,
@@ -86,10 +87,6 @@ class OutboxSettings:
     workers: int
     known_peers: frozenset[str]
     allowed_peer_regions: frozenset[str]
-
-
-class FactsDisagree(ReceiptError):
-    """The receiver's format-aware facts differ from the sender's: do not retry."""
 
 
 class _SendState:

@@ -48,7 +48,13 @@ from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from gateway.errors import ConfigError, IntegrityError, ValidationError
+from gateway.errors import (
+    BurnedInAnnotationHeld,
+    ConfigError,
+    DeidRefused,
+    IntegrityError,
+    ValidationError,
+)
 from gateway.fidelity.dicom import geometry_hash, pixel_hash
 from hospital_node.deid.clean import clean_text
 from hospital_node.deid.profile import (
@@ -105,14 +111,6 @@ def check_unchanged(before: tuple[str, str], after: tuple[str, str], sop_uid: st
             f"de-identification changed the {what} of instance {sop_uid}; "
             "the instance was not produced"
         )
-
-
-class BurnedInAnnotationHeld(ValidationError):
-    """The instance may show patient data in its pixels; it is held for a clinician."""
-
-
-class DeidRefused(ValidationError):
-    """The instance cannot be de-identified into a valid, useful object; not produced."""
 
 
 def refused_sequence(tag: int, items: int, sop_uid: str) -> DeidRefused:
