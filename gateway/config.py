@@ -105,6 +105,8 @@ class DicomSection:
     allowed_calling_aes: tuple[str, ...] = ()
     allowed_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
     max_associations: int = 8
+    max_associations_per_address: int = 4
+    idle_timeout_seconds: float = 15.0
     max_pdu_bytes: int = 262144
     quiet_period_seconds: float = 30.0
     auto_forward_called_ae: str = ""
@@ -374,6 +376,16 @@ def _check(cfg: NodeConfig) -> None:
         )
     if d.spool_max_waiting < 1:
         raise ConfigError(f"{src}: dicom.spool_max_waiting must be at least 1")
+    if d.max_associations_per_address < 1:
+        raise ConfigError(
+            f"{src}: dicom.max_associations_per_address must be at least 1 "
+            f"(not {d.max_associations_per_address})"
+        )
+    if not 0 < d.idle_timeout_seconds <= 3600:
+        raise ConfigError(
+            f"{src}: dicom.idle_timeout_seconds must be above 0 and at most 3600 "
+            f"(not {d.idle_timeout_seconds}); a PACS silent this long is disconnected"
+        )
     if bool(d.auto_forward_called_ae) != bool(d.auto_forward_to):
         raise ConfigError(
             f"{src}: dicom.auto_forward_called_ae and dicom.auto_forward_to go together"

@@ -14,7 +14,17 @@ only about the association: who may associate, and TCP details.
   networks; empty = any), a calling AE title outside ``dicom.allowed_calling_aes``
   (empty = any), a called AE title other than ``dicom.ae_title`` (or
   ``dicom.auto_forward_called_ae``), and associations beyond
-  ``dicom.max_associations`` (pynetdicom's own "local limit exceeded").
+  ``dicom.max_associations`` (pynetdicom's own "local limit exceeded"), and
+  associations beyond ``dicom.max_associations_per_address`` from one peer address
+  (same PS3.8 reason, our own check), so a few misbehaving peers cannot take every slot.
+- Idle peers: ``dicom.idle_timeout_seconds`` is pynetdicom's ``network_timeout`` (no
+  PDU from the peer for this long: A-ABORT), ``acse_timeout`` (a connection that sends
+  no A-ASSOCIATE-RQ is closed) and ``dimse_timeout``. The clock starts again after
+  each of our answers, so time spent answering (e.g. waiting for room in the spool)
+  never counts as the peer's silence. A request cut off by the timeout (a C-STORE
+  whose data set never followed its command) is never answered, stored or
+  acknowledged: the association is aborted and a ``dicom.association_refused`` event
+  names the request, the timeout and what had arrived.
 - Latency: pynetdicom sets neither TCP_NODELAY nor TCP_QUICKACK on accepted sockets.
   dcmtk's storescu writes each PDU header and body with two write() calls and keeps
   Nagle's algorithm on, so without a prompt ACK from us every instance waited ~40 ms
@@ -92,6 +102,7 @@ never lossy-compressed — lossy syntaxes are taken only when nothing else is of
 _RJ_NO_REASON = (0x01, 0x01, 0x01)
 _RJ_CALLING_AE = (0x01, 0x01, 0x03)
 _RJ_CALLED_AE = (0x01, 0x01, 0x07)
+_RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), limit
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -124,6 +135,41 @@ def _address_allowed(address: str, nets: tuple[Network, ...]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in net for net in nets)
+
+
+def _address_key(address: str) -> str:
+    """The peer address associations are counted by (IPv4-mapped IPv6 as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def _restart_idle_clock(assoc: Any) -> None:
+    """Start the association's idle (network) timeout again: the peer waited for our
+    answer, that was not its silence. pynetdicom restarts it only when a PDU arrives."""
+    timer = getattr(getattr(assoc, "dul", None), "_idle_timer", None)
+    if timer is not None:
+        timer.restart()
+
+
+def _pending_request(assoc: Any) -> dict[str, str | int]:
+    """What had arrived of a DIMSE message that never completed (empty if none)."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    if message is None:
+        return {}
+    command = getattr(message, "command_set", None)
+    field = int(getattr(command, "CommandField", 0) or 0)
+    names = {0x0001: "C-STORE-RQ", 0x0030: "C-ECHO-RQ"}
+    data = getattr(message, "data_set", None)
+    return {
+        "request": names.get(field, f"0x{field:04X}" if field else "(command incomplete)"),
+        "sop_instance_uid": str(getattr(command, "AffectedSOPInstanceUID", "") or ""),
+        "data_set_bytes": len(data.getbuffer()) if isinstance(data, BytesIO) else 0,
+    }
 
 
 def _titles(assoc: Any) -> tuple[str, str, str]:
@@ -174,6 +220,8 @@ class DicomServer:
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
         self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._by_address: dict[str, set[Any]] = {}  # peer address -> its associations
         if logging.getLogger("pynetdicom").level == logging.NOTSET:
             # pynetdicom logs every association and message at INFO: keep it to problems.
             logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -184,6 +232,9 @@ class DicomServer:
         cfg = self.cfg
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_associations = cfg.max_associations
+        ae.network_timeout = cfg.idle_timeout_seconds
+        ae.acse_timeout = cfg.idle_timeout_seconds
+        ae.dimse_timeout = cfg.idle_timeout_seconds
         ae.maximum_pdu_size = cfg.max_pdu_bytes
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(str(cx.abstract_syntax), list(STORAGE_TRANSFER_SYNTAXES))
@@ -193,6 +244,7 @@ class DicomServer:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -211,8 +263,10 @@ class DicomServer:
         self._ae, self._server = ae, server
         self.port = int(server.server_address[1])
         log.info(
-            "DICOM SCP %s listening on %s:%d (max %d associations, PDU %d bytes)",
-            cfg.ae_title, host, self.port, cfg.max_associations, cfg.max_pdu_bytes,
+            "DICOM SCP %s listening on %s:%d (max %d associations, %d per address, "
+            "idle timeout %g s, PDU %d bytes)", cfg.ae_title, host, self.port,
+            cfg.max_associations, cfg.max_associations_per_address,
+            cfg.idle_timeout_seconds, cfg.max_pdu_bytes,
         )  # fmt: skip
         return self.port
 
@@ -268,26 +322,98 @@ class DicomServer:
             return _RJ_CALLED_AE, "called AE title is not this node's"
         return (), ""
 
+    def _admit(self, assoc: Any, address: str) -> str:
+        """Count ``assoc`` against its peer address; the refusal reason if that address
+        already holds ``dicom.max_associations_per_address`` associations."""
+        limit = self.cfg.max_associations_per_address
+        with self._lock:
+            held = self._by_address.setdefault(_address_key(address), set())
+            held.difference_update([a for a in held if not a.is_alive()])
+            if len(held) >= limit:
+                return (
+                    f"peer address already holds {len(held)} association(s) "
+                    f"(dicom.max_associations_per_address={limit}); release one and retry"
+                )
+            held.add(assoc)
+        return ""
+
+    def associations_from(self, address: str) -> int:
+        """Associations open (or being negotiated) from the peer address ``address``."""
+        with self._lock:
+            held = self._by_address.get(_address_key(address), set())
+            return sum(1 for a in held if a.is_alive())
+
+    def _forget(self, assoc: Any) -> None:
+        with self._lock:
+            key = _address_key(str(assoc.requestor.address))
+            held = self._by_address.get(key)
+            if held is not None:
+                held.discard(assoc)
+                if not held:
+                    del self._by_address[key]
+
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         calling, called, address = _titles(assoc)
         rsd, why = self._refusal(address, calling, called)
         if not rsd:
-            return
+            why = self._admit(assoc, address)
+            if not why:
+                return
+            rsd = _RJ_LOCAL_LIMIT
         assoc.acse.send_reject(*rsd)
         self._audit_refused(address, calling, called, why, rsd)
         assoc.kill()  # as pynetdicom's own rejections: wait for the peer to close
 
     def _on_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejections (e.g. dicom.max_associations reached)."""
+        self._forget(event.assoc)
         rj: Any = event.assoc.acceptor.primitive
         rsd = tuple(int(getattr(rj, k, 0) or 0) for k in ("result", "result_source", "diagnostic"))
         why = str(getattr(rj, "reason_str", "") or "refused by the DICOM stack")
         calling, called, address = _titles(event.assoc)
         self._audit_refused(address, calling, called, why, rsd)
 
+    def _on_aborted(self, event: evt.Event) -> None:
+        """An association aborted by either side. Audited when our idle timeout cut off
+        a request (its command or data set incomplete): it gets no answer and nothing of
+        it is stored; the PACS sends it again on a new association."""
+        assoc: Any = event.assoc
+        pending = _pending_request(assoc)
+        calling, called, address = _titles(assoc)
+        idle = bool(getattr(assoc, "is_acceptor", False)) and assoc.dul.idle_timer_expired()
+        timeout = self.cfg.idle_timeout_seconds
+        if not idle:
+            if pending:
+                log.warning(
+                    "DICOM association from %s (calling %r) aborted in the middle of a %s; "
+                    "nothing of it was stored", address, calling, pending["request"],
+                )  # fmt: skip
+            return
+        if not pending:
+            log.info(
+                "DICOM association from %s (calling %r) idle for dicom.idle_timeout_seconds"
+                "=%g: aborted", address, calling, timeout,
+            )  # fmt: skip
+            return
+        why = (
+            f"{pending['request']} incomplete: nothing more arrived for "
+            f"dicom.idle_timeout_seconds={timeout:g} (data set bytes received: "
+            f"{pending['data_set_bytes']}); association aborted, nothing stored or acknowledged"
+        )
+        self._audit_refused(
+            address, calling, called, why, ("A-ABORT",),
+            sop_instance_uid=str(pending["sop_instance_uid"]),
+        )  # fmt: skip
+
     def _audit_refused(
-        self, address: str, calling: str, called: str, why: str, rsd: tuple[int, ...]
+        self,
+        address: str,
+        calling: str,
+        called: str,
+        why: str,
+        rsd: tuple[int | str, ...],
+        **more: str,
     ) -> None:
         log.warning(
             "DICOM association from %s (calling %r, called %r) refused: %s",
@@ -304,6 +430,7 @@ class DicomServer:
                     "called_ae": called,
                     "reason": why,
                     "reject": "/".join(str(v) for v in rsd),
+                    **{k: v for k, v in more.items() if v},
                 },
             )
         except YigongError as exc:
@@ -340,12 +467,14 @@ class DicomServer:
             log.error("could not audit an accepted DICOM association: %s", exc)
 
     def _on_conn_close(self, event: evt.Event) -> None:
+        self._forget(event.assoc)
         span = self._spans.pop(id(event.assoc), None)
         if span is not None:
             span.end()
 
     # -- DIMSE services ---------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
+        _restart_idle_clock(event.assoc)
         return dimse.SUCCESS
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
@@ -381,6 +510,8 @@ class DicomServer:
             if span := self._spans.get(id(event.assoc)):
                 span.refused += 1
             return rsp
+        finally:
+            _restart_idle_clock(event.assoc)
         if span := self._spans.get(id(event.assoc)):
             span.stored += 1
         return dimse.SUCCESS

@@ -41,6 +41,7 @@ FEATURES: list[tuple[str, list[str]]] = [
             "test_dicom_ingest.py",
             "test_dicom_spool.py",
             "test_dicom_malformed.py",
+            "test_dicom_abuse.py",
             "test_ingest_fast.py",
         ],
     ),
