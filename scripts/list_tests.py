@@ -65,7 +65,10 @@ FEATURES: list[tuple[str, list[str]]] = [
         ["test_residency.py", "test_telemetry.py", "test_officer.py"],
     ),
     ("Wire contract and house style", ["test_protos.py", "test_lint.py", "test_docs.py"]),
-    ("Benchmarks (smoke)", ["test_bench_smoke.py", "test_bench_dicom_smoke.py"]),
+    (
+        "Benchmarks (smoke)",
+        ["test_bench_smoke.py", "test_bench_dicom_smoke.py", "test_bench_study_smoke.py"],
+    ),
 ]
 
 
