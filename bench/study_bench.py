@@ -20,7 +20,10 @@ Measured in one run (each side once; see bench/README.md, "Study benchmark"):
    ``SyncStorageArea`` on): *ingest* through the same storescu into A; then
    ``POST /studies/{id}/anonymize`` on A plus ``POST /modalities/B/store`` of the
    anonymized study (DICOM C-STORE to B); then ``POST /peers/B/store`` of the original
-   study (HTTP). B's instance count is checked after each.
+   study (HTTP). B's instance count is checked after each. Orthanc's DICOM layer is
+   dcmtk, which as packaged leaves Nagle's algorithm on (each C-STORE then waits for a
+   delayed ACK, ~40 ms); so Orthanc runs twice: with dcmtk's own ``TCP_NODELAY=1`` in
+   its environment (the faster one: the reference of the targets) and as packaged.
 3. **Reference ingest**: the plain pynetdicom store + fsync of bench/dicom_bench.py.
 4. **WAN**: the hospital reaches the factory through :mod:`bench.wan_proxy` (20 ms each
    way, 100 Mbit/s each direction). First the proxy itself is measured with a plain
@@ -442,10 +445,15 @@ def orthanc_available() -> bool:
 
 
 class OrthancProcess(Started):
-    """One Orthanc with its defaults, its own ports and storage under ``workdir``."""
+    """One Orthanc with its defaults, its own ports and storage under ``workdir``;
+    ``nodelay`` sets dcmtk's ``TCP_NODELAY=1`` in its environment (Orthanc's DICOM
+    layer is dcmtk, which as packaged leaves Nagle's algorithm on)."""
 
-    def __init__(self, name: str, workdir: Path, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, name: str, workdir: Path, extra: dict[str, Any] | None = None, nodelay: bool = False
+    ) -> None:
         self.name, self.workdir, self.extra = name, workdir, extra or {}
+        self.nodelay = nodelay
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -470,8 +478,15 @@ class OrthancProcess(Started):
         path.write_text(json.dumps(config, indent=2))
         log_path = self.workdir / "orthanc.log"
         with open(log_path, "ab") as logf:
+            env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+            if self.nodelay:
+                env["TCP_NODELAY"] = "1"
             self.proc = subprocess.Popen(
-                [str(ORTHANC), str(path)], cwd=self.workdir, stdout=logf, stderr=subprocess.STDOUT
+                [str(ORTHANC), str(path)],
+                cwd=self.workdir,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
 
         def up() -> bool:
@@ -520,14 +535,17 @@ class OrthancResult:
         return self.anonymize_s + self.store_s
 
 
-def orthanc_study(workdir: Path, series: Series, timeout: float) -> OrthancResult:
+def orthanc_study(
+    workdir: Path, series: Series, timeout: float, nodelay: bool = False
+) -> OrthancResult:
+    """Orthanc A and B: ingest into A by storescu, anonymize + C-STORE to B, peer store."""
     n = series.count
-    with OrthancProcess("ORTHANCB", workdir / "orthanc-b") as b:
+    with OrthancProcess("ORTHANCB", workdir / "orthanc-b", nodelay=nodelay) as b:
         extra = {
             "DicomModalities": {"B": ["ORTHANCB", "127.0.0.1", b.dicom_port]},
             "OrthancPeers": {"B": {"Url": f"http://127.0.0.1:{b.http_port}/"}},
         }
-        with OrthancProcess("ORTHANCA", workdir / "orthanc-a", extra) as a:
+        with OrthancProcess("ORTHANCA", workdir / "orthanc-a", extra, nodelay) as a:
             os.sync()
             ingest_s = storescu(a.dicom_port, series, timeout)
             (study_id,) = a.get("/studies")
@@ -558,6 +576,7 @@ class Plan:
     workdir: Path | None = None
     keep: bool = False
     orthanc: bool = True
+    orthanc_packaged: bool = True
     wan: bool = True
     delay_ms: float = DEFAULT_DELAY_MS
     mbit: float = DEFAULT_MBIT
@@ -603,21 +622,31 @@ def gateway_metrics(g: GatewayStudyResult, ref_ingest: float) -> list[Metric]:
     ]  # fmt: skip
 
 
-def orthanc_metrics(o: OrthancResult | None, g: GatewayStudyResult, why: str) -> list[Metric]:
+def orthanc_metrics(
+    o: OrthancResult | None, packaged: OrthancResult | None, g: GatewayStudyResult, why: str
+) -> list[Metric]:
+    """``o``: Orthanc with TCP_NODELAY=1 (the reference the targets use: the faster
+    Orthanc); ``packaged``: Orthanc as packaged (Nagle on), reported alongside."""
     ours = g.confirm_to_done_s
     out: list[Metric] = []
-    if o is not None:
+    for key, what, r in (
+        ("orthanc", "TCP_NODELAY=1", o),
+        ("orthanc_packaged", "packaged", packaged),
+    ):
+        if r is None:
+            continue
         out += [
-            _secs("study.orthanc.ingest_s", "Orthanc ingest (storescu, SyncStorageArea)",
-                  o.ingest_s),
-            _secs("study.orthanc.anonymize_s", "Orthanc /studies/{id}/anonymize", o.anonymize_s),
-            _secs("study.orthanc.store_s", "Orthanc /modalities/B/store (C-STORE)", o.store_s),
-            _secs("study.orthanc.anonymize_store_s", "Orthanc anonymize + DICOM store",
-                  o.anonymize_store_s),
-            _secs("study.orthanc.peer_store_s", "Orthanc /peers/B/store (HTTP, no anonymize)",
-                  o.peer_store_s),
+            _secs(f"study.{key}.ingest_s", f"Orthanc ({what}) ingest (storescu)", r.ingest_s),
+            _secs(f"study.{key}.anonymize_s", f"Orthanc ({what}) /studies/{{id}}/anonymize",
+                  r.anonymize_s),
+            _secs(f"study.{key}.store_s", f"Orthanc ({what}) /modalities/B/store (C-STORE)",
+                  r.store_s),
+            _secs(f"study.{key}.anonymize_store_s", f"Orthanc ({what}) anonymize + DICOM store",
+                  r.anonymize_store_s),
+            _secs(f"study.{key}.peer_store_s", f"Orthanc ({what}) /peers/B/store (HTTP)",
+                  r.peer_store_s),
         ]  # fmt: skip
-    else:
+    if o is None:
         out.append(Metric("study.orthanc.anonymize_store_s", "Orthanc anonymize + DICOM store",
                           None, "s", note=why))  # fmt: skip
     out += [
@@ -628,6 +657,15 @@ def orthanc_metrics(o: OrthancResult | None, g: GatewayStudyResult, why: str) ->
         _ratio("study.ratio_ingest_orthanc", "ingest: Orthanc / gateway",
                o.ingest_s if o else None, g.ingest_s, INGEST_ORTHANC_TARGET, why),
     ]  # fmt: skip
+    if packaged is not None:
+        out += [
+            Metric("study.ratio_anonymize_store_packaged",
+                   "  the same, Orthanc as packaged (Nagle on)",
+                   packaged.anonymize_store_s / ours, "x"),
+            Metric("study.ratio_ingest_orthanc_packaged",
+                   "  ingest, Orthanc as packaged (Nagle on)",
+                   packaged.ingest_s / g.ingest_s, "x"),
+        ]  # fmt: skip
     return out
 
 
@@ -690,22 +728,27 @@ def run_plan(plan: Plan) -> list[Metric]:
         with PynetdicomReceiver(workdir / "pynetdicom", fsync=True) as ref:
             ref_ingest = ingest_once(ref, series, plan.timeout).seconds
         orthanc: OrthancResult | None = None
+        packaged: OrthancResult | None = None
         why = ""
         if not plan.orthanc:
             why = "skipped: --no-orthanc"
         elif not orthanc_available():
             why = f"skipped: {ORTHANC} missing (apt-get install orthanc)"
         else:
-            log("Orthanc: ingest, anonymize + DICOM store, peer store")
-            orthanc = orthanc_study(workdir / "orthanc", series, plan.timeout)
+            log("Orthanc (TCP_NODELAY=1): ingest, anonymize + DICOM store, peer store")
+            orthanc = orthanc_study(workdir / "orthanc", series, plan.timeout, nodelay=True)
             shutil.rmtree(workdir / "orthanc", ignore_errors=True)
+            if plan.orthanc_packaged:
+                log("Orthanc as packaged (Nagle on): the same")
+                packaged = orthanc_study(workdir / "orthanc", series, plan.timeout)
+                shutil.rmtree(workdir / "orthanc", ignore_errors=True)
         if why:
             log(why)
         log("gateway: ingest, confirm, delivery")
         g, _ = gateway_study(fed, workdir / "gateway", series, plan.timeout)
         shutil.rmtree(workdir / "gateway", ignore_errors=True)
         metrics += gateway_metrics(g, ref_ingest)
-        metrics += orthanc_metrics(orthanc, g, why)
+        metrics += orthanc_metrics(orthanc, packaged, g, why)
         if plan.wan:
             log(f"WAN proxy probe: {plan.probe_bytes / MiB:.0f} MiB plain socket stream")
             probe = probe_proxy(workdir / "probe", plan.probe_bytes, plan.delay_ms, plan.mbit)

@@ -41,12 +41,10 @@ GATEWAY_KEYS = {
     "study.ratio_ingest_pynetdicom",
 }
 ORTHANC_KEYS = {
-    "study.orthanc.ingest_s",
-    "study.orthanc.anonymize_s",
-    "study.orthanc.store_s",
-    "study.orthanc.anonymize_store_s",
-    "study.orthanc.peer_store_s",
-}
+    f"study.{side}.{what}"
+    for side in ("orthanc", "orthanc_packaged")
+    for what in ("ingest_s", "anonymize_s", "store_s", "anonymize_store_s", "peer_store_s")
+} | {"study.ratio_anonymize_store_packaged", "study.ratio_ingest_orthanc_packaged"}
 ORTHANC_RATIOS = {
     "study.ratio_anonymize_store",
     "study.ratio_peer_store",
