@@ -160,5 +160,6 @@ def test_study_bench_without_orthanc_still_runs_the_gateway(
         assert metrics[key].status == "SKIP"
         assert "no-such-Orthanc missing (apt-get install orthanc)" in metrics[key].note
     for key in GATEWAY_KEYS:
-        assert metrics[key].value is not None and metrics[key].value > 0, key
+        value = metrics[key].value
+        assert value is not None and value > 0, key
     assert metrics["study.rss.hospital_peak_mib"].note == "skipped: --no-rss"
