@@ -69,7 +69,10 @@ FEATURES: list[tuple[str, list[str]]] = [
         "Wire contract and house style",
         ["test_protos.py", "test_lint.py", "test_docs.py", "test_error_tree.py"],
     ),
-    ("Benchmarks (smoke)", ["test_bench_smoke.py", "test_bench_dicom_smoke.py"]),
+    (
+        "Benchmarks (smoke)",
+        ["test_bench_smoke.py", "test_bench_dicom_smoke.py", "test_bench_study_smoke.py"],
+    ),
 ]
 
 
