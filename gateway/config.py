@@ -46,6 +46,8 @@ class ServerSection:
     grace_seconds: float = 10.0
     max_message_bytes: int = 8 * 1024 * 1024
     tls_terminator: str = "gateway"  # "gateway": audited handshakes; "grpc": gRPC's own TLS
+    max_pending_handshakes: int = 256  # "gateway" terminator: connections mid-handshake
+    max_pending_handshakes_per_address: int = 16
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,11 @@ def _check(cfg: NodeConfig) -> None:
             f"{src}: server.listen must be HOST:PORT (PORT 0 picks a free port), "
             f"not {cfg.server.listen!r}"
         )
+    for key in ("max_pending_handshakes", "max_pending_handshakes_per_address"):
+        if getattr(cfg.server, key) < 1:
+            raise ConfigError(
+                f"{src}: server.{key} must be at least 1, not {getattr(cfg.server, key)}"
+            )
     if cfg.server.tls_terminator not in {"gateway", "grpc"}:
         raise ConfigError(
             f"{src}: server.tls_terminator must be 'gateway' (the node does the TLS handshake "

@@ -404,6 +404,8 @@ class Node:
                 key_pem=self.key_pem,
                 trust=self.trust,
                 on_refused=self.gate.refused_handshake,
+                max_pending=cfg.server.max_pending_handshakes,
+                max_pending_per_address=cfg.server.max_pending_handshakes_per_address,
             )
             if server.add_insecure_port(terminator.backend_address) == 0:
                 terminator.stop()

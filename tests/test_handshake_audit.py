@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -37,7 +38,7 @@ from gateway.errors import ConfigError
 from gateway.identity import identity_san_uris, node_dns_name
 from gateway.rpc.channel import ClientCredentials, open_channel
 from gateway.rpc.terminator import SOCKET_DIR_PREFIX
-from tests.cluster import Federation, InProcessNode, NodeProcess, write_config
+from tests.cluster import Federation, InProcessNode, NodeProcess, wait_for, write_config
 from yigong.v1 import query_pb2, query_pb2_grpc
 
 AUDIT_WAIT = 15.0  # the refusal is audited by the terminator's thread; poll for it
@@ -386,3 +387,61 @@ def test_socket_folder_of_a_killed_node_is_swept_by_the_next_start(
     finally:
         node.stop()
     assert not own.exists()  # a clean stop removes its own
+
+
+def test_idle_sockets_of_one_address_cannot_take_every_handshake_slot(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """A peer that opens TCP connections and never starts TLS holds a handshake slot each
+    until the handshake timeout: at most server.max_pending_handshakes_per_address of
+    them; the next one from that address is closed at once, and a client from another
+    address still gets in."""
+    config = write_config(federation, tmp_path, "factory-1", "factory")
+    text = config.read_text()
+    config.write_text(
+        text.replace(
+            'listen = "127.0.0.1:0"',
+            'listen = "127.0.0.1:0"\nmax_pending_handshakes_per_address = 3',
+            1,
+        )
+    )
+    assert load_config(config).server.max_pending_handshakes_per_address == 3
+    node = InProcessNode(config)
+    idle: list[socket.socket] = []
+    try:
+        terminator = node.node._terminator
+        assert terminator is not None
+        for _ in range(3):
+            idle.append(
+                socket.create_connection(
+                    ("127.0.0.1", node.port), timeout=10, source_address=("127.0.0.2", 0)
+                )
+            )
+        wait_for(lambda: terminator.pending_handshakes() == 3, 15, what="3 pending handshakes")
+        with socket.create_connection(
+            ("127.0.0.1", node.port), timeout=10, source_address=("127.0.0.2", 0)
+        ) as extra:
+            assert extra.recv(1) == b""  # closed by the node before any TLS
+        assert terminator.pending_handshakes() == 3
+        creds = federation.creds(federation.person("hs-slots", "engineer", "factory-1"))
+        with open_channel(node.address, creds, peer_node_id="factory-1") as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        assert status.status == health_pb2.HealthCheckResponse.SERVING  # from 127.0.0.1
+    finally:
+        for sock in idle:
+            sock.close()
+        node.stop()
+
+
+def test_handshake_caps_must_be_positive(federation: Federation, tmp_path: Path) -> None:
+    config = write_config(federation, tmp_path, "factory-1", "factory")
+    config.write_text(
+        config.read_text().replace(
+            'listen = "127.0.0.1:0"', 'listen = "127.0.0.1:0"\nmax_pending_handshakes = 0', 1
+        )
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert "server.max_pending_handshakes must be at least 1, not 0" in str(err.value)

@@ -160,6 +160,9 @@ class _Handshake:
 
 
 SOCKET_DIR_PREFIX = "yigong-grpc-"
+MAX_PENDING_HANDSHAKES = 256  # connections in their TLS handshake, in all
+MAX_PENDING_PER_ADDRESS = 16  # ... and from one client address
+DROP_LOG_SECONDS = 10.0
 
 
 def sweep_stale_socket_dirs(parent: Path) -> int:
@@ -200,11 +203,21 @@ class TlsTerminator:
         trust: TrustStore,
         on_refused: Callable[[HandshakeRefusal], None],
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_pending: int = MAX_PENDING_HANDSHAKES,
+        max_pending_per_address: int = MAX_PENDING_PER_ADDRESS,
     ) -> None:
         self.listen = listen
         self.trust = trust
         self.on_refused = on_refused
         self.handshake_timeout = handshake_timeout
+        # Connections still in their TLS handshake, in all and per client address: a
+        # peer that opens sockets and sends nothing holds one each until the handshake
+        # timeout; beyond these caps a new connection is closed at once.
+        self.max_pending = max_pending
+        self.max_pending_per_address = max_pending_per_address
+        self._pending: dict[str, int] = {}
+        self._dropped = 0
+        self._dropped_logged = 0.0
         self._ctx = self._context(cert_pem, key_pem)
         self._callers: dict[str, Caller] = {}
         self._lock = threading.Lock()
@@ -293,9 +306,53 @@ class TlsTerminator:
                 time.sleep(0.1)  # e.g. out of file descriptors: do not spin
                 continue
             remote = _peer_string(addr)
+            host = str(addr[0]).removeprefix("::ffff:")
+            if not self._admit(host):
+                with contextlib.suppress(OSError):
+                    sock.close()
+                continue
             threading.Thread(
-                target=self._serve, args=(sock, remote), name=f"tls {remote}", daemon=True
+                target=self._serve, args=(sock, remote, host), name=f"tls {remote}", daemon=True
             ).start()
+
+    def _admit(self, host: str) -> bool:
+        """Count a new connection from ``host`` as pending its handshake, unless that
+        exceeds ``max_pending`` or ``max_pending_per_address``. Dropped connections are
+        logged at most every DROP_LOG_SECONDS (not audited one by one: a flood of them
+        must not become a flood of audit writes)."""
+        with self._lock:
+            if (
+                sum(self._pending.values()) < self.max_pending
+                and self._pending.get(host, 0) < self.max_pending_per_address
+            ):
+                self._pending[host] = self._pending.get(host, 0) + 1
+                return True
+            self._dropped += 1
+            now = time.monotonic()
+            if now - self._dropped_logged < DROP_LOG_SECONDS:
+                return False
+            self._dropped_logged, dropped, self._dropped = now, self._dropped, 0
+        log.warning(
+            "closed %d connection(s) before their TLS handshake: too many handshakes pending "
+            "(at most %d in all, %d per address; latest from %s)",
+            dropped,
+            self.max_pending,
+            self.max_pending_per_address,
+            host,
+        )
+        return False
+
+    def _handshake_over(self, host: str) -> None:
+        with self._lock:
+            left = self._pending.get(host, 0) - 1
+            if left > 0:
+                self._pending[host] = left
+            else:
+                self._pending.pop(host, None)
+
+    def pending_handshakes(self) -> int:
+        with self._lock:
+            return sum(self._pending.values())
 
     def _track(self, sock: socket.socket, on: bool) -> None:
         with self._lock:
@@ -305,10 +362,13 @@ class TlsTerminator:
                 self._open.discard(sock)
                 self._drained.notify_all()
 
-    def _serve(self, client: socket.socket, remote: str) -> None:
+    def _serve(self, client: socket.socket, remote: str, host: str) -> None:
         self._track(client, True)
         try:
-            conn = self._handshake(client, remote)
+            try:
+                conn = self._handshake(client, remote)
+            finally:
+                self._handshake_over(host)
             if conn is not None:
                 self._forward(client, conn, remote)
         except Exception:
