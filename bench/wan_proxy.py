@@ -4,7 +4,9 @@
         [--delay-ms 20] [--mbit 100] [--ready-file PATH]
 
 Every connection accepted on ``--listen`` is forwarded to ``--target``. Each
-direction is its own link: a byte is put on the wire when the link is free (a token
+direction is one link **shared by every connection** (as on a real WAN line: four TCP
+streams share its 100 Mbit/s, they do not get 100 each): a byte is put on the wire when
+the link is free (a token
 bucket of ``--mbit`` Mbit/s, counting TCP payload bytes, holding at most two reads
 of 64 KiB, so timer wake-ups a little late do not cost link time) and arrives
 ``--delay-ms`` later (one-way; 20 ms each way = 40 ms round trip). The reader waits
@@ -39,18 +41,32 @@ def link_bytes_per_s(mbit: float) -> float:
     return mbit * 1e6 / 8
 
 
+class Link:
+    """One direction of the WAN line, shared by all connections through the proxy."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.free_at = 0.0  # when the link has finished sending what it took so far
+        self.burst = BURST_READS * READ_BYTES / rate
+
+    def take(self, now: float, nbytes: int) -> float:
+        """Put ``nbytes`` on the line; when their last byte has left. An idle link saves
+        up at most BURST_READS reads' worth, so a wake-up a little late (timer
+        granularity) does not lose link time."""
+        self.free_at = max(now - self.burst, self.free_at) + nbytes / self.rate
+        return self.free_at
+
+
 async def _pump(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     delay: float,
-    rate: float,
+    link: Link,
 ) -> None:
-    """One direction of one connection: paced by ``rate`` bytes/s, delayed by
-    ``delay`` seconds; closes the write side when the read side ends."""
+    """One direction of one connection over ``link``, delayed by ``delay`` seconds;
+    closes the write side when the read side ends."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-    free_at = 0.0  # when the link has finished sending what it took so far
-    burst = BURST_READS * READ_BYTES / rate
 
     async def deliver() -> None:
         while True:
@@ -72,11 +88,9 @@ async def _pump(
             data = await reader.read(READ_BYTES)
             now = loop.time()
             if not data:
-                queue.put_nowait((max(now, free_at) + delay, b""))
+                queue.put_nowait((max(now, link.free_at) + delay, b""))
                 break
-            # token bucket: an idle link saves up at most BURST_READS reads' worth, so
-            # a wake-up a little late (timer granularity) does not lose link time
-            free_at = max(now - burst, free_at) + len(data) / rate
+            free_at = link.take(now, len(data))
             queue.put_nowait((free_at + delay, data))
             busy = free_at - loop.time()
             if busy > 0:
@@ -96,7 +110,7 @@ async def _handle(
     client_w: asyncio.StreamWriter,
     target: tuple[str, int],
     delay: float,
-    rate: float,
+    links: tuple[Link, Link],
 ) -> None:
     try:
         server_r, server_w = await asyncio.open_connection(*target)
@@ -106,8 +120,8 @@ async def _handle(
         return
     try:
         await asyncio.gather(
-            _pump(client_r, server_w, delay, rate),
-            _pump(server_r, client_w, delay, rate),
+            _pump(client_r, server_w, delay, links[0]),
+            _pump(server_r, client_w, delay, links[1]),
             return_exceptions=True,
         )
     finally:
@@ -131,8 +145,9 @@ async def serve(
     ready_file: Path | None,
 ) -> None:
     delay, rate = delay_ms / 1000, link_bytes_per_s(mbit)
+    links = (Link(rate), Link(rate))  # client -> target, target -> client: one line each
     server = await asyncio.start_server(
-        lambda r, w: _handle(r, w, target, delay, rate), listen[0], listen[1]
+        lambda r, w: _handle(r, w, target, delay, links), listen[0], listen[1]
     )
     port = server.sockets[0].getsockname()[1]
     if ready_file is not None:

@@ -91,7 +91,7 @@ class TransferSection:
     max_bytes_per_second: int = 0
     max_object_bytes: int = 64 * 1024**3
     connect_timeout_seconds: float = 10.0
-    workers: int = 2
+    workers: int = 8  # parallel outbound transfers: hides round trips on a WAN
     inbound_expiry_seconds: float = 24 * 3600.0
     max_open_inbound_per_peer: int = 64
     max_spooled_bytes_per_peer: int = 128 * 1024**3

@@ -104,6 +104,52 @@ def test_wan_proxy_forwards_every_byte_both_ways_and_adds_the_round_trip(
     assert seconds >= 0.040  # there and back: 2 x 20 ms at the very least
 
 
+def test_wan_proxy_connections_share_one_link(tmp_path: Path) -> None:
+    """Four streams at once share the link's rate, as on a real line (they do not get a
+    bucket each): 4 x 1 MiB over 40 Mbit/s takes at least the 4 MiB's wire time."""
+    payloads = [os.urandom(1024 * 1024) for _ in range(4)]
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    got: list[bytes] = []
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            hasher = hashlib.sha256()
+            while data := conn.recv(65536):
+                hasher.update(data)
+            got.append(hasher.digest())
+
+    def accept() -> None:
+        for _ in payloads:
+            conn, _ = server.accept()
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+
+    def send(proxy_port: int, data: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", proxy_port), timeout=60) as conn:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)  # the far end closes after reading everything
+
+    try:
+        with ProxyProcess(f"127.0.0.1:{server.getsockname()[1]}", tmp_path / "p", 1.0, 40.0) as p:
+            began = time.perf_counter()
+            senders = [threading.Thread(target=send, args=(p.port, d)) for d in payloads]
+            for t in senders:
+                t.start()
+            for t in senders:
+                t.join(60)
+            seconds = time.perf_counter() - began
+    finally:
+        server.close()
+    assert sorted(got) == sorted(hashlib.sha256(d).digest() for d in payloads)
+    wire = 4 * 1024 * 1024 / (40e6 / 8)  # 0.84 s for 4 MiB at 40 Mbit/s
+    assert seconds >= wire - 0.1  # one shared burst allowance; a bucket each: ~0.2 s
+
+
 def test_wan_proxy_rejects_a_bad_target_with_a_clear_message() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.wan_proxy", "--target", "nowhere"],
