@@ -7,6 +7,7 @@ and runs them all and prints one table (see bench/README.md).
 
 from __future__ import annotations
 
+import argparse
 import operator
 import threading
 from dataclasses import asdict, dataclass, field
@@ -84,6 +85,14 @@ class BenchOptions:
     hospital store, submit spool, factory spool and store)."""
 
 
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark command shares: where results and work go."""
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--workdir", type=Path, help="parent of the work directory (system temp)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+
+
 class Started:
     """Something a benchmark starts and must stop: ``with`` calls :meth:`start` (and
     :meth:`stop` if starting fails half-way), and :meth:`stop` on leaving."""
@@ -106,6 +115,28 @@ class Started:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class NodePair(Started):
+    """A hospital and a factory node process a benchmark started (``NodeProcess`` from
+    tests/cluster.py, or None before start): their pids and the ends of their logs."""
+
+    hospital: Any
+    factory: Any
+
+    def pids(self) -> dict[str, int]:
+        out = {}
+        for name, proc in (("hospital", self.hospital), ("factory", self.factory)):
+            if proc is not None and proc.proc is not None:
+                out[name] = proc.proc.pid
+        return out
+
+    def logs_tail(self) -> str:
+        parts = []
+        for proc in (self.hospital, self.factory):
+            if proc is not None and proc.log_path.exists():
+                parts.append(f"--- {proc.log_path} ---\n{proc.log_path.read_text()[-3000:]}")
+        return "\n".join(parts)
 
 
 class Poller(Started):

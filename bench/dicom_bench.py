@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import BenchOptions, Metric, MiB, Started, Target
+from bench import BenchOptions, Metric, MiB, Started, Target, add_report_options
 from gateway.config import DicomSection
 from gateway.hashing import sha256_hex
 from hospital_node.deid import Deidentifier
@@ -1128,10 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reps", type=int, help="timed rounds (5; de-identification at least 3)")
     p.add_argument("--no-ingest", action="store_true", help="de-identification only")
     p.add_argument("--no-deid", action="store_true", help="ingest only")
-    p.add_argument("--json", type=Path, help="also write the results as JSON here")
-    p.add_argument("--workdir", type=Path, help="parent of the work directory (system temp)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    add_report_options(p)
     p = sub.add_parser("profile-deid", help="cProfile of our de-identification")
     p.add_argument("--slices", type=int, default=50)
     p.add_argument("--rows", type=int, default=512)

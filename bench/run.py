@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 import bench
-from bench import BenchOptions, Metric, MiB
+from bench import BenchOptions, Metric, MiB, add_report_options
 from gateway.hashing import MAX_CHUNK_BYTES
 
 QUICK_NOTE = ", QUICK (figures meaningless)"
@@ -104,10 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchOptions, argparse.Names
         "--chunk-bytes", type=int, default=MiB, help="transfer chunk size, bytes (1 MiB)"
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a harness check only")
-    p.add_argument("--json", type=Path, help="also write the results as JSON here")
-    p.add_argument("--workdir", type=Path, help="parent of the work directory (system temp)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    add_report_options(p)
     args = p.parse_args(argv)
     sizes = (
         QUICK if args.quick else {"size_mb": args.size_mb, "rss_gb": args.rss_gb, "reps": args.reps}

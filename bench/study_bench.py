@@ -57,7 +57,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import BenchOptions, Metric, MiB, Started, Target
+from bench import BenchOptions, Metric, MiB, NodePair, Started, Target, add_report_options
 from bench.dicom_bench import (
     AE_TITLE,
     CALLING_AE,
@@ -228,7 +228,7 @@ class GatewayStudyResult:
         return self.last_completed - self.first_begun
 
 
-class GatewayStudy(Started):
+class GatewayStudy(NodePair):
     """A factory and a hospital node (``yigong serve``); with ``proxy`` the hospital
     reaches the factory through :mod:`bench.wan_proxy`."""
 
@@ -282,20 +282,6 @@ class GatewayStudy(Started):
                 proc.stop()
         if self.proxy is not None:
             self.proxy.stop()
-
-    def pids(self) -> dict[str, int]:
-        out = {}
-        for name, proc in (("hospital", self.hospital), ("factory", self.factory)):
-            if proc is not None and proc.proc is not None:
-                out[name] = proc.proc.pid
-        return out
-
-    def logs_tail(self) -> str:
-        parts = []
-        for proc in (self.hospital, self.factory):
-            if proc is not None and proc.log_path.exists():
-                parts.append(f"--- {proc.log_path} ---\n{proc.log_path.read_text()[-3000:]}")
-        return "\n".join(parts)
 
     def _client(self, node: NodeProcess, node_id: str, who: Any) -> NodeClient:
         return NodeClient(node.address, self.fed.creds(who), node_id=node_id)
@@ -800,10 +786,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--probe-mib", type=int, help="WAN proxy probe stream, MiB (64)")
     p.add_argument("--no-orthanc", action="store_true", help="gateway side only")
     p.add_argument("--no-wan", action="store_true", help="skip the WAN run")
-    p.add_argument("--json", type=Path, help="also write the results as JSON here")
-    p.add_argument("--workdir", type=Path, help="parent of the work directory (system temp)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    add_report_options(p)
     args = parser.parse_args(argv)
     for name in ("slices", "rows", "cols", "rss_rows", "rss_cols", "probe_mib"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

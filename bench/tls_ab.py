@@ -37,7 +37,7 @@ class ModePair(GatewayPair):
             text = original(**kwargs)  # type: ignore[arg-type]
             return text.replace("\n[server]\n", f'\n[server]\ntls_terminator = "{self.mode}"\n')
 
-        cluster.render_config = render  # type: ignore[assignment]
+        cluster.render_config = render
         try:
             super().start()
         finally:

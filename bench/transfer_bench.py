@@ -59,7 +59,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import BenchOptions, Metric, MiB, Poller, Started, Target
+from bench import BenchOptions, Metric, MiB, NodePair, Poller, Started, Target
 from gateway.audit import AuditEvent, AuditLog
 from gateway.client import NodeClient
 from gateway.hashing import hash_chunks, hash_file, iter_file_chunks
@@ -395,7 +395,7 @@ def node_extra_config(chunk_bytes: int) -> str:
     )
 
 
-class GatewayPair(Started):
+class GatewayPair(NodePair):
     """A factory node and a hospital node that knows it, as ``yigong serve`` processes."""
 
     def __init__(self, fed: Federation, workdir: Path, chunk_bytes: int) -> None:
@@ -442,20 +442,6 @@ class GatewayPair(Started):
         for proc in (self.hospital, self.factory):
             if proc is not None:
                 proc.stop()
-
-    def pids(self) -> dict[str, int]:
-        out = {}
-        for name, proc in (("hospital", self.hospital), ("factory", self.factory)):
-            if proc is not None and proc.proc is not None:
-                out[name] = proc.proc.pid
-        return out
-
-    def logs_tail(self) -> str:
-        parts = []
-        for proc in (self.hospital, self.factory):
-            if proc is not None and proc.log_path.exists():
-                parts.append(f"--- {proc.log_path} ---\n{proc.log_path.read_text()[-3000:]}")
-        return "\n".join(parts)
 
     def submit(self, path: Path) -> tuple[str, str, float]:
         """Submit ``path`` to the hospital for the factory: (transfer id, object id, seconds)."""

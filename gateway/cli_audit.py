@@ -291,27 +291,10 @@ def _witness_summary(cfg: NodeConfig, peer: str, held: list[Witnessed]) -> str:
     )
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    if not args.with_peers:
-        with Reporter.for_args(args) as reporter:
-            task = reporter.task("verify audit log", unit="entries")
-            report = verify_log(
-                cfg.audit.path,
-                cfg.node.id,
-                verify_signature=_verifier(cfg),
-                progress=lambda done, total: task.update(done, total),
-            )
-            task.update(report.entries, report.entries)
-            task.done("ok" if report.ok else "FAILED")
-        if args.json:
-            print(json.dumps(report.__dict__, sort_keys=True))
-        else:
-            print(_verdict(cfg, report))
-        return 0 if report.ok else 1
-    peers = args.peer or [p.id for p in cfg.peers]
-    found, failed = _witnessed(cfg, peers)
-    extra = [w.checkpoint for held in found.values() for w in held]
+def _verify_showing_progress(
+    args: argparse.Namespace, cfg: NodeConfig, extra: list[Checkpoint]
+) -> VerifyReport:
+    """verify_log with a progress bar (or plain lines) on stderr; --quiet: none."""
     with Reporter.for_args(args) as reporter:
         task = reporter.task("verify audit log", unit="entries")
         report = verify_log(
@@ -323,6 +306,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
         task.update(report.entries, report.entries)
         task.done("ok" if report.ok else "FAILED")
+    return report
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if not args.with_peers:
+        report = _verify_showing_progress(args, cfg, [])
+        if args.json:
+            print(json.dumps(report.__dict__, sort_keys=True))
+        else:
+            print(_verdict(cfg, report))
+        return 0 if report.ok else 1
+    peers = args.peer or [p.id for p in cfg.peers]
+    found, failed = _witnessed(cfg, peers)
+    extra = [w.checkpoint for held in found.values() for w in held]
+    report = _verify_showing_progress(args, cfg, extra)
     newest = max((c.seq for c in extra), default=0)
     incomplete = [f"{peer}: {why}" for peer, why in failed.items()]
     if not peers:

@@ -231,7 +231,7 @@ class Node:
             max_mesh_triangles=cfg.design.max_mesh_triangles,
         )
         self.outbox.design_facts = self.design_facts
-        self.exchange.validate_design = self._validate_design
+        self.exchange.validate_design = self.check_design_file
         self.receiver.facts_hook = case_facts_hook(self.cases, self._receipt_facts)
         self.gate = Gatekeeper(self.trust, NodeSelf(node_id, cfg.node.role), self.audit)
         self._server: grpc.Server | None = None
@@ -273,7 +273,9 @@ class Node:
             return self.design_facts(announce.media_type, store, announce.object_id)
         return self.hooks.receipt_facts(announce, store)
 
-    def _validate_design(self, path: Path, media_type: str, name: str) -> None:
+    def check_design_file(self, path: Path, media_type: str, name: str) -> None:
+        """The format check of a design file under this node's `[design]` limits
+        (raises ValidationError naming the file and what is wrong)."""
         d = self.cfg.design
         validate_design_file(
             path,

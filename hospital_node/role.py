@@ -18,13 +18,11 @@ import logging
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import authz
 from gateway.audit import QUERY
 from gateway.errors import ConfigError, ValidationError, YigongError
-from gateway.fidelity.formats import validate_design_file
 from gateway.roles import RoleHooks
 from hospital_node.deid import Deidentifier
 from hospital_node.design_export import DesignExporter, ExportResult
@@ -161,7 +159,7 @@ class HospitalRole(RoleHooks):
                 max_archive_members=cfg.outbound.max_archive_members,
                 max_archive_depth=cfg.outbound.max_archive_depth,
             ),
-            format_check=self._format_check,
+            format_check=node.check_design_file,
         )
         self.guard = OutgoingGuard(self.vault, self.release_records, self.outbound)
         node.exchange.alert_on_type_refusal = True  # a mis-declared upload: security alert
@@ -206,16 +204,6 @@ class HospitalRole(RoleHooks):
             if not instance.duplicate:
                 return instance.object_id
         return ""
-
-    def _format_check(self, path: Path, media_type: str, name: str) -> None:
-        d = self.node.cfg.design
-        validate_design_file(
-            path,
-            media_type,
-            name=name,
-            max_mesh_bytes=d.max_mesh_bytes,
-            max_mesh_triangles=d.max_mesh_triangles,
-        )
 
     def check_receipt(
         self, obj: ObjectRecord, facts: Mapping[str, str], store: ObjectStore

@@ -477,12 +477,7 @@ class TlsTerminator:
             backend.connect(str(self._dir / "grpc.sock"))
         except OSError as exc:
             log.error("cannot reach the node's gRPC server at %s: %s", self.backend_address, exc)
-            with self._lock:
-                self._callers.pop(key, None)
-                self._open.discard(backend)
-                self._drained.notify_all()
-            backend.close()
-            path.unlink(missing_ok=True)
+            self._release_backend(key, backend, path)
             return
         with contextlib.suppress(OSError):
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -493,12 +488,17 @@ class TlsTerminator:
             pipe.up()
             down.join()
         finally:
-            with self._lock:
-                self._callers.pop(key, None)
-                self._open.discard(backend)
-                self._drained.notify_all()
-            backend.close()
-            path.unlink(missing_ok=True)
+            self._release_backend(key, backend, path)
+
+    def _release_backend(self, key: str, backend: socket.socket, path: Path) -> None:
+        """Forget the caller of a forwarded connection, then close its internal socket
+        (in that order: no other connection can then be taken for this caller)."""
+        with self._lock:
+            self._callers.pop(key, None)
+            self._open.discard(backend)
+            self._drained.notify_all()
+        backend.close()
+        path.unlink(missing_ok=True)
 
 
 class _Pipe:
