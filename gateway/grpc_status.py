@@ -128,8 +128,9 @@ def tls_hint(details: str) -> str | None:
     return None
 
 
-def error_from_rpc(exc: grpc.RpcError, target: str) -> e.YigongError:
-    """Translate a client-side RPC failure against ``target`` into a YigongError."""
+def error_from_rpc(exc: grpc.RpcError, target: str, call: str = "") -> e.YigongError:
+    """Translate a client-side RPC failure of ``call`` (a name like ``"Offer"``, or "")
+    against ``target`` into a YigongError. Call sites use :mod:`gateway.rpc.call`."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     hint = tls_hint(details) if code == grpc.StatusCode.UNAVAILABLE else None
@@ -137,8 +138,9 @@ def error_from_rpc(exc: grpc.RpcError, target: str) -> e.YigongError:
         return e.AuthenticationError(f"{target}: {hint} ({details})")
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return e.ValidationError(
-            f"{target} does not offer this call ({details}): it is a node of another role "
-            "(hospital/factory) or of an older version"
+            f"{target} does not offer {call or 'this call'} ({details}): it is a node of "
+            "another role (hospital/factory) or of an older version"
         )
     cls = _ERRORS.get(code, e.YigongError)
-    return cls(f"{target} answered {code.name}: {details}")
+    to = f" to {call}" if call else ""
+    return cls(f"{target} answered {code.name}{to}: {details}")
