@@ -8,11 +8,9 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import grpc
-
 from gateway.cli_node import _dict, _t, _table, add_connection_options, connect
 from gateway.client import NodeClient
-from gateway.grpc_status import error_from_rpc
+from gateway.rpc.call import rpc_call
 from yigong.v1 import factory_pb2, factory_pb2_grpc
 
 R = TypeVar("R")
@@ -37,10 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _call(client: NodeClient, fn: Callable[..., R], request: Any) -> R:
-    try:
-        return fn(request, timeout=client.timeout)
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc, client.target) from exc
+    return rpc_call(fn, request, target=client.target, timeout=client.timeout)
 
 
 def _verdict(study: factory_pb2.FactoryStudy) -> str:

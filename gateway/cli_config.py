@@ -33,6 +33,7 @@ from gateway.cli_connect import Target, check_credentials, probe
 from gateway.config import NodeConfig, load_config
 from gateway.errors import YigongError
 from gateway.identity import identity_from_certificate
+from gateway.rpc.call import rpc_call
 from gateway.rpc.channel import ClientCredentials, open_channel
 
 EXPIRY_WARNING = timedelta(days=30)
@@ -197,14 +198,21 @@ def _peer(cfg: NodeConfig, peer_id: str, address: str, timeout: float) -> str:
         )
     creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
     channel = open_channel(address, creds, peer_node_id=peer_id)
-    try:
-        stub = health_pb2_grpc.HealthStub(channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-    except grpc.RpcError as exc:
-        raise YigongError(
-            f"{address}: health check failed ({exc.code().name}: {exc.details()}); the node "
+
+    def refused(code: grpc.StatusCode, details: str) -> YigongError:
+        return YigongError(
+            f"{address}: health check failed ({code.name}: {details}); the node "
             "may refuse this node's certificate (revoked, or another federation)"
-        ) from exc
+        )
+
+    try:
+        reply = rpc_call(
+            health_pb2_grpc.HealthStub(channel).Check,
+            health_pb2.HealthCheckRequest(),
+            target=f"node {peer_id} at {address}",
+            timeout=timeout,
+            translate=refused,
+        )
     finally:
         channel.close()
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -20,7 +20,6 @@ status is 0 only when every object was verified.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -33,7 +32,8 @@ import grpc
 from gateway.cli_progress import Reporter, Task, human_bytes
 from gateway.client import NodeClient
 from gateway.errors import IntegrityError, NotFound, ValidationError, YigongError
-from gateway.grpc_status import error_from_rpc
+from gateway.hashing import ChunkErrors, ChunkVerifier, hash_file, iter_file_chunks
+from gateway.rpc.call import rpc_call, rpc_stream
 from yigong.v1 import common_pb2, factory_pb2, factory_pb2_grpc, query_pb2
 
 HASH_BLOCK = 1024 * 1024
@@ -197,19 +197,21 @@ def _case_jobs(client: NodeClient, case_id: str, out: Path) -> list[tuple[str, P
 def _study_jobs(
     client: NodeClient, study_uid: str, case_id: str, out: Path
 ) -> list[tuple[str, Path, int]]:
-    stub = factory_pb2_grpc.FactoryStub(client.channel)
-    try:
-        study = stub.GetStudy(
-            factory_pb2.GetFactoryStudyRequest(study_uid=study_uid, case_id=case_id),
-            timeout=client.timeout,
+    def not_a_factory(code: grpc.StatusCode, details: str) -> YigongError | None:
+        if code != grpc.StatusCode.UNIMPLEMENTED:
+            return None
+        return ValidationError(
+            f"{client.target} is not a factory node; --study downloads a received "
+            "(de-identified) study from a factory node; use --case at a hospital"
         )
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-            raise ValidationError(
-                f"{client.target} is not a factory node; --study downloads a received "
-                "(de-identified) study from a factory node; use --case at a hospital"
-            ) from exc
-        raise error_from_rpc(exc, client.target) from exc
+
+    study = rpc_call(
+        factory_pb2_grpc.FactoryStub(client.channel).GetStudy,
+        factory_pb2.GetFactoryStudyRequest(study_uid=study_uid, case_id=case_id),
+        target=client.target,
+        timeout=client.timeout,
+        translate=not_a_factory,
+    )
     sizes = {
         o.object_id: int(o.size) for o in client.list_objects(case_id=study.case_id, limit=PAGE)
     }
@@ -293,64 +295,68 @@ def _stream(
     task: Task | None,
 ) -> int:
     """Stream the object from ``offset`` into ``part``; returns its size once verified."""
-    hasher = hashlib.sha256()
+    errors = _StreamErrors(client.target, object_id, part, size)
+    verifier = ChunkVerifier(errors, offset=offset, skip_empty=True)
     if offset:
         with open(part, "rb") as fh:
-            while block := fh.read(HASH_BLOCK):
-                hasher.update(block)
+            verifier.resume(iter_file_chunks(fh, HASH_BLOCK))
         if task is not None:
             task.update(offset)
-    position = offset
-    expected_sha, expected_size = "", -1
-    try:
-        stream = client.query.ReadObject(
-            query_pb2.ReadObjectRequest(object_id=object_id, offset=offset)
-        )
-        with open(part, "r+b" if offset else "wb") as fh:
-            fh.seek(offset)
-            fh.truncate()
-            for msg in stream:
-                if msg.object_sha256:
-                    expected_sha, expected_size = msg.object_sha256, msg.object_size
-                    if task is not None:
-                        task.update(task.completed, expected_size)
-                data = msg.chunk.data
-                if data and (
-                    msg.chunk.offset != position
-                    or hashlib.sha256(data).digest() != msg.chunk.sha256
-                ):
-                    part.unlink(missing_ok=True)
-                    raise IntegrityError(
-                        f"{client.target}: chunk at offset {msg.chunk.offset} of object "
-                        f"{object_id} does not match its SHA-256 or position {position}"
-                    )
-                hasher.update(data)
-                fh.write(data)
-                position += len(data)
+    stream = rpc_stream(
+        client.query.ReadObject,
+        query_pb2.ReadObjectRequest(object_id=object_id, offset=offset),
+        target=client.target,
+    )
+    with open(part, "r+b" if offset else "wb") as fh:
+        fh.seek(offset)
+        fh.truncate()
+        for msg in stream:
+            if msg.object_sha256:
+                errors.expected_sha, errors.expected_size = msg.object_sha256, msg.object_size
                 if task is not None:
-                    task.advance(len(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc, client.target) from exc
-    digest = hasher.hexdigest()
-    if (
-        digest != object_id
-        or (size >= 0 and position != size)
-        or (expected_sha and expected_sha != digest)
-        or (expected_size >= 0 and expected_size != position)
-    ):
-        part.unlink(missing_ok=True)
-        raise IntegrityError(
-            f"{client.target}: object {object_id} arrived with SHA-256 {digest} and "
-            f"{position} bytes; expected {object_id} and {max(size, expected_size)} bytes"
-        )
+                    task.update(task.completed, errors.expected_size)
+            data = msg.chunk.data
+            verifier.check(msg.chunk.offset, data, msg.chunk.sha256)
+            fh.write(data)
+            if task is not None:
+                task.advance(len(data))
+        fh.flush()
+        os.fsync(fh.fileno())
+    expected_sha, expected_size = errors.expected_sha, errors.expected_size
+    _, position = verifier.finish(
+        sha256=[object_id, *([expected_sha] if expected_sha else [])],
+        size=[n for n in (size, expected_size) if n >= 0],
+    )
     return position
 
 
+class _StreamErrors(ChunkErrors):
+    """A download's chunk errors (the partial file is discarded with them: its bytes
+    are not what the node holds, so a resume would not help)."""
+
+    def __init__(self, target: str, object_id: str, part: Path, size: int) -> None:
+        super().__init__(f"{target}: object {object_id}")
+        self.target, self.object_id, self.part, self.size = target, object_id, part, size
+        self.expected_sha, self.expected_size = "", -1  # what the stream's header says
+
+    def bad_offset(self, offset: int, expected: int) -> YigongError:
+        return self.bad_chunk(offset, expected)
+
+    def bad_chunk(self, offset: int, expected: int) -> YigongError:
+        self.part.unlink(missing_ok=True)
+        return IntegrityError(
+            f"{self.target}: chunk at offset {offset} of object {self.object_id} does not "
+            f"match its SHA-256 or position {expected}"
+        )
+
+    def bad_whole(self, digest: str, size: int) -> YigongError:
+        self.part.unlink(missing_ok=True)
+        return IntegrityError(
+            f"{self.target}: object {self.object_id} arrived with SHA-256 {digest} and "
+            f"{size} bytes; expected {self.object_id} and "
+            f"{max(self.size, self.expected_size)} bytes"
+        )
+
+
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(path, HASH_BLOCK)[0]

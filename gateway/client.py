@@ -7,16 +7,20 @@ engineering tools: everything here is plain calls on stubs generated from
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
-import grpc
-
-from gateway.errors import IntegrityError, ValidationError
-from gateway.grpc_status import error_from_rpc
-from gateway.hashing import DEFAULT_CHUNK_BYTES, iter_file_chunks
+from gateway.errors import IntegrityError, ValidationError, YigongError
+from gateway.hashing import (
+    DEFAULT_CHUNK_BYTES,
+    ChunkErrors,
+    ChunkProducer,
+    ChunkVerifier,
+    iter_file_chunks,
+)
+from gateway.rpc.call import rpc_call, rpc_stream
 from gateway.rpc.channel import ClientCredentials, open_channel
 from yigong.v1 import (
     common_pb2,
@@ -25,6 +29,8 @@ from yigong.v1 import (
     query_pb2,
     query_pb2_grpc,
 )
+
+R = TypeVar("R")
 
 
 class NodeClient:
@@ -54,11 +60,9 @@ class NodeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, fn, request, **kw):  # type: ignore[no-untyped-def]
-        try:
-            return fn(request, timeout=self.timeout, **kw)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target) from exc
+    def _call(self, fn: Callable[..., R], request: Any, **kw: Any) -> R:
+        """``fn(request)`` with this client's deadline; errors name this node and the call."""
+        return rpc_call(fn, request, target=self.target, timeout=self.timeout, **kw)
 
     def submit(
         self,
@@ -90,22 +94,13 @@ class NodeClient:
                     size=size,
                 )
             )
-            offset = 0
             with open(path, "rb") as fh:
-                for data in iter_file_chunks(fh, chunk_bytes):
-                    yield exchange_pb2.SubmitMessage(
-                        chunk=common_pb2.Chunk(
-                            offset=offset, data=data, sha256=hashlib.sha256(data).digest()
-                        )
-                    )
-                    offset += len(data)
+                for chunk in ChunkProducer(iter_file_chunks(fh, chunk_bytes), make=_pb_chunk):
+                    yield exchange_pb2.SubmitMessage(chunk=chunk)
                     if progress is not None:
-                        progress(len(data))
+                        progress(len(chunk.data))
 
-        try:
-            return self.exchange.Submit(messages(), timeout=None)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target) from exc
+        return rpc_call(self.exchange.Submit, messages(), target=self.target, timeout=None)
 
     def list_objects(self, **filters: str | int) -> list[common_pb2.ObjectInfo]:
         req = query_pb2.ListObjectsRequest(
@@ -143,35 +138,54 @@ class NodeClient:
                 f"{dest} is a directory: give the file to write, e.g. -o {dest / object_id[:16]}"
             )
         tmp = dest.with_name(f".{dest.name}.part")
-        hasher = hashlib.sha256()
-        size = 0
+        errors = _DownloadErrors(self.target, object_id)
+        verifier = ChunkVerifier(errors, skip_empty=True)
         expected_sha, expected_size = "", -1
         try:
-            stream = self.query.ReadObject(query_pb2.ReadObjectRequest(object_id=object_id))
+            stream = rpc_stream(
+                self.query.ReadObject,
+                query_pb2.ReadObjectRequest(object_id=object_id),
+                target=self.target,
+            )
             with open(tmp, "wb") as fh:
                 for msg in stream:
                     if msg.object_sha256:
-                        expected_sha, expected_size = msg.object_sha256, msg.object_size
-                    data = msg.chunk.data
-                    if data and hashlib.sha256(data).digest() != msg.chunk.sha256:
-                        raise IntegrityError(
-                            f"{self.target}: chunk at offset {msg.chunk.offset} of object "
-                            f"{object_id} does not match its SHA-256"
-                        )
-                    hasher.update(data)
-                    size += len(data)
-                    fh.write(data)
+                        errors.expected_sha = expected_sha = msg.object_sha256
+                        errors.expected_size = expected_size = msg.object_size
+                    verifier.check(msg.chunk.offset, msg.chunk.data, msg.chunk.sha256)
+                    fh.write(msg.chunk.data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            digest = hasher.hexdigest()
-            if digest != expected_sha or size != expected_size or digest != object_id:
-                raise IntegrityError(
-                    f"{self.target}: object {object_id} arrived with SHA-256 {digest} and "
-                    f"{size} bytes; expected {expected_sha} and {expected_size}"
-                )
+            digest, size = verifier.finish(sha256=(expected_sha, object_id), size=(expected_size,))
             os.replace(tmp, dest)
             return digest, size
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target) from exc
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _pb_chunk(offset: int, data: bytes, sha256: bytes) -> common_pb2.Chunk:
+    return common_pb2.Chunk(offset=offset, data=data, sha256=sha256)
+
+
+class _DownloadErrors(ChunkErrors):
+    """A download's chunk errors, naming the node and the object."""
+
+    def __init__(self, target: str, object_id: str) -> None:
+        super().__init__(f"{target}: object {object_id}")
+        self.target, self.object_id = target, object_id
+        self.expected_sha, self.expected_size = "", -1  # what the stream's header says
+
+    def bad_offset(self, offset: int, expected: int) -> YigongError:
+        return self.bad_chunk(offset, expected)
+
+    def bad_chunk(self, offset: int, expected: int) -> YigongError:
+        return IntegrityError(
+            f"{self.target}: chunk at offset {offset} of object {self.object_id} does not "
+            "match its SHA-256"
+        )
+
+    def bad_whole(self, digest: str, size: int) -> YigongError:
+        return IntegrityError(
+            f"{self.target}: object {self.object_id} arrived with SHA-256 {digest} and "
+            f"{size} bytes; expected {self.expected_sha} and {self.expected_size}"
+        )

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -35,8 +34,8 @@ from gateway.demo import (
 )
 from gateway.demo_data import FICTITIOUS_NAME, FICTITIOUS_STRINGS, clean_pdf, ct_series
 from gateway.errors import TransferError, YigongError
-from gateway.grpc_status import error_from_rpc
 from gateway.hashing import sha256_hex
+from gateway.rpc.call import rpc_call
 from gateway.transfer.receipts import verify_receipt
 from yigong.v1 import (
     common_pb2,
@@ -74,10 +73,7 @@ def run_story(demo: Demo) -> bool:
 
 
 def _rpc(call: Callable[..., T], request: Any, target: str, timeout: float = 60.0) -> T:
-    try:
-        return call(request, timeout=timeout)
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc, target) from exc
+    return rpc_call(call, request, target=target, timeout=timeout)
 
 
 def _wait(what: str, probe: Callable[[], T | None], timeout: float = WAIT_TIMEOUT) -> T:

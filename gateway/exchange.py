@@ -12,7 +12,6 @@ checked before any byte is accepted.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import uuid
@@ -28,9 +27,11 @@ from gateway.errors import (
     IntegrityError,
     OutboundRefused,
     ValidationError,
+    YigongError,
 )
 from gateway.fidelity.formats import is_design_media_type
 from gateway.fidelity.sniff import resolve_media_type
+from gateway.hashing import ChunkErrors, ChunkVerifier
 from gateway.identity import Identity
 from gateway.storage import ObjectStore
 from gateway.transfer.model import ChunkMsg, check_name
@@ -85,17 +86,7 @@ class Exchange:
                 )
         part = self.spool_dir / f"{uuid.uuid4().hex}.part"
         try:
-            digest, size = self._spool(part, chunks)
-            if sub.sha256 and sub.sha256 != digest:
-                raise IntegrityError(
-                    f"upload of {sub.name!r}: SHA-256 is {digest}, client announced "
-                    f"{sub.sha256}; nothing was stored"
-                )
-            if sub.size and sub.size != size:
-                raise IntegrityError(
-                    f"upload of {sub.name!r}: {size} bytes arrived, client announced "
-                    f"{sub.size}; nothing was stored"
-                )
+            digest, size = self._spool(part, sub, chunks)
             # the type the content shows when none was declared; a contradiction refused
             try:
                 resolved = resolve_media_type(part, sub.name, sub.media_type)
@@ -161,25 +152,49 @@ class Exchange:
             },
         )
 
-    def _spool(self, part: Path, chunks: Iterator[ChunkMsg]) -> tuple[str, int]:
-        hasher = hashlib.sha256()
-        size = 0
+    def _spool(self, part: Path, sub: Submission, chunks: Iterator[ChunkMsg]) -> tuple[str, int]:
+        """Write the verified upload to ``part``: (SHA-256, size), both checked against
+        what the client announced (if it did)."""
+        verifier = ChunkVerifier(
+            _UploadErrors(sub), max_total=self.max_object_bytes, require_sha256=False
+        )
         # 0600 like every spool file; O_EXCL: the name is fresh, never an existing file
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
-                if chunk.offset != size:
-                    raise ValidationError(f"upload chunk at offset {chunk.offset}, expected {size}")
-                if chunk.sha256 and hashlib.sha256(chunk.data).digest() != chunk.sha256:
-                    raise IntegrityError(
-                        f"upload chunk at offset {chunk.offset} does not match its SHA-256; "
-                        "nothing was stored"
-                    )
-                size += len(chunk.data)
-                if size > self.max_object_bytes:
-                    raise ValidationError(
-                        f"upload exceeds transfer.max_object_bytes ({self.max_object_bytes})"
-                    )
-                hasher.update(chunk.data)
+                verifier.check(chunk.offset, chunk.data, chunk.sha256)
                 fh.write(chunk.data)
-        return hasher.hexdigest(), size
+        return verifier.finish(
+            sha256=[sub.sha256] if sub.sha256 else (), size=[sub.size] if sub.size else ()
+        )
+
+
+class _UploadErrors(ChunkErrors):
+    """An upload's chunk errors, worded as they always were (nothing is stored)."""
+
+    def __init__(self, sub: Submission) -> None:
+        super().__init__("upload")
+        self.sub = sub
+
+    def bad_offset(self, offset: int, expected: int) -> YigongError:
+        return ValidationError(f"upload chunk at offset {offset}, expected {expected}")
+
+    def too_large(self, limit: int) -> YigongError:
+        return ValidationError(f"upload exceeds transfer.max_object_bytes ({limit})")
+
+    def bad_chunk(self, offset: int, expected: int) -> YigongError:
+        return IntegrityError(
+            f"upload chunk at offset {offset} does not match its SHA-256; nothing was stored"
+        )
+
+    def bad_whole(self, digest: str, size: int) -> YigongError:
+        sub = self.sub
+        if sub.sha256 and sub.sha256 != digest:
+            return IntegrityError(
+                f"upload of {sub.name!r}: SHA-256 is {digest}, client announced "
+                f"{sub.sha256}; nothing was stored"
+            )
+        return IntegrityError(
+            f"upload of {sub.name!r}: {size} bytes arrived, client announced "
+            f"{sub.size}; nothing was stored"
+        )

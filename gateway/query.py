@@ -7,13 +7,13 @@ answered later.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, ObjectRecord, TransferRecord
 from gateway.errors import NotFound, ValidationError
+from gateway.hashing import ChunkProducer
 from gateway.identity import Identity
 from gateway.storage import ObjectStore
 from gateway.transfer.model import ChunkMsg, check_object_id
@@ -128,10 +128,8 @@ class QueryService:
         )
 
         def chunks() -> Iterator[ChunkMsg]:
-            position = offset
-            for data in self.store.open_read(object_id, offset, self.chunk_bytes):
-                yield ChunkMsg(position, data, hashlib.sha256(data).digest())
-                position += len(data)
+            with self.store.open_read(object_id, offset, self.chunk_bytes) as blocks:
+                yield from ChunkProducer(blocks, offset=offset, make=ChunkMsg)
 
         return obj, chunks()
 

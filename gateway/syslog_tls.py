@@ -37,6 +37,7 @@ from typing import Final
 
 from gateway import atna, audit
 from gateway.audit import AuditEvent, AuditLog, canonical_json
+from gateway.backoff import Backoff
 from gateway.errors import AuditError
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ class SyslogTLSSender:
 
     def _drain(self, backoff_initial: float = 0.5, backoff_max: float = 30.0) -> None:
         frame: bytes | None = None
-        backoff = backoff_initial
+        backoff, failures = Backoff(backoff_initial, backoff_max), 0
         while True:
             if frame is None:
                 try:
@@ -293,13 +294,14 @@ class SyslogTLSSender:
                     continue
             try:
                 self._write(frame)
-                frame, backoff = None, backoff_initial
+                frame, failures = None, 0
             except AuditError as exc:
-                log.warning("%s; %d queued, retry in %.1f s", exc, self.pending + 1, backoff)
-                if self._closing.wait(backoff):
+                failures += 1
+                delay = backoff.delay(failures)
+                log.warning("%s; %d queued, retry in %.1f s", exc, self.pending + 1, delay)
+                if self._closing.wait(delay):
                     self._count_drop("closed while the collector was unreachable", 1 + self.pending)
                     return
-                backoff = min(backoff * 2, backoff_max)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the background thread (after it empties the queue, up to ``timeout``)."""
@@ -514,6 +516,7 @@ class AtnaForwarder:
 
     def _loop(self) -> None:
         failures = 0
+        backoff = Backoff(self.poll_seconds, max(self.poll_seconds, self.max_backoff_seconds))
         while not self._stop.is_set():
             delay = self.poll_seconds
             try:
@@ -523,9 +526,7 @@ class AtnaForwarder:
                 failures = 0
             except AuditError as exc:
                 failures += 1
-                delay = min(
-                    self.poll_seconds * 2 ** min(failures - 1, 16), self.max_backoff_seconds
-                )
+                delay = min(backoff.delay(failures), self.max_backoff_seconds)
                 if failures == 1 or failures % 10 == 0:
                     log.warning(
                         "ATNA forwarding failed %d time(s): %s; events wait in the audit log "

@@ -25,11 +25,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import grpc
-
 from gateway.cli_node import _dict, _t, _table, add_connection_options, connect
 from gateway.client import NodeClient
-from gateway.grpc_status import error_from_rpc
+from gateway.rpc.call import rpc_call
 from yigong.v1 import hospital_pb2, hospital_pb2_grpc
 
 CONFIRM_TIMEOUT_SECONDS = 900.0
@@ -87,10 +85,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _rpc(client: NodeClient, call: Callable[..., R], request: Any, timeout: float = 0) -> R:
-    try:
-        return call(request, timeout=timeout or client.timeout)
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc, client.target) from exc
+    return rpc_call(call, request, target=client.target, timeout=timeout or client.timeout)
 
 
 def _stub(client: NodeClient) -> hospital_pb2_grpc.HospitalStub:

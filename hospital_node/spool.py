@@ -47,6 +47,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from gateway.backoff import Backoff
 from gateway.catalog import utcnow
 from gateway.errors import NotReady, StorageError, ValidationError, YigongError
 from gateway.fidelity.dicom import PixelHasher
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".dcm"
 RETRY_FIRST, RETRY_MAX = 0.2, 5.0
+RETRY = Backoff(RETRY_FIRST, RETRY_MAX)
+"""The filer's wait after a failed batch: 0.2 s, doubling, at most 5 s."""
 """Seconds between attempts to file an instance while filing fails (doubling)."""
 BATCH_MAX = 64
 """Most instances filed in one audit and one catalog transaction."""
@@ -312,11 +315,11 @@ class DicomSpool:
                     last = True
                 else:
                     batch.append(item)
-            delay, retry = RETRY_FIRST, False
-            while not self._file(batch, retry):
-                if self._stop.wait(delay):
+            failures = 0
+            while not self._file(batch, failures > 0):
+                failures += 1
+                if self._stop.wait(RETRY.delay(failures)):
                     return
-                delay, retry = min(delay * 2, RETRY_MAX), True
             if last:
                 return
 

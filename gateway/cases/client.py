@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
-
 from gateway.cases.signing import PersonSigner
 from gateway.client import NodeClient
-from gateway.grpc_status import error_from_rpc
+from gateway.rpc.call import rpc_call
 from yigong.v1 import case_pb2, case_pb2_grpc
 
 
@@ -20,10 +18,7 @@ class CaseClient:
         self.stub = case_pb2_grpc.CaseStub(node.channel)
 
     def _call(self, fn: Any, request: Any) -> Any:
-        try:
-            return fn(request, timeout=self.node.timeout)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.node.target) from exc
+        return rpc_call(fn, request, target=self.node.target, timeout=self.node.timeout)
 
     def create(self, case_id: str, manufacturer: str) -> case_pb2.CaseView:
         request = case_pb2.CreateCaseRequest(case_id=case_id, manufacturer=manufacturer)

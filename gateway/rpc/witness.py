@@ -15,8 +15,8 @@ from gateway.audit import Checkpoint
 from gateway.audit_witness import Witnessed, WitnessStore
 from gateway.authz import principal_of
 from gateway.errors import ValidationError
-from gateway.grpc_status import error_from_rpc
 from gateway.rpc.auth import Gatekeeper, wire_errors
+from gateway.rpc.call import rpc_call
 from gateway.rpc.channel import ClientCredentials, open_channel
 from yigong.v1 import audit_pb2, audit_pb2_grpc
 
@@ -90,10 +90,8 @@ class GrpcWitnessLink:
 
     def witness(self, checkpoints: Sequence[Checkpoint], timeout: float) -> int:
         request = audit_pb2.WitnessRequest(checkpoints=[checkpoint_to_pb(c) for c in checkpoints])
-        try:
-            return int(self._stub.Witness(request, timeout=timeout).newest_seq)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target) from exc
+        reply = rpc_call(self._stub.Witness, request, target=self.target, timeout=timeout)
+        return int(reply.newest_seq)
 
     def witnessed(self, node_id: str, timeout: float = 30.0) -> list[Witnessed]:
         """Every checkpoint of ``node_id`` the peer holds, oldest first."""
@@ -101,10 +99,9 @@ class GrpcWitnessLink:
         after = 0
         while True:
             request = audit_pb2.GetWitnessedRequest(node_id=node_id, after_seq=after, limit=10_000)
-            try:
-                page = self._stub.GetWitnessed(request, timeout=timeout).checkpoints
-            except grpc.RpcError as exc:
-                raise error_from_rpc(exc, self.target) from exc
+            page = rpc_call(
+                self._stub.GetWitnessed, request, target=self.target, timeout=timeout
+            ).checkpoints
             source = f"witnessed by {self.peer_id}"
             out += [
                 Witnessed(
