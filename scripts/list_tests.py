@@ -27,7 +27,6 @@ FEATURES: list[tuple[str, list[str]]] = [
     ),
     ("Failure and recovery", ["test_resilience.py"]),
     ("Hostile peer on the transfer path", ["test_transfer_hostile.py"]),
-    ("One home: chunk streams, client RPC calls, retry delays", ["test_one_home.py"]),
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
     ("Node process, configuration, catalog", ["test_node.py"]),
     ("Command line and demo", ["test_cli.py", "test_cli_usability.py", "test_demo.py"]),
@@ -58,6 +57,7 @@ FEATURES: list[tuple[str, list[str]]] = [
     ("Series geometry and suitability (factory)", ["test_fidelity_series.py", "test_factory.py"]),
     ("Case workflow: signed records and stage gates", ["test_cases.py", "test_record_binding.py"]),
     ("Case records from the command line: schema, templates, hashes", ["test_case_cli.py"]),
+    ("One home: chunk streams, client RPC calls, retry delays", ["test_one_home.py"]),
     (
         "Design files, mesh fidelity, Encapsulated STL export",
         ["test_design_files.py", "test_stl_export.py", "test_design_export.py"],

@@ -47,6 +47,13 @@ PACKAGES = ("gateway", "hospital_node", "factory_node")
 # -- where the code lives ------------------------------------------------------------------
 
 PENDING_A = "helper A converts gateway/transfer/ (and its peer link) to the one API (#15.4)"
+PENDING: dict[str, str] = {
+    # file, or folder ending in "/" -> why it is exempt from all three scans for now.
+    # Once converted, delete the row (gateway/transfer/manifest.py then needs a row in
+    # SHA256_ALLOWED: its Merkle tree hashes manifest entries, not object bytes).
+    "gateway/transfer/": PENDING_A,
+    "gateway/rpc/peer_link.py": PENDING_A,
+}
 
 SHA256_ALLOWED: dict[str, str] = {
     # file -> why it may call hashlib.sha256 itself (never on a chunk: see CHUNK_NAMES)
@@ -54,28 +61,30 @@ SHA256_ALLOWED: dict[str, str] = {
     "gateway/server.py": "fingerprint of the node's config file (audit), not object bytes",
     "gateway/transfer/readback.py": "whole-object SHA-256 of spool bytes re-read from disk",
     "gateway/transfer/receiver.py": "digest of a file name for the audit (names may be PHI)",
-    "gateway/transfer/outbox.py": PENDING_A,
     "hospital_node/release.py": "digests of a recipient context, a confirmation body and a "
     "de-identified object held whole in memory",
     "hospital_node/outbound/identifiers.py": "fingerprint of the identifier pattern set",
 }
 CHUNK_SHA256_ALLOWED: dict[str, str] = {
-    # file -> why it may still hash a chunk inline
+    # file -> why it may hash a chunk inline
     "gateway/hashing.py": "the one chunk producer and verifier",
-    "gateway/transfer/outbox.py": PENDING_A,
-    "gateway/transfer/receiver.py": PENDING_A,
 }
 CHUNK_NAMES = {"data", "chunk", "block", "blk", "buf", "piece"}
 """An argument named so (or ``x.data``) is a chunk of an object being streamed."""
 
 RPC_ERROR_ALLOWED: dict[str, str] = {
     "gateway/rpc/call.py": "the one RPC-call wrapper",
-    "gateway/rpc/peer_link.py": PENDING_A,
 }
 BACKOFF_ALLOWED: dict[str, str] = {
     "gateway/backoff.py": "the one backoff",
-    "gateway/transfer/outbox.py": PENDING_A,
 }
+
+
+def _allowed(rel: str, table: dict[str, str]) -> bool:
+    """``rel`` is listed in ``table`` or in PENDING (a key ending in "/" is a folder)."""
+    return any(
+        rel == key or (key.endswith("/") and rel.startswith(key)) for key in (*table, *PENDING)
+    )
 
 
 def _sources() -> Iterator[tuple[str, ast.Module]]:
@@ -122,12 +131,13 @@ def test_no_sha256_of_object_bytes_outside_the_one_hasher() -> None:
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and _is_sha256(node.func)):
                 continue
-            if node.args and _names_a_chunk(node.args[0]) and rel not in CHUNK_SHA256_ALLOWED:
+            chunk = bool(node.args) and _names_a_chunk(node.args[0])
+            if chunk and not _allowed(rel, CHUNK_SHA256_ALLOWED):
                 found.append(
                     f"{rel}:{node.lineno}: SHA-256 of a chunk ({ast.unparse(node)}): produce "
                     "chunks with gateway.hashing.ChunkProducer and check them with ChunkVerifier"
                 )
-            elif rel not in SHA256_ALLOWED:
+            elif not _allowed(rel, SHA256_ALLOWED):
                 found.append(
                     f"{rel}:{node.lineno}: {ast.unparse(node)}: use gateway.hashing (sha256_hex, "
                     "sha256_bytes, StreamHasher, hash_file), or list the file with its reason "
@@ -141,7 +151,7 @@ def test_no_grpc_error_caught_outside_the_one_rpc_wrapper() -> None:
     through rpc_call / rpc_stream / rpc_errors, so every failure names peer and call."""
     found = []
     for rel, tree in _sources():
-        if rel in RPC_ERROR_ALLOWED:
+        if _allowed(rel, RPC_ERROR_ALLOWED):
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.ExceptHandler) and node.type is not None:
@@ -190,7 +200,7 @@ def test_no_backoff_loop_of_its_own() -> None:
     every retry loop asks gateway.backoff.Backoff for its delay."""
     found = []
     for rel, tree in _sources():
-        if rel in BACKOFF_ALLOWED:
+        if _allowed(rel, BACKOFF_ALLOWED):
             continue
         for node in ast.walk(tree):
             what = _doubling(node)
@@ -203,9 +213,9 @@ def test_no_backoff_loop_of_its_own() -> None:
 
 
 def test_every_listed_exception_names_an_existing_file() -> None:
-    """The allowance lists name files that exist (a moved file must be listed anew)."""
-    lists = (SHA256_ALLOWED, CHUNK_SHA256_ALLOWED, RPC_ERROR_ALLOWED, BACKOFF_ALLOWED)
-    missing = sorted({f for allowed in lists for f in allowed if not (ROOT / f).is_file()})
+    """The allowance lists name files (or folders) that exist: a moved file is listed anew."""
+    lists = (PENDING, SHA256_ALLOWED, CHUNK_SHA256_ALLOWED, RPC_ERROR_ALLOWED, BACKOFF_ALLOWED)
+    missing = sorted({f for allowed in lists for f in allowed if not (ROOT / f).exists()})
     assert not missing, f"allowances for files that do not exist: {missing}"
 
 
