@@ -39,7 +39,6 @@ from gateway.fidelity.dicom_raw import (
     VALUE_SIZES,
     VRS,
     elements,
-    raw_element,
     read_file_meta,
 )
 
@@ -59,6 +58,9 @@ These definitions are shared with the full checks in :mod:`hospital_node.ingest`
 
 _ALLOWED = {t: frozenset((*str(dictionary_VR(t)).split(" or "), "UN")) for t in CHECKED_VR_TAGS}
 _NOT_HERE = (0xFFFE, 0xFFFF)
+_SIZES = VALUE_SIZES
+_UID_MATCH = UID_BYTES.fullmatch
+_CONTROL_SEARCH = CONTROL.search
 
 
 class _Unusual(Exception):
@@ -120,8 +122,13 @@ def _check(
                 _check(data, item_start, item_stop, depth + 1, item_undefined, None)
             if length == UNDEFINED_LENGTH:
                 stop -= 8  # the value is the items, without the Sequence Delimitation Item
-        elif not _value_ok(vr, data, start, stop):
-            raise _Unusual
+        else:  # _value_ok, inlined (once per element of every instance received)
+            if length % _SIZES.get(vr, 1):
+                raise _Unusual
+            if vr == "UI" and not _UID_MATCH(data, start, stop):
+                raise _Unusual
+            if vr in TEXT_VRS and _CONTROL_SEARCH(data[start:stop].rstrip(b"\x00")):
+                raise _Unusual
         if top is not None:
-            raw = raw_element(tag, vr, data[start:stop], start)
-            top[raw.tag] = raw
+            btag = BaseTag(tag)
+            top[btag] = RawDataElement(btag, vr, stop - start, data[start:stop], start, False, True)

@@ -72,6 +72,7 @@ _TAG = struct.Struct("<HH")
 _ITEM_HEADER = struct.Struct("<HHI")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+_VR_GET = VR_BYTES.get
 
 Item = tuple[int, int, bool]
 """(start, end, undefined length) of an item's data set; for an undefined-length item
@@ -85,10 +86,12 @@ length the value end is after the Sequence Delimitation Item."""
 # -- headers ------------------------------------------------------------------------------
 def implicit_vr(tag: int, length: int) -> str:
     """The VR pydicom gives an Implicit VR element: the dictionary's (the first of "US or
-    SS" and the like), ``UL`` for a group length, ``UN`` when unknown — and ``SQ`` for an
-    unknown element of undefined length."""
+    SS" and the like), ``UL`` for a group length, ``LO`` for a private creator, ``UN``
+    when unknown — and ``SQ`` for an unknown element of undefined length."""
     if tag & 0xFFFF == 0:
         return "UL"
+    if tag >> 16 & 1 and 0x10 <= tag & 0xFFFF <= 0xFF:
+        return "LO"
     try:
         vr = str(dictionary_VR(tag)).split(" or ")[0]
     except KeyError:
@@ -205,7 +208,22 @@ def data_set_end(
 def _element(
     data: bytes, pos: int, end: int, depth: int, even: bool, implicit: bool, encapsulated: bool
 ) -> Element:
-    tag, vr, length, start = element_header(data, pos, end, implicit)
+    if implicit:
+        tag, vr, length, start = element_header(data, pos, end, True)
+    else:  # element_header inlined: this is once per element of every instance received
+        if pos + 8 > end:
+            raise ValueError("truncated element header")
+        group, elem = _TAG.unpack_from(data, pos)
+        tag = group << 16 | elem
+        vr = _VR_GET(data[pos + 4 : pos + 6])  # type: ignore[assignment]
+        if vr is None:
+            raise ValueError("unknown VR (or a delimiter) in a data set")
+        if vr in LONG_VRS:
+            if pos + 12 > end:
+                raise ValueError("truncated element header")
+            length, start = _U32.unpack_from(data, pos + 8)[0], pos + 12
+        else:
+            length, start = _U16.unpack_from(data, pos + 6)[0], pos + 8
     if vr == "SQ":
         found, stop = sequence_items(
             data, start, length, end, depth + 1, even=even, implicit=implicit,
