@@ -26,6 +26,11 @@ Descriptors, applied recursively to every sequence item.
 
 The key must never leave the hospital node: with the key and a pseudonym anybody can
 undo the date shift.
+
+This module is the entry point (:class:`Deidentifier`) and the pydicom path; the
+transform it shares with the byte path of :mod:`.fast` (UID mapping, date shift, each
+treatment, the finishing attributes, the checks) lives in :mod:`.transform`, whose
+names stay importable from here.
 """
 
 from __future__ import annotations
