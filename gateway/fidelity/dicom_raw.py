@@ -172,10 +172,35 @@ def elements(
     ``even``: odd value and item lengths are errors too. ``encapsulated``: an undefined
     length is allowed on pixel data (its items are the fragments). Raises ValueError."""
     previous = -1
+    tag_at, vr_of, u16_at, u32_at = _TAG.unpack_from, _VR_GET, _U16.unpack_from, _U32.unpack_from
     while pos < end:
         if undefined_item and at_item_delimiter(data, pos, end):
             return
-        element = _element(data, pos, end, depth, even, implicit, encapsulated)
+        if implicit:
+            element = _element(data, pos, end, depth, even, implicit, encapsulated)
+        else:  # _element's plain case inlined: this runs once per element received
+            if pos + 8 > end:
+                raise ValueError("truncated element header")
+            group, elem = tag_at(data, pos)
+            vr = vr_of(data[pos + 4 : pos + 6])
+            if vr is None:
+                raise ValueError("unknown VR (or a delimiter) in a data set")
+            if vr in LONG_VRS:
+                if vr == "SQ" or pos + 12 > end:
+                    element = _element(data, pos, end, depth, even, implicit, encapsulated)
+                else:
+                    length, start = u32_at(data, pos + 8)[0], pos + 12
+                    stop = start + length
+                    if length == UNDEFINED_LENGTH or stop > end or (even and length & 1):
+                        element = _element(data, pos, end, depth, even, implicit, encapsulated)
+                    else:
+                        element = (group << 16 | elem, vr, length, start, stop, None)
+            else:
+                length, start = u16_at(data, pos + 6)[0], pos + 8
+                stop = start + length
+                if stop > end or (even and length & 1):
+                    raise ValueError("odd or overrunning value length")
+                element = (group << 16 | elem, vr, length, start, stop, None)
         if element[0] <= previous:
             raise ValueError("tags not in ascending order")
         previous = element[0]
