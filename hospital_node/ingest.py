@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-import struct
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,19 +50,19 @@ from gateway.errors import (
     YigongError,
 )
 from gateway.fidelity.dicom import PIXEL_DATA_TAGS, geometry_hash, pixel_hash
-from gateway.fidelity.series import SliceGeometry, slice_geometry
-from gateway.hashing import sha256_hex
-from gateway.storage.base import ObjectStore
-from hospital_node.ingest_fast import (
-    CHECKED_VR_TAGS,
+from gateway.fidelity.dicom_raw import (
     CONTROL,
+    PREAMBLE,
     TEXT_VRS,
     UID_BYTES,
     VALUE_SIZES,
     VRS,
-    clean_elements,
-    meta_elements,
+    encode_file_meta,
 )
+from gateway.fidelity.series import SliceGeometry, slice_geometry
+from gateway.hashing import sha256_hex
+from gateway.storage.base import ObjectStore
+from hospital_node.ingest_fast import CHECKED_VR_TAGS, clean_elements, meta_elements
 from hospital_node.studies import InstanceRecord, StudyCatalog
 from hospital_node.study_identity import IdentitySource, StudyIdentities, identity_source
 
@@ -111,31 +110,13 @@ def _uid_ok(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.fullmatch(value))
 
 
-def _meta_element(group_elem: int, vr: bytes, value: bytes) -> bytes:
-    """One File Meta element, Explicit VR Little Endian (PS3.10 7.1)."""
-    tag = struct.pack("<HH", 0x0002, group_elem)
-    if vr in (b"OB",):
-        return tag + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
-    return tag + vr + struct.pack("<H", len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
-_META_VERSION = _meta_element(0x0001, b"OB", b"\x00\x01")
-_META_IMPLEMENTATION = _meta_element(
-    0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")
-) + _meta_element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" "))
-
-
 def wrap_dataset(
     dataset: bytes, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
 ) -> bytes:
     """The Part-10 object for ``dataset`` (bytes as received) — nothing of it re-encoded.
 
-    The File Meta group is encoded here directly (it is on every C-STORE's path);
+    The File Meta group is encoded directly (:func:`gateway.fidelity.dicom_raw.encode_file_meta`:
+    it is on every C-STORE's path);
     ``tests/test_dicom_ingest.py`` proves it byte-identical to pydicom's
     ``write_file_meta_info`` for the same values."""
     for what, uid in (
@@ -145,15 +126,14 @@ def wrap_dataset(
     ):
         if not _uid_ok(uid):
             raise UnreadableInstance(f"the request's {what} is not a valid UID")
-    body = b"".join((
-        _META_VERSION,
-        _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
-        _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
-        _meta_element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
-        _META_IMPLEMENTATION,
-    ))  # fmt: skip
-    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
-    return b"".join((b"\x00" * 128, b"DICM", group_length, body, dataset))
+    meta = encode_file_meta(
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax=transfer_syntax,
+        implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+    )
+    return b"".join((PREAMBLE, b"DICM", meta, dataset))
 
 
 def wrap_dataset_pydicom(

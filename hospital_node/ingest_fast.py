@@ -18,26 +18,35 @@ and delimiters where they belong, nesting at most 16 sequences deep, value lengt
 multiple of the VR's size, UI values of digits and dots (padded), text values
 without control bytes, and for the elements this node interprets the dictionary's
 VR (or UN).
+
+The walking itself (element and item headers, lengths, sequences, File Meta) and the
+VR table are :mod:`gateway.fidelity.dicom_raw`'s; this module adds ingest's policy.
 """
 
 from __future__ import annotations
 
-import re
 import struct
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import BaseTag
-from pydicom.valuerep import VR
 
-VRS = frozenset(v.value for v in VR if " or " not in v.value)
-"""Every VR an explicit-VR element may carry."""
-VALUE_SIZES = {"AT": 4, "FD": 8, "FL": 4, "OD": 8, "OF": 4, "OL": 4, "OV": 8, "OW": 2, "SL": 4,
-               "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8}  # fmt: skip
-"""A value of these VRs is a whole number of items of this many bytes."""
-TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UR UT".split())
-CONTROL = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")  # TAB LF FF CR ESC are allowed
-UID_BYTES = re.compile(rb"[0-9.]*[\x00 ]?")
+from gateway.fidelity.dicom_raw import (
+    CONTROL,
+    TEXT_VRS,
+    UID_BYTES,
+    UNDEFINED_LENGTH,
+    VALUE_SIZES,
+    VRS,
+    elements,
+    read_file_meta,
+)
+
+__all__ = [
+    "CHECKED_VR_TAGS", "CONTROL", "TEXT_VRS", "UID_BYTES", "VALUE_SIZES", "VRS",
+    "clean_elements", "meta_elements",
+]  # fmt: skip
+
 CHECKED_VR_TAGS: frozenset[int] = frozenset((
     0x00080016, 0x00080018, 0x0020000D, 0x0020000E,  # SOP Class/Instance, Study, Series UID
     0x00180050, 0x00181120, 0x00200013, 0x00200032, 0x00200037,  # thickness, tilt, geometry
@@ -47,17 +56,11 @@ CHECKED_VR_TAGS: frozenset[int] = frozenset((
 """Elements ingest interprets: in explicit VR their VR must be the dictionary's (or UN).
 These definitions are shared with the full checks in :mod:`hospital_node.ingest`."""
 
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_VRS = {vr.encode(): vr for vr in VRS}
-_SIZES = {vr.encode(): size for vr, size in VALUE_SIZES.items()}
-_TEXT = frozenset(vr.encode() for vr in TEXT_VRS)
 _ALLOWED = {t: frozenset((*str(dictionary_VR(t)).split(" or "), "UN")) for t in CHECKED_VR_TAGS}
-_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_UNDEFINED = 0xFFFFFFFF
-_MAX_DEPTH = 16
-_TAG = struct.Struct("<HH")
-_SHORT = struct.Struct("<H")
-_LONG = struct.Struct("<I")
+_NOT_HERE = (0xFFFE, 0xFFFF)
+_SIZES = VALUE_SIZES
+_UID_MATCH = UID_BYTES.fullmatch
+_CONTROL_SEARCH = CONTROL.search
 
 
 class _Unusual(Exception):
@@ -69,121 +72,63 @@ def clean_elements(data: bytes) -> dict[BaseTag, RawDataElement] | None:
     check; None when the full check must decide."""
     out: dict[BaseTag, RawDataElement] = {}
     try:
-        end = _walk(data, 0, len(data), 0, out)
-    except (_Unusual, struct.error, KeyError):
+        _check(data, 0, len(data), 0, False, out)
+    except (_Unusual, ValueError, struct.error, KeyError):
         return None
-    return out if end == len(data) else None
+    return out
 
 
 def meta_elements(part10: bytes) -> tuple[dict[BaseTag, RawDataElement], int] | None:
     """The File Meta elements (group 0002, Explicit VR Little Endian, right after
     ``DICM``) and where the data set starts; None when the full reading must decide.
     Checked as :func:`clean_elements` checks, sequences not allowed."""
-    out: dict[BaseTag, RawDataElement] = {}
     try:
-        pos = _walk(part10, 132, len(part10), 0, out, meta=True)
-    except (_Unusual, struct.error, KeyError):
+        meta, pos = read_file_meta(part10)
+        for raw in meta.values():
+            value = raw.value
+            assert isinstance(value, bytes)
+            if not _value_ok(str(raw.VR), value, 0, len(value)):
+                return None
+    except (ValueError, struct.error, KeyError):
         return None
-    return (out, pos) if out else None
+    return meta, pos
 
 
-def _walk(
-    data: bytes, pos: int, end: int, depth: int,
-    top: dict[BaseTag, RawDataElement] | None, *, meta: bool = False,
-) -> int:  # fmt: skip
-    """Check the elements in ``data[pos:end]``; inside an undefined-length item, stop
-    after its Item Delimitation Item (``end`` is then the parent's end). Top level
-    (``top`` given): collect the elements. ``meta``: the File Meta group (group 0002
-    only, no sequences), which ends at the first element of another group. Returns
-    where it stopped."""
-    lowest_group = 2 if meta else 8
-    previous = -1
-    while pos < end:
-        if pos + 8 > end:
+def _value_ok(vr: str, data: bytes, start: int, stop: int) -> bool:
+    """A whole number of the VR's items, a UID's bytes, text without control bytes."""
+    if (stop - start) % VALUE_SIZES.get(vr, 1):
+        return False
+    if vr == "UI" and not UID_BYTES.fullmatch(data, start, stop):
+        return False
+    return not (vr in TEXT_VRS and CONTROL.search(data[start:stop].rstrip(b"\x00")))
+
+
+def _check(
+    data: bytes, pos: int, end: int, depth: int, undefined: bool,
+    top: dict[BaseTag, RawDataElement] | None,
+) -> None:  # fmt: skip
+    """Check the data set in ``data[pos:end]`` (``undefined``: an undefined-length item,
+    ``end`` after its delimiter); top level (``top`` given): collect the elements."""
+    for tag, vr, length, start, stop, items in elements(
+        data, pos, end, undefined_item=undefined, depth=depth
+    ):
+        group = tag >> 16
+        if group in _NOT_HERE:
             raise _Unusual
-        group, element = _TAG.unpack_from(data, pos)
-        if meta and group != 2:
-            return pos
-        tag = group << 16 | element
-        if tag == _ITEM_END:
-            if top is not None or _LONG.unpack_from(data, pos + 4)[0] != 0:
-                raise _Unusual
-            return -(pos + 8)  # negative: stopped at a delimiter
-        if (
-            tag <= previous
-            or group in (0xFFFE, 0xFFFF)
-            or (top is not None and group < lowest_group)
-        ):
+        if top is not None and (group < 8 or (tag in _ALLOWED and vr not in _ALLOWED[tag])):
             raise _Unusual
-        previous = tag
-        vr = data[pos + 4 : pos + 6]
-        if vr in _LONG_VRS:
-            if pos + 12 > end:
+        if items is not None:  # a sequence
+            for item_start, item_stop, item_undefined in items:
+                _check(data, item_start, item_stop, depth + 1, item_undefined, None)
+            if length == UNDEFINED_LENGTH:
+                stop -= 8  # the value is the items, without the Sequence Delimitation Item
+        else:  # _value_ok, inlined (once per element of every instance received)
+            if length % _SIZES.get(vr, 1):
                 raise _Unusual
-            length = _LONG.unpack_from(data, pos + 8)[0]
-            start = pos + 12
-        else:
-            length = _SHORT.unpack_from(data, pos + 6)[0]
-            start = pos + 8
-        name = _VRS[vr]  # KeyError: unknown VR
-        if top is not None and tag in _ALLOWED and name not in _ALLOWED[tag]:
-            raise _Unusual
-        if vr == b"SQ":
-            if meta:
+            if vr == "UI" and not _UID_MATCH(data, start, stop):
                 raise _Unusual
-            stop, value_end = _sequence(data, start, end, length, depth + 1)
-        else:
-            if length == _UNDEFINED:
-                raise _Unusual
-            stop = value_end = start + length
-            if stop > end or length % _SIZES.get(vr, 1):
-                raise _Unusual
-            if vr == b"UI" and not UID_BYTES.fullmatch(data, start, stop):
-                raise _Unusual
-            if vr in _TEXT and CONTROL.search(data[start:stop].rstrip(b"\x00")):
+            if vr in TEXT_VRS and _CONTROL_SEARCH(data[start:stop].rstrip(b"\x00")):
                 raise _Unusual
         if top is not None:
             btag = BaseTag(tag)
-            top[btag] = RawDataElement(
-                btag, name, value_end - start, data[start:value_end], start, False, True
-            )
-        pos = stop
-    return pos
-
-
-def _sequence(data: bytes, start: int, end: int, length: int, depth: int) -> tuple[int, int]:
-    """Check a sequence's items; (where the element ends, where its items end)."""
-    if depth > _MAX_DEPTH:
-        raise _Unusual
-    limit = end if length == _UNDEFINED else start + length
-    if limit > end:
-        raise _Unusual
-    pos = start
-    while pos < limit:
-        if pos + 8 > limit:
-            raise _Unusual
-        group, element = _TAG.unpack_from(data, pos)
-        item_length = _LONG.unpack_from(data, pos + 4)[0]
-        tag = group << 16 | element
-        if tag == _SEQ_END and length == _UNDEFINED:
-            if item_length != 0:
-                raise _Unusual
-            return pos + 8, pos
-        if tag != _ITEM:
-            raise _Unusual
-        body = pos + 8
-        if item_length == _UNDEFINED:
-            stopped = _walk(data, body, limit, depth, None)
-            if stopped >= 0:  # ran to the end without an Item Delimitation Item
-                raise _Unusual
-            pos = -stopped
-        else:
-            if (
-                body + item_length > limit
-                or _walk(data, body, body + item_length, depth, None) != body + item_length
-            ):
-                raise _Unusual
-            pos = body + item_length
-    if length == _UNDEFINED:
-        raise _Unusual  # no Sequence Delimitation Item
-    return pos, pos
+            top[btag] = RawDataElement(btag, vr, stop - start, data[start:stop], start, False, True)

@@ -43,6 +43,7 @@ FEATURES: list[tuple[str, list[str]]] = [
             "test_dicom_malformed.py",
             "test_dicom_abuse.py",
             "test_ingest_fast.py",
+            "test_dicom_raw.py",
         ],
     ),
     (

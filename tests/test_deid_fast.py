@@ -33,6 +33,7 @@ from pydicom.uid import (
 from gateway.errors import IntegrityError, ValidationError
 from hospital_node.deid import BurnedInAnnotationHeld, Deidentifier, scan_for_identifiers
 from hospital_node.deid import engine as engine_module
+from hospital_node.deid import transform as transform_module
 from hospital_node.deid.engine import DeidRefused
 from hospital_node.deid.fast import FastPathUnsupported, deidentify_part10_fast
 from hospital_node.deid.profile import Action, TableRow, Treatment, default_profile, dictionary_vr
@@ -336,8 +337,8 @@ def test_bad_pseudonym_is_rejected_like_the_engine() -> None:
 def test_geometry_change_raises_integrity_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A transformation that touched geometry is refused, not produced."""
     data = to_part10(ct_slice(0, study=StudyInfo(), series=SeriesInfo()))
-    real = engine_module.clean_text
-    monkeypatch.setattr(engine_module, "clean_text", lambda v: real(v) + "9")
+    real = transform_module.clean_text  # the transform both paths share
+    monkeypatch.setattr(transform_module, "clean_text", lambda v: real(v) + "9")
     monkeypatch.setattr(
         "hospital_node.deid.profile.ConfidentialityProfile.treatment",
         _treat_slice_thickness_as_text,

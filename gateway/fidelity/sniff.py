@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from gateway.errors import ValidationError
+from gateway.fidelity.dicom_raw import VR_BYTES, element_header
 from gateway.fidelity.mesh import canonical_media_type
 
 OCTET_STREAM = "application/octet-stream"
@@ -80,10 +81,6 @@ _ALIASES = {
     "application/vnd.ms-package.3dmanufacturing-3dmodel+xml": "model/3mf",
 }
 
-_EXPLICIT_VRS = frozenset(
-    b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
-    b"UL UN UR US UT UV".split()
-)
 _DATASET_GROUPS = (0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028)
 
 
@@ -112,12 +109,13 @@ def looks_like_dicom(head: bytes) -> bool:
         return True
     if len(head) < 8:
         return False
-    group, element = struct.unpack("<HH", head[:4])
-    if group in _DATASET_GROUPS and head[4:6] in _EXPLICIT_VRS:
+    # the tag and the 4-byte length of an implicit VR element (the VR bytes looked at apart)
+    tag, _vr, length, _start = element_header(head, 0, len(head), implicit=True)
+    group, element = tag >> 16, tag & 0xFFFF
+    if group in _DATASET_GROUPS and head[4:6] in VR_BYTES:
         return True  # explicit VR little endian data set (or meta) without a preamble
     if group not in (0x0002, 0x0008) or element > 0x0100:
         return False
-    (length,) = struct.unpack("<I", head[4:8])  # implicit VR little endian
     return length < 0x400
 
 

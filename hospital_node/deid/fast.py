@@ -4,16 +4,22 @@ The engine parses the whole file with pydicom, walks it and writes it again; mos
 that time goes into parsing and re-encoding elements that are kept unchanged. This
 module walks the raw data set bytes element by element instead and asks the SAME
 decision function (``profile.treatment`` with the same in-clean propagation as
-``engine._Pass.walk``) for every element:
+:meth:`hospital_node.deid.transform.Pass.walk`) for every element:
 
 - KEEP elements are copied verbatim (pydicom also writes unparsed elements verbatim);
 - REMOVE elements (private groups included) are dropped;
 - sequences that are recursed into are rebuilt (defined lengths) from their walked items;
-- every other element is decoded with pydicom, changed by ``engine._Pass.apply`` (the
-  engine's own code: map_uid, date shift, clean_text, dummies, pseudonym, emptying,
-  well-formedness) and encoded again with pydicom's element writer;
-- the finishing attributes and the file meta come from ``Deidentifier._finish`` run on
-  a small data set, so they are exactly what the engine sets.
+- every other element is decoded with pydicom, changed by ``Pass.apply`` (the
+  engine's own code in :mod:`hospital_node.deid.transform`: map_uid, date shift,
+  clean_text, dummies, pseudonym, emptying, well-formedness) and encoded again with
+  pydicom's element writer;
+- the finishing attributes come from ``transform.finish_attributes`` run on a small
+  data set, so they are exactly what the engine sets; the file meta has the engine's
+  values, encoded by :func:`gateway.fidelity.dicom_raw.encode_file_meta`.
+
+The bytes are walked by :func:`gateway.fidelity.dicom_raw.elements` (element and item
+headers, lengths, sequences; odd lengths refused) and the File Meta group read by
+:func:`gateway.fidelity.dicom_raw.read_file_meta`.
 
 Anything the fast path does not fully understand raises :class:`FastPathUnsupported`
 and the caller falls back to the engine: another transfer syntax (only 1.2.840.10008.1.2.1
@@ -33,10 +39,8 @@ from __future__ import annotations
 
 import io
 import logging
-import struct
 import weakref
 from collections import Counter
-from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, default_encoding
@@ -54,35 +58,41 @@ from gateway.fidelity.dicom import (
     geometry_hash,
     pixel_hash,
 )
+from gateway.fidelity.dicom_raw import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    LONG_VRS,
+    PREAMBLE,
+    Item,
+    elements,
+    encode_file_meta,
+    encode_header,
+    encode_item,
+    raw_element,
+    read_file_meta,
+)
 from hospital_node.deid.profile import (
     RECURSE_TREATMENTS,
     Treatment,
     child_context,
     dictionary_vr,
 )
-
-if TYPE_CHECKING:
-    from hospital_node.deid.engine import Deidentifier, DeidResult, _Pass
+from hospital_node.deid.transform import (
+    IMPLEMENTATION_VERSION_NAME,
+    DeidResult,
+    Keys,
+    Pass,
+    burned_in_reason,
+    check_pseudonym,
+    check_unchanged,
+    finish_attributes,
+    hold_burned_in,
+    refused_sequence,
+)
 
 log = logging.getLogger(__name__)
 
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 SUPPORTED_TRANSFER_SYNTAXES = frozenset({EXPLICIT_VR_LITTLE_ENDIAN})
 
-_LONG_VRS = frozenset(
-    {"OB", "OW", "OF", "SQ", "UT", "UN", "UC", "UR", "OD", "OL", "OV", "SV", "UV"}
-)
-_SHORT_VRS = frozenset(
-    {
-        "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT",
-        "PN", "SH", "SL", "SS", "ST", "TM", "UI", "UL", "US",
-    }
-)  # fmt: skip
-_VR_BY_BYTES = {vr.encode("ascii"): vr for vr in _LONG_VRS | _SHORT_VRS}
-_UNDEFINED = 0xFFFFFFFF
-_ITEM = 0xFFFEE000
-_ITEM_DELIM = 0xFFFEE00D
-_SEQ_DELIM = 0xFFFEE0DD
 _CHARSET_TAG = 0x00080005
 _SOP_CLASS_TAG = 0x00080016
 _SOP_INSTANCE_TAG = 0x00080018
@@ -102,36 +112,16 @@ _RECORDED = (
     | frozenset(_BURNED_IN_TAGS)
     | {_CHARSET_TAG, _SOP_INSTANCE_TAG}
 )
-_ITEM_HEADER = struct.Struct("<HHI")
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_TAG = struct.Struct("<HH")
-_PREAMBLE = b"\x00" * 128
 
 
 class FastPathUnsupported(Exception):
     """The input is outside what the fast path handles; use the engine."""
 
 
-def _header(tag: int, vr: str, length: int) -> bytes:
-    head = _TAG.pack(tag >> 16, tag & 0xFFFF) + vr.encode("ascii")
-    if vr in _LONG_VRS:
-        return head + b"\x00\x00" + _U32.pack(length)
-    if length > 0xFFFF:
-        raise FastPathUnsupported("value too long for a 2-byte length")
-    return head + _U16.pack(length)
-
-
-def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:
-    return RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True, True, False)
-
-
 _CacheKey = tuple[str, tuple[str, ...], int, str, bytes, Treatment, int]
 _CacheValue = tuple[bytes, int, tuple[tuple[str, int], ...]]
 _CACHE_LIMIT = 4096
-_caches: weakref.WeakKeyDictionary[Deidentifier, dict[_CacheKey, _CacheValue]] = (
-    weakref.WeakKeyDictionary()
-)
+_caches: weakref.WeakKeyDictionary[Keys, dict[_CacheKey, _CacheValue]] = weakref.WeakKeyDictionary()
 """Per de-identifier: (pseudonym, encodings, tag, VR, raw value, treatment, in-clean) ->
 (encoded element, header length, count changes). The change of a value is a pure function
 of these (and of the de-identifier's key and options), so an instance repeating its
@@ -142,7 +132,7 @@ Bounded, in memory only, dropped with the de-identifier; values are never logged
 class _Walk:
     """One walk over the raw data set of one Explicit VR Little Endian file."""
 
-    def __init__(self, data: bytes, run: _Pass) -> None:
+    def __init__(self, data: bytes, run: Pass) -> None:
         self.data = data
         self.run = run
         self.profile = run.profile
@@ -155,113 +145,27 @@ class _Walk:
             cache = _caches[run.deid] = {}
         self.cache = cache
 
-    # -- structure ------------------------------------------------------------------
-    def element_header(self, pos: int, end: int) -> tuple[int, str, int, int]:
-        """(tag, VR, value length, value start) of the element at ``pos``."""
-        data = self.data
-        if pos + 8 > end:
-            raise FastPathUnsupported("truncated element header")
-        group, elem = _TAG.unpack_from(data, pos)
-        vr = _VR_BY_BYTES.get(data[pos + 4 : pos + 6])
-        if vr is None:
-            raise FastPathUnsupported("unknown VR or delimiter in data set")
-        if vr in _LONG_VRS:
-            if pos + 12 > end:
-                raise FastPathUnsupported("truncated element header")
-            return (group << 16) | elem, vr, _U32.unpack_from(data, pos + 8)[0], pos + 12
-        return (group << 16) | elem, vr, _U16.unpack_from(data, pos + 6)[0], pos + 8
-
-    def items(self, start: int, length: int, end: int) -> tuple[list[tuple[int, int, bool]], int]:
-        """Items of a sequence value at ``start``: ([(start, end, undefined)], end of value)."""
-        data = self.data
-        found: list[tuple[int, int, bool]] = []
-        limit = end if length == _UNDEFINED else start + length
-        if limit > end:
-            raise FastPathUnsupported("sequence overruns its container")
-        pos = start
-        while True:
-            if length != _UNDEFINED and pos == limit:
-                return found, pos
-            if pos + 8 > limit:
-                raise FastPathUnsupported("truncated item")
-            group, elem, ilen = _ITEM_HEADER.unpack_from(data, pos)
-            tag = (group << 16) | elem
-            if tag == _SEQ_DELIM and length == _UNDEFINED:
-                if ilen != 0:
-                    raise FastPathUnsupported("bad sequence delimiter")
-                return found, pos + 8
-            if tag != _ITEM:
-                raise FastPathUnsupported("unexpected tag in sequence")
-            if ilen == _UNDEFINED:
-                item_end = self.skip_dataset(pos + 8, limit, undefined=True)
-                found.append((pos + 8, item_end, True))
-                pos = item_end
-            else:
-                if ilen & 1 or pos + 8 + ilen > limit:
-                    raise FastPathUnsupported("bad item length")
-                found.append((pos + 8, pos + 8 + ilen, False))
-                pos += 8 + ilen
-
-    def at_item_delimiter(self, pos: int, end: int) -> bool:
-        """Whether an Item Delimitation Item (with its zero length) starts at ``pos``."""
-        if pos + 8 > end:
-            return False
-        group, elem, ilen = _ITEM_HEADER.unpack_from(self.data, pos)
-        if (group << 16) | elem != _ITEM_DELIM:
-            return False
-        if ilen != 0:
-            raise FastPathUnsupported("bad item delimiter")
-        return True
-
-    def skip_dataset(self, pos: int, end: int, *, undefined: bool) -> int:
-        """End of a data set (after its item delimiter when ``undefined``), structure only."""
-        while pos < end:
-            if undefined and self.at_item_delimiter(pos, end):
-                return pos + 8
-            tag, vr, length, vstart = self.element_header(pos, end)
-            pos = self.value_end(tag, vr, length, vstart, end)
-        if undefined:
-            raise FastPathUnsupported("item without delimiter")
-        if pos != end:
-            raise FastPathUnsupported("item length mismatch")
-        return pos
-
-    def value_end(self, tag: int, vr: str, length: int, vstart: int, end: int) -> int:
-        if length == _UNDEFINED:
-            if vr != "SQ":
-                raise FastPathUnsupported("undefined length outside a sequence")
-            return self.items(vstart, length, end)[1]
-        if length & 1 or vstart + length > end:
-            raise FastPathUnsupported("odd or overrunning length")
-        if vr == "SQ":
-            self.items(vstart, length, end)  # validate the structure
-        return vstart + length
-
     # -- de-identification -----------------------------------------------------------
     def dataset(
-        self, pos: int, end: int, *, in_clean: int, top: bool, undefined: bool = False
-    ) -> list[tuple[int, bytes]]:
-        """The de-identified elements (tag, encoding) of the data set in ``data[pos:end]``."""
+        self, pos: int, end: int, *, in_clean: int, top: bool, undefined: bool = False,
+        depth: int = 0,
+    ) -> list[tuple[int, bytes]]:  # fmt: skip
+        """The de-identified elements (tag, encoding) of the data set in ``data[pos:end]``
+        (``undefined``: an undefined-length item's, ending with its delimiter)."""
         data = self.data
         out: list[tuple[int, bytes]] = []
         profile = self.profile
         run = self.run
         counts = run.counts
-        last = -1
-        while pos < end:
-            if undefined and self.at_item_delimiter(pos, end):
-                return out
-            tag, vr, length, vstart = self.element_header(pos, end)
-            if tag <= last:
-                raise FastPathUnsupported("tags not in ascending order")
-            last = tag
-            vend = self.value_end(tag, vr, length, vstart, end)
+        for tag, vr, _length, vstart, vend, items in elements(
+            data, pos, end, undefined_item=undefined, depth=depth, even=True
+        ):
             decision_vr = dictionary_vr(tag) if vr == "UN" else vr
             treatment, _code = profile.treatment(tag, decision_vr, in_clean_sequence=in_clean)
             if treatment is Treatment.REMOVE:
                 counts["private" if (tag >> 16) & 1 else treatment.value] += 1
                 if top and tag in _RECORDED:
-                    self.source[tag] = _raw(tag, vr, data[vstart:vend])
+                    self.source[tag] = raw_element(tag, vr, data[vstart:vend])
                 pos = vend
                 continue
             if vr == "UN":
@@ -271,15 +175,15 @@ class _Walk:
             value: bytes | None = None
             if top and tag in _RECORDED:
                 value = data[vstart:vend]
-                self.source[tag] = _raw(tag, vr, value)
-            if vr == "SQ":
-                chunk = self.sequence(tag, treatment, length, vstart, end, in_clean)
+                self.source[tag] = raw_element(tag, vr, value)
+            if items is not None:  # a sequence
+                chunk = self.sequence(tag, treatment, items, in_clean, depth)
                 hdr = 12
             elif treatment is Treatment.KEEP:
                 chunk = data[pos:vend]
                 hdr = vstart - pos
                 if tag == _CHARSET_TAG:
-                    elem_cs = convert_raw_data_element(_raw(tag, vr, data[vstart:vend]))
+                    elem_cs = convert_raw_data_element(raw_element(tag, vr, data[vstart:vend]))
                     values = elem_cs.value
                     self.encodings = convert_encodings(values) if values else [default_encoding]
             else:
@@ -289,35 +193,31 @@ class _Walk:
                 # a kept value is the very bytes object recorded from the input (the
                 # chunk written is a copy of the same input range); others are re-read
                 kept = value is not None and treatment is Treatment.KEEP and vr != "SQ"
-                self.output[tag] = _raw(tag, vr, value if kept and value else chunk[hdr:])
+                self.output[tag] = raw_element(tag, vr, value if kept and value else chunk[hdr:])
             pos = vend
-        if undefined:
-            raise FastPathUnsupported("item without delimiter")
         return out
 
     def sequence(
-        self, tag: int, treatment: Treatment, length: int, vstart: int, end: int, in_clean: int
+        self, tag: int, treatment: Treatment, items: list[Item], in_clean: int, depth: int
     ) -> bytes:
         if treatment is Treatment.EMPTY:
             self.run.counts[treatment.value] += 1
-            return _header(tag, "SQ", 0)
+            return encode_header(tag, "SQ", 0)
         if treatment is Treatment.REFUSE:
-            found, _end = self.items(vstart, length, end)
-            if found and self.refused is None:
-                self.refused = (tag, len(found))  # raised where the engine raises it
-            return _header(tag, "SQ", 0)
+            if items and self.refused is None:
+                self.refused = (tag, len(items))  # raised where the engine raises it
+            return encode_header(tag, "SQ", 0)
         if treatment not in RECURSE_TREATMENTS:
             raise FastPathUnsupported("unexpected treatment of a sequence")
         clean = child_context(in_clean, treatment)
-        found, _end = self.items(vstart, length, end)
         parts: list[bytes] = []
-        for start, stop, undefined in found:
-            elements = self.dataset(start, stop, in_clean=clean, top=False, undefined=undefined)
-            body = b"".join(chunk for _tag, chunk in elements)
-            parts.append(_ITEM_HEADER.pack(0xFFFE, 0xE000, len(body)))
-            parts.append(body)
+        for start, stop, undefined in items:
+            walked = self.dataset(
+                start, stop, in_clean=clean, top=False, undefined=undefined, depth=depth + 1
+            )
+            parts.append(encode_item(b"".join(chunk for _tag, chunk in walked)))
         value = b"".join(parts)
-        return _header(tag, "SQ", len(value)) + value
+        return encode_header(tag, "SQ", len(value)) + value
 
     def changed(
         self, tag: int, vr: str, value: bytes, treatment: Treatment, in_clean: int
@@ -326,7 +226,7 @@ class _Walk:
         key = (self.run.pseudonym, tuple(self.encodings), tag, vr, value, treatment, in_clean)
         hit = self.cache.get(key)
         if hit is None:
-            elem = convert_raw_data_element(_raw(tag, vr, value), encoding=self.encodings)
+            elem = convert_raw_data_element(raw_element(tag, vr, value), encoding=self.encodings)
             before = Counter(self.run.counts)
             self.run.apply(elem, treatment, in_clean)
             delta = Counter(self.run.counts)
@@ -347,33 +247,16 @@ class _Walk:
         fp.is_implicit_VR = False
         write_data_element(fp, elem, self.encodings)
         chunk = fp.getvalue()
-        return chunk, (12 if elem.VR in _LONG_VRS else 8)
+        return chunk, (12 if elem.VR in LONG_VRS else 8)
 
 
 def _meta_elements(data: bytes) -> tuple[dict[int, RawDataElement], int]:
     """The raw file meta elements after "DICM" and the offset of the data set."""
-    if len(data) < 132 or data[128:132] != b"DICM":
-        raise FastPathUnsupported("no DICM prefix")
-    pos = 132
-    meta: dict[int, RawDataElement] = {}
-    end = len(data)
-    while pos + 8 <= end and _U16.unpack_from(data, pos)[0] == 0x0002:
-        group, elem = _TAG.unpack_from(data, pos)
-        vr = _VR_BY_BYTES.get(data[pos + 4 : pos + 6])
-        if vr is None:
-            raise FastPathUnsupported("file meta not explicit VR")
-        if vr in _LONG_VRS:
-            length, vstart = _U32.unpack_from(data, pos + 8)[0], pos + 12
-        else:
-            length, vstart = _U16.unpack_from(data, pos + 6)[0], pos + 8
-        if length == _UNDEFINED or vstart + length > end:
-            raise FastPathUnsupported("bad file meta element")
-        tag = (group << 16) | elem
-        if tag in meta:
-            raise FastPathUnsupported("duplicate file meta element")
-        meta[tag] = _raw(tag, vr, data[vstart : vstart + length])
-        pos = vstart + length
-    return meta, pos
+    try:
+        meta, pos = read_file_meta(data)
+        return dict[int, RawDataElement](meta.items()), pos
+    except ValueError as exc:
+        raise FastPathUnsupported(f"file meta not handled: {exc}") from None
 
 
 def _dataset_of(elements: dict[int, RawDataElement], tags: object) -> Dataset:
@@ -398,22 +281,13 @@ def _pixels(recorded: dict[int, RawDataElement]) -> tuple[tuple[int, bytes], ...
 
 
 def deidentify_part10_fast(
-    deid: Deidentifier, data: bytes, pseudonym: str, *, allow_burned_in: bool
+    deid: Keys, data: bytes, pseudonym: str, *, allow_burned_in: bool
 ) -> tuple[bytes, DeidResult]:
     """The fast path; raises FastPathUnsupported when the engine must do it instead.
 
     Raises the engine's exceptions (ValidationError for a bad pseudonym,
     BurnedInAnnotationHeld, IntegrityError) exactly where the engine would.
     """
-    from hospital_node.deid.engine import (
-        DeidResult,
-        _Pass,
-        burned_in_reason,
-        check_pseudonym,
-        hold_burned_in,
-        refused_sequence,
-    )
-
     meta_raw, body = _meta_elements(data)
     ts_raw = meta_raw.get(0x00020010)
     if ts_raw is None or ts_raw.VR != "UI":
@@ -423,7 +297,7 @@ def deidentify_part10_fast(
         raise FastPathUnsupported("transfer syntax not handled")
     check_pseudonym(pseudonym)
 
-    run = _Pass(deid, pseudonym)
+    run = Pass(deid, pseudonym)
     walk = _Walk(data, run)
     try:
         walked = walk.dataset(body, len(data), in_clean=False, top=True)
@@ -463,7 +337,7 @@ def deidentify_part10_fast(
     chunks = dict(walked)
     for tag, (chunk, _raw_elem) in finish.items():
         chunks[tag] = chunk
-    out = b"".join([_PREAMBLE, b"DICM", meta_bytes, *(chunks[tag] for tag in sorted(chunks))])
+    out = b"".join([PREAMBLE, b"DICM", meta_bytes, *(chunks[tag] for tag in sorted(chunks))])
 
     has_groups = any(tag in source or tag in output for tag in FUNCTIONAL_GROUP_TAGS)
     try:
@@ -485,8 +359,6 @@ def deidentify_part10_fast(
         )
     except Exception as exc:
         raise FastPathUnsupported(f"hash input not handled: {type(exc).__name__}") from exc
-    from hospital_node.deid.engine import check_unchanged  # engine imports this module lazily
-
     check_unchanged((geo_before, pix_before), (geo_after, pix_after), new_sop)
 
     log.debug("de-identified instance %s (%d changes)", new_sop, sum(run.counts.values()))
@@ -496,7 +368,7 @@ def deidentify_part10_fast(
     result_ds = FileDataset(
         io.BytesIO(out),
         elements,
-        preamble=_PREAMBLE,
+        preamble=PREAMBLE,
         file_meta=meta,
         is_implicit_VR=False,
         is_little_endian=True,
@@ -514,15 +386,16 @@ def deidentify_part10_fast(
 
 
 _finish_caches: weakref.WeakKeyDictionary[
-    Deidentifier, dict[tuple[str, tuple[str, ...]], dict[int, tuple[bytes, RawDataElement]]]
+    Keys, dict[tuple[str, tuple[str, ...]], dict[int, tuple[bytes, RawDataElement]]]
 ] = weakref.WeakKeyDictionary()
 
 
 def _finish_elements(
-    deid: Deidentifier, pseudonym: str, encodings: list[str]
+    deid: Keys, pseudonym: str, encodings: list[str]
 ) -> dict[int, tuple[bytes, RawDataElement]]:
-    """The attributes ``Deidentifier._finish`` sets, encoded (they depend only on the
-    pseudonym, the options and the character set, so they are made once per pair)."""
+    """The attributes :func:`~hospital_node.deid.transform.finish_attributes` sets,
+    encoded (they depend only on the pseudonym, the options and the character set, so
+    they are made once per pair)."""
     cache = _finish_caches.get(deid)
     if cache is None:
         cache = _finish_caches[deid] = {}
@@ -531,7 +404,7 @@ def _finish_elements(
     if found is not None:
         return found
     tail = Dataset()  # no file meta: _finish sets the attributes only
-    deid._finish(tail, pseudonym)
+    finish_attributes(tail, deid.profile.options, pseudonym)
     if sorted(tail.keys()) != sorted(_FINISH_TAGS):
         raise FastPathUnsupported("the engine's finishing step changed")
     made: dict[int, tuple[bytes, RawDataElement]] = {}
@@ -542,8 +415,8 @@ def _finish_elements(
         fp.is_implicit_VR = False
         write_data_element(fp, elem, encodings)
         chunk = fp.getvalue()
-        hdr = 12 if elem.VR in _LONG_VRS else 8
-        made[tag] = (chunk, _raw(tag, str(elem.VR), chunk[hdr:]))
+        hdr = 12 if elem.VR in LONG_VRS else 8
+        made[tag] = (chunk, raw_element(tag, str(elem.VR), chunk[hdr:]))
     if len(cache) >= _CACHE_LIMIT:
         cache.clear()
     cache[key] = made
@@ -558,10 +431,6 @@ def _uid(raw: RawDataElement | None) -> str | None:
     return str(value) if isinstance(value, str) else None
 
 
-def _meta_element(tag: int, vr: str, value: bytes) -> bytes:
-    return _header(tag, vr, len(value)) + value
-
-
 def _file_meta(
     output: dict[int, RawDataElement], meta_raw: dict[int, RawDataElement]
 ) -> tuple[FileMetaDataset, bytes, str]:
@@ -572,8 +441,6 @@ def _file_meta(
     the input's transfer syntax, pydicom's implementation class UID and our
     implementation version name. Anything ``dcmwrite`` would refuse falls back.
     """
-    from hospital_node.deid.engine import IMPLEMENTATION_VERSION_NAME
-
     if _SOP_CLASS_TAG in output:
         sop_class = _uid(output[_SOP_CLASS_TAG])
     else:
@@ -590,23 +457,12 @@ def _file_meta(
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
 
-    def ui(text: str) -> bytes:
-        raw = text.encode("ascii")
-        return raw + b"\x00" if len(raw) & 1 else raw
-
-    def sh(text: str) -> bytes:
-        raw = text.encode("ascii")
-        return raw + b" " if len(raw) & 1 else raw
-
-    body = b"".join(
-        (
-            _meta_element(0x00020001, "OB", b"\x00\x01"),
-            _meta_element(0x00020002, "UI", ui(sop_class)),
-            _meta_element(0x00020003, "UI", ui(sop_instance)),
-            _meta_element(0x00020010, "UI", ui(syntax)),
-            _meta_element(0x00020012, "UI", ui(str(PYDICOM_IMPLEMENTATION_UID))),
-            _meta_element(0x00020013, "SH", sh(IMPLEMENTATION_VERSION_NAME)),
-        )
+    meta_bytes = encode_file_meta(
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+        transfer_syntax=syntax,
+        implementation_class_uid=str(PYDICOM_IMPLEMENTATION_UID),
+        implementation_version_name=IMPLEMENTATION_VERSION_NAME,
     )
-    meta.FileMetaInformationGroupLength = len(body)
-    return meta, _meta_element(0x00020000, "UL", _U32.pack(len(body))) + body, sop_instance
+    meta.FileMetaInformationGroupLength = len(meta_bytes) - 12
+    return meta, meta_bytes, sop_instance

@@ -33,17 +33,6 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
 from hospital_node.deid.clean import clean_text
-from hospital_node.deid.engine import (
-    DICOM_UID_ROOT,
-    DOCUMENT_DUMMY_LENGTH,
-    MAPPED_UID_ROOT,
-    dummy_value,
-    element_values,
-    element_vr,
-    has_utc_offset,
-    method_code_items,
-    method_description,
-)
 from hospital_node.deid.profile import (
     BASIC_PROFILE_CODE,
     DEFAULT_OPTIONS,
@@ -56,6 +45,17 @@ from hospital_node.deid.profile import (
     child_context,
     default_profile,
     well_formed,
+)
+from hospital_node.deid.transform import (
+    DICOM_UID_ROOT,
+    DOCUMENT_DUMMY_LENGTH,
+    MAPPED_UID_ROOT,
+    dummy_value,
+    element_values,
+    element_vr,
+    has_utc_offset,
+    method_code_items,
+    method_description,
 )
 
 METHOD_TAG = 0x00120063  # De-identification Method
