@@ -67,7 +67,13 @@ FEATURES: list[tuple[str, list[str]]] = [
     ),
     (
         "Wire contract and house style",
-        ["test_protos.py", "test_lint.py", "test_docs.py", "test_error_tree.py"],
+        [
+            "test_protos.py",
+            "test_lint.py",
+            "test_docs.py",
+            "test_error_tree.py",
+            "test_push_encoding.py",
+        ],
     ),
     (
         "Benchmarks (smoke)",
