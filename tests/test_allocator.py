@@ -1,6 +1,6 @@
-"""The node keeps freed transfer buffers instead of faulting fresh pages in for every
-chunk (gateway/allocator.py). Each case runs in its own Python process: allocator
-settings are per process."""
+"""A node reuses freed chunk buffers instead of faulting fresh pages in (allocator.py).
+
+Each case runs in its own Python process: allocator settings are per process."""
 
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ def _run(mode: str, **env: str) -> tuple[str, int]:
 
 
 def test_freed_chunk_buffers_are_reused_instead_of_faulted_in_again() -> None:
-    """240 MiB of 1 MiB buffers in rounds of 8 MiB: with glibc's defaults the thread's
-    arena returns each round's memory and faults it in again (about one fault per 4 KiB
-    page); kept, only the first round faults."""
+    """Rounds of 8 x 1 MiB buffers in a thread: glibc's defaults fault every page in again.
+
+    With the defaults the thread's arena returns each round's memory to the kernel and
+    faults it in again (about one fault per 4 KiB page); kept, only the first round faults."""
     env = {"GLIBC_TUNABLES": ""}
     default_set, default_faults = _run("default", **env)
     tuned_set, tuned_faults = _run("tuned", **env)

@@ -1,5 +1,6 @@
-"""The sender encodes Push chunks itself (gateway/rpc/peer_link.py: one copy of the
-data instead of two); what it sends must be exactly protobuf's own encoding."""
+"""The sender's own encoding of Push chunks is exactly protobuf's (peer_link.encode_chunk).
+
+It encodes them itself to copy the data once instead of twice."""
 
 from __future__ import annotations
 
