@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-TRIM_THRESHOLD = 64 * 1024 * 1024
-MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum on 64-bit
+TRIM_THRESHOLD = 16 * 1024 * 1024
+MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
 def keep_freed_memory() -> bool:
