@@ -59,7 +59,16 @@ from pathlib import Path
 
 import grpc
 
-from bench import BenchOptions, Metric, MiB, NodePair, Poller, Started, Target
+from bench import (
+    BenchOptions,
+    Metric,
+    MiB,
+    NodePair,
+    Poller,
+    Started,
+    Target,
+    add_report_options,
+)
 from gateway.audit import AuditEvent, AuditLog
 from gateway.client import NodeClient
 from gateway.hashing import hash_chunks, hash_file, iter_file_chunks
@@ -1108,8 +1117,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="with --sink-dir: per-chunk SHA-256 check, fsync, read back and hash again",
     )
+    p = sub.add_parser(
+        "run", help="this benchmark alone (the options of python -m bench.run; no study, DICOM)"
+    )
+    p.add_argument("--size-mb", type=int, default=150, help="throughput object, MiB (150)")
+    p.add_argument("--rss-gb", type=float, default=0.0, help="RSS object, GiB (0: skip)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per side (5)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a harness check only")
+    add_report_options(p)
     args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run_main(args)
     return _serve_main(args)
+
+
+def _run_main(args: argparse.Namespace) -> int:
+    from bench.run import QUICK, QUICK_NOTE, run_and_report
+
+    sizes = (
+        QUICK if args.quick else {"size_mb": args.size_mb, "rss_gb": args.rss_gb, "reps": args.reps}
+    )
+    opts = BenchOptions(
+        size_mb=int(sizes["size_mb"]),
+        rss_gb=float(sizes["rss_gb"]),
+        reps=int(sizes["reps"]),
+        chunk_bytes=MiB,
+        workdir=args.workdir,
+        keep=args.keep,
+        quick=args.quick,
+    )
+    return run_and_report(
+        "yigong-gateway transfer benchmark",
+        f"size {opts.size_mb} MiB, RSS object {opts.rss_gb:g} GiB, {opts.reps} reps"
+        + (QUICK_NOTE if opts.quick else ""),
+        {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()},
+        lambda: run(opts),
+        args.json,
+        args.strict,
+    )
 
 
 if __name__ == "__main__":

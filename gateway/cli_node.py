@@ -113,8 +113,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.allocator import keep_freed_memory
     from gateway.server import Node, write_ready_file
 
+    keep_freed_memory()  # before the node's threads allocate (see gateway/allocator.py)
     cfg = load_config(args.config)
     done = threading.Event()
 

@@ -28,7 +28,7 @@ FEATURES: list[tuple[str, list[str]]] = [
     ("Failure and recovery", ["test_resilience.py"]),
     ("Hostile peer on the transfer path", ["test_transfer_hostile.py"]),
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
-    ("Node process, configuration, catalog", ["test_node.py"]),
+    ("Node process, configuration, catalog", ["test_node.py", "test_allocator.py"]),
     ("Command line and demo", ["test_cli.py", "test_cli_usability.py", "test_demo.py"]),
     (
         "Command line: progress, waiting, bulk download",
@@ -69,7 +69,13 @@ FEATURES: list[tuple[str, list[str]]] = [
     ),
     (
         "Wire contract and house style",
-        ["test_protos.py", "test_lint.py", "test_docs.py", "test_error_tree.py"],
+        [
+            "test_protos.py",
+            "test_lint.py",
+            "test_docs.py",
+            "test_error_tree.py",
+            "test_push_encoding.py",
+        ],
     ),
     (
         "Benchmarks (smoke)",

@@ -13,7 +13,7 @@ import hashlib
 import io
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ import pytest
 from gateway.catalog import ObjectRecord
 from gateway.errors import OutboundRefused, ValidationError, YigongError
 from gateway.fidelity.sniff import resolve_media_type, sniff_file
+from gateway.storage.base import ChunkReader, ObjectStore
 from gateway.storage.filesystem import FilesystemStore
 from hospital_node.outbound import OutboundGate, OutboundLimits
 from hospital_node.outbound.identifiers import (
@@ -404,3 +405,79 @@ def test_gate_names_each_place_an_identifier_hides_never_the_value(tmp_path: Pat
     assert _gate_check(tmp_path, "k.pdf", clean_pdf()) == ""
     assert _gate_check(tmp_path, "l.stl", binary_stl(b"solid 19770412"), case_id="") == ""
     assert _gate_check(tmp_path, "m.zip", _zip({"x.dcm": to_part10(series(1)[0])}), case_id="")
+
+
+class _CopyingStore(ObjectStore):
+    """A store the gate must copy from (as from S3): no local file of its own."""
+
+    def __init__(self, root: Path) -> None:
+        self.inner = FilesystemStore(root)
+
+    def describe(self) -> str:
+        return "copying:" + self.inner.describe()
+
+    def check(self) -> None:
+        self.inner.check()
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.inner.put_file(key, path)
+
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
+        return self.inner.put_stream(key, chunks)
+
+    def open_read(self, key: str, offset: int = 0, chunk_bytes: int = 1 << 20) -> ChunkReader:
+        return self.inner.open_read(key, offset, chunk_bytes)
+
+    def size(self, key: str) -> int | None:
+        return self.inner.size(key)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def region(self) -> str | None:
+        return None
+
+
+def test_gate_verdict_is_remembered_by_sha256_and_a_changed_object_is_checked_again(
+    tmp_path: Path,
+) -> None:
+    """A pass is remembered under the object's SHA-256 (a re-check reads nothing); other
+    bytes are another key, checked in full and refused; a stored copy that no longer
+    matches its SHA-256 is refused by a gate that has no verdict for it (a restart)."""
+    store = FilesystemStore(tmp_path / "objects")
+    matcher = IdentifierMatcher(
+        patient_needles("DOE^JANE=杜^简", STUDY_PATIENT_ID, PATIENT_BIRTH_DATE, [], ["ACC77"])
+    )
+
+    def gate() -> OutboundGate:
+        return OutboundGate(lambda case: matcher, lambda oid: False, tmp_path / "scratch")
+
+    def record(data: bytes, name: str = "review.pdf") -> ObjectRecord:
+        digest = hashlib.sha256(data).hexdigest()
+        store.put_stream(digest, [data])
+        return ObjectRecord(digest, len(data), name, "application/pdf", CASE, "hospital-1", {}, "")
+
+    clean = record(clean_pdf())
+    first = gate()
+    first.check(clean, store, "factory-1")
+    # remembered: the re-check before a send attempt does not read the object again
+    stored = store.path_for(clean.object_id)
+    aside = stored.rename(tmp_path / "aside")
+    first.check(clean, store, "factory-1")
+    with pytest.raises(YigongError, match="not found"):  # without the verdict: read
+        gate().check(clean, store, "factory-1")
+    aside.rename(stored)
+    # the same name with the patient's name inside: another SHA-256, checked, refused
+    dirty = record(clean_pdf(text="Guide for Jane Doe"))
+    with pytest.raises(OutboundRefused) as refused:
+        first.check(dirty, store, "factory-1")
+    assert refused.value.check == "identifier" and "Doe" not in str(refused.value)
+    # the clean object's stored bytes replaced behind the node's back: a gate without a
+    # verdict for it refuses it, whether it scans the file in place or copies it first
+    stored.write_bytes(clean_pdf(text="Guide for Jane Doe"))
+    for s in (store, _CopyingStore(tmp_path / "objects")):
+        with pytest.raises(OutboundRefused) as changed:
+            gate().check(clean, s, "factory-1")
+        assert changed.value.check == "integrity", changed.value
+        assert "no longer matches its SHA-256" in str(changed.value)
+    assert not list((tmp_path / "scratch").iterdir())  # no copy left behind

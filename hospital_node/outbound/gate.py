@@ -19,11 +19,15 @@ naming its door, ``yigong study confirm``. Every refusal is an
 name itself identifies the patient, its object id), where the problem is and what to
 do, never an identifier's value; ``check`` says which rule refused it (for the audit).
 Passes are remembered per (object, type, name, case, identifiers) so re-checks before
-send attempts do not read a large file again.
+send attempts do not read a large file again; the object id is the SHA-256 of the bytes
+checked (the gate hashes what it scans and refuses a stored copy that no longer matches),
+so a changed object is a new key and is checked in full. A local store's file is
+scanned where it is, not copied first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import threading
@@ -45,6 +49,7 @@ from gateway.fidelity.sniff import (
     sniff_file,
 )
 from gateway.storage import ObjectStore
+from gateway.storage.filesystem import FilesystemStore
 from hospital_node.outbound.archives import Counter, members
 from hospital_node.outbound.identifiers import IdentifierMatcher
 from hospital_node.outbound.scanners import (
@@ -160,10 +165,6 @@ class OutboundGate:
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.scratch_dir, prefix="outbound-") as tmp:
             scratch = Path(tmp)
-            path = scratch / "object"
-            with open(path, "wb") as fh, store.open_read(oid) as chunks:
-                for chunk in chunks:
-                    fh.write(chunk)
             run = _Run(
                 matcher,
                 Budget(self.limits.max_expanded_bytes),
@@ -171,6 +172,7 @@ class OutboundGate:
                 scratch,
             )
             try:
+                path = _local_copy(store, oid, scratch / "object")
                 declared = obj.media_type
                 if canonical(declared) in ("", OCTET_STREAM):
                     declared = media_type_for_name(obj.name)
@@ -323,6 +325,33 @@ _STRONG = {
     "ply": "model/x-ply",
     "step": "model/step",
 }
+
+
+def _local_copy(store: ObjectStore, oid: str, copy: Path) -> Path:
+    """A file holding the object's bytes for the scanners: the store's own file when
+    the store is a local filesystem (content-addressed, never rewritten: no copy of a
+    large object is written just to be read), else a copy at ``copy``. Either way its
+    bytes are hashed here and must be the object's SHA-256 (``oid``): a verdict is
+    remembered under that digest, so it must be about exactly those bytes."""
+    hasher = hashlib.sha256()
+    if isinstance(store, FilesystemStore):
+        path = store.path_for(oid)
+        with store.open_read(oid) as chunks:
+            for chunk in chunks:
+                hasher.update(chunk)
+    else:
+        path = copy
+        with open(path, "wb") as fh, store.open_read(oid) as chunks:
+            for chunk in chunks:
+                hasher.update(chunk)
+                fh.write(chunk)
+    if hasher.hexdigest() != oid:
+        raise Unscannable(
+            "its stored copy no longer matches its SHA-256 (changed or damaged in "
+            f"{store.describe()}); restore the object or submit it again",
+            "integrity",
+        )
+    return path
 
 
 def _printable(name: str) -> str:
