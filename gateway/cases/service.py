@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 
+from gateway import authz
 from gateway.audit import CASE_RECORD, QUERY, AuditLog
 from gateway.cases.chain import (
     ChainError,
@@ -93,6 +94,7 @@ class CaseService:
         facts: FactCheck | None = None,
     ) -> None:
         self.node_id, self.node_role = node_id, node_role
+        self.node_self = authz.NodeSelf(node_id, node_role)
         self.facts = facts  # the role's fact check (gateway.cases.facts)
         self.catalog, self.store, self.audit, self.trust = catalog, store, audit, trust
         self.outbox = outbox
@@ -121,11 +123,7 @@ class CaseService:
         """A clinician of this hospital node opens a case with a manufacturer node."""
         try:
             check_case_id(case_id)
-            if self.node_role != "hospital" or caller.is_node or caller.role != "clinician":
-                raise PermissionDenied(
-                    f"cases are opened by a clinician at a hospital node; {caller.label()} "
-                    f"at {self.node_role} node {self.node_id} may not"
-                )
+            authz.authorize(caller, authz.CASE_OPEN, self.node_self)
             NODE_ID(manufacturer, "manufacturer")
             if manufacturer not in self.outbox.settings.known_peers:
                 raise ConfigError(
@@ -171,16 +169,7 @@ class CaseService:
     def _check_author(
         self, caller: Identity, pem: bytes, record: Record, raw: bytes, signature: bytes
     ) -> None:
-        if caller.is_node or caller.role not in ("clinician", "engineer"):
-            raise PermissionDenied(
-                f"case {record.case_id}: {caller.label()} may not sign case records: they are "
-                "signed by clinicians and engineers with their own certificate"
-            )
-        if caller.org_node != self.node_id:
-            raise PermissionDenied(
-                f"case {record.case_id}: {caller.label()} belongs to node {caller.org_node}, "
-                f"not {self.node_id}; records are submitted at the signer's own node"
-            )
+        authz.authorize(caller, authz.CASE_SIGN, self.node_self, resource=record.case_id)
         if self.trust.verify_pem(pem).fingerprint != caller.fingerprint:
             raise AuthenticationError("the certificate given is not the caller's TLS certificate")
         a = record.author
