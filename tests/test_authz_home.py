@@ -339,6 +339,16 @@ def test_a_peer_reads_and_hands_over_only_its_own() -> None:
         authz.authorize(officer, authz.AUDIT_HAND_OVER, HOSPITAL, resource="pat")
 
 
+def test_a_local_context_decides_like_the_edge() -> None:
+    node_self = caller("self", HOSPITAL)
+    ctx = authz.RequestContext.local(node_self, HOSPITAL, "yigong hospital studies")
+    assert (ctx.principal, ctx.remote, ctx.node) == (authz.SELF, "local", HOSPITAL)
+    assert len(ctx.request_id) == 16
+    assert authz.authorize(ctx, "/yigong.v1.Hospital/ListStudies") == authz.SELF
+    with pytest.raises(PermissionDenied, match="only a clinician of node hospital-1"):
+        authz.authorize(ctx, authz.STUDY_CONFIRM)
+
+
 def test_an_unknown_action_is_refused() -> None:
     with pytest.raises(PermissionDenied) as refused:
         authz.authorize(caller("self", HOSPITAL), "study.delete", HOSPITAL)
