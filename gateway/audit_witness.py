@@ -47,9 +47,10 @@ from typing import Protocol
 
 from cryptography import x509
 
+from gateway import authz
 from gateway.audit import QUERY, SECURITY_ALERT, AuditLog, Checkpoint
-from gateway.errors import AuditError, PermissionDenied, ValidationError, YigongError
-from gateway.identity import Identity
+from gateway.authz import RequestContext
+from gateway.errors import AuditError, ValidationError, YigongError
 from gateway.pki import verify_signature
 
 log = logging.getLogger(__name__)
@@ -103,16 +104,14 @@ class WitnessStore:
         with self._lock:
             self._conn.close()
 
-    def witness(
-        self, caller: Identity, cert_pem: bytes, checkpoints: Sequence[Checkpoint]
-    ) -> tuple[int, int]:
-        """Keep ``caller``'s checkpoints; returns (newly stored, newest seq held).
+    def witness(self, ctx: RequestContext, checkpoints: Sequence[Checkpoint]) -> tuple[int, int]:
+        """Keep the calling node's checkpoints; returns (newly stored, newest seq held).
 
         All or nothing: a checkpoint of another node, one whose signature does not
-        verify with ``cert_pem`` or one that contradicts a held checkpoint refuses
-        the whole batch (the latter two are audited as security alerts)."""
-        if not caller.is_node:
-            raise PermissionDenied(f"{caller.label()} is not a node: only nodes witness")
+        verify with the caller's certificate or one that contradicts a held checkpoint
+        refuses the whole batch (the latter two are audited as security alerts)."""
+        caller, cert_pem = ctx.identity, ctx.cert_pem
+        authz.authorize(ctx, authz.AUDIT_WITNESS)
         if len(checkpoints) > MAX_BATCH:
             raise ValidationError(
                 f"{len(checkpoints)} checkpoints in one Witness call; at most {MAX_BATCH}"
@@ -123,11 +122,7 @@ class WitnessStore:
         except ValueError as exc:
             raise ValidationError(f"certificate of {caller.label()} is unreadable") from exc
         for cp in checkpoints:
-            if cp.node_id != node:
-                raise PermissionDenied(
-                    f"{caller.label()} may hand over only its own audit checkpoints, not "
-                    f"node {cp.node_id!r}'s (checkpoint at entry {cp.seq})"
-                )
+            authz.authorize(ctx, authz.AUDIT_HAND_OVER, resource=cp.node_id, entry=str(cp.seq))
             try:
                 verify_signature(cert, cp.signing_bytes(), cp.signature)
             except YigongError as exc:
@@ -201,14 +196,11 @@ class WitnessStore:
             log.exception("could not audit a refused checkpoint of %s", node)
 
     def witnessed(
-        self, caller: Identity, principal: str, node_id: str, *, after_seq: int = 0, limit: int = 0
+        self, ctx: RequestContext, node_id: str, *, after_seq: int = 0, limit: int = 0
     ) -> list[Witnessed]:
         """``node_id``'s checkpoints held here, oldest first; a peer may read only its own."""
-        if principal == "peer" and node_id != caller.subject_id:
-            raise PermissionDenied(
-                f"{caller.label()} may read only the checkpoints it handed over itself, "
-                f"not those of {node_id!r}"
-            )
+        caller = ctx.identity
+        authz.authorize(ctx, authz.AUDIT_READ_WITNESSED, resource=node_id)
         if not node_id:
             raise ValidationError("GetWitnessed needs the node_id whose checkpoints to return")
         limit = limit or 1000

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from gateway import authz
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, ObjectRecord, TransferRecord
 from gateway.errors import NotFound, ValidationError
@@ -77,8 +78,9 @@ class QueryService:
         if f.direction and f.direction not in {"inbound", "outbound"}:
             raise ValidationError("direction must be 'inbound' or 'outbound'")
         peer = f.peer
-        # A peer node only sees the transfers it took part in (for reconciliation).
-        if caller.is_node and caller.subject_id != self.node_id:
+        # A peer node only sees the transfers it took part in (for reconciliation); the
+        # rule does not depend on this node's role (gateway.authz.TRANSFERS_LIST_ALL).
+        if not authz.allowed(caller, authz.TRANSFERS_LIST_ALL, authz.NodeSelf(self.node_id, "")):
             peer = caller.subject_id
         found = self.catalog.list_transfers(
             case_id=f.case_id,

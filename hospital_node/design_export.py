@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from gateway import authz
 from gateway.audit import DESIGN_EXPORTED, QUERY, SECURITY_ALERT, AuditLog
 from gateway.cases.records import check_case_id
 from gateway.cases.schema import is_hex64
@@ -51,7 +52,6 @@ from gateway.errors import (
     ConfigError,
     IntegrityError,
     NotFound,
-    PermissionDenied,
     ValidationError,
     YigongError,
 )
@@ -174,11 +174,9 @@ class DesignExporter:
         ``dry_run``, run every check and say where it would go)."""
         where = ""
         try:
-            if caller.is_node or caller.role != "clinician" or caller.org_node != self.node_id:
-                raise PermissionDenied(
-                    f"only a clinician of node {self.node_id} may export a design to its "
-                    f"PACS; {caller.label()} may not"
-                )
+            authz.authorize(
+                caller, authz.DESIGN_EXPORT, authz.NodeSelf(self.node_id, authz.HOSPITAL)
+            )
             check_case_id(case_id)
             if not is_hex64(object_id):
                 raise ValidationError(

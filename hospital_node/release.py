@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 
+from gateway import authz
 from gateway.catalog import ObjectRecord, utcnow
 from gateway.errors import (
     IdentifiableData,
     IntegrityError,
-    PermissionDenied,
     StudyNotReady,
     ValidationError,
     YigongError,
@@ -167,11 +167,7 @@ class Releaser:
         allow_burned_in: bool = False,
     ) -> ConfirmResult:
         """A clinician of this node confirms ``study_uid`` for ``case_id`` → ``destination``."""
-        if caller.is_node or caller.role != "clinician" or caller.org_node != self.node_id:
-            raise PermissionDenied(
-                f"only a clinician of node {self.node_id} may confirm a study; "
-                f"{caller.label()} may not"
-            )
+        authz.authorize(caller, authz.STUDY_CONFIRM, authz.NodeSelf(self.node_id, authz.HOSPITAL))
         signer = _Signer(caller.label(), f"{caller.serial:x}", caller.fingerprint, False)
         return self._audited(signer, study_uid, case_id, destination, allow_burned_in, {})
 

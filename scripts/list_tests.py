@@ -20,7 +20,10 @@ OUT = ROOT / "docs" / "tests.md"
 # Feature headings, in reading order; a module not listed goes under "Other".
 FEATURES: list[tuple[str, list[str]]] = [
     ("Federation PKI and identity", ["test_pki.py"]),
-    ("mTLS, authentication and authorization", ["test_security.py", "test_handshake_audit.py"]),
+    (
+        "mTLS, authentication and authorization",
+        ["test_security.py", "test_handshake_audit.py", "test_authz_home.py"],
+    ),
     (
         "Verified transfer and receipts",
         ["test_transfer.py", "test_receipts.py", "test_readback.py"],

@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from gateway import authz
 from gateway.audit import CASE_RECORD
 from gateway.cases.chain import Verified, verify_envelope
 from gateway.cases.facts import FactsPending
@@ -45,7 +46,7 @@ from gateway.cases.service import OPENED_AT, OPENED_BY
 from gateway.cases.store import CaseRow, StoredRecord
 from gateway.cases.workflow import apply, identifiers
 from gateway.catalog import utcnow
-from gateway.errors import PKIError, Refused, ValidationError, YigongError
+from gateway.errors import PermissionDenied, PKIError, Refused, ValidationError, YigongError
 from gateway.hashing import sha256_hex
 from gateway.storage import ObjectStore
 from gateway.transfer.model import Announce
@@ -109,11 +110,11 @@ def _verify(svc: CaseService, raw: bytes, digest: str) -> Verified:
             f"case {v.record.case_id}: record {v.record.seq} is countersigned by this node; "
             "only the other node's records are taken in"
         )
-    if v.node.role == svc.node_role:
-        raise Refused(
-            f"case {v.record.case_id}: record {v.record.seq} comes from {v.node.role} node "
-            f"{v.node.subject_id}; a case runs between a hospital and a factory"
-        )
+    what = f"{v.record.case_id}: record {v.record.seq}"
+    try:
+        authz.authorize(v.node, authz.CASE_TAKE_RECORD, svc.node_self, resource=what)
+    except PermissionDenied as exc:
+        raise Refused(str(exc)) from exc
     return v
 
 
@@ -125,11 +126,10 @@ def _open_from_peer(
     Who opened the case and when come from the hospital (record 0's labels), so both
     nodes show the same; without them (an older hospital): the hospital node, now."""
     r = v.record
-    if svc.node_role != "factory":
-        raise Refused(
-            f"case {r.case_id} is not known to hospital node {svc.node_id}; a case is opened "
-            "at its hospital"
-        )
+    try:
+        authz.authorize(v.node, authz.CASE_OPEN_FROM_PEER, svc.node_self, resource=r.case_id)
+    except PermissionDenied as exc:
+        raise Refused(str(exc)) from exc
     if r.seq != 0:
         return None
     hospital = v.envelope.node_id

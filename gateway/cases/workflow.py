@@ -45,12 +45,15 @@ same chain to the same state.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import authz
 from gateway.cases.records import Record, genesis_hash
 from gateway.cases.schema import TYPES, shown
-from gateway.errors import SignerRefused, StageRefused
+from gateway.errors import SignerRefused as SignerRefused
+from gateway.errors import StageRefused
 
 CLINICIAN, ENGINEER = "clinician", "engineer"
 STAGES: tuple[str, ...] = (
@@ -78,25 +81,9 @@ HOME_STAGE: dict[str, str] = {
     "follow_up": "follow_up",
     "nonconformity": "follow_up",
 }
-SIGNERS: dict[str, frozenset[str]] = (
-    {
-        kind: frozenset({CLINICIAN})
-        for kind in ("data_confirmation", "order", "acceptance", "nonconformity", "follow_up")
-    }
-    | {
-        kind: frozenset({ENGINEER})
-        for kind in (
-            "design_input_review",
-            "design_output",
-            "production_record",
-            "delivery_list",
-            "data_delivery",
-        )
-    }
-    | {kind: frozenset({CLINICIAN, ENGINEER}) for kind in ("design_confirmation", "design_change")}
-)
+SIGNERS: Mapping[str, frozenset[str]] = authz.RECORD_SIGNERS  # the one table: gateway.authz
 CHANGE_WINDOW = STAGES[STAGES.index("design_confirmation") : STAGES.index("acceptance") + 1]
-SIDE_OF_ROLE = {CLINICIAN: "clinical", ENGINEER: "production"}
+SIDE_OF_ROLE: Mapping[str, str] = authz.CONFIRMATION_SIDES
 
 
 @dataclass(frozen=True)
@@ -148,18 +135,19 @@ def check_signer(state: CaseState, kind: str, role: str, org: str, label: str) -
     spec = TYPES.get(kind)
     if spec is None:
         raise StageRefused(f"case {p.case_id}: unknown record type {shown(kind)}")
-    roles = SIGNERS[kind]
-    if role not in roles:
-        who = " or ".join(p.who(r) for r in sorted(roles))
-        raise SignerRefused(
-            f"case {p.case_id}: {label} may not sign {kind}: {spec.title} ({spec.section}) "
-            f"is signed by {who}"
-        )
-    if org != p.node_of(role):
-        raise SignerRefused(
-            f"case {p.case_id}: {label} may not sign {kind}: the person belongs to node "
-            f"{org}, but {spec.title} of this case is signed by {p.who(role)}"
-        )
+    authz.authorize_signer(
+        p, kind, _Signer(role, org, label), title=spec.title, section=spec.section
+    )
+
+
+@dataclass(frozen=True)
+class _Signer:
+    role: str
+    org: str
+    name: str
+
+    def label(self) -> str:
+        return self.name
 
 
 def next_actions(state: CaseState) -> list[NextAction]:
@@ -277,22 +265,13 @@ def apply(state: CaseState, record: Record, record_hash: str) -> CaseState:
     elif kind == "design_input_review":
         new["stage"] = "design_output" if data["decision"] == "accepted" else "order"
     elif kind == "design_output" or (kind == "design_change" and "files" in data):
-        if kind == "design_change" and a.role != ENGINEER:
-            raise SignerRefused(
-                f"case {p.case_id}: {a.label()} may not attach a revised design to a design "
-                f"change: the design is issued by {p.who(ENGINEER)}; send the change request "
-                "without files"
-            )
+        authz.authorize_signed_content(p, kind, a, data)
         new.update(stage="design_confirmation", design=record_hash, confirmed=frozenset())
     elif kind == "design_change":
         new.update(stage="design_output", design="", confirmed=frozenset())
     elif kind == "design_confirmation":
         side = data["side"]
-        if side != SIDE_OF_ROLE[a.role]:
-            raise SignerRefused(
-                f"case {p.case_id}: {a.label()} may not sign the {side} confirmation: it is "
-                f"signed by {p.who(CLINICIAN if side == 'clinical' else ENGINEER)}"
-            )
+        authz.authorize_signed_content(p, kind, a, data)
         if data["design_hash"] != state.design:
             raise _refuse(
                 state,

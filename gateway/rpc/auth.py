@@ -10,11 +10,21 @@ revocation — reads the identity from it, and asks the one decision point
 (:func:`gateway.authz.authorize`) whether that identity may call the method.
 Refusals are audited and answered with UNAUTHENTICATED or PERMISSION_DENIED
 and a message saying why.
+
+This happens once per call: :meth:`Gatekeeper.check` reads the client certificate
+(the one place it is read, :meth:`Gatekeeper._connection`), verifies it, authorizes
+the method and keeps the result as the call's :class:`~gateway.authz.RequestContext`;
+servicers take the verified identity, certificate and remote address from it
+(:meth:`Gatekeeper.request`, and :meth:`~Gatekeeper.identity`/:meth:`~Gatekeeper.remote`
+which read it) and hand it to the domain, which asks :func:`gateway.authz.authorize`
+for its own actions.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -23,7 +33,7 @@ import grpc
 from cryptography import x509
 
 from gateway.audit import AuditLog
-from gateway.authz import NodeSelf, authorize
+from gateway.authz import NodeSelf, RequestContext, authorize, principal_of
 from gateway.errors import (
     AuthenticationError,
     AuthError,
@@ -43,6 +53,9 @@ T = TypeVar("T")
 
 
 class Gatekeeper:
+    """Verifies each call's caller once and keeps the result as the call's
+    :class:`~gateway.authz.RequestContext` (servicers read it with :meth:`request`)."""
+
     def __init__(
         self,
         trust: TrustStore,
@@ -57,26 +70,26 @@ class Gatekeeper:
         # caller's certificate is looked up by the internal connection's address;
         # otherwise it is in gRPC's auth context.
         self.callers = callers
+        # The verified context of each call in flight, made once by check().
+        self._calls: weakref.WeakKeyDictionary[grpc.ServicerContext, RequestContext] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._calls_lock = threading.Lock()
 
-    def _caller(self, context: grpc.ServicerContext) -> Caller | None:
-        return self.callers(context.peer()) if self.callers is not None else None
-
-    def client_pem(self, context: grpc.ServicerContext) -> bytes | None:
-        """The client certificate (PEM) of the call's connection, not yet verified."""
+    def _connection(self, context: grpc.ServicerContext) -> tuple[bytes | None, str]:
+        """The one place the client certificate (PEM, not yet verified) and the caller's
+        network address (its own, not the terminator's loopback one) are read."""
         if self.callers is not None:
-            caller = self._caller(context)
-            return caller.cert_pem if caller is not None else None
+            caller = self.callers(context.peer())
+            if caller is None:
+                return None, context.peer()
+            return caller.cert_pem, caller.remote
         pems: list[bytes] | bytes = context.auth_context().get("x509_pem_cert") or []
-        return bytes(pems[0]) if pems and isinstance(pems, list) else None
+        pem = bytes(pems[0]) if pems and isinstance(pems, list) else None
+        return pem, context.peer()
 
-    def remote(self, context: grpc.ServicerContext) -> str:
-        """The caller's network address (its own, not the terminator's loopback one)."""
-        caller = self._caller(context)
-        return caller.remote if caller is not None else context.peer()
-
-    def identity(self, context: grpc.ServicerContext) -> Identity:
-        """The verified identity of the caller (raises AuthError/CertificateError)."""
-        pem = self.client_pem(context)
+    def _verify(self, pem: bytes | None) -> Identity:
+        """The verified identity of ``pem`` (raises AuthError/CertificateError/PKIError)."""
         if pem is None and self.callers is not None:
             raise AuthenticationError(
                 f"connection to node {self.node.node_id} did not come through its TLS port; "
@@ -89,18 +102,57 @@ class Gatekeeper:
             )
         return self.trust.verify_pem(pem)
 
+    def request(self, context: grpc.ServicerContext) -> RequestContext:
+        """The call's verified :class:`RequestContext`, made by :meth:`check` at the edge.
+
+        A call that did not pass :meth:`check` (a servicer served without
+        :class:`AuthInterceptor`) gets its certificate verified here, once."""
+        with self._calls_lock:
+            found = self._calls.get(context)
+        if found is not None:
+            return found
+        pem, remote = self._connection(context)
+        caller = self._verify(pem)
+        ctx = RequestContext(
+            caller, self.node, remote, "", principal_of(caller, self.node), pem or b""
+        )
+        with self._calls_lock:
+            self._calls[context] = ctx
+        return ctx
+
+    def client_pem(self, context: grpc.ServicerContext) -> bytes | None:
+        """The client certificate (PEM) of the call, as verified for its context."""
+        with self._calls_lock:
+            found = self._calls.get(context)
+        return found.cert_pem if found is not None else self._connection(context)[0]
+
+    def remote(self, context: grpc.ServicerContext) -> str:
+        """The caller's network address (its own, not the terminator's loopback one)."""
+        with self._calls_lock:
+            found = self._calls.get(context)
+        return found.remote if found is not None else self._connection(context)[1]
+
+    def identity(self, context: grpc.ServicerContext) -> Identity:
+        """The verified identity of the caller (raises AuthError/CertificateError); the
+        one verified at the edge for this call (:meth:`request`)."""
+        return self.request(context).identity
+
     def certificate_pem(self, context: grpc.ServicerContext) -> bytes:
-        """PEM of the caller's certificate (call :meth:`identity` first to verify it)."""
-        pem = self.client_pem(context)
-        if pem is None:
+        """PEM of the caller's verified certificate."""
+        pem = self.request(context).cert_pem
+        if not pem:
             raise AuthenticationError(f"no client certificate presented to {self.node.node_id}")
         return pem
 
-    def check(self, context: grpc.ServicerContext, method: str) -> Identity:
+    def check(self, context: grpc.ServicerContext, method: str) -> RequestContext:
+        """Verify the caller's certificate (issuer, validity, revocation) and ask
+        :func:`~gateway.authz.authorize` whether it may call ``method``; keep the result
+        as the call's context, or audit and abort."""
+        pem, remote = self._connection(context)
         try:
-            caller = self.identity(context)
+            caller = self._verify(pem)
         except (AuthError, CertificateError) as exc:
-            self._refuse(context, "auth.refused", None, method, exc, self._presented(context))
+            self._refuse(context, "auth.refused", None, method, exc, remote, _presented(pem))
             raise AssertionError("unreachable") from exc
         except PKIError as exc:  # e.g. the CRL is unusable: fail closed
             log.error("cannot check certificates: %s", exc)
@@ -109,14 +161,18 @@ class Gatekeeper:
                 "list is unusable; calls are refused until its operator installs the "
                 "federation CA's current crl.pem"
             )
-            self._refuse(context, "auth.refused", None, method, public, self._presented(context))
+            self._refuse(context, "auth.refused", None, method, public, remote, _presented(pem))
             raise AssertionError("unreachable") from exc
         try:
-            authorize(caller, method, self.node)
+            principal = authorize(caller, method, self.node)
         except AuthError as exc:
-            self._refuse(context, "authz.refused", caller, method, exc)
+            self._refuse(context, "authz.refused", caller, method, exc, remote)
             raise AssertionError("unreachable") from exc
-        return caller
+        assert pem is not None  # _verify refused a call without one
+        ctx = RequestContext(caller, self.node, remote, method, principal, pem)
+        with self._calls_lock:
+            self._calls[context] = ctx
+        return ctx
 
     def refused_handshake(self, refusal: HandshakeRefusal) -> None:
         """Audit a certificate the node's TLS terminator refused during the handshake."""
@@ -142,9 +198,9 @@ class Gatekeeper:
         caller: Identity | None,
         method: str,
         exc: YigongError,
+        peer: str,
         presented: dict[str, str] | None = None,
     ) -> None:
-        peer = self.remote(context)
         log.warning("refused %s from %s: %s", method, peer, exc)
         try:
             self.audit.record(
@@ -169,10 +225,13 @@ class Gatekeeper:
         and subject), what (the method) and why (error class and message)."""
         caller: Identity | None
         try:
-            caller = self.identity(context)
+            ctx = self.request(context)
+            caller, remote, pem = ctx.identity, ctx.remote, ctx.cert_pem
         except YigongError:
             caller = None
-        log.warning("refused %s from %s: %s", method, self.remote(context), exc)
+            pem_or_none, remote = self._connection(context)
+            pem = pem_or_none or b""
+        log.warning("refused %s from %s: %s", method, remote, exc)
         try:
             self.audit.record(
                 event,
@@ -181,24 +240,25 @@ class Gatekeeper:
                 peer=caller.subject_id if caller is not None and caller.is_node else None,
                 details={
                     "method": method,
-                    "remote": self.remote(context),
+                    "remote": remote,
                     "reason": type(exc).__name__,
                     "why": str(exc)[:500],
-                    **self._presented(context),
+                    **_presented(pem or None),
                 },
             )
         except YigongError:
             log.exception("could not audit refusal of %s", method)
 
-    def _presented(self, context: grpc.ServicerContext) -> dict[str, str]:
-        pem = self.client_pem(context)
-        if pem is None:
-            return {}
-        try:
-            cert = x509.load_pem_x509_certificate(pem)
-        except ValueError:
-            return {"cert_serial": "unparseable"}
-        return certificate_facts(cert)
+
+def _presented(pem: bytes | None) -> dict[str, str]:
+    """Serial, subject and kind of the certificate a caller presented (for audit)."""
+    if pem is None:
+        return {}
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return {"cert_serial": "unparseable"}
+    return certificate_facts(cert)
 
 
 _AUDITED_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})

@@ -13,7 +13,6 @@ import grpc
 
 from gateway.audit import Checkpoint
 from gateway.audit_witness import Witnessed, WitnessStore
-from gateway.authz import principal_of
 from gateway.errors import ValidationError
 from gateway.rpc.auth import Gatekeeper, wire_errors
 from gateway.rpc.call import rpc_call
@@ -47,9 +46,9 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         self, request: audit_pb2.WitnessRequest, context: grpc.ServicerContext
     ) -> audit_pb2.WitnessResponse:
         with wire_errors(context, "Audit.Witness"):
-            caller = self.gate.identity(context)
+            ctx = self.gate.request(context)
             cps = [checkpoint_from_pb(c) for c in request.checkpoints]
-            accepted, newest = self.store.witness(caller, self.gate.certificate_pem(context), cps)
+            accepted, newest = self.store.witness(ctx, cps)
             return audit_pb2.WitnessResponse(accepted=accepted, newest_seq=newest)
         raise AssertionError("unreachable")
 
@@ -57,11 +56,8 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         self, request: audit_pb2.GetWitnessedRequest, context: grpc.ServicerContext
     ) -> audit_pb2.GetWitnessedResponse:
         with wire_errors(context, "Audit.GetWitnessed"):
-            caller = self.gate.identity(context)
-            principal = principal_of(caller, self.gate.node) or ""
             found = self.store.witnessed(
-                caller,
-                principal,
+                self.gate.request(context),
                 request.node_id,
                 after_seq=request.after_seq,
                 limit=request.limit,
