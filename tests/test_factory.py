@@ -17,7 +17,6 @@ from pydicom import dcmread
 
 from factory_node.role import FactoryRole
 from factory_node.studies import StudySummary, SuitabilityRecord
-from gateway.cli import main as cli_main
 from gateway.client import NodeClient
 from gateway.fidelity.dicom import geometry_hash, pixel_hash
 from gateway.roles import RoleHooks
@@ -28,6 +27,7 @@ from hospital_node.deid import Deidentifier, scan_for_identifiers
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.dicom_factory import SeriesInfo, StudyInfo, ct_series, to_part10
 from yigong.v1 import factory_pb2, factory_pb2_grpc
+from yigong_node.cli import main as cli_main
 
 CASE = "case-1"
 PSEUDONYM = "YG-0123456789AB"
