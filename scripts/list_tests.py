@@ -69,6 +69,7 @@ FEATURES: list[tuple[str, list[str]]] = [
         "Wire contract and house style",
         ["test_protos.py", "test_lint.py", "test_docs.py", "test_error_tree.py"],
     ),
+    ("Layers: the import graph (no cycle, no role in the core)", ["test_import_graph.py"]),
     (
         "Benchmarks (smoke)",
         ["test_bench_smoke.py", "test_bench_dicom_smoke.py", "test_bench_study_smoke.py"],
