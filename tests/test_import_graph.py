@@ -1,4 +1,5 @@
-"""The layers hold in the code: the import graph has no cycle, the core imports no role.
+"""The layers hold in the code: the import graph has no cycle, the core imports no role,
+and no service is finished after construction by someone else.
 
 The graph is built with ``ast`` from the source of ``gateway/``, ``hospital_node/``,
 ``factory_node/`` and the composition root ``yigong_node/`` (nothing is imported): one
@@ -6,11 +7,14 @@ node per module, one edge per ``import`` / ``from ... import`` naming another mo
 these packages, wherever it stands (a lazy import inside a function counts). Imports
 under ``if TYPE_CHECKING:`` are annotations only and never run, so they make no edge of
 the cycle check; the role check counts them too (the core does not even name a role).
-See docs/architecture.md.
+The wiring check reads every assignment: a service's collaborators (hooks, telemetry,
+facts hooks, the gatekeeper's callers...) are constructor arguments, never set on the
+object from outside (``node.outbox.hooks = ...``). See docs/architecture.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import itertools
 from collections.abc import Iterator
@@ -223,3 +227,77 @@ def test_cycle_finder_finds_lazy_cycles_and_ignores_type_checking(
             if target in sources and not typing_only and target != name
         }
     assert find_cycle(edges) == expected
+
+
+WIRING_ATTRIBUTES = frozenset(
+    {
+        "alert_on_type_refusal", "audit", "callers", "cases", "catalog", "design_facts",
+        "exchange", "facts_hook", "gate", "hooks", "outbox", "query", "receiver", "settle",
+        "store", "target", "telemetry", "validate_design",
+    }
+)  # fmt: skip
+"""Collaborators the composition root passes to constructors (docs/architecture.md)."""
+
+
+def _set_from_outside(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """Assignments ``x.attr = ...`` of a wiring attribute where ``x`` is not ``self``."""
+    for node in ast.walk(tree):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        for target in targets:
+            for sub in ast.walk(target):
+                if (
+                    isinstance(sub, ast.Attribute)
+                    and isinstance(sub.ctx, ast.Store)
+                    and sub.attr in WIRING_ATTRIBUTES
+                    and not (isinstance(sub.value, ast.Name) and sub.value.id == "self")
+                ):
+                    yield node.lineno, ast.unparse(sub)
+
+
+def test_no_service_is_finished_after_construction() -> None:
+    """No module sets a collaborator on another object (``outbox.hooks = ...``,
+    ``gate.callers = ...``): the composition root passes them to constructors."""
+    bad = [
+        f"{path.relative_to(ROOT)}:{line}: {what} = ..."
+        for path in modules().values()
+        for line, what in _set_from_outside(ast.parse(path.read_text()))
+    ]
+    assert not bad, "set after construction:\n  " + "\n  ".join(bad)
+
+
+def test_wiring_check_finds_a_hook_set_from_outside() -> None:
+    """The wiring check can fail: the old ``node.outbox.hooks = ...`` is found, an
+    object's own ``self.hooks = ...`` is not."""
+    found = list(
+        _set_from_outside(
+            ast.parse("self.hooks = h\nnode.outbox.hooks = h\nnode.gate.callers: F = f\n")
+        )
+    )
+    assert found == [(2, "node.outbox.hooks"), (3, "node.gate.callers")]
+
+
+def test_roles_register_with_the_composition_root() -> None:
+    """Both roles are in the registry, and their command groups reach the program."""
+    from yigong_node.cli import build_parser
+    from yigong_node.roles import ROLES
+
+    assert ROLES.names() == ("hospital", "factory")
+    commands = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    assert {"serve", "study", "factory", "case", "demo"} <= set(commands)
+
+
+def test_an_unknown_role_is_a_clear_configuration_error() -> None:
+    """A registry without the configured role refuses by name, listing the known ones."""
+    from gateway.errors import ConfigError
+    from gateway.roles import CORE_ONLY, RoleRegistry
+
+    registry = RoleRegistry([CORE_ONLY]).with_role("factory", CORE_ONLY)
+    with pytest.raises(ConfigError, match=r"node.toml: node role 'hospital' is not one this "
+                       r"program knows \(core, factory\)"):  # fmt: skip
+        registry.get("hospital", "node.toml")
