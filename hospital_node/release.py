@@ -72,6 +72,7 @@ from hospital_node.vault import (
 if TYPE_CHECKING:
     from gateway.audit import AuditLog
     from gateway.catalog import Catalog
+    from gateway.config import NodeConfig
     from gateway.transfer.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,11 @@ DEID_LABEL = f"PS3.15-{TABLE_EDITION}"
 
 
 class NodeServices(Protocol):
-    """What the release uses of its node: identity, signing key, catalog, store, audit
-    log and outbox (the composition root passes them; see docs/architecture.md)."""
+    """What the release uses of its node: configuration, identity, signing key, catalog,
+    store, audit log and outbox (the composition root passes them; docs/architecture.md)."""
 
+    @property
+    def cfg(self) -> NodeConfig: ...
     @property
     def node_id(self) -> str: ...
     @property

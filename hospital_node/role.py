@@ -211,6 +211,7 @@ class HospitalHooks(RoleHooks):
 class _ReleaseNode:
     """What the release uses of its node (:class:`hospital_node.release.NodeServices`)."""
 
+    cfg: NodeConfig
     node_id: str
     identity: Identity
     catalog: Catalog
@@ -307,8 +308,8 @@ class HospitalRole(RoleHooks):
         ctx, cfg = self.ctx, self.ctx.cfg
         self.releaser = Releaser(
             _ReleaseNode(
-                ctx.cfg.node.id, ctx.identity, ctx.catalog, ctx.store, ctx.audit, core.outbox,
-                ctx.sign,
+                ctx.cfg, ctx.cfg.node.id, ctx.identity, ctx.catalog, ctx.store, ctx.audit,
+                core.outbox, ctx.sign,
             ),
             self.vault,
             self.hooks.deidentifier,
