@@ -67,7 +67,7 @@ SERVICE_NAMES = (
 
 class Node:
     """One running gateway node (hospital or factory): its services, as the composition
-    root (:func:`yigong_node.build_node`) built them in dependency order, and their
+    root (:func:`yigong_node.compose.build_node`) built them in dependency order, and their
     lifecycle — one mTLS gRPC port, start and a graceful stop.
 
     Nothing here builds a domain service or knows a role: the role's object is
