@@ -107,3 +107,12 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
         )
         return 3
 
+
+if __name__ == "__main__":  # pragma: no cover
+    # The program is the composition root's; this module only has the core's part.
+    print(
+        "error: the yigong command is `yigong` or `python -m yigong_node` (gateway.cli is "
+        "the core's part of it and no longer a program)",
+        file=sys.stderr,
+    )
+    sys.exit(2)
