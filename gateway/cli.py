@@ -108,11 +108,17 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
         return 3
 
 
-if __name__ == "__main__":  # pragma: no cover
-    # The program is the composition root's; this module only has the core's part.
+def main(argv: Sequence[str] | None = None) -> int:
+    """Not the program any more: says where it is (an entry point installed before the
+    composition root existed still calls this; ``pip install -e .`` renews it)."""
     print(
-        "error: the yigong command is `yigong` or `python -m yigong_node` (gateway.cli is "
-        "the core's part of it and no longer a program)",
+        "error: the yigong program is yigong_node.cli (`python -m yigong_node`); "
+        "gateway.cli is only the core's part of it. If `yigong` printed this, its entry "
+        "point is stale: run `pip install -e .` in the source tree.",
         file=sys.stderr,
     )
-    sys.exit(2)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
