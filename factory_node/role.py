@@ -1,5 +1,9 @@
 """The factory node's additions to the core (see :mod:`gateway.roles`).
 
+Registered with the composition root by :mod:`factory_node.registration`; built from
+the node's infrastructure only (it needs none of the core's domain services), so its
+hooks are also what the node starts, stops and serves through.
+
 - On receipt (:meth:`FactoryRole.receipt_facts`) every ``application/dicom`` object
   is re-parsed from the store; its SOP Instance UID, pixel-data hash and geometry
   hash (:mod:`gateway.fidelity.dicom`) and Study/Series Instance UIDs go into the
@@ -46,12 +50,11 @@ from gateway.fidelity.dicom import (
     pixel_hash,
 )
 from gateway.fidelity.series import SliceGeometry, slice_geometry
-from gateway.roles import RoleHooks
+from gateway.roles import RoleContext, RoleHooks
 
 if TYPE_CHECKING:
     from gateway.cases.facts import RecordFacts
     from gateway.identity import Identity
-    from gateway.server import Node
     from gateway.storage import ObjectStore
     from gateway.transfer.model import Announce
 
@@ -81,15 +84,15 @@ class StudyDetail:
 
 
 class FactoryRole(RoleHooks):
-    def __init__(self, node: Node) -> None:
+    def __init__(self, ctx: RoleContext) -> None:
         from yigong.v1 import factory_pb2
 
-        self.node = node
+        self.ctx = ctx
         self.service_names = (factory_pb2.DESCRIPTOR.services_by_name["Factory"].full_name,)
-        self.studies = StudyStore(node.catalog)
-        self.record_facts = FactoryRecordFacts(self.studies, node.store)
+        self.studies = StudyStore(ctx.catalog)
+        self.record_facts = FactoryRecordFacts(self.studies, ctx.store)
         self.monitor = SuitabilityMonitor(
-            self.studies, node.audit, node.cfg.suitability, node.cfg.node.id
+            self.studies, ctx.audit, ctx.cfg.suitability, ctx.cfg.node.id
         )
 
     # -- hooks ------------------------------------------------------------
@@ -111,9 +114,9 @@ class FactoryRole(RoleHooks):
             )
             if not added:  # a receipt re-issued for an object already recorded
                 return {FACT_PARSE_ERROR: reason}
-            self.node.audit.record(
+            self.ctx.audit.record(
                 FIDELITY_RESULT,
-                actor=f"node:{self.node.cfg.node.id}",
+                actor=f"node:{self.ctx.cfg.node.id}",
                 outcome="failure",
                 object_id=announce.object_id,
                 case_id=announce.case_id or None,
@@ -179,7 +182,7 @@ class FactoryRole(RoleHooks):
         return self.monitor.is_current(summary)
 
     def _audit(self, caller: Identity, what: str, case_id: str, **details: str | int) -> None:
-        self.node.audit.record(
+        self.ctx.audit.record(
             QUERY,
             actor=caller.label(),
             case_id=case_id or None,

@@ -1,8 +1,11 @@
-"""The ``yigong`` command line.
+"""The ``yigong`` command line: the core's part.
 
 Each command group lives in its own module exposing ``register(subparsers)``;
-this module wires them together, prints :class:`~gateway.errors.YigongError`
-messages as ``error: ...`` and exits with status 2 (1 for a failed check).
+this module puts the core's groups and the roles' groups it is given in order, prints
+:class:`~gateway.errors.YigongError` messages as ``error: ...`` and exits with status 2
+(1 for a failed check). The program itself (``yigong``, ``python -m yigong_node``) is
+:mod:`yigong_node.cli`: the composition root hands in the roles' command groups and
+the node builder ``yigong serve`` uses, so nothing here imports a role.
 
 No traceback reaches a user: an OS error is printed as one ``error:`` line naming the
 file, anything unexpected as one line naming the exception (``-vv`` logs the
@@ -17,10 +20,16 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.errors import YigongError
+
+if TYPE_CHECKING:
+    from gateway.config import NodeConfig
+    from gateway.roles import CliGroup
+    from gateway.server import Node
 
 
 def _verbosity(argv: Sequence[str]) -> int:
@@ -40,7 +49,11 @@ if _verbosity(sys.argv[1:]) < 2:
 log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    *, role_groups: Sequence[CliGroup], build_node: Callable[[NodeConfig], Node]
+) -> argparse.ArgumentParser:
+    """The whole command line: the core's groups with ``role_groups`` among them, and
+    ``yigong serve`` running what ``build_node`` builds."""
     parser = argparse.ArgumentParser(
         prog="yigong",
         description="Secure federated data-exchange gateway for custom-made medical devices.",
@@ -52,20 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     # Command groups, in the order of the help text. Role commands (study, factory)
-    # live with their role; the rest are the shared core's.
-    from factory_node import cli_factory
-    from gateway import cli_audit, cli_config, cli_node, cli_pki, demo
+    # live with their role and come in as role_groups; the rest are the shared core's.
+    from gateway import cli_audit, cli_config, cli_demo, cli_node, cli_pki
     from gateway.cases import cli as cli_case
-    from hospital_node import cli_study
 
-    groups = (cli_pki, cli_node, demo, cli_study, cli_factory, cli_case, cli_audit, cli_config)
-    for group in groups:
+    cli_pki.register(sub)
+    cli_node.register(sub, build_node=build_node)
+    cli_demo.register(sub)
+    for register in role_groups:
+        register(sub)
+    for group in (cli_case, cli_audit, cli_config):
         group.register(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command: a user sees one ``error:`` line, never a
+    traceback (exit 2; 3 for a bug; 130 interrupted)."""
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -90,6 +106,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Not the program any more: says where it is (an entry point installed before the
+    composition root existed still calls this; ``pip install -e .`` renews it)."""
+    print(
+        "error: the yigong program is yigong_node.cli (`python -m yigong_node`); "
+        "gateway.cli is only the core's part of it. If `yigong` printed this, its entry "
+        "point is stale: run `pip install -e .` in the source tree.",
+        file=sys.stderr,
+    )
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -294,6 +294,9 @@ def connect(args: argparse.Namespace) -> NodeClient:
             flush=True,
         )
     creds = ClientCredentials.from_files(target.ca, target.cert, target.key)
-    client = NodeClient(target.address, creds, node_id=target.node_id)
-    client.target = f"node {server.subject_id} at {target.address}"
-    return client
+    return NodeClient(
+        target.address,
+        creds,
+        node_id=target.node_id,
+        target=f"node {server.subject_id} at {target.address}",
+    )

@@ -9,17 +9,21 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from google.protobuf.json_format import MessageToDict
+from typing import TYPE_CHECKING, Any
 
 from gateway.cli_download import add_download_options, run_download
 from gateway.cli_progress import add_progress_options
 from gateway.cli_send import add_send_options, run_send
+from gateway.cli_send import message_dict as _dict
 from gateway.client import NodeClient
 from gateway.config import load_config
 from yigong.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from gateway.config import NodeConfig
+    from gateway.server import Node
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,13 @@ def connect(args: argparse.Namespace) -> NodeClient:
     return resolve_and_connect(args)
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    *,
+    build_node: Callable[[NodeConfig], Node],
+) -> None:
+    """The node commands; ``yigong serve`` runs the node ``build_node`` builds (the
+    composition root's, :func:`yigong_node.compose.build_node`)."""
     p = sub.add_parser("serve", help="run a node from its configuration file")
     p.add_argument("config", type=Path, help="node configuration (TOML)")
     p.add_argument(
@@ -60,7 +70,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=Path,
         help="write {port, pid, node} as JSON here once listening (for supervisors/tests)",
     )
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, build_node=build_node)
 
     p = sub.add_parser("send", help="upload a file to a node and queue it for peers")
     p.add_argument("file", type=Path, help="the file to send")
@@ -114,7 +124,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.allocator import keep_freed_memory
-    from gateway.server import Node, write_ready_file
+    from gateway.server import write_ready_file
 
     keep_freed_memory()  # before the node's threads allocate (see gateway/allocator.py)
     cfg = load_config(args.config)
@@ -127,7 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Handlers first: a SIGTERM during start-up still ends in a clean stop.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node = Node(cfg)
+    node = args.build_node(cfg)
     try:
         port = node.start()
     except BaseException:
@@ -300,12 +310,6 @@ def _short(text: str, width: int = 80) -> str:
 def _t(iso: str) -> str:
     """Readable UTC time: 2026-11-22 06:13:33Z."""
     return iso[:19].replace("T", " ") + "Z" if iso else ""
-
-
-def _dict(msg: Any) -> dict[str, Any]:
-    return MessageToDict(
-        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
 
 
 def _transfer_dict(t: common_pb2.TransferInfo) -> dict[str, Any]:

@@ -19,6 +19,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
 
 from gateway.cli_progress import Reporter, Task
 from gateway.client import NodeClient
@@ -31,6 +34,13 @@ from yigong.v1 import common_pb2, exchange_pb2
 EXIT_FAILED = 3
 EXIT_TIMEOUT = 4
 POLL_SECONDS = 0.5
+
+
+def message_dict(msg: Any) -> dict[str, Any]:
+    """A reply as JSON-ready data (field names as in the .proto, defaults included)."""
+    return MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def add_send_options(p: argparse.ArgumentParser) -> None:
@@ -51,8 +61,6 @@ def add_send_options(p: argparse.ArgumentParser) -> None:
 
 def run_send(args: argparse.Namespace, client: NodeClient) -> int:
     """The body of ``yigong send`` on an open client."""
-    from gateway.cli_node import _dict
-
     path: Path = args.file
     if args.timeout < 0:
         raise ConfigError("--timeout must be 0 (no limit) or a number of seconds")
@@ -64,7 +72,7 @@ def run_send(args: argparse.Namespace, client: NodeClient) -> int:
         )
         task.done(f"stored as {reply.object.object_id[:16]}…")
         if args.json:
-            out = _dict(reply)
+            out = message_dict(reply)
         else:
             print(f"stored object {reply.object.object_id} ({reply.object.size} bytes)")
             for t in reply.queued:

@@ -43,9 +43,10 @@ class NodeClient:
         *,
         node_id: str | None = None,
         timeout: float = 30.0,
+        target: str | None = None,
     ) -> None:
         self.address = address
-        self.target = f"node {node_id or ''} at {address}".replace("node  at", "node at")
+        self.target = target or f"node {node_id or ''} at {address}".replace("node  at", "node at")
         self.timeout = timeout
         self.channel = open_channel(address, creds, peer_node_id=node_id)
         self.query = query_pb2_grpc.QueryStub(self.channel)

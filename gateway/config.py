@@ -551,3 +551,18 @@ def render_config(
     for peer_id, address in peers:
         lines += ["[[peers]]", f"id = {q(peer_id)}", f"address = {q(address)}", ""]
     return "\n".join(lines)
+
+
+class LiveConfig:
+    """The configuration in force on a running node, for what reads it at each use (peer
+    addresses when a link opens, the PACS when a design is exported), so that one
+    replaced configuration reaches every such reader at once."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self._cfg = cfg
+
+    def __call__(self) -> NodeConfig:
+        return self._cfg
+
+    def replace(self, cfg: NodeConfig) -> None:
+        self._cfg = cfg

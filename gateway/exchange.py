@@ -61,6 +61,9 @@ class Exchange:
         outbox: Outbox,
         spool_dir: Path,
         max_object_bytes: int,
+        *,
+        validate_design: Callable[[Path, str, str], None] | None = None,
+        alert_on_type_refusal: bool = False,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -69,9 +72,9 @@ class Exchange:
         self.outbox = outbox
         self.spool_dir = spool_dir
         self.max_object_bytes = max_object_bytes
-        self.validate_design: Callable[[Path, str, str], None] | None = None
-        # set by the hospital role: a type the content contradicts is a security alert there
-        self.alert_on_type_refusal = False
+        self.validate_design = validate_design  # the node's design-file format check
+        # the hospital role's: a type the content contradicts is a security alert there
+        self.alert_on_type_refusal = alert_on_type_refusal
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def submit(

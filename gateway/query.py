@@ -52,14 +52,21 @@ def _limit(value: int) -> int:
 
 class QueryService:
     def __init__(
-        self, node_id: str, catalog: Catalog, store: ObjectStore, audit: AuditLog, chunk_bytes: int
+        self,
+        node_id: str,
+        catalog: Catalog,
+        store: ObjectStore,
+        audit: AuditLog,
+        chunk_bytes: int,
+        *,
+        settle: Callable[[], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.catalog = catalog
         self.store = store
         self.audit = audit
         self.chunk_bytes = chunk_bytes
-        self.settle: Callable[[], None] = lambda: None
+        self.settle: Callable[[], None] = settle if settle is not None else (lambda: None)
         """Called before reading objects: the role's :meth:`RoleHooks.settle`."""
 
     def list_objects(

@@ -146,7 +146,7 @@ class DesignExporter:
         audit: AuditLog,
         vault: PseudonymVault,
         releases: ReleaseStore,
-        cases: Callable[[], CaseService],
+        cases: CaseService,
         uid_map: Callable[[str, str, str], str],
         send: Sender,
         equipment: Equipment | None = None,
@@ -289,7 +289,7 @@ class DesignExporter:
 
     # -- the checks ----------------------------------------------------------------------
     def _plan(self, case_id: str, object_id: str, again: bool) -> _Plan:
-        cases = self._cases()
+        cases = self._cases
         case = cases.case(case_id)
         design_hash, design = self._approved_design(case_id, cases.intact(case))
         files = [str(f["object_id"]) for f in design.data.get("files", ())]

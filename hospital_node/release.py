@@ -36,7 +36,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydicom import dcmread
 
@@ -70,13 +70,37 @@ from hospital_node.vault import (
 )
 
 if TYPE_CHECKING:
-    from gateway.server import Node
+    from gateway.audit import AuditLog
+    from gateway.catalog import Catalog
+    from gateway.config import NodeConfig
+    from gateway.transfer.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
 RECORD_TYPE = "data_confirmation"
 MAX_CACHED_RECIPIENTS = 64
 DEID_LABEL = f"PS3.15-{TABLE_EDITION}"
+
+
+class NodeServices(Protocol):
+    """What the release uses of its node: configuration, identity, signing key, catalog,
+    store, audit log and outbox (the composition root passes them; docs/architecture.md)."""
+
+    @property
+    def cfg(self) -> NodeConfig: ...
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def identity(self) -> Identity: ...
+    @property
+    def catalog(self) -> Catalog: ...
+    @property
+    def store(self) -> ObjectStore: ...
+    @property
+    def audit(self) -> AuditLog: ...
+    @property
+    def outbox(self) -> Outbox: ...
+    def sign(self, data: bytes) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -101,14 +125,14 @@ class Releaser:
 
     def __init__(
         self,
-        node: Node,
+        node: NodeServices,
         vault: PseudonymVault,
         deidentifier: Deidentifier,
         records: ReleaseStore,
         studies: Callable[[], StudyCatalog],
         check_outgoing: Callable[[ObjectRecord, ObjectStore, str], None],
     ) -> None:
-        self.node_id = node.cfg.node.id
+        self.node_id = node.node_id
         me = node.identity
         self._node_signer = _Signer(me.label(), f"{me.serial:x}", me.fingerprint, True)
         self._sign = node.sign

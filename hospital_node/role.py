@@ -1,5 +1,12 @@
 """The hospital node's additions to the core (see :mod:`gateway.roles`).
 
+Built in two steps by the composition root (:mod:`yigong_node`; registered in
+:mod:`hospital_node.registration`): :class:`HospitalHooks` from the node's
+infrastructure — what the core calls (the outgoing guard, the receipt and case-record
+checks, settle) and the DICOM ingest — then :class:`HospitalRole` from those hooks and
+the core's outbox and case service: the release, auto-forward, design export and the
+``yigong.v1.Hospital`` service.
+
 Sections (each owned by one feature; keep them separate):
 
 - ingest (SCP): the DICOM SCP, study assembly and the quiet-period ticker.
@@ -16,14 +23,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from gateway import authz
 from gateway.audit import QUERY
+from gateway.cases.store import CaseStore
 from gateway.errors import ConfigError, ValidationError, YigongError
-from gateway.roles import RoleHooks
+from gateway.roles import CoreServices, RoleContext, RoleHooks
 from hospital_node.deid import Deidentifier
 from hospital_node.design_export import DesignExporter, ExportResult
 from hospital_node.guard import OutgoingGuard
@@ -51,35 +60,42 @@ from hospital_node.study_identity import StudyIdentities
 from hospital_node.vault import PseudonymVault, load_or_create_key
 
 if TYPE_CHECKING:
+    from gateway.audit import AuditLog
     from gateway.cases.facts import RecordFacts
-    from gateway.catalog import ObjectRecord
+    from gateway.catalog import Catalog, ObjectRecord
+    from gateway.config import NodeConfig
     from gateway.identity import Identity
-    from gateway.server import Node
     from gateway.storage import ObjectStore
+    from gateway.transfer.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
 AUTO_FORWARD_INTERVAL_SECONDS = 1.0
 
 
-class HospitalRole(RoleHooks):
-    def __init__(self, node: Node) -> None:
-        self.node = node
+class HospitalHooks(RoleHooks):
+    """What the core calls on a hospital node, and the DICOM ingest (step 1: built from
+    the node's infrastructure, before the outbox and case service that call it)."""
+
+    alert_on_type_refusal = True  # a mis-declared upload: security alert
+
+    def __init__(self, ctx: RoleContext) -> None:
+        from yigong.v1 import hospital_pb2
+
+        self.ctx = ctx
+        self.service_names = (hospital_pb2.DESCRIPTOR.services_by_name["Hospital"].full_name,)
         self._init_ingest()
-        self._init_release()
-        self._init_design_export()
+        self._init_keys()
 
     def start(self) -> None:
         self._start_ingest()
-        self._start_release()
 
     def stop(self) -> None:
         self._stop_ingest()
-        self._stop_release()
 
     # --- ingest (SCP): DICOM listener, study assembly, quiet-period ticker ----------
     def _init_ingest(self) -> None:
-        self.studies = StudyCatalog(self.node.catalog)
+        self.studies = StudyCatalog(self.ctx.catalog)
         self.dicom_port = 0
         self.spool: DicomSpool | None = None
         self._dicom: DicomServer | None = None
@@ -87,17 +103,17 @@ class HospitalRole(RoleHooks):
         self._tick_thread: threading.Thread | None = None
 
     def _start_ingest(self) -> None:
-        node, cfg = self.node, self.node.cfg.dicom
+        ctx, cfg = self.ctx, self.ctx.cfg.dicom
         if not cfg.enabled:
             return
         ingest = Ingest(
-            node.store, node.catalog, self.studies, node.audit, node.cfg.node.id,
+            ctx.store, ctx.catalog, self.studies, ctx.audit, ctx.cfg.node.id,
             self.identities,
         )  # fmt: skip
         self.spool = DicomSpool(ingest, cfg.spool_path, max_waiting=cfg.spool_max_waiting)
         self.spool.start()
         self._dicom = DicomServer(
-            cfg, self.spool, node.audit, node.cfg.node.id, telemetry=node.telemetry
+            cfg, self.spool, ctx.audit, ctx.cfg.node.id, telemetry=ctx.telemetry
         )
         self.dicom_port = self._dicom.start()
         self._tick_stop.clear()
@@ -107,7 +123,7 @@ class HospitalRole(RoleHooks):
         self._tick_thread.start()
 
     def _tick_loop(self) -> None:
-        quiet = self.node.cfg.dicom.quiet_period_seconds
+        quiet = self.ctx.cfg.dicom.quiet_period_seconds
         while not self._tick_stop.wait(min(1.0, max(0.05, quiet / 4))):
             if self.spool is not None and self.spool.waiting:
                 continue  # a study is not quiet while its instances may still be filed
@@ -133,12 +149,9 @@ class HospitalRole(RoleHooks):
         if self.spool is not None:
             self.spool.settle()
 
-    # --- release: confirmation, vault, de-identified sending ------------------------
-    def _init_release(self) -> None:
-        from yigong.v1 import hospital_pb2
-
-        node, cfg = self.node, self.node.cfg
-        self.service_names = (hospital_pb2.DESCRIPTOR.services_by_name["Hospital"].full_name,)
+    # --- keys, vault, outgoing guard, record facts -------------------------------
+    def _init_keys(self) -> None:
+        ctx, cfg = self.ctx, self.ctx.cfg
         assert cfg.deid.key_file is not None and cfg.deid.vault_key_file is not None
         deid_key = load_or_create_key(cfg.deid.key_file, "de-identification key")
         vault_key = load_or_create_key(cfg.deid.vault_key_file, "pseudonym vault key")
@@ -147,41 +160,24 @@ class HospitalRole(RoleHooks):
                 f"{cfg.source}: deid.key_file and deid.vault_key_file hold the same key; "
                 "they must be two different secrets"
             )
-        self.vault = PseudonymVault(node.catalog, vault_key)
-        self.identities = StudyIdentities(node.catalog, vault_key)
-        self.release_records = ReleaseStore(node.catalog)
+        self.deidentifier = Deidentifier(deid_key)
+        self.vault = PseudonymVault(ctx.catalog, vault_key)
+        self.identities = StudyIdentities(ctx.catalog, vault_key)
+        self.release_records = ReleaseStore(ctx.catalog)
+        case_records = CaseStore(ctx.catalog)
         self.outbound = OutboundGate(
             identifiers=self._case_identifiers,
-            is_case_record=lambda oid: node.cases.cases.find_record(oid) is not None,
+            is_case_record=lambda oid: case_records.find_record(oid) is not None,
             scratch_dir=cfg.node.data_dir / "spool" / "outbound",
             limits=OutboundLimits(
                 max_expanded_bytes=cfg.outbound.max_expanded_bytes,
                 max_archive_members=cfg.outbound.max_archive_members,
                 max_archive_depth=cfg.outbound.max_archive_depth,
             ),
-            format_check=node.check_design_file,
+            format_check=ctx.check_design_file,
         )
         self.guard = OutgoingGuard(self.vault, self.release_records, self.outbound)
-        node.exchange.alert_on_type_refusal = True  # a mis-declared upload: security alert
         self.record_facts = HospitalRecordFacts(self.vault, self.release_records)
-        self.releaser = Releaser(
-            node,
-            self.vault,
-            Deidentifier(deid_key),
-            self.release_records,
-            self._study_source,
-            self.check_outgoing,
-        )
-        self._auto_stop = threading.Event()
-        d = cfg.dicom
-        if d.auto_forward_to and d.auto_forward_to not in node.outbox.settings.known_peers:
-            raise ConfigError(
-                f"{cfg.source}: dicom.auto_forward_to {d.auto_forward_to!r} is not a configured "
-                "peer; add it under [[peers]]"
-            )
-        if d.auto_forward_called_ae and d.auto_forward_to:  # rule first seen: before any tick
-            self.release_records.auto_forward_since(d.auto_forward_called_ae, d.auto_forward_to)
-        self._auto_thread: threading.Thread | None = None
 
     def check_outgoing(self, obj: ObjectRecord, store: ObjectStore, peer: str) -> None:
         self.guard.check_outgoing(obj, store, peer)
@@ -196,7 +192,7 @@ class HospitalRole(RoleHooks):
             self.vault,
             self.release_records.study_uids_for_case(case_id) if case_id else [],
             self._first_original,
-            self.node.store,
+            self.ctx.store,
         )
 
     def _first_original(self, study_uid: str) -> str:
@@ -209,6 +205,128 @@ class HospitalRole(RoleHooks):
         self, obj: ObjectRecord, facts: Mapping[str, str], store: ObjectStore
     ) -> None:
         self.guard.check_receipt(obj, facts, store)
+
+
+@dataclass(frozen=True)
+class _ReleaseNode:
+    """What the release uses of its node (:class:`hospital_node.release.NodeServices`)."""
+
+    cfg: NodeConfig
+    node_id: str
+    identity: Identity
+    catalog: Catalog
+    store: ObjectStore
+    audit: AuditLog
+    outbox: Outbox
+    sign: Callable[[bytes], bytes]
+
+
+class HospitalRole(RoleHooks):
+    """The hospital's own services on top of the core (step 2): confirmation and
+    release, auto-forward, design export and the ``yigong.v1.Hospital`` service. The
+    node starts, stops and serves through this object; the core's checks are
+    :class:`HospitalHooks` (reached here as :attr:`hooks`)."""
+
+    alert_on_type_refusal = True
+
+    def __init__(self, hooks: HospitalHooks, ctx: RoleContext, core: CoreServices) -> None:
+        self.hooks, self.ctx = hooks, ctx
+        self.service_names = hooks.service_names
+        self.cert_pem = ctx.cert_pem
+        self._init_release(core)
+        self._init_design_export(core)
+
+    @property
+    def cfg(self) -> NodeConfig:
+        return self.ctx.cfg
+
+    # The step-1 parts, by the names the role always had.
+    @property
+    def studies(self) -> StudyCatalog:
+        return self.hooks.studies
+
+    @property
+    def spool(self) -> DicomSpool | None:
+        return self.hooks.spool
+
+    @property
+    def dicom_port(self) -> int:
+        return self.hooks.dicom_port
+
+    @property
+    def _dicom(self) -> DicomServer | None:
+        return self.hooks._dicom
+
+    @property
+    def vault(self) -> PseudonymVault:
+        return self.hooks.vault
+
+    @property
+    def identities(self) -> StudyIdentities:
+        return self.hooks.identities
+
+    @property
+    def release_records(self) -> ReleaseStore:
+        return self.hooks.release_records
+
+    @property
+    def guard(self) -> OutgoingGuard:
+        return self.hooks.guard
+
+    @property
+    def outbound(self) -> OutboundGate:
+        return self.hooks.outbound
+
+    @property
+    def record_facts(self) -> HospitalRecordFacts:
+        return self.hooks.record_facts
+
+    def start(self) -> None:
+        self.hooks.start()
+        self._start_release()
+
+    def stop(self) -> None:
+        self.hooks.stop()
+        self._stop_release()
+
+    def settle(self) -> None:
+        self.hooks.settle()
+
+    def check_outgoing(self, obj: ObjectRecord, store: ObjectStore, peer: str) -> None:
+        self.hooks.check_outgoing(obj, store, peer)
+
+    def check_case_record(self, ctx: RecordFacts) -> None:
+        self.hooks.check_case_record(ctx)
+
+    def check_receipt(
+        self, obj: ObjectRecord, facts: Mapping[str, str], store: ObjectStore
+    ) -> None:
+        self.hooks.check_receipt(obj, facts, store)
+
+    # --- release: confirmation, vault, de-identified sending ------------------------
+    def _init_release(self, core: CoreServices) -> None:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        self.releaser = Releaser(
+            _ReleaseNode(
+                ctx.cfg, ctx.cfg.node.id, ctx.identity, ctx.catalog, ctx.store, ctx.audit,
+                core.outbox, ctx.sign,
+            ),
+            self.vault,
+            self.hooks.deidentifier,
+            self.release_records,
+            self._study_source,
+            self.hooks.check_outgoing,
+        )  # fmt: skip
+        self._auto_stop = threading.Event()
+        d = cfg.dicom
+        if d.auto_forward_to and d.auto_forward_to not in core.outbox.settings.known_peers:
+            raise ConfigError(
+                f"{cfg.source}: dicom.auto_forward_to {d.auto_forward_to!r} is not a configured "
+                "peer; add it under [[peers]]"
+            )
+        if d.auto_forward_called_ae and d.auto_forward_to:  # rule first seen: before any tick
+            self.release_records.auto_forward_since(d.auto_forward_called_ae, d.auto_forward_to)
+        self._auto_thread: threading.Thread | None = None
 
     def add_services(self, server: Any, gate: Any) -> None:
         from hospital_node.service import HospitalServicer
@@ -224,13 +342,13 @@ class HospitalRole(RoleHooks):
 
     def _start_release(self) -> None:
         self.releaser.resume()
-        d = self.node.cfg.dicom
+        d = self.cfg.dicom
         if not (d.auto_forward_called_ae and d.auto_forward_to):
             return
-        allow = self.node.cfg.deid.allow_burned_in
-        self.node.audit.record(
+        allow = self.cfg.deid.allow_burned_in
+        self.ctx.audit.record(
             "config.loaded",
-            actor=f"node:{self.node.cfg.node.id}",
+            actor=f"node:{self.cfg.node.id}",
             peer=d.auto_forward_to,
             details={
                 "auto_forward_called_ae": d.auto_forward_called_ae,
@@ -293,20 +411,20 @@ class HospitalRole(RoleHooks):
             self._auto_thread = None
 
     # --- design export: approved designs into the hospital's PACS (Encapsulated STL) -----
-    def _init_design_export(self) -> None:
+    def _init_design_export(self, core: CoreServices) -> None:
         from hospital_node.pacs_scu import send_to_pacs  # the only pynetdicom SCU
 
-        node = self.node
+        ctx = self.ctx
         self.design_exporter = DesignExporter(
-            node_id=node.cfg.node.id,
-            pacs=lambda: node.cfg.pacs,
-            calling_ae=node.cfg.dicom.ae_title,
-            catalog=node.catalog,
-            store=node.store,
-            audit=node.audit,
+            node_id=ctx.cfg.node.id,
+            pacs=lambda: ctx.cfg.pacs,  # the configuration in force at each export
+            calling_ae=ctx.cfg.dicom.ae_title,
+            catalog=ctx.catalog,
+            store=ctx.store,
+            audit=ctx.audit,
             vault=self.vault,
             releases=self.release_records,
-            cases=lambda: node.cases,  # built by the Node after its role hooks
+            cases=core.cases,
             uid_map=self.releaser.map_uid_for,
             send=send_to_pacs,
         )
@@ -339,7 +457,7 @@ class HospitalRole(RoleHooks):
             for r in self.release_records.releases(c.confirmation_id):
                 t = None
                 if r.transfer_id:
-                    t = self.node.catalog.find_transfer(r.transfer_id, "outbound")
+                    t = self.ctx.catalog.find_transfer(r.transfer_id, "outbound")
                 releases.setdefault(r.source_object_id, []).append(
                     ReleaseView(r, c.destination, t.status if t else "", t.last_error if t else "")
                 )
@@ -352,15 +470,15 @@ class HospitalRole(RoleHooks):
         """Each study with its cases (and pseudonyms) and — for the hospital's clinicians
         and the node itself only (:func:`gateway.authz.may_see_identity`) — whom it is of.
         Every study whose identity is shown is audited by its UID, never a value."""
-        node = authz.NodeSelf(self.node.cfg.node.id, self.node.cfg.node.role)
+        node = authz.NodeSelf(self.cfg.node.id, self.cfg.node.role)
         visible = authz.may_see_identity(caller, node)
         uids = [s.study_uid for s in summaries]
         identities = self.identities.many(uids) if visible else {}
         if identities:
-            with self.node.audit.batch():
+            with self.ctx.audit.batch():
                 for uid in uids:
                     if uid in identities:
-                        self.node.audit.record(
+                        self.ctx.audit.record(
                             QUERY,
                             actor=caller.label(),
                             details={"query": "hospital.study_identity", "study_instance_uid": uid},
@@ -402,4 +520,4 @@ class HospitalRole(RoleHooks):
         )
 
     def _audit_query(self, caller: Identity, what: str, **details: str | int) -> None:
-        self.node.audit.record("query", actor=caller.label(), details={"query": what, **details})
+        self.ctx.audit.record("query", actor=caller.label(), details={"query": what, **details})

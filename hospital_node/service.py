@@ -44,7 +44,7 @@ class HospitalServicer(hospital_pb2_grpc.HospitalServicer):
     ) -> hospital_pb2.HospitalStudy:
         with wire_errors(context, "Hospital.GetStudy"):
             view = self.role.get_study(self.gate.identity(context), request.study_uid)
-            cert = self.role.node.cert_pem
+            cert = self.role.cert_pem
             listing = view.listing
             cases = {c.confirmation_id: c for c in listing.cases} if listing else {}
             return hospital_pb2.HospitalStudy(
@@ -77,7 +77,7 @@ class HospitalServicer(hospital_pb2_grpc.HospitalServicer):
             ]
             return hospital_pb2.ConfirmStudyResponse(
                 confirmation=confirmation_to_pb(
-                    c, self.role.node.cert_pem, self.role.study_case(c)
+                    c, self.role.cert_pem, self.role.study_case(c)
                 ),
                 transfer_ids=result.transfer_ids,
                 instances=[release_instance_to_pb(v) for v in releases],

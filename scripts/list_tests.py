@@ -80,6 +80,7 @@ FEATURES: list[tuple[str, list[str]]] = [
             "test_push_encoding.py",
         ],
     ),
+    ("Layers: the import graph (no cycle, no role in the core)", ["test_import_graph.py"]),
     (
         "Benchmarks (smoke)",
         ["test_bench_smoke.py", "test_bench_dicom_smoke.py", "test_bench_study_smoke.py"],

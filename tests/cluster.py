@@ -18,8 +18,9 @@ from pathlib import Path
 from gateway import pki
 from gateway.client import NodeClient
 from gateway.config import load_config, render_config
+from gateway.roles import RoleRegistry
 from gateway.rpc.channel import ClientCredentials
-from gateway.server import Node
+from yigong_node.compose import build_node
 
 
 @dataclass
@@ -107,9 +108,9 @@ def pin_port(config: Path, port: int) -> None:
 
 
 class InProcessNode:
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, roles: RoleRegistry | None = None) -> None:
         self.config = config
-        self.node = Node(load_config(config))
+        self.node = build_node(load_config(config), roles)
         self.port = self.node.start()
         self.address = f"127.0.0.1:{self.port}"
 
@@ -144,7 +145,7 @@ class NodeProcess:
             [
                 sys.executable,
                 "-m",
-                "gateway.cli",
+                "yigong_node",
                 "-v",
                 "serve",
                 str(self.config),

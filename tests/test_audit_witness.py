@@ -25,7 +25,6 @@ from gateway.audit import (
     read_events,
     verify_log,
 )
-from gateway.cli import main
 from gateway.client import NodeClient
 from gateway.config import load_config
 from gateway.errors import ConfigError, PermissionDenied, ValidationError
@@ -39,6 +38,7 @@ from tests.cluster import (
     write_config,
 )
 from tests.test_audit import rehash_from
+from yigong_node.cli import main
 
 FAST = "[transfer]\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0\n"
 WITNESS_FAST = FAST + "[audit]\ncheckpoint_seconds = 0.3\n"
@@ -386,7 +386,7 @@ def test_witnessing_can_be_switched_off(
 
 
 # --- the officer's CLI ---------------------------------------------------------------------
-LIST = [sys.executable, "-m", "gateway.cli", "audit", "list", "--config"]
+LIST = [sys.executable, "-m", "yigong_node", "audit", "list", "--config"]
 
 
 def _lines(proc: subprocess.Popen[str]) -> queue.Queue[str]:

@@ -11,9 +11,9 @@ import pytest
 
 from gateway.cases.describe import article, expand_hashes, template
 from gateway.cases.schema import TYPES, validate_data
-from gateway.cli import main
 from gateway.errors import ValidationError
 from tests.test_cases import FACTORY, HOSPITAL, Env, _cli, advance, env  # noqa: F401
+from yigong_node.cli import main
 
 
 def test_types_of_one_type_print_the_full_nested_schema(

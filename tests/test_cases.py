@@ -17,11 +17,10 @@ import pytest
 
 from factory_node.role import FactoryRole
 from gateway import authz
-from gateway.cases import CaseService, case_facts_hook
+from gateway.cases import CaseService
 from gateway.cases.chain import Verified
 from gateway.cases.cli import register as register_case_cli
 from gateway.cases.client import CaseClient
-from gateway.cases.grpc_service import add_case_service
 from gateway.cases.records import Envelope, Record, canonical_bytes, genesis_hash
 from gateway.cases.schema import CaseFormatError, validate_data
 from gateway.cases.signing import PersonSigner
@@ -35,6 +34,7 @@ from hospital_node.ingest import Ingest
 from hospital_node.role import HospitalRole
 from tests.cluster import Federation, wait_for, write_config
 from tests.dicom_factory import StudyInfo, ct_series, to_part10
+from yigong_node.compose import build_node
 
 HOSPITAL, FACTORY = "hospital-1", "factory-1"
 CASE_POLICY = {
@@ -77,20 +77,10 @@ class CaseNode:
 
 
 def _start(config: Path) -> CaseNode:
-    """A node with the Case service and the case facts hook wired as Node.start will."""
-    node = Node(load_config(config))
-    cases = CaseService.from_node(node)
-    role_services = node.hooks.add_services
-
-    def add_services(server: Any, gate: Any) -> None:
-        role_services(server, gate)
-        add_case_service(server, gate, cases)
-
-    node.hooks.add_services = add_services  # type: ignore[method-assign]
-    node.cases = cases  # what the role hooks use, as Node.start wires it
-    node.receiver.facts_hook = case_facts_hook(cases, node._receipt_facts)
+    """A node as the composition root builds it (Case service and case facts hook wired)."""
+    node = build_node(load_config(config))
     port = node.start()
-    return CaseNode(node, cases, f"127.0.0.1:{port}")
+    return CaseNode(node, node.cases, f"127.0.0.1:{port}")
 
 
 def _point(node: Node, peer: str, address: str) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from gateway import __version__
-from gateway.cli import main
 from tests.cluster import Federation, InProcessNode, wait_for
 from tests.outbound_files import clean_pdf
+from yigong_node.cli import main
 
 
 def _conn(node: InProcessNode, fed: Federation, person: tuple[str, str] | None) -> list[str]:
@@ -37,7 +37,7 @@ def _conn(node: InProcessNode, fed: Federation, person: tuple[str, str] | None) 
 
 def test_version() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--version"], capture_output=True, text=True
+        [sys.executable, "-m", "yigong_node", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.strip() == f"yigong-gateway {__version__}"
 

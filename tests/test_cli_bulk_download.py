@@ -7,15 +7,34 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
 from gateway.cli_download import part_path
-from gateway.roles import RoleHooks
-from tests.cluster import Federation, InProcessNode, wait_for
+from gateway.roles import CORE_ONLY
+from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.test_factory import deid_series, uids
+from yigong_node.cli import main
+from yigong_node.roles import ROLES
+
+
+@pytest.fixture
+def pair(federation: Federation, tmp_path: Path) -> Iterator[tuple[InProcessNode, InProcessNode]]:
+    """A running factory node and a hospital node that knows it as a peer. The hospital
+    runs the core only (no hospital role): these tests send arbitrary files from it, which
+    its outgoing guard would hold (the guard's own tests are test_outbound_gate.py)."""
+    factory = InProcessNode(write_config(federation, tmp_path, "factory-1", "factory"))
+    hospital = InProcessNode(
+        write_config(
+            federation, tmp_path, "hospital-1", "hospital", peers={"factory-1": factory.address}
+        ),
+        roles=ROLES.with_role("hospital", CORE_ONLY),
+    )
+    yield hospital, factory
+    hospital.stop()
+    factory.stop()
 
 
 def _engineer(node: InProcessNode, fed: Federation) -> list[str]:
@@ -42,7 +61,6 @@ def _send(
     media_type: str = "application/octet-stream",
 ) -> list[str]:
     """Submit each file to factory-1 and wait for every receipt; returns the digests."""
-    hospital.node.outbox.hooks = RoleHooks()
     tids, digests = [], []
     with hospital.self_client() as client:
         for name, data in files.items():

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from gateway import pki
-from gateway.cli import build_parser, main
 from gateway.errors import RevokedCertificate
 from tests.cluster import Federation, InProcessNode, write_config
 from tests.outbound_files import clean_pdf
+from yigong_node.cli import build_parser, main
 
 Pair = tuple[InProcessNode, InProcessNode]
 
@@ -148,7 +148,7 @@ def test_key_of_another_certificate_is_detected_before_connecting(
     argv = ["query", "objects", "--address", factory.address, "--cert", str(eng.cert_path)]
     argv += ["--key", str(other.key_path), "--ca", str(federation.ca), "--node-id", "factory-1"]
     run = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *argv], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "yigong_node", *argv], capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 2
     assert run.stderr.splitlines() == [
@@ -164,7 +164,7 @@ def test_port_in_use_is_one_line_without_grpc_core_log(pair: Pair, tmp_path: Pat
     text = factory.config.read_text().replace('"127.0.0.1:0"', f'"{factory.address}"')
     config.write_text(text.replace("factory-1-data", "clash-data"))
     run = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "serve", str(config)],
+        [sys.executable, "-m", "yigong_node", "serve", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -466,7 +466,7 @@ def test_serve_with_a_missing_crl_says_once_where_to_put_it(
     missing = tmp_path / "crl.pem"
     config.write_text(config.read_text().replace(str(federation.crl), str(missing)))
     run = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "serve", str(config)],
+        [sys.executable, "-m", "yigong_node", "serve", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

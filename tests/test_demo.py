@@ -27,7 +27,7 @@ DIGEST = sha256_hex(PDF)
 
 def _demo(*args: str | Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "demo", *map(str, args)],
+        [sys.executable, "-m", "yigong_node", "demo", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -105,7 +105,7 @@ def test_demo_without_dir_removes_its_temporary_folder(tmp_path: Path) -> None:
     env_tmp = tmp_path / "tmp"
     env_tmp.mkdir()
     run = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "demo"],
+        [sys.executable, "-m", "yigong_node", "demo"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -167,7 +167,7 @@ def test_demo_keep_running_leaves_nodes_to_explore(tmp_path: Path) -> None:
         objects = next(e for e in doc["examples"] if e.startswith("yigong query objects"))
         by_config = next(e for e in doc["examples"] if "--config" in e)
         for example, field, want in ((objects, "object_id", DIGEST), (by_config, "status", "done")):
-            cmd = [sys.executable, "-m", "gateway.cli", *shlex.split(example)[1:], "--json"]
+            cmd = [sys.executable, "-m", "yigong_node", *shlex.split(example)[1:], "--json"]
             listed = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
             assert listed.returncode == 0, listed.stderr
             assert want in [o[field] for o in json.loads(listed.stdout)], example

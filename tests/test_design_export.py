@@ -30,7 +30,6 @@ from pynetdicom import AE
 
 from gateway.cases.client import CaseClient
 from gateway.cases.signing import PersonSigner
-from gateway.cli import main
 from gateway.config import PacsSection, PeerSection
 from gateway.pki import IssuedCert
 from hospital_node.role import HospitalRole
@@ -40,6 +39,7 @@ from tests.dicom_factory import PATIENT_ID, PATIENT_NAME, SeriesInfo, StudyInfo,
 from tests.test_cases import order, review
 from tests.test_cases import stl as ascii_stl
 from yigong.v1 import hospital_pb2, hospital_pb2_grpc
+from yigong_node.cli import main
 
 STORESCP = "/usr/bin/storescp"  # dcmtk's; pynetdicom's own 'storescp' shadows it on PATH
 HOSPITAL, FACTORY = "hospital-1", "factory-1"

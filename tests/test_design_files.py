@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import trimesh
 
-from gateway.cli import main as cli_main
 from gateway.errors import NotFound, ReceiptError, ValidationError
 from gateway.fidelity.formats import (
     FACT_ERROR,
@@ -40,6 +39,7 @@ from gateway.storage.filesystem import FilesystemStore
 from gateway.transfer.model import Announce
 from gateway.transfer.receipts import verify_receipt
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
+from yigong_node.cli import main as cli_main
 
 BOX_FACTS = {
     "mesh.triangles": "12",

@@ -17,10 +17,9 @@ from pydicom import dcmread
 
 from factory_node.role import FactoryRole
 from factory_node.studies import StudySummary, SuitabilityRecord
-from gateway.cli import main as cli_main
 from gateway.client import NodeClient
 from gateway.fidelity.dicom import geometry_hash, pixel_hash
-from gateway.roles import RoleHooks
+from gateway.roles import CORE_ONLY
 from gateway.storage import ObjectStore
 from gateway.transfer.model import Announce
 from gateway.transfer.receipts import verify_receipt
@@ -28,10 +27,31 @@ from hospital_node.deid import Deidentifier, scan_for_identifiers
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.dicom_factory import SeriesInfo, StudyInfo, ct_series, to_part10
 from yigong.v1 import factory_pb2, factory_pb2_grpc
+from yigong_node.cli import main as cli_main
+from yigong_node.roles import ROLES
 
 CASE = "case-1"
 PSEUDONYM = "YG-0123456789AB"
 DEID = Deidentifier(b"factory-test-deid-key-0123456789")
+
+
+CORE_HOSPITAL = ROLES.with_role("hospital", CORE_ONLY)
+"""Roles of a hospital node that runs the core only (it sends what these tests give it)."""
+
+
+@pytest.fixture
+def pair(federation: Federation, tmp_path: Path) -> Iterator[tuple[InProcessNode, InProcessNode]]:
+    """A running factory node and a hospital node (core only) that knows it as a peer."""
+    factory = InProcessNode(write_config(federation, tmp_path, "factory-1", "factory"))
+    hospital = InProcessNode(
+        write_config(
+            federation, tmp_path, "hospital-1", "hospital", peers={"factory-1": factory.address}
+        ),
+        roles=CORE_HOSPITAL,
+    )
+    yield hospital, factory
+    hospital.stop()
+    factory.stop()
 
 
 def deid_series(n: int, *, thickness: str = "1.0", skip: tuple[int, ...] = ()) -> list[bytes]:
@@ -53,11 +73,11 @@ def uids(data: bytes) -> tuple[str, str]:
 def send(hospital: InProcessNode, blobs: list[bytes], tmp_path: Path, case: str = CASE) -> None:
     """Submit every instance to factory-1 and wait until each receipt is back.
 
-    The hospital sends as the bare core does: its release workflow (clinician
-    confirmation, then only released objects may leave) is the hospital's own and is
-    tested there; the instances are de-identified all the same and pass its scan.
+    The hospital sends as the bare core does (built with :data:`CORE_HOSPITAL`): its
+    release workflow (clinician confirmation, then only released objects may leave) is
+    the hospital's own and is tested there; the instances are de-identified all the same
+    and pass its scan.
     """
-    hospital.node.outbox.hooks = RoleHooks()
     tids = []
     with hospital.self_client() as client:
         for data in blobs:
@@ -254,7 +274,8 @@ def test_thresholds_come_from_config(federation: Federation, tmp_path: Path) -> 
     hospital = InProcessNode(
         write_config(
             federation, tmp_path, "hospital-1", "hospital", peers={"factory-1": factory.address}
-        )
+        ),
+        roles=CORE_HOSPITAL,
     )
     try:
         role(factory).monitor.quiet_seconds = 0.2

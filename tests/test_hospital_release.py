@@ -28,10 +28,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from gateway import pki
-from gateway.cli import main
 from gateway.config import load_config
 from gateway.errors import ConfigError, ReceiptError, YigongError
-from gateway.server import Node
 from hospital_node.deid import scan_for_identifiers
 from hospital_node.deid.profile import Action, Treatment, default_profile, dictionary_vr
 from hospital_node.role import AUTO_FORWARD_INTERVAL_SECONDS, HospitalRole
@@ -53,6 +51,8 @@ from tests.dicom_factory import (
     token_for,
 )
 from yigong.v1 import common_pb2, hospital_pb2, hospital_pb2_grpc
+from yigong_node.cli import main
+from yigong_node.compose import build_node
 
 Pair = tuple[InProcessNode, InProcessNode]
 CASE = "CASE-2024-0017"
@@ -478,7 +478,7 @@ def test_key_file_readable_by_others_refuses_start(federation: Federation, tmp_p
     load_or_create_key(cfg.deid.vault_key_file, "pseudonym vault key")
     os.chmod(cfg.deid.vault_key_file, 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
-        Node(cfg)
+        build_node(cfg)
     os.chmod(cfg.deid.vault_key_file, 0o600)
     cfg.deid.vault_key_file.write_bytes(b"short")
     with pytest.raises(ConfigError, match="holds 5 bytes"):

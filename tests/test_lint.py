@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("gateway", "hospital_node", "factory_node", "yigong_node")
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed")
 def test_ruff_clean() -> None:
     out = subprocess.run(
-        ["ruff", "check", "gateway", "hospital_node", "factory_node", "tests", "bench", "scripts"],
+        ["ruff", "check", *PACKAGES, "tests", "bench", "scripts"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -26,7 +27,7 @@ def test_ruff_clean() -> None:
 def test_mypy_clean() -> None:
     pytest.importorskip("mypy")
     out = subprocess.run(
-        [sys.executable, "-m", "mypy", "gateway", "hospital_node", "factory_node"],
+        [sys.executable, "-m", "mypy", *PACKAGES],
         cwd=ROOT,
         capture_output=True,
         text=True,

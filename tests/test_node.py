@@ -14,10 +14,10 @@ import pytest
 from gateway.catalog import Catalog
 from gateway.config import load_config
 from gateway.errors import CatalogError, ConfigError, StorageError
-from gateway.server import Node
 from tests.cluster import Federation, InProcessNode, NodeProcess, wait_for, write_config
 from tests.outbound_files import clean_pdf
 from tests.s3server import S3Server, new_bucket_name
+from yigong_node.compose import build_node
 
 
 def _s3_extra(s3: S3Server, bucket: str, endpoint: str | None = None) -> str:
@@ -86,7 +86,7 @@ def test_unreachable_s3_refused_at_startup(
         extra=_s3_extra(s3_server, "b-unreach", endpoint="127.0.0.1:9"),
     )
     with pytest.raises(StorageError, match=re.escape("127.0.0.1:9")):
-        Node(load_config(cfg))
+        build_node(load_config(cfg))
 
 
 def test_certificate_must_match_configured_identity(federation: Federation, tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_certificate_must_match_configured_identity(federation: Federation, tmp_
     text = cfg.read_text().replace('role = "hospital"', 'role = "factory"')
     cfg.write_text(text)
     with pytest.raises(ConfigError, match="asserts node 'hospital-1', role 'hospital'"):
-        Node(load_config(cfg))
+        build_node(load_config(cfg))
 
 
 def test_key_must_belong_to_certificate(federation: Federation, tmp_path: Path) -> None:
@@ -104,7 +104,7 @@ def test_key_must_belong_to_certificate(federation: Federation, tmp_path: Path) 
     own_key = str(federation.node("hospital-1", "hospital").key_path)
     cfg.write_text(text.replace(own_key, str(other_key)))
     with pytest.raises(ConfigError, match="does not belong to"):
-        Node(load_config(cfg))
+        build_node(load_config(cfg))
 
 
 def test_unknown_config_key_is_an_error(federation: Federation, tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
 from tests.cluster import InProcessNode, wait_for
 from tests.outbound_files import clean_pdf
+from yigong_node.cli import main
 
 Pair = tuple[InProcessNode, InProcessNode]
 

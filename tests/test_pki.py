@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import pki
-from gateway.cli import main
 from gateway.errors import (
     BadSignature,
     CertificateError,
@@ -29,6 +28,7 @@ from gateway.errors import (
     UntrustedCertificate,
 )
 from gateway.identity import node_dns_name
+from yigong_node.cli import main
 
 FED = "testfed"
 

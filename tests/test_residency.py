@@ -10,11 +10,11 @@ import pytest
 
 from gateway.config import load_config
 from gateway.errors import ResidencyViolation
-from gateway.server import Node
 from gateway.storage import S3Store
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.outbound_files import clean_pdf
 from tests.s3server import S3Server, new_bucket_name
+from yigong_node.compose import build_node
 
 
 def _pair(
@@ -105,7 +105,7 @@ def test_storage_in_forbidden_region_refused_at_startup(
     )
     cfg = write_config(federation, tmp_path, "factory-1", "factory", extra=extra)
     with pytest.raises(ResidencyViolation) as err:
-        Node(load_config(cfg))
+        build_node(load_config(cfg))
     assert "is in region 'eu-central-1'" in str(err.value)
     assert "allowed_storage_regions allows only cn-east" in str(err.value)
     from gateway.audit import verify_log
@@ -134,7 +134,7 @@ def test_bucket_not_created_in_a_forbidden_region(
     )
     cfg = write_config(federation, tmp_path, "factory-1", "factory", extra=extra)
     with pytest.raises(ResidencyViolation) as err:
-        Node(load_config(cfg))
+        build_node(load_config(cfg))
     assert "create_bucket would create it in region 'eu-central-1'" in str(err.value)
     assert "allowed_storage_regions allows only cn-east; nothing was created" in str(err.value)
     assert not s3_server.client().bucket_exists(bucket)

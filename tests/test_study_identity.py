@@ -22,7 +22,6 @@ from pynetdicom import AE
 
 from gateway import authz
 from gateway.audit import QUERY
-from gateway.cli import main
 from gateway.client import NodeClient
 from gateway.identity import Identity
 from hospital_node.ingest import parse_instance
@@ -50,6 +49,7 @@ from tests.test_hospital_release import (
     settle,
 )
 from yigong.v1 import hospital_pb2, hospital_pb2_grpc
+from yigong_node.cli import main
 
 OTHER_NAME, OTHER_ID, OTHER_ACCESSION = "ROE^RICHARD", "MRN0099881", "ACC20240315777"
 NEEDLES = (PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH_DATE, OTHER_NAME, OTHER_ID)

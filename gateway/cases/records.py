@@ -52,6 +52,8 @@ ENVELOPE_FORMAT = "yigong-case-envelope/1"
 CASE_MEDIA_TYPE = "application/vnd.yigong.case-record+json"
 MAX_RECORD_BYTES = 256 * 1024
 MAX_ENVELOPE_BYTES = 1024 * 1024
+OPENED_BY, OPENED_AT = "case.opened_by", "case.opened_at"
+"""Labels of record 0's object: who opened the case at the hospital, and when."""
 
 _CASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z")

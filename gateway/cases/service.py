@@ -19,7 +19,6 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -34,7 +33,14 @@ from gateway.cases.chain import (
     verify_envelope,
 )
 from gateway.cases.facts import FactCheck, RecordFacts, check_core
-from gateway.cases.records import CASE_MEDIA_TYPE, Envelope, Record, check_case_id
+from gateway.cases.records import (
+    CASE_MEDIA_TYPE,
+    OPENED_AT,
+    OPENED_BY,
+    Envelope,
+    Record,
+    check_case_id,
+)
 from gateway.cases.schema import NODE_ID
 from gateway.cases.store import CaseRow, CaseStore
 from gateway.cases.views import CaseView, build_view
@@ -56,17 +62,12 @@ from gateway.pki import TrustStore, verify_signature
 from gateway.storage import ObjectStore
 from gateway.transfer.outbox import Outbox
 
-if TYPE_CHECKING:
-    from gateway.server import Node
-
 log = logging.getLogger(__name__)
 
 MAX_CLOCK_SKEW = timedelta(minutes=10)
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 FILE_TYPES = ("design_output", "design_change", "data_delivery")
 
-
-OPENED_BY, OPENED_AT = "case.opened_by", "case.opened_at"
 
 
 def opened_labels(case: CaseRow, seq: int) -> dict[str, str]:
@@ -111,21 +112,6 @@ class CaseService:
         self.sign, self.cert_pem = sign, cert_pem
         self.identity = trust.verify_pem(cert_pem)
         self.lock = threading.RLock()
-
-    @classmethod
-    def from_node(cls, node: Node) -> CaseService:
-        return cls(
-            node_id=node.cfg.node.id,
-            node_role=node.cfg.node.role,
-            catalog=node.catalog,
-            store=node.store,
-            audit=node.audit,
-            trust=node.trust,
-            sign=node.sign,
-            cert_pem=node.cert_pem,
-            outbox=node.outbox,
-            facts=node.hooks.check_case_record,
-        )
 
     # -- opening a case -------------------------------------------------------------
     def create(self, caller: Identity, case_id: str, manufacturer: str) -> CaseView:

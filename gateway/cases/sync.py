@@ -41,8 +41,13 @@ from gateway import authz
 from gateway.audit import CASE_RECORD
 from gateway.cases.chain import Verified, verify_envelope
 from gateway.cases.facts import FactsPending
-from gateway.cases.records import CASE_MEDIA_TYPE, MAX_ENVELOPE_BYTES, genesis_hash
-from gateway.cases.service import OPENED_AT, OPENED_BY
+from gateway.cases.records import (
+    CASE_MEDIA_TYPE,
+    MAX_ENVELOPE_BYTES,
+    OPENED_AT,
+    OPENED_BY,
+    genesis_hash,
+)
 from gateway.cases.store import CaseRow, StoredRecord
 from gateway.cases.workflow import apply, identifiers
 from gateway.catalog import utcnow

@@ -107,6 +107,10 @@ class Outbox:
         audit: AuditLog,
         trust: TrustStore,
         link_factory: LinkFactory,
+        *,
+        hooks: RoleHooks | None = None,
+        telemetry: Telemetry | None = None,
+        design_facts: Callable[[str, ObjectStore, str], Mapping[str, str]] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -114,9 +118,9 @@ class Outbox:
         self.audit = audit
         self.trust = trust
         self._link_factory = link_factory
-        self.hooks = RoleHooks()
-        self.telemetry: Telemetry | None = None
-        self.design_facts: Callable[[str, ObjectStore, str], Mapping[str, str]] | None = None
+        self.hooks = hooks if hooks is not None else RoleHooks()  # the role's checks
+        self.telemetry = telemetry
+        self.design_facts = design_facts  # the receipt facts of design files, for comparison
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -95,6 +95,7 @@ class Receiver:
         sign: Callable[[bytes], bytes],
         cert_pem: bytes,
         facts_hook: FactsHook | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -103,7 +104,7 @@ class Receiver:
         self._sign = sign
         self.cert_pem = cert_pem
         self.facts_hook = facts_hook
-        self.telemetry: Telemetry | None = None
+        self.telemetry = telemetry
         self._active: set[str] = set()
         self._lock = threading.Lock()
         self.stopping = threading.Event()
