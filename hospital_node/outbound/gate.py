@@ -27,7 +27,6 @@ scanned where it is, not copied first.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import threading
@@ -48,6 +47,7 @@ from gateway.fidelity.sniff import (
     media_type_for_name,
     sniff_file,
 )
+from gateway.hashing import StreamHasher
 from gateway.storage import ObjectStore
 from gateway.storage.filesystem import FilesystemStore
 from hospital_node.outbound.archives import Counter, members
@@ -333,7 +333,7 @@ def _local_copy(store: ObjectStore, oid: str, copy: Path) -> Path:
     large object is written just to be read), else a copy at ``copy``. Either way its
     bytes are hashed here and must be the object's SHA-256 (``oid``): a verdict is
     remembered under that digest, so it must be about exactly those bytes."""
-    hasher = hashlib.sha256()
+    hasher = StreamHasher()
     if isinstance(store, FilesystemStore):
         path = store.path_for(oid)
         with store.open_read(oid) as chunks:
