@@ -27,6 +27,10 @@ FEATURES: list[tuple[str, list[str]]] = [
     ),
     ("Failure and recovery", ["test_resilience.py"]),
     ("Hostile peer on the transfer path", ["test_transfer_hostile.py"]),
+    (
+        "Study exchange: kill -9 of either node, hostile manifest receipts",
+        ["test_study_kill.py", "test_study_hostile.py"],
+    ),
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
     ("Node process, configuration, catalog", ["test_node.py"]),
     ("Command line and demo", ["test_cli.py", "test_cli_usability.py", "test_demo.py"]),
