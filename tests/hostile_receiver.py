@@ -99,9 +99,9 @@ class HostileReceiver:
 
 
 @contextmanager
-def hostile_receiver(factory: InProcessNode, tamper: Tamper, methods: set[str]) -> Iterator[
-    HostileReceiver
-]:
+def hostile_receiver(
+    factory: InProcessNode, tamper: Tamper, methods: set[str]
+) -> Iterator[HostileReceiver]:
     h = HostileReceiver(factory, tamper, methods)
     try:
         yield h
