@@ -533,11 +533,7 @@ class Releaser:
         except IdentifiableData as exc:
             self._refuse(c, r, exc)
             return None
-        if batch_id:
-            queue: Any = self.outbox.queue  # the batch API (gateway.transfer, #10.1)
-            transfer: TransferRecord = queue(obj, c.destination, actor=c.actor, batch_id=batch_id)
-        else:
-            transfer = self.outbox.queue(obj, c.destination, actor=c.actor)
+        transfer = self.outbox.queue(obj, c.destination, actor=c.actor, batch_id=batch_id or None)
         self.records.set_transfer(c.confirmation_id, r.source_object_id, transfer.transfer_id)
         return transfer
 
@@ -554,19 +550,13 @@ class Releaser:
         log.error("release of object %s refused: %s", r.deid_object_id, exc)
 
     def _open_batch(self, c: Confirmation) -> str:
-        """The outbox batch of ``c``'s instances ("" when the outbox has no batches)."""
-        opener = getattr(self.outbox, "open_batch", None)
-        if opener is None:
-            return ""
-        batch_id: str = opener(
+        """The outbox batch of ``c``'s instances (one exchange to the destination)."""
+        return self.outbox.open_batch(
             c.destination, case_id=c.case_id, actor=c.actor, ref=c.confirmation_id
         )
-        return batch_id
 
     def _seal_batch(self, batch_id: str, expected: int) -> None:
-        sealer = getattr(self.outbox, "seal_batch", None)
-        if sealer is not None:
-            sealer(batch_id, expected=expected)
+        self.outbox.seal_batch(batch_id, expected=expected)
 
     def resume(self) -> int:
         """At start-up: finish every release cut short (de-identify what is pending,
