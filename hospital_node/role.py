@@ -171,6 +171,7 @@ class HospitalRole(RoleHooks):
             self.release_records,
             self._study_source,
             self.check_outgoing,
+            vouch=self.guard.vouch,
         )
         self._auto_stop = threading.Event()
         d = cfg.dicom
@@ -291,6 +292,7 @@ class HospitalRole(RoleHooks):
         if self._auto_thread is not None:
             self._auto_thread.join(10.0)
             self._auto_thread = None
+        self.releaser.close()  # the de-identification workers
 
     # --- design export: approved designs into the hospital's PACS (Encapsulated STL) -----
     def _init_design_export(self) -> None:

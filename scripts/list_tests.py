@@ -57,6 +57,10 @@ FEATURES: list[tuple[str, list[str]]] = [
         "Confirmation and de-identified release (hospital)",
         ["test_hospital_release.py", "test_deid_recipients.py", "test_study_identity.py"],
     ),
+    (
+        "Pipelined release on both cores (worker processes, batch, kill and resume)",
+        ["test_release_pipeline.py"],
+    ),
     ("What can leave a hospital: the outbound gate", ["test_outbound_gate.py"]),
     ("Series geometry and suitability (factory)", ["test_fidelity_series.py", "test_factory.py"]),
     ("Case workflow: signed records and stage gates", ["test_cases.py", "test_record_binding.py"]),

@@ -35,6 +35,7 @@ from gateway.errors import (
     ReceiptError,
     ResidencyViolation,
     ShuttingDown,
+    ValidationError,
     YigongError,
 )
 from gateway.fidelity.formats import check_design_facts, is_design_media_type
@@ -122,20 +123,89 @@ class Outbox:
         self._threads: list[threading.Thread] = []
 
     # -- queueing ---------------------------------------------------------
-    def queue(self, obj: ObjectRecord, peer_node: str, *, actor: str) -> TransferRecord:
-        """Durably queue ``obj`` for ``peer_node``; returns the outbound transfer."""
+    def _check_peer(self, peer_node: str) -> None:
         if peer_node not in self.settings.known_peers:
             known = ", ".join(sorted(self.settings.known_peers)) or "none"
             raise ConfigError(
                 f"cannot send to {peer_node!r}: not a configured peer of node "
                 f"{self.settings.node_id} (known: {known})"
             )
+
+    def open_batch(self, peer_node: str, *, case_id: str, actor: str, ref: str = "") -> str:
+        """Open a batch of objects for ``peer_node`` (e.g. a confirmation's released
+        instances); returns its id. Objects queued into it with ``queue(...,
+        batch_id=)`` start leaving at once; :meth:`seal_batch` says no more will come.
+        The batch completes with one signed manifest receipt covering every object."""
+        self._check_peer(peer_node)
+        batch_id = uuid.uuid4().hex
+        self.catalog.add_batch(
+            batch_id=batch_id,
+            direction="outbound",
+            peer_node=peer_node,
+            status="queued",
+            case_id=case_id,
+            kind="objects",
+            ref=ref,
+        )
+        self.audit.record(
+            "transfer.batch.opened",
+            actor=actor,
+            peer=peer_node,
+            case_id=case_id or None,
+            details={"batch_id": batch_id, **({"ref": ref} if ref else {})},
+        )
+        self._wake.set()
+        return batch_id
+
+    def seal_batch(self, batch_id: str, *, expected: int) -> None:
+        """No more objects will be added to ``batch_id``; ``expected`` is how many were
+        queued into it (a mismatch is an error: nothing may be silently left out)."""
+        batch = self.catalog.get_batch(batch_id, "outbound")
+        have = len(self.catalog.batch_transfers(batch_id, "outbound"))
+        if have != expected:
+            raise ValidationError(
+                f"batch {batch_id}: sealed with {expected} object(s) expected, but "
+                f"{have} were queued into it"
+            )
+        if batch.sealed:
+            return
+        self.catalog.update_batch(
+            batch_id,
+            "outbound",
+            sealed=1,
+            expected=expected,
+            history=("sealed", f"{expected} object(s)"),
+        )
+        self._wake.set()
+
+    def queue(
+        self,
+        obj: ObjectRecord,
+        peer_node: str,
+        *,
+        actor: str,
+        batch_id: str | None = None,
+    ) -> TransferRecord:
+        """Durably queue ``obj`` for ``peer_node``; returns the outbound transfer.
+
+        With ``batch_id`` (from :meth:`open_batch`, same peer, not sealed) the object
+        is sent as part of that batch."""
+        self._check_peer(peer_node)
+        if batch_id:
+            batch = self.catalog.get_batch(batch_id, "outbound")
+            if batch.peer_node != peer_node:
+                raise ValidationError(
+                    f"batch {batch_id} goes to {batch.peer_node}, not to {peer_node}"
+                )
+            if batch.sealed:
+                raise ValidationError(f"batch {batch_id} is sealed; open a new batch")
         record = self.catalog.add_transfer(
             transfer_id=uuid.uuid4().hex,
             direction="outbound",
             obj=obj,
             peer_node=peer_node,
             status="queued",
+            batch_id=batch_id or "",
         )
         self.audit.record(
             "transfer.queued",
@@ -144,7 +214,7 @@ class Outbox:
             object_id=obj.object_id,
             transfer_id=record.transfer_id,
             case_id=obj.case_id or None,
-            details={"size": obj.size},
+            details={"size": obj.size, **({"batch_id": batch_id} if batch_id else {})},
         )
         self._wake.set()
         return record
