@@ -31,6 +31,8 @@ POLICY: Mapping[str, frozenset[str]] = {
     "/yigong.v1.Transfer/Identify": frozenset({PEER}),
     "/yigong.v1.Transfer/Offer": frozenset({PEER}),
     "/yigong.v1.Transfer/Push": frozenset({PEER}),
+    "/yigong.v1.Transfer/BatchStatus": frozenset({PEER}),
+    "/yigong.v1.Transfer/PushBatch": frozenset({PEER}),
     # local submission of objects to send
     "/yigong.v1.Exchange/Submit": frozenset({SELF, "engineer", "clinician"}),
     # query endpoint

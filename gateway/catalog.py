@@ -20,7 +20,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,7 @@ MIGRATIONS: Sequence[str] = (
     CREATE INDEX batches_status ON batches(direction, status, next_attempt_at);
     CREATE INDEX batches_case ON batches(case_id, created_at);
     ALTER TABLE transfers ADD COLUMN batch_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE transfers ADD COLUMN facts TEXT NOT NULL DEFAULT '{}';
     CREATE INDEX transfers_batch ON transfers(batch_id, direction)
     """,
 )
@@ -151,6 +152,7 @@ class TransferRecord:
     completed_at: str
     receipt: bytes | None
     batch_id: str = ""
+    facts: dict[str, str] = field(default_factory=dict)  # receiver's format facts (batches)
 
 
 @dataclass(frozen=True)
@@ -448,10 +450,13 @@ class Catalog:
             "bytes_done",
             "completed_at",
             "receipt",
+            "facts",
         }
         bad = set(fields) - allowed
         if bad:
             raise CatalogError(f"cannot update transfer column(s) {sorted(bad)}")
+        if "facts" in fields:
+            fields["facts"] = json.dumps(dict(fields["facts"]), sort_keys=True)
         now = utcnow()
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self._tx() as db:
@@ -502,7 +507,8 @@ class Catalog:
             rows = list(
                 db.execute(
                     "SELECT * FROM transfers WHERE direction = 'outbound' AND status = 'queued'"
-                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, created_at LIMIT ?",
+                    " AND batch_id = '' AND next_attempt_at <= ?"
+                    " ORDER BY next_attempt_at, created_at LIMIT ?",
                     (now, limit + len(exclude)),
                 )
             )
@@ -777,6 +783,7 @@ def _transfer(row: sqlite3.Row) -> TransferRecord:
         completed_at=row["completed_at"],
         receipt=row["receipt"],
         batch_id=row["batch_id"],
+        facts=json.loads(row["facts"]),
     )
 
 
