@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from gateway.rpc.auth import AuthInterceptor
 from gateway.rpc.servicers import TransferServicer
 from tests.cluster import Federation, InProcessNode, write_config
-from yigong.v1 import common_pb2, transfer_pb2_grpc
+from yigong.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc
 
 Tamper = Callable[[str, Any], Any]
-"""``tamper(method, reply) -> reply``: what the hostile receiver answers instead."""
+"""``tamper(method, reply) -> reply``: what the hostile receiver answers instead (for a
+streaming RPC: called for each message of the reply stream)."""
 
 
 def hostile_factory_config(federation: Federation, workdir: Path, extra: str = "") -> Path:
@@ -59,9 +61,11 @@ class _Wrapped(transfer_pb2_grpc.TransferServicer):
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             self.calls[name] = self.calls.get(name, 0) + 1
             reply = real(request, context)
-            if name in self._methods:
+            if name not in self._methods:
+                return reply
+            if isinstance(reply, Message):
                 return self._tamper(name, reply)
-            return reply
+            return (self._tamper(name, item) for item in reply)  # a reply stream
 
         return call
 
@@ -112,9 +116,26 @@ def hostile_receiver(
 def resign(node: Any, body_bytes: bytes, *, bad_signature: bool = False) -> bytes:
     """A SignedReceipt over ``body_bytes`` with ``node``'s real key and certificate (or,
     with ``bad_signature``, a signature that does not verify)."""
-    signature = node.sign(body_bytes)
-    if bad_signature:
-        signature = node.sign(body_bytes + b"\x00")  # a real signature, of other bytes
     return common_pb2.SignedReceipt(
-        body=body_bytes, signature=signature, signer_certificate=node.cert_pem
+        body=body_bytes,
+        signature=_signature(node, body_bytes, bad_signature),
+        signer_certificate=node.cert_pem,
     ).SerializeToString(deterministic=True)
+
+
+def resign_manifest(
+    node: Any, body: transfer_pb2.BatchManifest, *, bad_signature: bool = False
+) -> transfer_pb2.SignedManifest:
+    """A SignedManifest over ``body`` with ``node``'s real key and certificate."""
+    body_bytes = body.SerializeToString(deterministic=True)
+    return transfer_pb2.SignedManifest(
+        body=body_bytes,
+        signature=_signature(node, body_bytes, bad_signature),
+        signer_certificate=node.cert_pem,
+    )
+
+
+def _signature(node: Any, body_bytes: bytes, bad: bool) -> bytes:
+    if bad:
+        return bytes(node.sign(body_bytes + b"\x00"))  # a real signature, of other bytes
+    return bytes(node.sign(body_bytes))

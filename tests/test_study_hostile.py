@@ -17,7 +17,9 @@ stuck by the refusals).
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,15 +30,28 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from gateway.catalog import TransferRecord
+from gateway.catalog import BatchRecord, TransferRecord
+from gateway.transfer.manifest import merkle_root
 from hospital_node.role import HospitalRole
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.dicom_factory import StudyInfo, ct_series
-from tests.hostile_receiver import HostileReceiver, hostile_factory_config, resign
-from yigong.v1 import common_pb2, hospital_pb2, hospital_pb2_grpc
+from tests.hostile_receiver import (
+    HostileReceiver,
+    hostile_factory_config,
+    resign,
+    resign_manifest,
+)
+from tests.outbound_files import clean_pdf
+from yigong.v1 import common_pb2, hospital_pb2, hospital_pb2_grpc, transfer_pb2
 
 INSTANCES = 4
 CASE = "CASE-HOSTILE-01"
+TRANSFER_RPCS = {m.name for m in transfer_pb2.DESCRIPTOR.services_by_name["Transfer"].methods}
+BATCH_EXCHANGE = {"BatchStatus", "PushBatch"} <= TRANSFER_RPCS
+NO_BATCH_EXCHANGE = (
+    "the manifest receipt needs the study-as-one-exchange (issue #10 item 1): this tree's "
+    f"Transfer service has only {sorted(TRANSFER_RPCS)}"
+)
 
 
 @dataclass
@@ -77,7 +92,7 @@ class Setup:
 def setup(federation: Federation, tmp_path: Path) -> Iterator[Setup]:
     factory = InProcessNode(hostile_factory_config(federation, tmp_path))
     switch = Switch()
-    hostile = HostileReceiver(factory, switch, {"Push", "Offer"})
+    hostile = HostileReceiver(factory, switch, {"Push", "Offer", "PushBatch", "BatchStatus"})
     hospital = InProcessNode(
         write_config(
             federation, tmp_path, "hospital-1", "hospital",
@@ -121,65 +136,228 @@ def ingest_and_confirm(s: Setup, n: int = INSTANCES) -> list[str]:
     return list(reply.transfer_ids)
 
 
-def body_of(signed: common_pb2.SignedReceipt) -> common_pb2.ReceiptBody:
-    return common_pb2.ReceiptBody.FromString(signed.body)
+# --- what the hostile receiver does ------------------------------------------------------
 
 
-def resigned(node: Any, change: Callable[[common_pb2.ReceiptBody], None]) -> Callable[[Any], Any]:
-    """Alter a per-object receipt's body and sign it again with the factory's real key."""
+def per_object(
+    node: Any, change: Callable[[common_pb2.ReceiptBody], None] | None, *, bad: bool = False
+) -> Callable[[Any], Any]:
+    """Alter a single object's receipt (a Push reply, or an Offer's for a held object) and
+    sign it again with the factory's real key (``bad``: a signature that does not verify)."""
 
     def alter(reply: Any) -> Any:
-        signed = reply if isinstance(reply, common_pb2.SignedReceipt) else reply.receipt
-        if not signed.body:
-            return reply  # an Offer without a receipt: nothing to alter
-        body = body_of(signed)
-        change(body)
-        new = common_pb2.SignedReceipt.FromString(
-            resign(node, body.SerializeToString(deterministic=True))
-        )
         if isinstance(reply, common_pb2.SignedReceipt):
-            return new
-        reply.receipt.CopyFrom(new)
-        return reply
-
-    return alter
-
-
-def bad_signature(node: Any) -> Callable[[Any], Any]:
-    def alter(reply: Any) -> Any:
-        signed = reply if isinstance(reply, common_pb2.SignedReceipt) else reply.receipt
-        if not signed.body:
+            signed = reply
+        elif isinstance(reply, transfer_pb2.OfferResponse) and reply.HasField("receipt"):
+            signed = reply.receipt
+        else:
             return reply
-        new = common_pb2.SignedReceipt.FromString(resign(node, signed.body, bad_signature=True))
-        if isinstance(reply, common_pb2.SignedReceipt):
-            return new
-        reply.receipt.CopyFrom(new)
+        body = common_pb2.ReceiptBody.FromString(signed.body)
+        if change is not None:
+            change(body)
+        signed.CopyFrom(
+            common_pb2.SignedReceipt.FromString(
+                resign(node, body.SerializeToString(deterministic=True), bad_signature=bad)
+            )
+        )
         return reply
 
     return alter
 
 
-def _wait_attempts(s: Setup, tids: list[str], attempts: int) -> list[TransferRecord]:
-    def tried() -> list[TransferRecord] | None:
-        recs = s.outbound(tids)
-        return recs if all(r.attempts >= attempts for r in recs) else None
+def manifest(
+    node: Any, change: Callable[[transfer_pb2.BatchManifest], None] | None, *, bad: bool = False
+) -> Callable[[Any], Any]:
+    """Alter a batch's manifest receipt (the last PushBatch answer, or BatchStatus's for a
+    batch completed before) and sign it again with the factory's real key."""
 
-    return wait_for(tried, timeout=60, what=f"{attempts} attempts of every transfer")  # type: ignore[no-any-return]
+    def alter(reply: Any) -> Any:
+        if isinstance(reply, transfer_pb2.BatchAck) and reply.WhichOneof("kind") == "receipt":
+            signed = reply.receipt
+        elif isinstance(reply, transfer_pb2.BatchStatusResponse) and reply.HasField("receipt"):
+            signed = reply.receipt
+        else:
+            return reply
+        body = transfer_pb2.BatchManifest.FromString(signed.body)
+        if change is not None:
+            change(body)
+        signed.CopyFrom(resign_manifest(node, body, bad_signature=bad))
+        return reply
+
+    return alter
+
+
+def consistent(body: transfer_pb2.BatchManifest) -> None:
+    """Entries sorted, count, total and Merkle root recomputed: only the content is wrong."""
+    entries = sorted(body.entries, key=lambda e: e.transfer_id)
+    del body.entries[:]
+    body.entries.extend(entries)
+    body.count = len(entries)
+    body.total_bytes = sum(e.size for e in entries)
+    body.merkle_root = merkle_root(body.entries)
+
+
+def drop_entry(body: transfer_pb2.BatchManifest) -> None:
+    del body.entries[len(body.entries) // 2]
+    consistent(body)
+
+
+def add_entry(body: transfer_pb2.BatchManifest) -> None:
+    extra = body.entries.add()
+    extra.CopyFrom(body.entries[0])
+    extra.transfer_id = "f" * 32  # an object this sender never sent
+    consistent(body)
+
+
+def alter_sha256(body: transfer_pb2.BatchManifest) -> None:
+    body.entries[0].sha256 = body.entries[0].object_id = "0" * 64
+    consistent(body)
+
+
+def alter_size(body: transfer_pb2.BatchManifest) -> None:
+    body.entries[-1].size += 1
+    consistent(body)
+
+
+def drop_entry_keep_root(body: transfer_pb2.BatchManifest) -> None:
+    del body.entries[0]
+    body.count = len(body.entries)  # the Merkle root still covers the dropped entry
+
+
+def alter_pixels(body: transfer_pb2.BatchManifest) -> None:
+    body.entries[0].facts["dicom.pixel_sha256"] = "0" * 64
+    consistent(body)
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def _outbound_batch(s: Setup) -> BatchRecord:
+    (batch,) = s.hospital.node.catalog.list_batches(direction="outbound")
+    return batch
+
+
+def _wait_batch_attempts(s: Setup, attempts: int) -> BatchRecord:
+    def tried() -> BatchRecord | None:
+        batches = s.hospital.node.catalog.list_batches(direction="outbound")
+        return batches[0] if batches and batches[0].attempts >= attempts else None
+
+    got: BatchRecord = wait_for(tried, timeout=60, what=f"{attempts} attempts of the batch")
+    return got
 
 
 def _honest_again_and_delivered(s: Setup, tids: list[str]) -> None:
+    """The receiver turns honest: the same transfers complete, with receipts both nodes
+    hold byte for byte (the refusals lost or stuck nothing)."""
     s.switch.alter = None
     wait_for(
         lambda: all(r.status == "done" for r in s.outbound(tids)),
         timeout=60,
         what="delivery once the receiver is honest",
     )
+    catalog = s.factory.node.catalog
     for r in s.outbound(tids):
-        inbound = s.factory.node.catalog.get_transfer(r.transfer_id, "inbound")
-        assert r.receipt and inbound.receipt == r.receipt
+        inbound = catalog.get_transfer(r.transfer_id, "inbound")
+        assert inbound.status == "done" and inbound.object_id == r.object_id
+        if not r.batch_id:
+            assert r.receipt and inbound.receipt == r.receipt
+    for batch_id in {r.batch_id for r in s.outbound(tids)} - {""}:
+        out = s.hospital.node.catalog.get_batch(batch_id, "outbound")
+        assert out.status == "done" and out.receipt
+        assert catalog.get_batch(batch_id, "inbound").receipt == out.receipt
 
 
-# --- per-object receipts (the exchange as it is per instance) ------------------------------
+# --- the study's manifest receipt -----------------------------------------------------------
+
+
+RETRIED = [
+    ("missing entry", drop_entry, False, "1 object(s) missing"),
+    ("extra entry", add_entry, False, "1 object(s) never sent (e.g. " + "f" * 32),
+    ("altered SHA-256", alter_sha256, False, "entr(y/ies) with another SHA-256 or size"),
+    ("altered size", alter_size, False, "entr(y/ies) with another SHA-256 or size"),
+    ("stale Merkle root", drop_entry_keep_root, False, "Merkle root does not match"),
+    ("bad signature", None, True, "signature does not verify"),
+]
+
+
+@pytest.mark.parametrize(("what", "change", "bad", "error"), RETRIED, ids=[r[0] for r in RETRIED])
+def test_hostile_manifest_receipt_is_refused_retried_and_nothing_marked_done(
+    setup: Setup,
+    what: str,
+    change: Callable[[transfer_pb2.BatchManifest], None] | None,
+    bad: bool,
+    error: str,
+) -> None:
+    """A study's manifest receipt with an entry missing, an extra entry, an entry with
+    another SHA-256 or size (re-signed with the factory's real key, Merkle root and count
+    made consistent), a stale Merkle root, or a bad signature: refused, retried, not done.
+
+    The batch stays queued with the reason as its last error, every object in it stays
+    not done without a receipt, the audit log has a ``transfer.batch.failed``
+    (ReceiptError) per attempt and no completion; honest again, the study completes."""
+    if not BATCH_EXCHANGE:
+        pytest.skip(NO_BATCH_EXCHANGE)
+    s = setup
+    s.switch.alter = manifest(s.factory.node, change, bad=bad)
+    tids = ingest_and_confirm(s)
+    batch = _wait_batch_attempts(s, 2)  # refused, then tried again
+    assert batch.status in {"queued", "sending"} and batch.receipt is None, (what, batch)
+    assert error in batch.last_error, (what, batch.last_error)
+    assert f"manifest receipt for batch {batch.batch_id}" in batch.last_error
+    for r in s.outbound(tids):
+        assert r.batch_id == batch.batch_id
+        assert r.status not in {"done", "failed"} and r.receipt is None, r
+    audit = s.hospital.node.audit
+    failed = [
+        e
+        for e in audit.events(event="transfer.batch.failed")
+        if e.details["batch_id"] == batch.batch_id
+    ]
+    assert len(failed) >= 2 and {e.details["error"] for e in failed} == {"ReceiptError"}
+    assert not audit.events(event="transfer.batch.completed")
+    for tid in tids:
+        assert not audit.events(event="transfer.completed", transfer_id=tid)
+    assert s.switch.seen >= 2
+    _honest_again_and_delivered(s, tids)
+    assert not s.hospital.node.audit.events(event="security.alert")
+
+
+def test_hostile_manifest_with_altered_facts_is_refused_for_good_as_a_security_alert(
+    setup: Setup,
+) -> None:
+    """An entry whose pixel hash differs from what the hospital released (re-signed, root
+    consistent): the facts disagree, so the batch is refused for good — batch and every
+    object ``failed``, a ``security.alert``, nothing done, not retried."""
+    if not BATCH_EXCHANGE:
+        pytest.skip(NO_BATCH_EXCHANGE)
+    s = setup
+    s.switch.alter = manifest(s.factory.node, alter_pixels)
+    tids = ingest_and_confirm(s)
+    wait_for(lambda: _outbound_batch(s).status == "failed", timeout=60, what="the batch refused")
+    batch = _outbound_batch(s)
+    assert "dicom.pixel_sha256" in batch.last_error and batch.receipt is None
+    for r in s.outbound(tids):
+        assert r.status == "failed" and r.receipt is None
+        assert f"batch {batch.batch_id} refused" in r.last_error
+    audit = s.hospital.node.audit
+    alerts = [e for e in audit.events(event="security.alert")
+              if e.details.get("batch_id") == batch.batch_id]  # fmt: skip
+    assert [e.details["reason"] for e in alerts] == ["FactsDisagree"]
+    assert not audit.events(event="transfer.batch.completed")
+    assert all(not audit.events(event="transfer.completed", transfer_id=t) for t in tids)
+    seen = s.switch.seen
+    time.sleep(1.0)  # > retry_max_seconds: a retry would have asked again by now
+    assert _outbound_batch(s).attempts == batch.attempts and s.switch.seen == seen
+
+
+# --- single objects (design files, records, scans): one receipt each -------------------------
+
+
+def submit_pdf(s: Setup, tmp_path: Path) -> list[str]:
+    src = tmp_path / "scan.pdf"
+    src.write_bytes(clean_pdf(os.urandom(200_000)))  # what a hospital may send
+    with s.hospital.self_client() as client:
+        return [t.transfer_id for t in client.submit(src, ["factory-1"], case_id=CASE).queued]
 
 
 @pytest.mark.parametrize(
@@ -191,56 +369,35 @@ def _honest_again_and_delivered(s: Setup, tids: list[str]) -> None:
         ("bad signature", None, "signature does not verify"),
     ],
 )
-def test_hostile_per_object_receipt_is_refused_retried_and_nothing_done(
-    setup: Setup, what: str, change: Callable[[common_pb2.ReceiptBody], None] | None, error: str
+def test_hostile_single_object_receipt_is_refused_retried_and_nothing_done(
+    setup: Setup,
+    tmp_path: Path,
+    what: str,
+    change: Callable[[common_pb2.ReceiptBody], None] | None,
+    error: str,
 ) -> None:
-    """A receipt re-signed by the factory's real key with a wrong SHA-256, size or
-    transfer id, or one whose signature does not verify: refused and retried, not done.
-
-    The failure is in each transfer's last error, its history and the audit log
+    """A single object's receipt re-signed by the factory's real key with a wrong
+    SHA-256, size or transfer id, or with a signature that does not verify: refused and
+    retried, not done; in the transfer's last error, its history and the audit log
     (``transfer.failed``, no ``transfer.completed``); honest again, it completes."""
     s = setup
-    node = s.factory.node
-    s.switch.alter = bad_signature(node) if change is None else resigned(node, change)
-    tids = ingest_and_confirm(s)
-    recs = _wait_attempts(s, tids, 2)  # refused, then tried again
-    for r in recs:
-        assert r.status in {"queued", "sending"} and r.receipt is None, (what, r)
-    for r in s.outbound(tids):
-        assert r.status != "done"
-        assert error in r.last_error and "receipt for transfer" in r.last_error
-        assert r.transfer_id in r.last_error  # the message names the transfer
-        kinds = [h.kind for h in s.hospital.node.catalog.history(r.transfer_id, "outbound")]
-        assert kinds.count("attempt_failed") >= 2 and "done" not in kinds
+    s.switch.alter = per_object(s.factory.node, change, bad=change is None)
+    (tid,) = submit_pdf(s, tmp_path)
+
+    def tried() -> TransferRecord | None:
+        (r,) = s.outbound([tid])
+        return r if r.attempts >= 2 else None
+
+    r = wait_for(tried, timeout=60, what="2 attempts")
+    assert r.status in {"queued", "sending"} and r.receipt is None, (what, r)
+    (r,) = s.outbound([tid])
+    assert r.status != "done"
+    assert error in r.last_error and "receipt for transfer" in r.last_error
+    assert tid in r.last_error  # the message names the transfer
+    kinds = [h.kind for h in s.hospital.node.catalog.history(tid, "outbound")]
+    assert kinds.count("attempt_failed") >= 2 and "done" not in kinds
     audit = s.hospital.node.audit
-    for tid in tids:
-        assert not audit.events(event="transfer.completed", transfer_id=tid)
-        failed = audit.events(event="transfer.failed", transfer_id=tid)
-        assert len(failed) >= 2 and {e.details["error"] for e in failed} == {"ReceiptError"}
-    assert s.switch.seen >= 2 * len(tids)
-    _honest_again_and_delivered(s, tids)
-
-
-def test_hostile_per_object_receipt_with_altered_facts_is_refused_as_a_security_alert(
-    setup: Setup,
-) -> None:
-    """Re-signed with the pixel hash altered: the facts disagree with what the hospital
-    released, so the send is refused for good (``failed``, ``security.alert``)."""
-    s = setup
-
-    def wrong_pixels(body: common_pb2.ReceiptBody) -> None:
-        body.facts["dicom.pixel_sha256"] = "0" * 64
-
-    s.switch.alter = resigned(s.factory.node, wrong_pixels)
-    tids = ingest_and_confirm(s)
-    wait_for(
-        lambda: all(r.status == "failed" for r in s.outbound(tids)),
-        timeout=60,
-        what="every transfer refused",
-    )
-    for r in s.outbound(tids):
-        assert "dicom.pixel_sha256" in r.last_error and r.receipt is None
-    alerts = s.hospital.node.audit.events(event="security.alert")
-    assert {e.transfer_id for e in alerts} >= set(tids)
-    assert all(not s.hospital.node.audit.events(event="transfer.completed", transfer_id=t)
-               for t in tids)  # fmt: skip
+    assert not audit.events(event="transfer.completed", transfer_id=tid)
+    failed = audit.events(event="transfer.failed", transfer_id=tid)
+    assert len(failed) >= 2 and {e.details["error"] for e in failed} == {"ReceiptError"}
+    _honest_again_and_delivered(s, [tid])
