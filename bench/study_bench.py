@@ -344,6 +344,13 @@ class GatewayStudy(NodePair):
             for e in self._events("transfer.begun", after_seq)
             if e.transfer_id in wanted
         ]
+        if not begun_times:  # a batch exchange has no per-object attempt: the factory's
+            # first object stored (one object's wire time after the first byte) starts it
+            begun_times = [
+                _ts(e.time)
+                for e in self._events("transfer.received", factory_after_seq, self.factory_audit)
+                if e.transfer_id in wanted
+            ]
         with self._client(self.factory, FACTORY, engineer) as eng:
             studies = factory_pb2_grpc.FactoryStub(eng.channel).ListStudies(
                 factory_pb2.ListFactoryStudiesRequest(case_id=CASE_ID), timeout=120
@@ -386,7 +393,13 @@ class GatewayStudy(NodePair):
           after the release has queued everything);
         - ``factory_window``: first → last ``transfer.received`` at the factory (objects
           stored and receipted there);
-        - ``attempts``: send attempts (``transfer.begun``) per instance;
+        - ``attempts``: send attempts per instance (``transfer.begun``), or per batch
+          (failed attempts + 1);
+        - ``first_received``: confirm call → the factory's first object stored
+          (``transfer.received``);
+        - ``manifest_signed`` / ``batch_completed``: confirm call → the factory signed the
+          manifest (``transfer.batch.received``) / the hospital verified it
+          (``transfer.batch.completed``);
         - ``median_transfer`` / ``p90_transfer``: one transfer's last ``transfer.begun``
           → its ``transfer.completed``;
         - ``batches``: study exchanges opened (``transfer.batch.opened``; 0 where every
@@ -420,8 +433,20 @@ class GatewayStudy(NodePair):
         )
         if received:
             out["factory_window"] = received[-1] - received[0]
+            out["first_received"] = received[0] - confirm_started
         if "transfer.batch.opened" in EVENT_TYPES:  # the study as one exchange (issue #10)
-            out["batches"] = float(len(self._events("transfer.batch.opened", after_seq)))
+            opened = self._events("transfer.batch.opened", after_seq)
+            out["batches"] = float(len(opened))
+            if opened:
+                failed = self._events("transfer.batch.failed", after_seq)
+                out["attempts"] = (len(failed) + len(opened)) / len(opened)
+            done = self._events("transfer.batch.completed", after_seq)
+            if done:  # the manifest verified → every object's completion logged
+                out["batch_completed"] = _ts(done[-1].time) - confirm_started
+            signed = self._events("transfer.batch.received", factory_after_seq,
+                                  self.factory_audit)  # fmt: skip
+            if signed:
+                out["manifest_signed"] = _ts(signed[-1].time) - confirm_started
         return out
 
     def _events(self, event: str, after_seq: int, log_: AuditLog | None = None) -> list[Any]:
@@ -657,10 +682,10 @@ def gateway_metrics(g: GatewayStudyResult, ref_ingest: float) -> list[Metric]:
               f"{g.study_bytes / MiB:.0f} MiB in {g.instances} transfers"),
         _secs("study.gateway.confirm_to_done_s", "gateway confirm → all delivered",
               g.confirm_to_done_s, f"node CPU {cpu}"),
-        _secs("study.gateway.first_transfer_s", "  confirm call → first transfer.begun", gap,
+        _secs("study.gateway.first_transfer_s", "  confirm call → first object sent", gap,
               "transfers start only after the confirmation" if gap >= g.confirm_s else
               "transfers start during the confirmation"),
-        _secs("study.gateway.transfer_window_s", "  first transfer.begun → last completed",
+        _secs("study.gateway.transfer_window_s", "  first object sent → last completed",
               g.transfer_window_s,
               f"{g.study_bytes / MiB / g.transfer_window_s:.0f} MiB/s"),
         *phase_metrics(g),
@@ -672,9 +697,12 @@ def gateway_metrics(g: GatewayStudyResult, ref_ingest: float) -> list[Metric]:
 
 
 PHASES = (
-    ("record", "  confirm call → confirmation record (all de-identified)"),
+    ("record", "  confirm call → case.confirmation audited"),
     ("first_queued", "  confirm call → first instance queued"),
+    ("first_received", "  confirm call → first object stored at the factory"),
     ("last_queued", "  confirm call → last instance queued"),
+    ("manifest_signed", "  confirm call → manifest signed at the factory"),
+    ("batch_completed", "  confirm call → manifest verified at the hospital"),
     ("drain", "  last queued → last transfer.completed"),
     ("factory_window", "  factory: first → last transfer.received"),
     ("median_transfer", "  one transfer, begun → completed (median)"),
@@ -687,9 +715,11 @@ def phase_metrics(g: GatewayStudyResult) -> list[Metric]:
     out = [_secs(f"study.gateway.phase.{k}", label, g.phases[k]) for k, label in PHASES
            if k in g.phases]  # fmt: skip
     if "attempts" in g.phases:
-        out.append(Metric("study.gateway.phase.attempts", "  send attempts per instance",
+        batches = g.phases.get("batches", 0)
+        per = "batch" if batches else "instance"
+        out.append(Metric("study.gateway.phase.attempts", f"  send attempts per {per}",
                           g.phases["attempts"], "x",
-                          note=f"{g.phases.get('batches', 0):.0f} batch exchange(s)"))  # fmt: skip
+                          note=f"{batches:.0f} batch exchange(s)"))  # fmt: skip
     return out
 
 
