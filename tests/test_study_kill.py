@@ -38,12 +38,15 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from gateway.audit import AuditLog
+from gateway.pki import TrustStore
+from gateway.transfer.manifest import verify_manifest
 from tests.cluster import Federation, wait_for
 from tests.study_harness import (
     FACTORY,
@@ -215,14 +218,14 @@ def check_exactly_once(ks: KilledStudy) -> None:
         assert {o.status for o in outbound} == {"done"}
         released = {o.object_id for o in outbound}
         assert len(released) == ks.instances  # one distinct de-identified object each
-        assert len(hcat.list_transfers(direction="outbound", limit=10**6)) == ks.instances
-        inbound = fcat.list_transfers(direction="inbound", limit=10**6)
+        assert len(hcat.list_transfers(direction="outbound", limit=100_000)) == ks.instances
+        inbound = fcat.list_transfers(direction="inbound", limit=100_000)
         assert sorted(t.transfer_id for t in inbound) == sorted(ks.transfer_ids)
         assert {t.status for t in inbound} == {"done"}
-        objects = fcat.list_objects(case_id=CASE, limit=10**6)
+        objects = fcat.list_objects(case_id=CASE, limit=100_000)
         assert len(objects) == ks.instances
         assert {o.object_id for o in objects} == released
-        assert len(fcat.list_objects(limit=10**6)) == ks.instances  # nothing else
+        assert len(fcat.list_objects(limit=100_000)) == ks.instances  # nothing else
 
 
 def check_bit_identical(ks: KilledStudy) -> None:
@@ -238,12 +241,35 @@ def check_bit_identical(ks: KilledStudy) -> None:
 
 
 def check_same_receipts(ks: KilledStudy) -> None:
-    """Each object's signed receipt is held byte for byte by both nodes."""
-    with ks.pair.catalogs() as (hcat, fcat):
+    """Every object is covered by a signed receipt both nodes hold byte for byte: its own
+    (an object sent alone) or its batch's manifest receipt, which lists it with the id,
+    size and SHA-256 the hospital sent and the facts the hospital recorded for it."""
+    pair = ks.pair
+    trust = TrustStore(pair.hconf.tls.ca, pair.hconf.tls.crl)
+    with pair.catalogs() as (hcat, fcat):
+        manifests: dict[str, dict[str, transfer_pb2.ManifestEntry]] = {}
         for tid in ks.transfer_ids:
             out, inb = hcat.get_transfer(tid, "outbound"), fcat.get_transfer(tid, "inbound")
             assert inb.object_id == out.object_id and inb.size == out.size
-            assert out.receipt and inb.receipt == out.receipt, tid
+            assert inb.batch_id == out.batch_id, tid
+            if not out.batch_id:
+                assert out.receipt and inb.receipt == out.receipt, tid
+                continue
+            if out.batch_id not in manifests:
+                held = hcat.get_batch(out.batch_id, "outbound").receipt
+                assert held and fcat.get_batch(out.batch_id, "inbound").receipt == held
+                body = verify_manifest(
+                    held, trust, expect_receiver=FACTORY, expect_sender=HOSPITAL,
+                    expect_batch_id=out.batch_id,
+                ).body  # fmt: skip
+                manifests[out.batch_id] = {e.transfer_id: e for e in body.entries}
+            entry = manifests[out.batch_id][tid]
+            assert (entry.object_id, entry.sha256, entry.size) == (
+                out.object_id, out.object_id, out.size,
+            )  # fmt: skip
+            assert dict(entry.facts) == out.facts and entry.facts["dicom.pixel_sha256"]
+        listed = {t for entries in manifests.values() for t in entries}
+        assert listed <= set(ks.transfer_ids)  # a manifest lists nothing that was not sent
 
 
 TRANSFER_RPCS = {m.name for m in transfer_pb2.DESCRIPTOR.services_by_name["Transfer"].methods}
@@ -256,10 +282,12 @@ NO_BATCH_EXCHANGE = (
 
 def check_one_manifest_receipt(ks: KilledStudy) -> None:
     """The study went as one batch; both nodes hold its one manifest receipt byte for
-    byte, with the same Merkle root, both ``done``."""
+    byte, ``done``, with the same Merkle root; the manifest verifies (factory's signature,
+    the root over its entries) and lists exactly the study's objects."""
     if not BATCH_RPCS:
         pytest.skip(NO_BATCH_EXCHANGE)
-    with ks.pair.catalogs() as (hcat, fcat):
+    pair = ks.pair
+    with pair.catalogs() as (hcat, fcat):
         batch_ids = {hcat.get_transfer(t, "outbound").batch_id for t in ks.transfer_ids}
         assert len(batch_ids) == 1 and "" not in batch_ids, batch_ids
         (batch_id,) = batch_ids
@@ -267,7 +295,21 @@ def check_one_manifest_receipt(ks: KilledStudy) -> None:
         assert out.status == inb.status == "done", (out, inb)
         assert out.receipt and inb.receipt == out.receipt
         assert out.merkle_root and inb.merkle_root == out.merkle_root
-        assert len(hcat.list_batches(limit=10**6)) == 1 == len(fcat.list_batches(limit=10**6))
+        assert len(hcat.list_batches(limit=100_000)) == 1 == len(fcat.list_batches(limit=100_000))
+        body = verify_manifest(
+            out.receipt, TrustStore(pair.hconf.tls.ca, pair.hconf.tls.crl),
+            expect_receiver=FACTORY, expect_sender=HOSPITAL, expect_batch_id=batch_id,
+        ).body  # fmt: skip
+        assert body.merkle_root == out.merkle_root and body.count == ks.instances
+        assert sorted(e.transfer_id for e in body.entries) == sorted(ks.transfer_ids)
+        assert body.total_bytes == ks.total and body.case_id == CASE
+    audit = AuditLog(pair.hconf.audit.path, HOSPITAL)
+    try:
+        done = [e for e in audit.events(event="transfer.batch.completed", limit=100_000)
+                if e.details["batch_id"] == batch_id]  # fmt: skip
+    finally:
+        audit.close()
+    assert len(done) == 1 and done[0].details["merkle_root"] == out.merkle_root  # logged once
 
 
 def check_no_stray_file(ks: KilledStudy) -> None:
@@ -284,8 +326,17 @@ def check_no_stray_file(ks: KilledStudy) -> None:
 
 
 def check_audit_logs_verify(ks: KilledStudy) -> None:
-    """Both logs still prove they were not edited, truncated or reordered."""
+    """Both logs still prove they were not edited, truncated or reordered, and the
+    hospital's logged each instance's completion once (not lost, not twice)."""
     pair = ks.pair
+    audit = AuditLog(pair.hconf.audit.path, HOSPITAL)
+    try:
+        completed = audit.events(event="transfer.completed", limit=100_000)
+    finally:
+        audit.close()
+    counts = Counter(e.transfer_id or "" for e in completed)
+    assert sorted(counts) == sorted(ks.transfer_ids)
+    assert set(counts.values()) == {1}, {t: n for t, n in counts.items() if n != 1}
     for node_id, path in ((HOSPITAL, pair.hconf.audit.path), (FACTORY, pair.fconf.audit.path)):
         log = AuditLog(path, node_id)
         try:
