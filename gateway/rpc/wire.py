@@ -58,6 +58,7 @@ def transfer_to_pb(t: TransferRecord) -> common_pb2.TransferInfo:
         updated_at=t.updated_at,
         completed_at=t.completed_at,
         name=t.name,
+        batch_id=t.batch_id,
     )
     if t.receipt:
         info.receipt.ParseFromString(t.receipt)

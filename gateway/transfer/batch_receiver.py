@@ -254,6 +254,8 @@ class _Run:
                     return
                 else:
                     raise ValidationError("BatchStart may come only once, first")
+            if current is not None:  # the sender stopped inside an object: resume it later
+                self._keep_partial(current)
             self._put(_STREAM_CLOSED)
         except BaseException as exc:  # handed to the committing thread, which raises it
             if current is not None:
