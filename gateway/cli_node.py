@@ -249,6 +249,8 @@ def cmd_query(args: argparse.Namespace) -> int:
                         f"\n  transfer {t.transfer_id} {t.direction} {t.peer_node}: "
                         f"{t.status} (attempts {t.attempts})"
                     )
+                    if t.batch_id:
+                        print(f"    in batch {t.batch_id} (one signed manifest receipt)")
                     if t.HasField("receipt"):
                         body = common_pb2.ReceiptBody.FromString(t.receipt.body)
                         print(

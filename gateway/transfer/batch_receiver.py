@@ -219,6 +219,7 @@ class _Run:
         self.items = items
         self.pending: queue.Queue[object] = queue.Queue(maxsize=4 * GROUP_OBJECTS)
         self.abort = threading.Event()
+        self._receiving: set[str] = set()  # transfer ids this stream marked active
 
     # -- reader thread ------------------------------------------------------
     def _read(self) -> None:
@@ -261,6 +262,9 @@ class _Run:
             if current is not None:
                 self._keep_partial(current)
             self._put(exc if isinstance(exc, Exception) else ShuttingDown(str(exc)))
+        finally:
+            with self.r._lock:
+                self.r._active.difference_update(self._receiving)
 
     def _put(self, item: object) -> None:
         while not self.abort.is_set():
@@ -296,6 +300,11 @@ class _Run:
                 f"transfer {tid}: object starts at offset {item.offset} but {have} verified "
                 "bytes are held; ask BatchStatus for the resume offset"
             )
+        with r._lock:  # the janitor leaves an object alone while its bytes arrive
+            if tid in r._active:
+                raise TransferError(f"transfer {tid} is already being received")
+            r._active.add(tid)
+        self._receiving.add(tid)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if have else os.O_TRUNC)
         try:
             fd = os.open(part, flags, 0o600)
