@@ -367,6 +367,18 @@ def test_query_shows_the_batch_on_each_object_and_single_sends_stay_unbatched(
         assert all(t.status == "done" for t in in_batch)
         (alone,) = [t for t in listed if t.transfer_id == tid]
         assert alone.batch_id == "" and alone.HasField("receipt")  # its own signed receipt
+        with node.self_client() as client:
+            (batch,) = client.list_batches(case_id="case-b", direction=direction)
+        assert (batch.batch_id, batch.status, batch.sealed) == (bid, "done", True)
+        assert dict(batch.objects_by_status) == {"done": 3} and batch.expected == 3
+        stored = node.node.catalog.get_batch(bid, direction)
+        assert batch.receipt.SerializeToString() == stored.receipt
+        assert batch.merkle_root == stored.merkle_root != ""
+    # a peer node asking sees only the batches it took part in
+    with hospital.client(factory.node.client_credentials) as as_factory:
+        assert [b.batch_id for b in as_factory.list_batches()] == [bid]
+    query_events = [e for e in _events(factory, "query") if e.details["query"] == "list_batches"]  # type: ignore[attr-defined]
+    assert query_events  # who looked at what
 
 
 def test_catalog_of_the_previous_schema_is_migrated_with_batches(tmp_path: Path) -> None:
