@@ -493,10 +493,12 @@ class _Run:
                     b.part.unlink(missing_ok=True)
                 self._refuse(a.transfer_id, a.announce, "object SHA-256/size", whole=True)
         self._store(group)
-        for a in group:
-            a.facts = dict(r.facts_hook(a.announce, r.store)) if r.facts_hook else {}
         now = utcnow()
+        # One transaction for the group: the facts hook's own catalog writes (e.g. the
+        # factory's study index) join it, so the group costs one catalog commit.
         with r.catalog.transaction():
+            for a in group:
+                a.facts = dict(r.facts_hook(a.announce, r.store)) if r.facts_hook else {}
             for a in group:
                 an = a.announce
                 r.catalog.add_object(
