@@ -39,6 +39,7 @@ POLICY: Mapping[str, frozenset[str]] = {
     "/yigong.v1.Query/ListObjects": frozenset({SELF, "engineer", "clinician", "officer"}),
     "/yigong.v1.Query/GetObject": frozenset({SELF, "engineer", "clinician", "officer"}),
     "/yigong.v1.Query/ListTransfers": frozenset({SELF, PEER, "engineer", "clinician", "officer"}),
+    "/yigong.v1.Query/ListBatches": frozenset({SELF, PEER, "engineer", "clinician", "officer"}),
     "/yigong.v1.Query/ReadObject": frozenset({SELF, "engineer", "clinician"}),
     # hospital node: received studies, completeness, clinician confirmation and send
     "/yigong.v1.Hospital/ListStudies": frozenset({SELF, "clinician", "officer"}),

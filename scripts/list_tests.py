@@ -27,6 +27,7 @@ FEATURES: list[tuple[str, list[str]]] = [
     ),
     ("Failure and recovery", ["test_resilience.py"]),
     ("Hostile peer on the transfer path", ["test_transfer_hostile.py"]),
+    ("Study exchange: a batch of objects, one manifest receipt", ["test_batch_transfer.py"]),
     (
         "Study exchange: kill -9 of either node, hostile manifest receipts",
         ["test_study_kill.py", "test_study_hostile.py"],

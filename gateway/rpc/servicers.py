@@ -16,7 +16,7 @@ from gateway.errors import ValidationError
 from gateway.exchange import Exchange, Submission
 from gateway.query import ObjectFilter, QueryService, TransferFilter
 from gateway.rpc.auth import Gatekeeper, refusals_audited, stream_with_errors, wire_errors
-from gateway.rpc.wire import announce_from_pb, object_to_pb, transfer_to_pb
+from gateway.rpc.wire import announce_from_pb, batch_to_pb, object_to_pb, transfer_to_pb
 from gateway.transfer.model import (
     BatchAckItem,
     BatchEndMsg,
@@ -256,6 +256,26 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                 remote=self.gate.remote(context),
             )
             return query_pb2.ListTransfersResponse(transfers=[transfer_to_pb(t) for t in found])
+        raise AssertionError("unreachable")
+
+    def ListBatches(
+        self, request: query_pb2.ListBatchesRequest, context: grpc.ServicerContext
+    ) -> query_pb2.ListBatchesResponse:
+        with wire_errors(context, "Query.ListBatches"):
+            found = self.query.list_batches(
+                self.gate.identity(context),
+                TransferFilter(
+                    case_id=request.case_id,
+                    peer=request.peer,
+                    status=request.status,
+                    direction=request.direction,
+                    since=request.time.since,
+                    until=request.time.until,
+                    limit=request.limit,
+                ),
+                remote=self.gate.remote(context),
+            )
+            return query_pb2.ListBatchesResponse(batches=[batch_to_pb(b, n) for b, n in found])
         raise AssertionError("unreachable")
 
     def ReadObject(

@@ -219,6 +219,7 @@ class _Run:
         self.items = items
         self.pending: queue.Queue[object] = queue.Queue(maxsize=4 * GROUP_OBJECTS)
         self.abort = threading.Event()
+        self._receiving: set[str] = set()  # transfer ids this stream marked active
 
     # -- reader thread ------------------------------------------------------
     def _read(self) -> None:
@@ -254,11 +255,16 @@ class _Run:
                     return
                 else:
                     raise ValidationError("BatchStart may come only once, first")
+            if current is not None:  # the sender stopped inside an object: resume it later
+                self._keep_partial(current)
             self._put(_STREAM_CLOSED)
         except BaseException as exc:  # handed to the committing thread, which raises it
             if current is not None:
                 self._keep_partial(current)
             self._put(exc if isinstance(exc, Exception) else ShuttingDown(str(exc)))
+        finally:
+            with self.r._lock:
+                self.r._active.difference_update(self._receiving)
 
     def _put(self, item: object) -> None:
         while not self.abort.is_set():
@@ -294,6 +300,11 @@ class _Run:
                 f"transfer {tid}: object starts at offset {item.offset} but {have} verified "
                 "bytes are held; ask BatchStatus for the resume offset"
             )
+        with r._lock:  # the janitor leaves an object alone while its bytes arrive
+            if tid in r._active:
+                raise TransferError(f"transfer {tid} is already being received")
+            r._active.add(tid)
+        self._receiving.add(tid)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if have else os.O_TRUNC)
         try:
             fd = os.open(part, flags, 0o600)
@@ -482,10 +493,12 @@ class _Run:
                     b.part.unlink(missing_ok=True)
                 self._refuse(a.transfer_id, a.announce, "object SHA-256/size", whole=True)
         self._store(group)
-        for a in group:
-            a.facts = dict(r.facts_hook(a.announce, r.store)) if r.facts_hook else {}
         now = utcnow()
+        # One transaction for the group: the facts hook's own catalog writes (e.g. the
+        # factory's study index) join it, so the group costs one catalog commit.
         with r.catalog.transaction():
+            for a in group:
+                a.facts = dict(r.facts_hook(a.announce, r.store)) if r.facts_hook else {}
             for a in group:
                 an = a.announce
                 r.catalog.add_object(

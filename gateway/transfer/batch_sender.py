@@ -100,6 +100,17 @@ class BatchSender:
             link = o._link_factory(peer)
             o._check_residency(link, peer)
             status = link.batch_status(batch.batch_id)
+            o.audit.record(
+                "transfer.batch.begun",
+                actor=f"node:{o.settings.node_id}",
+                peer=peer,
+                case_id=batch.case_id or None,
+                details={
+                    "batch_id": batch.batch_id,
+                    "attempt": attempt,
+                    "held": sum(s.held for s in status.objects),
+                },
+            )
             receipt: bytes | None = None
             if status.receipt and batch.sealed:
                 receipt = status.receipt  # completed there before: check it like a new one
