@@ -54,7 +54,7 @@ from pydicom import dcmread
 from gateway.errors import BurnedInAnnotationHeld, IntegrityError, ValidationError, YigongError
 from gateway.storage.filesystem import FilesystemStore
 from hospital_node.deid import Deidentifier, burned_in_reason, scan_for_identifiers
-from hospital_node.vault import patient_of
+from hospital_node.vault import PatientIdentity, patient_of
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ Source = Callable[[], bytes] | str
 PER_WORKER_IN_FLIGHT = 2
 """Instances queued at each worker: one working, one waiting (bounds memory to a few MiB)."""
 MAX_RECIPIENTS_PER_WORKER = 16
+PATIENT_WINDOW = 32
+"""Head reads (one-patient rule) queued at each worker."""
 SCRATCH_SUFFIX = ".deid"
 _PATIENT_KEY_LABEL = b"yigong.release.patient-key.v1\x00"
 
@@ -225,6 +227,12 @@ def _worker_main(conn: Connection, scratch: str) -> None:
                 deids.clear()
             deids[msg[1]] = pickle.loads(msg[2])
             continue
+        if kind == "patient":
+            try:
+                conn.send((msg[1], _patient(msg[2])))
+            except (EOFError, OSError):
+                return
+            continue
         _, seq, token, source, pseudonym, allow, salt, store_root = msg
         try:
             outcome = run_one(deids[token], source, pseudonym, allow, folder, salt, store_root)
@@ -236,6 +244,18 @@ def _worker_main(conn: Connection, scratch: str) -> None:
             conn.send((seq, outcome))
         except (EOFError, OSError):
             return
+
+
+def _patient(path: str) -> PatientIdentity | str:
+    """The patient of a file, or why it could not be read (for the one-patient rule)."""
+    from hospital_node.release_patient import file_patient
+
+    try:
+        return file_patient(path)
+    except ValidationError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
 
 
 class _Worker:
@@ -292,6 +312,52 @@ class DeidPool:
         with self._lock:
             if not self._closed:
                 self._start()
+
+    def patients(self, paths: list[str]) -> list[PatientIdentity | str]:
+        """The patient of each file (or why it could not be read), read by the workers
+        (the one-patient rule of a release, before anything is recorded)."""
+        found: dict[int, PatientIdentity | str] = {}
+        with self._lock:
+            if self._closed:
+                raise ValidationError("the de-identification pool is stopped (node stopping)")
+            self._start()
+            todo = iter(enumerate(paths))
+            live = list(self._pool)
+            asked: dict[_Worker, deque[int]] = {w: deque() for w in live}
+
+            def feed(w: _Worker) -> None:
+                while len(asked[w]) < PATIENT_WINDOW:
+                    item = next(todo, None)
+                    if item is None:
+                        return
+                    asked[w].append(item[0])
+                    try:
+                        w.conn.send(("patient", item[0], item[1]))
+                    except (EOFError, OSError):
+                        return
+
+            for w in live:
+                feed(w)
+            while any(asked[w] for w in live):
+                busy = [w for w in live if asked[w]]
+                ready = wait([w.conn for w in busy])
+                for w in busy:
+                    if w.conn not in ready:
+                        continue
+                    try:
+                        while asked[w] and w.conn.poll():
+                            n, who = w.conn.recv()
+                            asked[w].remove(n)
+                            found[n] = who
+                    except (EOFError, OSError):  # gone: the rest is read here
+                        live.remove(w)
+                        for n in asked.pop(w):
+                            found[n] = _patient(paths[n])
+                        continue
+                    feed(w)
+            for n, path in todo:  # no worker left
+                found[n] = _patient(path)
+        return [found[n] for n in range(len(paths))]
 
     def run(
         self,

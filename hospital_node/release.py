@@ -282,9 +282,14 @@ class Releaser:
             instances = [i for i in studies.instances(study_uid) if not i.duplicate]
             if not instances:
                 raise StudyNotReady(f"study {study_uid} has no instances to send")
+            found = None  # before anything leaves: every instance is of one patient
             if self.pool.workers and len(instances) >= self.pool_min_instances:
-                self.pool.warm()  # the workers start while the study is checked
-            patient = study_patient(self.store, study_uid, instances)  # before anything leaves
+                fs = self.store if isinstance(self.store, FilesystemStore) else None
+                if fs is None:
+                    self.pool.warm()  # the workers start while the study is checked
+                else:  # the workers read the heads
+                    found = self.pool.patients([str(fs.path_for(i.object_id)) for i in instances])
+            patient = study_patient(self.store, study_uid, instances, found)
             if self.vault.has_case(case_id):
                 self.vault.store(case_id, patient)  # refuses another patient early
             recipient = self.recipient(case_id, destination, patient)
