@@ -415,6 +415,11 @@ class DeidPool:
 
         def lost(w: _Worker) -> None:
             """A worker died: its instances are de-identified here instead."""
+            with contextlib.suppress(Exception):
+                w.proc.kill()  # if only its pipe broke
+                w.proc.wait(5)
+            if w in self._pool:
+                self._pool.remove(w)  # replaced at the next release
             log.warning(
                 "de-identification worker %s ended (exit code %s); %d instance(s) done in "
                 "the node process instead",
