@@ -51,7 +51,13 @@ from typing import TypeVar, cast
 
 from pydicom import dcmread
 
-from gateway.errors import BurnedInAnnotationHeld, IntegrityError, ValidationError, YigongError
+from gateway.errors import (
+    BurnedInAnnotationHeld,
+    IntegrityError,
+    ShuttingDown,
+    ValidationError,
+    YigongError,
+)
 from gateway.storage.filesystem import FilesystemStore
 from hospital_node.deid import Deidentifier, burned_in_reason, scan_for_identifiers
 from hospital_node.vault import PatientIdentity, patient_of
@@ -319,7 +325,7 @@ class DeidPool:
         found: dict[int, PatientIdentity | str] = {}
         with self._lock:
             if self._closed:
-                raise ValidationError("the de-identification pool is stopped (node stopping)")
+                raise ShuttingDown("the de-identification pool is stopped (node stopping)")
             self._start()
             todo = iter(enumerate(paths))
             live = list(self._pool)
@@ -376,7 +382,7 @@ class DeidPool:
         self.scratch.mkdir(parents=True, exist_ok=True)
         with self._lock:
             if self._closed:
-                raise ValidationError("the de-identification pool is stopped (node stopping)")
+                raise ShuttingDown("the de-identification pool is stopped (node stopping)")
             self._start()
             yield from self._run(deid, pseudonym, allow_burned_in, iter(jobs), salt, store_root)
 
@@ -443,6 +449,8 @@ class DeidPool:
                 if done:
                     yield done
                     done = []
+                if self._closed:  # the node is stopping: the rest is finished at its start
+                    raise ShuttingDown("the node is stopping; the release is finished at start")
                 busy = [w for w in live if w.in_flight]
                 if not busy:
                     job = next(jobs, None)
@@ -482,9 +490,10 @@ class DeidPool:
             self._pool.remove(w)
 
     def close(self) -> None:
-        """Stop the workers (node shutdown); a later :meth:`run` is refused."""
+        """Stop the workers (node shutdown); a release in progress stops after its
+        current group (and is finished at the next start); a later :meth:`run` is refused."""
+        self._closed = True
         with self._lock:
-            self._closed = True
             pool, self._pool = self._pool, []
         for w in pool:
             with contextlib.suppress(OSError, EOFError):
