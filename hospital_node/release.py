@@ -403,8 +403,13 @@ class Releaser:
             jobs = [(r, self._source(r.source_object_id, None)) for r in pending]
             groups = _inline(deid, pseudonym, allow, jobs, self.scratch, salt)
         queued: list[str] = []
-        for group in groups:
-            queued += self._commit(c, group, expected, pseudonym, batch_id)
+        try:
+            for group in groups:
+                queued += self._commit(c, group, expected, pseudonym, batch_id)
+        finally:
+            close = getattr(groups, "close", None)
+            if close is not None:
+                close()  # frees the pool now, also when a group could not be committed
         return queued
 
     def _source(self, object_id: str, fs: FilesystemStore | None) -> Source:
