@@ -51,18 +51,32 @@ from typing import TypeVar, cast
 
 from pydicom import dcmread
 
-from gateway.errors import BurnedInAnnotationHeld, IntegrityError, ValidationError
+from gateway.errors import (
+    BurnedInAnnotationHeld,
+    IntegrityError,
+    ShuttingDown,
+    ValidationError,
+    YigongError,
+)
+from gateway.storage.filesystem import FilesystemStore
 from hospital_node.deid import Deidentifier, burned_in_reason, scan_for_identifiers
-from hospital_node.vault import patient_of
+from hospital_node.vault import PatientIdentity, patient_of
 
 log = logging.getLogger(__name__)
 
 K = TypeVar("K")
 
 RELEASED, HELD, REFUSED, FAILED = "released", "held", "refused", "failed"
+ERROR = "error"
+"""Not an outcome of the instance: its object could not be read or written (the
+release stops there and is finished later, as after a crash)."""
+Source = Callable[[], bytes] | str
+"""An instance's bytes: read by the node (a function), or a file the worker reads."""
 PER_WORKER_IN_FLIGHT = 2
 """Instances queued at each worker: one working, one waiting (bounds memory to a few MiB)."""
 MAX_RECIPIENTS_PER_WORKER = 16
+PATIENT_WINDOW = 32
+"""Head reads (one-patient rule) queued at each worker."""
 SCRATCH_SUFFIX = ".deid"
 _PATIENT_KEY_LABEL = b"yigong.release.patient-key.v1\x00"
 
@@ -71,11 +85,12 @@ _PATIENT_KEY_LABEL = b"yigong.release.patient-key.v1\x00"
 class Outcome:
     """What became of one instance (no patient data: digests, UIDs and reasons only)."""
 
-    status: str  # released | held | refused | failed
+    status: str  # released | held | refused | failed (| error)
     reason: str = ""
     object_id: str = ""  # SHA-256 of the de-identified Part-10 bytes
     size: int = 0
-    path: str = ""  # the scratch file holding them (fsynced); released only
+    path: str = ""  # the scratch file holding them (fsynced), unless stored: released only
+    stored: bool = False  # written into the filesystem store by the worker itself
     new_sop_uid: str = ""
     geometry_hash: str = ""
     pixel_hash: str = ""
@@ -112,10 +127,13 @@ def deidentify_one(
     allow_burned_in: bool,
     scratch: Path,
     salt: bytes,
+    store_root: str = "",
 ) -> Outcome:
     """De-identify one Part-10 instance through the public entry point
     (:meth:`Deidentifier.deidentify_part10`), hash the output, scan it as the outgoing
-    guard would, and write it to ``scratch`` (fsynced). Runs in a worker or inline."""
+    guard would, and make it durable: into the filesystem store at ``store_root``
+    (:meth:`FilesystemStore.put_stream`), else into ``scratch`` (fsynced) for the node to
+    store. Runs in a worker or inline."""
     pid = os.getpid()
     try:
         who = patient_of(data)
@@ -135,7 +153,34 @@ def deidentify_one(
         findings = tuple(scan_for_identifiers(dcmread(io.BytesIO(out), force=True), pseudonym))
     except Exception as exc:  # the guard would refuse it the same way
         findings = (f"the de-identified object cannot be parsed ({type(exc).__name__})",)
-    path = scratch / f"{digest}.{pid}.{next(_counter)}{SCRATCH_SUFFIX}"
+    path, stored = "", False
+    try:
+        if store_root:
+            store = FilesystemStore(Path(store_root))
+            if store.size(digest) != len(out):
+                store.put_stream(digest, [out])
+            stored = True
+        else:
+            path = _write_scratch(scratch, f"{digest}.{pid}.{next(_counter)}", out)
+    except (OSError, YigongError) as exc:
+        return Outcome(ERROR, reason=f"could not store de-identified object {digest}: {exc}")
+    return Outcome(
+        RELEASED,
+        object_id=digest,
+        size=len(out),
+        path=path,
+        stored=stored,
+        new_sop_uid=result.new_sop_uid,
+        geometry_hash=result.geometry_hash,
+        pixel_hash=result.pixel_hash,
+        findings=findings,
+        patient_key=key,
+        pid=pid,
+    )
+
+
+def _write_scratch(scratch: Path, name: str, out: bytes) -> str:
+    path = scratch / f"{name}{SCRATCH_SUFFIX}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(out)
@@ -144,18 +189,29 @@ def deidentify_one(
         os.fsync(fd)
     finally:
         os.close(fd)
-    return Outcome(
-        RELEASED,
-        object_id=digest,
-        size=len(out),
-        path=str(path),
-        new_sop_uid=result.new_sop_uid,
-        geometry_hash=result.geometry_hash,
-        pixel_hash=result.pixel_hash,
-        findings=findings,
-        patient_key=key,
-        pid=pid,
-    )
+    return str(path)
+
+
+def run_one(
+    deid: Deidentifier,
+    source: Source | bytes,
+    pseudonym: str,
+    allow: bool,
+    scratch: Path,
+    salt: bytes,
+    store_root: str = "",
+) -> Outcome:
+    """:func:`deidentify_one` of a :data:`Source` (a file is read here) or of bytes."""
+    if isinstance(source, bytes):
+        data = source
+    elif isinstance(source, str):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            return Outcome(ERROR, reason=f"could not read {source}: {exc.strerror or exc}")
+    else:
+        data = source()
+    return deidentify_one(deid, data, pseudonym, allow, scratch, salt, store_root)
 
 
 def _worker_main(conn: Connection, scratch: str) -> None:
@@ -177,15 +233,35 @@ def _worker_main(conn: Connection, scratch: str) -> None:
                 deids.clear()
             deids[msg[1]] = pickle.loads(msg[2])
             continue
-        _, seq, token, data, pseudonym, allow, salt = msg
+        if kind == "patient":
+            try:
+                conn.send((msg[1], _patient(msg[2])))
+            except (EOFError, OSError):
+                return
+            continue
+        _, seq, token, source, pseudonym, allow, salt, store_root = msg
         try:
-            outcome = deidentify_one(deids[token], data, pseudonym, allow, folder, salt)
-        except Exception as exc:  # a bug or a full disk: this instance fails, the worker lives
-            outcome = Outcome(FAILED, reason=f"de-identification error: {type(exc).__name__}")
+            outcome = run_one(deids[token], source, pseudonym, allow, folder, salt, store_root)
+        except Exception as exc:  # a bug: this instance fails, the worker lives
+            outcome = Outcome(
+                FAILED, reason=f"de-identification error: {type(exc).__name__}", pid=os.getpid()
+            )
         try:
             conn.send((seq, outcome))
         except (EOFError, OSError):
             return
+
+
+def _patient(path: str) -> PatientIdentity | str:
+    """The patient of a file, or why it could not be read (for the one-patient rule)."""
+    from hospital_node.release_patient import file_patient
+
+    try:
+        return file_patient(path)
+    except ValidationError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
 
 
 class _Worker:
@@ -193,7 +269,7 @@ class _Worker:
         self.proc = proc
         self.conn = conn
         self.tokens: set[bytes] = set()
-        self.in_flight: deque[tuple[int, object, bytes]] = deque()  # (seq, key, data)
+        self.in_flight: deque[tuple[int, object, bytes | str]] = deque()  # (seq, key, source)
 
 
 class DeidPool:
@@ -237,32 +313,87 @@ class DeidPool:
             self._pool.append(_Worker(proc, Connection(ours.detach())))
         log.info("de-identification pool: %d worker process(es) %s", len(self._pool), self.pids)
 
+    def warm(self) -> None:
+        """Start the workers now (they load while the caller prepares the release)."""
+        with self._lock:
+            if not self._closed:
+                self._start()
+
+    def patients(self, paths: list[str]) -> list[PatientIdentity | str]:
+        """The patient of each file (or why it could not be read), read by the workers
+        (the one-patient rule of a release, before anything is recorded)."""
+        found: dict[int, PatientIdentity | str] = {}
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the de-identification pool is stopped (node stopping)")
+            self._start()
+            todo = iter(enumerate(paths))
+            live = list(self._pool)
+            asked: dict[_Worker, deque[int]] = {w: deque() for w in live}
+
+            def feed(w: _Worker) -> None:
+                while len(asked[w]) < PATIENT_WINDOW:
+                    item = next(todo, None)
+                    if item is None:
+                        return
+                    asked[w].append(item[0])
+                    try:
+                        w.conn.send(("patient", item[0], item[1]))
+                    except (EOFError, OSError):
+                        return
+
+            for w in live:
+                feed(w)
+            while any(asked[w] for w in live):
+                busy = [w for w in live if asked[w]]
+                ready = wait([w.conn for w in busy])
+                for w in busy:
+                    if w.conn not in ready:
+                        continue
+                    try:
+                        while asked[w] and w.conn.poll():
+                            n, who = w.conn.recv()
+                            asked[w].remove(n)
+                            found[n] = who
+                    except (EOFError, OSError):  # gone: the rest is read here
+                        live.remove(w)
+                        for n in asked.pop(w):
+                            found[n] = _patient(paths[n])
+                        continue
+                    feed(w)
+            for n, path in todo:  # no worker left
+                found[n] = _patient(path)
+        return [found[n] for n in range(len(paths))]
+
     def run(
         self,
         deid: Deidentifier,
         pseudonym: str,
         allow_burned_in: bool,
-        jobs: Iterable[tuple[K, Callable[[], bytes]]],
+        jobs: Iterable[tuple[K, Source]],
         salt: bytes,
+        store_root: str = "",
     ) -> Iterator[list[tuple[K, Outcome]]]:
-        """De-identify every job (``key``, a function that reads the instance's bytes),
-        yielding the outcomes as they complete, a group at a time (whatever finished
-        while the caller handled the previous group). At most
-        :data:`PER_WORKER_IN_FLIGHT` instances per worker are read ahead."""
+        """De-identify every job (``key``, the instance's :data:`Source`), yielding the
+        outcomes as they complete, a group at a time (whatever finished while the caller
+        handled the previous group). At most :data:`PER_WORKER_IN_FLIGHT` instances per
+        worker are read ahead. ``store_root``: the filesystem store the workers write
+        the outputs into ("": the scratch folder)."""
         self.scratch.mkdir(parents=True, exist_ok=True)
         with self._lock:
             if self._closed:
-                raise ValidationError("the de-identification pool is stopped (node stopping)")
+                raise ShuttingDown("the de-identification pool is stopped (node stopping)")
             self._start()
-            yield from self._run(deid, pseudonym, allow_burned_in, iter(jobs), salt)
+            yield from self._run(deid, pseudonym, allow_burned_in, iter(jobs), salt, store_root)
 
     def _run(
         self,
         deid: Deidentifier,
         pseudonym: str,
         allow: bool,
-        jobs: Iterator[tuple[K, Callable[[], bytes]]],
+        jobs: Iterator[tuple[K, Source]],
         salt: bytes,
+        store_root: str,
     ) -> Iterator[list[tuple[K, Outcome]]]:
         blob = pickle.dumps(deid)
         token = hashlib.sha256(blob).digest()
@@ -275,21 +406,26 @@ class DeidPool:
                 job = next(jobs, None)
                 if job is None:
                     return
-                key, read = job
-                data = read()
+                key, source = job
+                data = source if isinstance(source, str) else source()
                 seq = next(seqs)
                 w.in_flight.append((seq, key, data))
                 try:
                     if token not in w.tokens:
                         w.conn.send(("deid", token, blob))
                         w.tokens.add(token)
-                    w.conn.send(("job", seq, token, data, pseudonym, allow, salt))
+                    w.conn.send(("job", seq, token, data, pseudonym, allow, salt, store_root))
                 except (EOFError, OSError):
                     lost(w)
                     return
 
         def lost(w: _Worker) -> None:
             """A worker died: its instances are de-identified here instead."""
+            with contextlib.suppress(Exception):
+                w.proc.kill()  # if only its pipe broke
+                w.proc.wait(5)
+            if w in self._pool:
+                self._pool.remove(w)  # replaced at the next release
             log.warning(
                 "de-identification worker %s ended (exit code %s); %d instance(s) done in "
                 "the node process instead",
@@ -303,7 +439,7 @@ class DeidPool:
                 w.conn.close()
             while w.in_flight:
                 _, key, data = w.in_flight.popleft()
-                out = deidentify_one(deid, data, pseudonym, allow, self.scratch, salt)
+                out = run_one(deid, data, pseudonym, allow, self.scratch, salt, store_root)
                 done.append((cast(K, key), out))
 
         try:
@@ -313,15 +449,16 @@ class DeidPool:
                 if done:
                     yield done
                     done = []
+                if self._closed:  # the node is stopping: the rest is finished at its start
+                    raise ShuttingDown("the node is stopping; the release is finished at start")
                 busy = [w for w in live if w.in_flight]
                 if not busy:
                     job = next(jobs, None)
                     if job is None:
                         return
-                    key, read = job  # every worker is gone: the node process does the rest
-                    done.append(
-                        (key, deidentify_one(deid, read(), pseudonym, allow, self.scratch, salt))
-                    )
+                    key, source = job  # every worker is gone: the node process does the rest
+                    out = run_one(deid, source, pseudonym, allow, self.scratch, salt, store_root)
+                    done.append((key, out))
                     continue
                 ready = wait([w.conn for w in busy])
                 for w in busy:
@@ -353,9 +490,10 @@ class DeidPool:
             self._pool.remove(w)
 
     def close(self) -> None:
-        """Stop the workers (node shutdown); a later :meth:`run` is refused."""
+        """Stop the workers (node shutdown); a release in progress stops after its
+        current group (and is finished at the next start); a later :meth:`run` is refused."""
+        self._closed = True
         with self._lock:
-            self._closed = True
             pool, self._pool = self._pool, []
         for w in pool:
             with contextlib.suppress(OSError, EOFError):

@@ -56,20 +56,24 @@ from gateway.catalog import ObjectRecord, TransferRecord, utcnow
 from gateway.errors import (
     IdentifiableData,
     PermissionDenied,
+    StorageError,
     StudyNotReady,
     ValidationError,
     YigongError,
 )
 from gateway.identity import Identity
 from gateway.storage import ObjectStore
+from gateway.storage.filesystem import FilesystemStore
 from hospital_node.deid import TABLE_EDITION, Deidentifier
 from hospital_node.deid_pool import (
+    ERROR,
     RELEASED,
     DeidPool,
     Outcome,
+    Source,
     clear_scratch,
-    deidentify_one,
     patient_key,
+    run_one,
 )
 from hospital_node.guard import DICOM_MEDIA_TYPE, MAX_LISTED, read_object
 from hospital_node.release_patient import study_patient
@@ -278,7 +282,14 @@ class Releaser:
             instances = [i for i in studies.instances(study_uid) if not i.duplicate]
             if not instances:
                 raise StudyNotReady(f"study {study_uid} has no instances to send")
-            patient = study_patient(self.store, study_uid, instances)  # before anything leaves
+            found = None  # before anything leaves: every instance is of one patient
+            if self.pool.workers and len(instances) >= self.pool_min_instances:
+                fs = self.store if isinstance(self.store, FilesystemStore) else None
+                if fs is None:
+                    self.pool.warm()  # the workers start while the study is checked
+                else:  # the workers read the heads
+                    found = self.pool.patients([str(fs.path_for(i.object_id)) for i in instances])
+            patient = study_patient(self.store, study_uid, instances, found)
             if self.vault.has_case(case_id):
                 self.vault.store(case_id, patient)  # refuses another patient early
             recipient = self.recipient(case_id, destination, patient)
@@ -380,19 +391,31 @@ class Releaser:
         expected = patient_key(patient.patient_id, patient.issuer_of_patient_id, salt)
         self.scratch.mkdir(parents=True, exist_ok=True)
         clear_scratch(self.scratch)  # one release at a time: anything here is left over
-        jobs: list[tuple[InstanceRelease, Callable[[], bytes]]] = [
-            (r, functools.partial(read_object, self.store, r.source_object_id)) for r in pending
-        ]
         allow = c.allow_burned_in
         groups: Iterable[list[tuple[InstanceRelease, Outcome]]]
-        if self.pool.workers and len(jobs) >= self.pool_min_instances:
-            groups = self.pool.run(deid, pseudonym, allow, jobs, salt)
+        if self.pool.workers and len(pending) >= self.pool_min_instances:
+            # a filesystem store: the workers read and write its files themselves
+            fs = self.store if isinstance(self.store, FilesystemStore) else None
+            jobs = [(r, self._source(r.source_object_id, fs)) for r in pending]
+            root = str(fs.root) if fs is not None else ""
+            groups = self.pool.run(deid, pseudonym, allow, jobs, salt, root)
         else:
+            jobs = [(r, self._source(r.source_object_id, None)) for r in pending]
             groups = _inline(deid, pseudonym, allow, jobs, self.scratch, salt)
         queued: list[str] = []
-        for group in groups:
-            queued += self._commit(c, group, expected, pseudonym, batch_id)
+        try:
+            for group in groups:
+                queued += self._commit(c, group, expected, pseudonym, batch_id)
+        finally:
+            close = getattr(groups, "close", None)
+            if close is not None:
+                close()  # frees the pool now, also when a group could not be committed
         return queued
+
+    def _source(self, object_id: str, fs: FilesystemStore | None) -> Source:
+        if fs is not None:
+            return str(fs.path_for(object_id))
+        return functools.partial(read_object, self.store, object_id)
 
     def _commit(
         self,
@@ -407,6 +430,13 @@ class Releaser:
         outcomes: list[tuple[InstanceRelease, Outcome]] = []
         links: list[tuple[str, Path]] = []
         for row, out in group:
+            if out.status == ERROR:  # left pending: finished at the next start
+                for _, other in group:
+                    _unlink(other.path)
+                raise StorageError(
+                    f"release of confirmation {c.confirmation_id[:16]} stopped: {out.reason}; "
+                    "it is finished when the node starts again"
+                )
             if out.status == RELEASED and out.patient_key != expected_patient:
                 _unlink(out.path)
                 out = Outcome(
@@ -417,7 +447,7 @@ class Releaser:
                 )
                 log.error("release %s: object %s changed patient", c.confirmation_id[:16],
                           row.source_object_id)  # fmt: skip
-            if out.status == RELEASED:
+            if out.status == RELEASED and not out.stored:
                 if self.store.size(out.object_id) != out.size:
                     links.append((out.object_id, Path(out.path)))
             outcomes.append((row, out))
@@ -580,13 +610,13 @@ def _inline(
     deid: Deidentifier,
     pseudonym: str,
     allow: bool,
-    jobs: list[tuple[InstanceRelease, Callable[[], bytes]]],
+    jobs: list[tuple[InstanceRelease, Source]],
     scratch: Path,
     salt: bytes,
 ) -> Iterator[list[tuple[InstanceRelease, Outcome]]]:
     """De-identify in the node process, one instance per group (a small release)."""
-    for row, read in jobs:
-        yield [(row, deidentify_one(deid, read(), pseudonym, allow, scratch, salt))]
+    for row, source in jobs:
+        yield [(row, run_one(deid, source, pseudonym, allow, scratch, salt))]
 
 
 def _unlink(path: str) -> None:

@@ -65,6 +65,16 @@ def patient_from_head(head: bytes) -> PatientIdentity | None:
     return identity if passed else None
 
 
+def file_patient(path: str) -> PatientIdentity:
+    """The patient of a Part-10 file (head first, like :func:`instance_patient`)."""
+    with open(path, "rb") as fh:
+        head = fh.read(HEAD_BYTES)
+        found = patient_from_head(head)
+        if found is not None:
+            return found
+        return patient_of(head + fh.read())
+
+
 def instance_patient(store: ObjectStore, inst: InstanceRecord) -> PatientIdentity:
     """The patient of one stored instance, reading as little of it as will do."""
     with store.open_read(inst.object_id, 0, HEAD_BYTES) as chunks:
@@ -76,13 +86,24 @@ def instance_patient(store: ObjectStore, inst: InstanceRecord) -> PatientIdentit
 
 
 def study_patient(
-    store: ObjectStore, study_uid: str, instances: Sequence[InstanceRecord]
+    store: ObjectStore,
+    study_uid: str,
+    instances: Sequence[InstanceRecord],
+    found: Sequence[PatientIdentity | str] | None = None,
 ) -> PatientIdentity:
-    """The one patient of ``instances``; StudyNotReady if they are of more than one."""
+    """The one patient of ``instances``; StudyNotReady if they are of more than one.
+
+    ``found``: each instance's patient (or why it could not be read) as the release's
+    workers read them; else they are read here."""
     patient: PatientIdentity | None = None
-    for inst in instances:
+    for n, inst in enumerate(instances):
         try:
-            who = instance_patient(store, inst)
+            if found is None:
+                who = instance_patient(store, inst)
+            elif isinstance(found[n], str):
+                raise ValidationError(str(found[n]))
+            else:
+                who = found[n]  # type: ignore[assignment]
         except ValidationError as exc:
             raise StudyNotReady(
                 f"instance {inst.sop_instance_uid} of study {study_uid} (object "

@@ -214,6 +214,41 @@ def test_pool_outcomes_come_from_other_processes_and_match_inline(tmp_path: Path
         assert clear_scratch(tmp_path) == 6
 
 
+def test_a_worker_killed_mid_release_loses_no_instance(tmp_path: Path) -> None:
+    """SIGKILL of a worker while it holds instances: they are de-identified in this
+    process instead, every outcome arrives once, and the next run starts a new worker."""
+    import signal
+
+    deid = Deidentifier(b"k" * 32).for_recipient(b"patient\x00factory-1")
+    datas = [to_part10(ds) for ds in ct_series(20, rows=64, cols=64)]
+    salt = b"s" * 16
+    from hospital_node.deid_pool import deidentify_one
+
+    expected = [
+        deidentify_one(deid, d, "YG-0123456789AB", False, tmp_path, salt).object_id for d in datas
+    ]
+    clear_scratch(tmp_path)
+    pool = DeidPool(2, tmp_path)
+    try:
+        jobs = [(i, (lambda d=d: d)) for i, d in enumerate(datas)]
+        got: dict[int, Any] = {}
+        victim = 0
+        for group in pool.run(deid, "YG-0123456789AB", False, jobs, salt):
+            for i, outcome in group:
+                assert i not in got
+                got[i] = outcome
+            if not victim:
+                victim = pool.pids[0]
+                os.kill(victim, signal.SIGKILL)
+        assert [got[i].object_id for i in range(20)] == expected
+        assert {o.status for o in got.values()} == {"released"}
+        assert victim not in pool.pids
+        list(pool.run(deid, "YG-0123456789AB", False, jobs[:2], salt))
+        assert len(pool.pids) == 2 and victim not in pool.pids
+    finally:
+        pool.close()
+
+
 def test_two_patients_in_one_study_are_refused_before_anything_is_sent(
     pool_pair: tuple[InProcessNode, Any], federation: Federation
 ) -> None:
