@@ -71,7 +71,7 @@ from bench.dicom_bench import (
     storescu,
     write_series,
 )
-from bench.transfer_bench import RssSampler, proc_status_kib, process_cpu_seconds
+from bench.transfer_bench import RssSampler, proc_status_kib
 from bench.wan_proxy import DEFAULT_DELAY_MS, DEFAULT_MBIT, link_bytes_per_s
 from gateway.audit import EVENT_TYPES, AuditLog
 from gateway.client import NodeClient
@@ -107,6 +107,31 @@ def log(msg: str) -> None:
 
 def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a live process and of every live descendant (e.g. the
+    hospital's de-identification workers), plus what its waited-for children used
+    (``/proc/PID/stat`` utime, stime, cutime, cstime)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        p = int(stat.parent.name)
+        stats[p] = fields
+        children.setdefault(int(fields[1]), []).append(p)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            f = stats[p]
+            total += sum(int(x) for x in f[11:15]) / tick
+        todo += children.get(p, [])
+    return total
 
 
 def _wait(what: str, probe: Any, timeout: float, interval: float = 0.05) -> Any:
@@ -319,7 +344,7 @@ class GatewayStudy(NodePair):
 
             _wait("the study's quiet period", received, timeout, interval=0.2)
             pids = self.pids()
-            cpu_before = {k: process_cpu_seconds(p) for k, p in pids.items()}
+            cpu_before = {k: tree_cpu_seconds(p) for k, p in pids.items()}
             after_seq = self._last_seq()
             factory_after_seq = self._last_seq(self.factory_audit)
             request = hospital_pb2.ConfirmStudyRequest(
@@ -338,13 +363,15 @@ class GatewayStudy(NodePair):
                 )
             completed, sizes = self._wait_completed(wanted, after_seq, timeout)
             deliver_s = time.perf_counter() - began - confirm_s
-            cpu = {k: process_cpu_seconds(p) - cpu_before[k] for k, p in pids.items()}
+            cpu = {k: tree_cpu_seconds(p) - cpu_before[k] for k, p in pids.items()}
         begun_times = [
             _ts(e.time)
             for e in self._events("transfer.begun", after_seq)
             if e.transfer_id in wanted
         ]
-        if not begun_times:  # a batch exchange has no per-object attempt: the factory's
+        if not begun_times and "transfer.batch.begun" in EVENT_TYPES:
+            begun_times = [_ts(e.time) for e in self._events("transfer.batch.begun", after_seq)]
+        if not begun_times:  # a batch exchange without attempt events: the factory's
             # first object stored (one object's wire time after the first byte) starts it
             begun_times = [
                 _ts(e.time)
@@ -388,7 +415,8 @@ class GatewayStudy(NodePair):
           every instance de-identified);
         - ``first_queued`` / ``last_queued``: confirm call → first / last instance queued
           (``transfer.queued``);
-        - ``first_begun``: confirm call → first send attempt (``transfer.begun``);
+        - ``first_begun``: confirm call → first send attempt (``transfer.begun``, or
+          ``transfer.batch.begun``);
         - ``drain``: last queued → last ``transfer.completed`` (what the exchange needs
           after the release has queued everything);
         - ``factory_window``: first → last ``transfer.received`` at the factory (objects
@@ -440,6 +468,11 @@ class GatewayStudy(NodePair):
             if opened:
                 failed = self._events("transfer.batch.failed", after_seq)
                 out["attempts"] = (len(failed) + len(opened)) / len(opened)
+            if "transfer.batch.begun" in EVENT_TYPES:
+                began = self._events("transfer.batch.begun", after_seq)
+                if began:
+                    out["first_begun"] = _ts(began[0].time) - confirm_started
+                    out["attempts"] = len(began) / max(1, len(opened))
             done = self._events("transfer.batch.completed", after_seq)
             if done:  # the manifest verified → every object's completion logged
                 out["batch_completed"] = _ts(done[-1].time) - confirm_started
@@ -699,6 +732,7 @@ def gateway_metrics(g: GatewayStudyResult, ref_ingest: float) -> list[Metric]:
 PHASES = (
     ("record", "  confirm call → case.confirmation audited"),
     ("first_queued", "  confirm call → first instance queued"),
+    ("first_begun", "  confirm call → first send attempt begun"),
     ("first_received", "  confirm call → first object stored at the factory"),
     ("last_queued", "  confirm call → last instance queued"),
     ("manifest_signed", "  confirm call → manifest signed at the factory"),
