@@ -14,6 +14,7 @@ the same transfer starts it again from offset 0).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -425,7 +426,7 @@ class Catalog:
             "SELECT * FROM transfers WHERE transfer_id = ? AND direction = ?",
             (transfer_id, direction),
         )
-        return _transfer(rows[0]) if rows else None
+        return self._manifests([_transfer(rows[0])])[0] if rows else None
 
     def get_transfer(self, transfer_id: str, direction: str) -> TransferRecord:
         found = self.find_transfer(transfer_id, direction)
@@ -573,7 +574,30 @@ class Catalog:
         sql, params = _time_filter(sql, params, "created_at", since, until)
         sql += " ORDER BY created_at DESC LIMIT ?"
         params.append(limit)
-        return [_transfer(r) for r in self._query(sql, params)]
+        return self._manifests([_transfer(r) for r in self._query(sql, params)])
+
+    def _manifests(self, records: list[TransferRecord]) -> list[TransferRecord]:
+        """A done object of a batch shows its batch's signed manifest receipt as its receipt
+        (kept once, on the batch row, not copied onto every object's row)."""
+        batch_ids = {
+            (t.batch_id, t.direction) for t in records if t.batch_id and t.status == "done"
+        }
+        if not batch_ids:
+            return records
+        receipts: dict[tuple[str, str], bytes | None] = {}
+        for batch_id, direction in batch_ids:
+            rows = self._query(
+                "SELECT receipt FROM batches WHERE batch_id = ? AND direction = ?"
+                " AND status = 'done'",
+                (batch_id, direction),
+            )
+            receipts[(batch_id, direction)] = rows[0][0] if rows else None
+        return [
+            dataclasses.replace(t, receipt=receipts[(t.batch_id, t.direction)])
+            if t.batch_id and t.status == "done" and t.receipt is None
+            else t
+            for t in records
+        ]
 
     # -- batches ----------------------------------------------------------
     def add_batch(
@@ -659,7 +683,7 @@ class Catalog:
             "SELECT * FROM transfers WHERE batch_id = ? AND direction = ? ORDER BY rowid",
             (batch_id, direction),
         )
-        return [_transfer(r) for r in rows]
+        return self._manifests([_transfer(r) for r in rows])
 
     def claim_due_batch(self, now: str, exclude: set[str]) -> BatchRecord | None:
         """One queued outbound batch whose retry time has come, marked ``sending``."""

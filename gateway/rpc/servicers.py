@@ -115,7 +115,15 @@ class TransferServicer(transfer_pb2_grpc.TransferServicer):
         with wire_errors(context, "Transfer.PushBatch"):
             caller = self.gate.identity(context)
         acks = self.receiver.batches.receive(caller, _batch_items(request_iterator))
-        return stream_with_errors(context, "Transfer.PushBatch", _batch_acks(acks))
+        return stream_with_errors(
+            context, "Transfer.PushBatch", self._refusals_audited(context, _batch_acks(acks))
+        )
+
+    def _refusals_audited(
+        self, context: grpc.ServicerContext, acks: Iterator[transfer_pb2.BatchAck]
+    ) -> Iterator[transfer_pb2.BatchAck]:
+        with refusals_audited(self.gate, context, "Transfer.PushBatch", "transfer.refused"):
+            yield from acks
 
 
 def _batch_items(messages: Iterator[transfer_pb2.BatchMessage]) -> Iterator[BatchItem]:

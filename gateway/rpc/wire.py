@@ -62,7 +62,7 @@ def transfer_to_pb(t: TransferRecord) -> common_pb2.TransferInfo:
         name=t.name,
         batch_id=t.batch_id,
     )
-    if t.receipt:
+    if t.receipt and not t.batch_id:  # an object of a batch: its manifest is the batch's
         info.receipt.ParseFromString(t.receipt)
     return info
 
