@@ -47,7 +47,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,6 +155,23 @@ class Releaser:
     def close(self) -> None:
         """Stop the de-identification workers (node shutdown)."""
         self.pool.close()
+
+    def studies_received(self, studies: StudyCatalog, study_uids: Sequence[str]) -> None:
+        """Studies just became ``received``: if one is large enough for the worker pool,
+        start the workers now, so a confirmation does not wait for them to load."""
+        if not self.pool.workers or not study_uids:
+            return
+        for uid in study_uids:
+            try:
+                count = studies.get_study(uid).instance_count
+            except YigongError:
+                continue
+            if count >= self.pool_min_instances:
+                try:
+                    self.pool.warm()
+                except YigongError as exc:  # the confirmation will say it again
+                    log.warning("de-identification workers not started: %s", exc)
+                return
 
     # -- per patient and destination -----------------------------------------------------
     def deidentifier_for(self, recipient: Recipient) -> Deidentifier:

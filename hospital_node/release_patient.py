@@ -26,7 +26,6 @@ from pydicom.tag import BaseTag
 
 from gateway.errors import StudyNotReady, ValidationError
 from gateway.storage import ObjectStore
-from hospital_node.guard import read_object
 from hospital_node.studies import InstanceRecord
 from hospital_node.vault import PatientIdentity, patient_of
 
@@ -82,7 +81,10 @@ def instance_patient(store: ObjectStore, inst: InstanceRecord) -> PatientIdentit
     found = patient_from_head(head)
     if found is not None:
         return found
-    return patient_of(head if len(head) >= inst.size else read_object(store, inst.object_id))
+    if len(head) < inst.size:
+        with store.open_read(inst.object_id) as chunks:
+            head = b"".join(chunks)
+    return patient_of(head)
 
 
 def study_patient(

@@ -112,7 +112,8 @@ class HospitalRole(RoleHooks):
             if self.spool is not None and self.spool.waiting:
                 continue  # a study is not quiet while its instances may still be filed
             try:
-                self.studies.tick(datetime.now(UTC), quiet)
+                done = self.studies.tick(datetime.now(UTC), quiet)
+                self.releaser.studies_received(self.studies, done)  # large: start workers
             except Exception:  # keep ticking; the next round retries
                 log.exception("study quiet-period check failed")
 

@@ -280,8 +280,10 @@ def test_two_patients_in_one_study_are_refused_before_anything_is_sent(
 def _children(pid: int) -> set[int]:
     found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        with open(task / "children") as fh:
-            found |= {int(x) for x in fh.read().split()}
+        try:
+            found |= {int(x) for x in (task / "children").read_text().split()}
+        except OSError:  # a thread that just ended
+            continue
     return found
 
 
@@ -325,6 +327,10 @@ def test_sigkill_during_confirmation_resumes_and_sends_every_instance_exactly_on
             req = hospital_pb2.GetHospitalStudyRequest(study_uid=study_uid)
             wait_for(lambda: stub.GetStudy(req, timeout=30).study.status == "received",
                      timeout=60, what="the study to be received")  # fmt: skip
+
+        assert node.proc is not None  # a large study received: the workers start already
+        wait_for(lambda: len(_children(node.proc.pid)) >= 2, timeout=60,  # type: ignore[union-attr]
+                 what="the de-identification workers to start before the confirmation")  # fmt: skip
 
         errors: list[BaseException] = []
 
