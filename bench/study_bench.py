@@ -71,7 +71,7 @@ from bench.dicom_bench import (
     storescu,
     write_series,
 )
-from bench.transfer_bench import RssSampler, proc_status_kib
+from bench.transfer_bench import RssSampler, proc_status_kib, process_cpu_seconds
 from bench.wan_proxy import DEFAULT_DELAY_MS, DEFAULT_MBIT, link_bytes_per_s
 from gateway.audit import EVENT_TYPES, AuditLog
 from gateway.client import NodeClient
@@ -345,6 +345,7 @@ class GatewayStudy(NodePair):
             _wait("the study's quiet period", received, timeout, interval=0.2)
             pids = self.pids()
             cpu_before = {k: tree_cpu_seconds(p) for k, p in pids.items()}
+            alone_before = {k: process_cpu_seconds(p) for k, p in pids.items()}
             after_seq = self._last_seq()
             factory_after_seq = self._last_seq(self.factory_audit)
             request = hospital_pb2.ConfirmStudyRequest(
@@ -364,6 +365,8 @@ class GatewayStudy(NodePair):
             completed, sizes = self._wait_completed(wanted, after_seq, timeout)
             deliver_s = time.perf_counter() - began - confirm_s
             cpu = {k: tree_cpu_seconds(p) - cpu_before[k] for k, p in pids.items()}
+            for k, p in pids.items():  # the node process alone (without its workers)
+                cpu[f"{k} process"] = process_cpu_seconds(p) - alone_before[k]
         begun_times = [
             _ts(e.time)
             for e in self._events("transfer.begun", after_seq)
