@@ -820,7 +820,7 @@ def wan_metrics(probe: ProbeResult, w: GatewayStudyResult, plan: Plan) -> list[M
         Metric("study.wan.ratio", "WAN: study bytes/s (transfers) / link rate",
                w.study_bytes / w.transfer_window_s / link, "x", target=WAN_TARGET,
                note=f"{w.study_bytes / MiB:.0f} MiB in {w.transfer_window_s:.1f} s, first "
-               "transfer.begun → last completed"),
+               "object sent → last completed"),
         Metric("study.wan.ratio_from_confirm", "WAN: study bytes/s from confirm / link rate",
                w.study_bytes / from_confirm / link, "x",
                note=f"{from_confirm:.1f} s, de-identification included"),
