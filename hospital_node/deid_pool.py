@@ -72,8 +72,9 @@ ERROR = "error"
 release stops there and is finished later, as after a crash)."""
 Source = Callable[[], bytes] | str
 """An instance's bytes: read by the node (a function), or a file the worker reads."""
-PER_WORKER_IN_FLIGHT = 2
-"""Instances queued at each worker: one working, one waiting (bounds memory to a few MiB)."""
+PER_WORKER_IN_FLIGHT = 4
+"""Instances queued at each worker: one working, three waiting (groups of up to 8 results
+per commit; bounds memory to a few MiB when the node sends the bytes)."""
 MAX_RECIPIENTS_PER_WORKER = 16
 PATIENT_WINDOW = 32
 """Head reads (one-patient rule) queued at each worker."""
