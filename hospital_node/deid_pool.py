@@ -315,10 +315,15 @@ class DeidPool:
         log.info("de-identification pool: %d worker process(es) %s", len(self._pool), self.pids)
 
     def warm(self) -> None:
-        """Start the workers now (they load while the caller prepares the release)."""
-        with self._lock:
+        """Start the workers now (they load while the caller prepares the release); a
+        pool busy with a release is started already, so this never waits for one."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             if not self._closed:
                 self._start()
+        finally:
+            self._lock.release()
 
     def patients(self, paths: list[str]) -> list[PatientIdentity | str]:
         """The patient of each file (or why it could not be read), read by the workers
