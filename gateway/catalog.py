@@ -14,13 +14,14 @@ the same transfer starts it again from offset 0).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ MIGRATIONS: Sequence[str] = (
     CREATE INDEX batches_status ON batches(direction, status, next_attempt_at);
     CREATE INDEX batches_case ON batches(case_id, created_at);
     ALTER TABLE transfers ADD COLUMN batch_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE transfers ADD COLUMN facts TEXT NOT NULL DEFAULT '{}';
     CREATE INDEX transfers_batch ON transfers(batch_id, direction)
     """,
 )
@@ -151,6 +153,7 @@ class TransferRecord:
     completed_at: str
     receipt: bytes | None
     batch_id: str = ""
+    facts: dict[str, str] = field(default_factory=dict)  # receiver's format facts (batches)
 
 
 @dataclass(frozen=True)
@@ -423,7 +426,7 @@ class Catalog:
             "SELECT * FROM transfers WHERE transfer_id = ? AND direction = ?",
             (transfer_id, direction),
         )
-        return _transfer(rows[0]) if rows else None
+        return self._manifests([_transfer(rows[0])])[0] if rows else None
 
     def get_transfer(self, transfer_id: str, direction: str) -> TransferRecord:
         found = self.find_transfer(transfer_id, direction)
@@ -448,10 +451,13 @@ class Catalog:
             "bytes_done",
             "completed_at",
             "receipt",
+            "facts",
         }
         bad = set(fields) - allowed
         if bad:
             raise CatalogError(f"cannot update transfer column(s) {sorted(bad)}")
+        if "facts" in fields:
+            fields["facts"] = json.dumps(dict(fields["facts"]), sort_keys=True)
         now = utcnow()
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self._tx() as db:
@@ -502,7 +508,8 @@ class Catalog:
             rows = list(
                 db.execute(
                     "SELECT * FROM transfers WHERE direction = 'outbound' AND status = 'queued'"
-                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, created_at LIMIT ?",
+                    " AND batch_id = '' AND next_attempt_at <= ?"
+                    " ORDER BY next_attempt_at, created_at LIMIT ?",
                     (now, limit + len(exclude)),
                 )
             )
@@ -567,7 +574,30 @@ class Catalog:
         sql, params = _time_filter(sql, params, "created_at", since, until)
         sql += " ORDER BY created_at DESC LIMIT ?"
         params.append(limit)
-        return [_transfer(r) for r in self._query(sql, params)]
+        return self._manifests([_transfer(r) for r in self._query(sql, params)])
+
+    def _manifests(self, records: list[TransferRecord]) -> list[TransferRecord]:
+        """A done object of a batch shows its batch's signed manifest receipt as its receipt
+        (kept once, on the batch row, not copied onto every object's row)."""
+        batch_ids = {
+            (t.batch_id, t.direction) for t in records if t.batch_id and t.status == "done"
+        }
+        if not batch_ids:
+            return records
+        receipts: dict[tuple[str, str], bytes | None] = {}
+        for batch_id, direction in batch_ids:
+            rows = self._query(
+                "SELECT receipt FROM batches WHERE batch_id = ? AND direction = ?"
+                " AND status = 'done'",
+                (batch_id, direction),
+            )
+            receipts[(batch_id, direction)] = rows[0][0] if rows else None
+        return [
+            dataclasses.replace(t, receipt=receipts[(t.batch_id, t.direction)])
+            if t.batch_id and t.status == "done" and t.receipt is None
+            else t
+            for t in records
+        ]
 
     # -- batches ----------------------------------------------------------
     def add_batch(
@@ -653,7 +683,7 @@ class Catalog:
             "SELECT * FROM transfers WHERE batch_id = ? AND direction = ? ORDER BY rowid",
             (batch_id, direction),
         )
-        return [_transfer(r) for r in rows]
+        return self._manifests([_transfer(r) for r in rows])
 
     def claim_due_batch(self, now: str, exclude: set[str]) -> BatchRecord | None:
         """One queued outbound batch whose retry time has come, marked ``sending``."""
@@ -777,6 +807,7 @@ def _transfer(row: sqlite3.Row) -> TransferRecord:
         completed_at=row["completed_at"],
         receipt=row["receipt"],
         batch_id=row["batch_id"],
+        facts=json.loads(row["facts"]),
     )
 
 

@@ -27,6 +27,7 @@ FEATURES: list[tuple[str, list[str]]] = [
     ),
     ("Failure and recovery", ["test_resilience.py"]),
     ("Hostile peer on the transfer path", ["test_transfer_hostile.py"]),
+    ("Study exchange: a batch of objects, one manifest receipt", ["test_batch_transfer.py"]),
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
     ("Node process, configuration, catalog", ["test_node.py"]),
     ("Command line and demo", ["test_cli.py", "test_cli_usability.py", "test_demo.py"]),

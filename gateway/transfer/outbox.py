@@ -44,8 +44,12 @@ from gateway.pki import TrustStore
 from gateway.roles import RoleHooks
 from gateway.storage import ObjectStore
 from gateway.telemetry import Telemetry
+from gateway.transfer.batch_sender import BatchSender
 from gateway.transfer.model import (
     Announce,
+    BatchAckItem,
+    BatchItem,
+    BatchStatusResult,
     ChunkMsg,
     EndMsg,
     OfferResult,
@@ -70,6 +74,10 @@ class PeerLink(Protocol):
     def offer(self, transfer_id: str, announce: Announce) -> OfferResult: ...
 
     def push(self, items: Iterator[PushItem]) -> bytes: ...
+
+    def batch_status(self, batch_id: str) -> BatchStatusResult: ...
+
+    def push_batch(self, items: Iterator[BatchItem]) -> Iterator[BatchAckItem]: ...
 
     def close(self) -> None: ...
 
@@ -121,6 +129,7 @@ class Outbox:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.batches = BatchSender(self)
 
     # -- queueing ---------------------------------------------------------
     def _check_peer(self, peer_node: str) -> None:
@@ -177,6 +186,7 @@ class Outbox:
             history=("sealed", f"{expected} object(s)"),
         )
         self._wake.set()
+        self.batches.notify()
 
     def queue(
         self,
@@ -217,6 +227,8 @@ class Outbox:
             details={"size": obj.size, **({"batch_id": batch_id} if batch_id else {})},
         )
         self._wake.set()
+        if batch_id:
+            self.batches.notify()
         return record
 
     # -- workers ----------------------------------------------------------
@@ -233,6 +245,7 @@ class Outbox:
         """Stop workers; a send in progress is cut at a chunk boundary and stays queued."""
         self._stop.set()
         self._wake.set()
+        self.batches.notify()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -250,6 +263,23 @@ class Outbox:
                 self._stop.wait(1.0)
 
     def _tick(self) -> None:
+        batch = self.catalog.claim_due_batch(utcnow(), set())
+        if batch is not None:
+            try:
+                self.batches.send(batch)
+            except Exception as exc:  # a bug must not strand the batch: record it, retry later
+                log.exception("outbox: unexpected error sending batch %s", batch.batch_id)
+                self.catalog.update_batch(
+                    batch.batch_id,
+                    "outbound",
+                    status="queued",
+                    attempts=batch.attempts + 1,
+                    last_error=f"internal error: {exc!r}"[:2000],
+                    next_attempt_at=iso_utc(
+                        datetime.now(UTC) + timedelta(seconds=self._backoff(batch.attempts + 1))
+                    ),
+                )
+            return
         claimed = self.catalog.claim_due_outbound(utcnow(), 1, set())
         if not claimed:
             self._wake.clear()
