@@ -72,8 +72,9 @@ ERROR = "error"
 release stops there and is finished later, as after a crash)."""
 Source = Callable[[], bytes] | str
 """An instance's bytes: read by the node (a function), or a file the worker reads."""
-PER_WORKER_IN_FLIGHT = 2
-"""Instances queued at each worker: one working, one waiting (bounds memory to a few MiB)."""
+PER_WORKER_IN_FLIGHT = 4
+"""Instances queued at each worker: one working, three waiting (groups of up to 8 results
+per commit; bounds memory to a few MiB when the node sends the bytes)."""
 MAX_RECIPIENTS_PER_WORKER = 16
 PATIENT_WINDOW = 32
 """Head reads (one-patient rule) queued at each worker."""
@@ -314,10 +315,15 @@ class DeidPool:
         log.info("de-identification pool: %d worker process(es) %s", len(self._pool), self.pids)
 
     def warm(self) -> None:
-        """Start the workers now (they load while the caller prepares the release)."""
-        with self._lock:
+        """Start the workers now (they load while the caller prepares the release); a
+        pool busy with a release is started already, so this never waits for one."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             if not self._closed:
                 self._start()
+        finally:
+            self._lock.release()
 
     def patients(self, paths: list[str]) -> list[PatientIdentity | str]:
         """The patient of each file (or why it could not be read), read by the workers

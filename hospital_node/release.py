@@ -8,7 +8,8 @@ Flow of :meth:`Releaser.confirm` (a verified clinician, or an auto-forward rule)
    read from the head of each object, before anything leaves), who is bound to the
    case in the pseudonym vault (:mod:`hospital_node.vault`);
 3. the signed confirmation record and one ``pending`` release row per instance are
-   stored in one transaction, and the confirmation's outbox batch is opened;
+   stored in one transaction, and the confirmation's outbox batch is opened (from
+   :data:`BATCH_MIN_INSTANCES` instances on; fewer go object by object);
 4. the instances are de-identified, a few at a time, on both cores
    (:mod:`hospital_node.deid_pool`): each for its recipient, i.e. the patient (Patient
    ID + Issuer) at this destination: one pseudonym, one date offset and one UID mapping
@@ -100,6 +101,9 @@ log = logging.getLogger(__name__)
 RECORD_TYPE = "data_confirmation"
 MAX_CACHED_RECIPIENTS = 64
 DEID_LABEL = f"PS3.15-{TABLE_EDITION}"
+BATCH_MIN_INSTANCES = 8
+"""A release of fewer instances is queued object by object (each with its own signed
+receipt); from this many on, as one outbox batch with one manifest receipt."""
 
 
 @dataclass(frozen=True)
@@ -374,7 +378,8 @@ class Releaser:
         rows = self.records.releases(cid)
         pending = [r for r in rows if r.status == PENDING]
         unqueued = [r for r in rows if r.status == "released" and not r.transfer_id]
-        if state == "releasing" and not batch_id and (pending or unqueued):
+        batched = len(rows) >= BATCH_MIN_INSTANCES
+        if state == "releasing" and batched and not batch_id and (pending or unqueued):
             with self.catalog.transaction():  # the batch exists iff the confirmation names it
                 batch_id = self._open_batch(c)
                 self.records.set_progress(cid, batch_id=batch_id)
