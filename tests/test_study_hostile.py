@@ -32,6 +32,7 @@ from pynetdicom import AE
 
 from gateway.catalog import BatchRecord, TransferRecord
 from gateway.transfer.manifest import merkle_root
+from hospital_node.release import BATCH_MIN_INSTANCES
 from hospital_node.role import HospitalRole
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.dicom_factory import StudyInfo, ct_series
@@ -44,7 +45,7 @@ from tests.hostile_receiver import (
 from tests.outbound_files import clean_pdf
 from yigong.v1 import common_pb2, hospital_pb2, hospital_pb2_grpc, transfer_pb2
 
-INSTANCES = 4
+INSTANCES = max(10, BATCH_MIN_INSTANCES)  # a study large enough to go as one batch
 CASE = "CASE-HOSTILE-01"
 TRANSFER_RPCS = {m.name for m in transfer_pb2.DESCRIPTOR.services_by_name["Transfer"].methods}
 BATCH_EXCHANGE = {"BatchStatus", "PushBatch"} <= TRANSFER_RPCS
