@@ -6,7 +6,12 @@ second real gRPC server with the factory's own certificate and key (mTLS, the fe
 PKI of the tests): see :mod:`tests.hostile_receiver`. It alters what it signs — and
 re-signs it with the factory's real key, so only the content is wrong — or answers with
 a signature that does not verify. The hospital is a real node whose study came in
-through its DICOM SCP and was confirmed by a clinician.
+through its DICOM SCP and was confirmed by a clinician, so its instances leave as one
+batch answered by one manifest receipt; the manifest is given a missing entry, an extra
+entry, an altered entry (SHA-256, size, or format facts), a stale Merkle root or a bad
+signature. Single objects (a submitted PDF) get their own receipt altered likewise.
+Altered facts are refused for good (a security alert, as for single objects); every
+other alteration is refused and retried.
 
 For each alteration the test asserts on the hospital's transfer (and batch) statuses,
 its transfer history, its audit log and the error texts: nothing is done, the failure
