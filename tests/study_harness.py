@@ -215,6 +215,18 @@ class StudyPair:
         db.execute("PRAGMA busy_timeout = 5000")
         return db
 
+    def factory_done_bytes(self) -> int:
+        """Bytes of the inbound transfers the factory has catalogued as done."""
+        try:
+            with closing(self._ro(self.fconf.catalog.path)) as db:
+                (done,) = db.execute(
+                    "SELECT COALESCE(SUM(size), 0) FROM transfers WHERE direction = 'inbound'"
+                    " AND status = 'done'"
+                ).fetchone()
+        except sqlite3.OperationalError:  # being created / locked for a moment
+            return 0
+        return int(done)
+
     def factory_progress(self) -> int:
         """Bytes the factory holds of what was sent to it: done inbound transfers + spool
         files (the pair carries one study, so that is the study's progress)."""

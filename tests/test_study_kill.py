@@ -85,7 +85,8 @@ def kill_points(rng: random.Random, total: int, kills: int) -> list[int]:
 @dataclass
 class KillRun:
     points: list[int]
-    at_kill: list[int] = field(default_factory=list)
+    at_kill: list[int] = field(default_factory=list)  # progress: done + spooled bytes
+    done_at_kill: list[int] = field(default_factory=list)  # of which catalogued as done
     victims: list[str] = field(default_factory=list)
 
 
@@ -97,7 +98,6 @@ class KilledStudy:
     transfer_ids: list[str]
     run: KillRun
     total: int  # bytes of the de-identified study
-    largest: int  # its largest object
     instances: int
     seed: int
 
@@ -146,6 +146,7 @@ def run_killed_study(
             node = pair.node(victim)
             node.kill()
             run.at_kill.append(pair.factory_progress())
+            run.done_at_kill.append(pair.factory_done_bytes())
             run.victims.append(victim)
             node.spawn()
         pair.factory.wait_ready()
@@ -173,11 +174,10 @@ def run_killed_study(
         )
     finally:
         pair.stop()
-    sizes = _sizes(pair, transfer_ids)
-    total = sum(sizes)
+    total = sum(_sizes(pair, transfer_ids))
     print(f"killed {run.victims} at {run.at_kill} of {total} bytes (seed {seed}); "
           f"{time.monotonic() - began:.1f} s")  # fmt: skip
-    return KilledStudy(pair, transfer_ids, run, total, max(sizes), instances, seed)
+    return KilledStudy(pair, transfer_ids, run, total, instances, seed)
 
 
 def _wait_progress(pair: StudyPair, target: int, run: KillRun, timeout: float = 180.0) -> None:
@@ -329,10 +329,15 @@ def check_resumed_not_restarted(ks: KilledStudy) -> None:
     finally:
         audit.close()
     sent, attempt = int(done.details["sent_bytes"] or 0), int(done.details["attempt"] or 0)
-    # A killed receiver drops the object it was cut in (its spool file is deleted at
-    # start: no verified resume point), so that one object may go again from 0.
-    again = ks.largest if ks.run.victims[-1] == "factory" else 0
-    assert sent <= ks.total - ks.run.at_kill[-1] + again, (done.details, ks.run)
+    # A killed receiver keeps only what it committed: objects it had received but not
+    # yet made durable as a group, and the one it was cut in, are sent again from 0
+    # (their spool files are deleted at start: no verified resume point). A killed
+    # sender leaves the receiver its verified spool prefixes to resume from.
+    if ks.run.victims[-1] == "factory":
+        held = ks.run.done_at_kill[-1]
+    else:
+        held = ks.run.at_kill[-1]
+    assert sent <= ks.total - held, (done.details, ks.run)
     # Each factory kill cut an attempt the hospital recorded (a killed hospital records
     # nothing: its attempt number is used again after the restart).
     assert attempt == len(failed) + 1, (done.details, len(failed))
