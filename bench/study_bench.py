@@ -73,7 +73,7 @@ from bench.dicom_bench import (
 )
 from bench.transfer_bench import RssSampler, proc_status_kib, process_cpu_seconds
 from bench.wan_proxy import DEFAULT_DELAY_MS, DEFAULT_MBIT, link_bytes_per_s
-from gateway.audit import AuditLog
+from gateway.audit import EVENT_TYPES, AuditLog
 from gateway.client import NodeClient
 from tests.cluster import Federation, NodeProcess, write_config
 
@@ -107,6 +107,31 @@ def log(msg: str) -> None:
 
 def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a live process and of every live descendant (e.g. the
+    hospital's de-identification workers), plus what its waited-for children used
+    (``/proc/PID/stat`` utime, stime, cutime, cstime)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        p = int(stat.parent.name)
+        stats[p] = fields
+        children.setdefault(int(fields[1]), []).append(p)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            f = stats[p]
+            total += sum(int(x) for x in f[11:15]) / tick
+        todo += children.get(p, [])
+    return total
 
 
 def _wait(what: str, probe: Any, timeout: float, interval: float = 0.05) -> Any:
@@ -218,6 +243,7 @@ class GatewayStudyResult:
     confirm_replied: float
     cpu: dict[str, float] = field(default_factory=dict)  # node CPU s, confirm → all delivered
     hwm_mib: dict[str, float] = field(default_factory=dict)  # VmHWM at the end
+    phases: dict[str, float] = field(default_factory=dict)  # see study_phases()
 
     @property
     def confirm_to_done_s(self) -> float:
@@ -241,6 +267,7 @@ class GatewayStudy(NodePair):
         self.proxy: ProxyProcess | None = None
         self.dicom_port = 0
         self.audit: AuditLog | None = None
+        self.factory_audit: AuditLog | None = None
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -272,11 +299,13 @@ class GatewayStudy(NodePair):
         self.hospital.start(timeout=120)
         self.dicom_port = int(json.loads(hcfg.with_suffix(".ready").read_text())["dicom_port"])
         self.audit = AuditLog(self.workdir / f"{HOSPITAL}-data" / "audit.sqlite", HOSPITAL)
+        self.factory_audit = AuditLog(self.workdir / f"{FACTORY}-data" / "audit.sqlite", FACTORY)
 
     def stop(self) -> None:
-        if self.audit is not None:
-            self.audit.close()
-            self.audit = None
+        for log_ in (self.audit, self.factory_audit):
+            if log_ is not None:
+                log_.close()
+        self.audit = self.factory_audit = None
         for proc in (self.hospital, self.factory):
             if proc is not None:
                 proc.stop()
@@ -315,8 +344,10 @@ class GatewayStudy(NodePair):
 
             _wait("the study's quiet period", received, timeout, interval=0.2)
             pids = self.pids()
-            cpu_before = {k: process_cpu_seconds(p) for k, p in pids.items()}
+            cpu_before = {k: tree_cpu_seconds(p) for k, p in pids.items()}
+            alone_before = {k: process_cpu_seconds(p) for k, p in pids.items()}
             after_seq = self._last_seq()
+            factory_after_seq = self._last_seq(self.factory_audit)
             request = hospital_pb2.ConfirmStudyRequest(
                 study_uid=series.study_uid, case_id=CASE_ID, destination=FACTORY
             )
@@ -333,12 +364,23 @@ class GatewayStudy(NodePair):
                 )
             completed, sizes = self._wait_completed(wanted, after_seq, timeout)
             deliver_s = time.perf_counter() - began - confirm_s
-            cpu = {k: process_cpu_seconds(p) - cpu_before[k] for k, p in pids.items()}
+            cpu = {k: tree_cpu_seconds(p) - cpu_before[k] for k, p in pids.items()}
+            for k, p in pids.items():  # the node process alone (without its workers)
+                cpu[f"{k} process"] = process_cpu_seconds(p) - alone_before[k]
         begun_times = [
             _ts(e.time)
             for e in self._events("transfer.begun", after_seq)
             if e.transfer_id in wanted
         ]
+        if not begun_times and "transfer.batch.begun" in EVENT_TYPES:
+            begun_times = [_ts(e.time) for e in self._events("transfer.batch.begun", after_seq)]
+        if not begun_times:  # a batch exchange without attempt events: the factory's
+            # first object stored (one object's wire time after the first byte) starts it
+            begun_times = [
+                _ts(e.time)
+                for e in self._events("transfer.received", factory_after_seq, self.factory_audit)
+                if e.transfer_id in wanted
+            ]
         with self._client(self.factory, FACTORY, engineer) as eng:
             studies = factory_pb2_grpc.FactoryStub(eng.channel).ListStudies(
                 factory_pb2.ListFactoryStudiesRequest(case_id=CASE_ID), timeout=120
@@ -350,6 +392,7 @@ class GatewayStudy(NodePair):
                 f"expected {series.count}"
             )
         hwm = {k: proc_status_kib(p).get("VmHWM", 0) / 1024 for k, p in pids.items()}
+        phases = self.study_phases(wanted, after_seq, factory_after_seq, confirm_started)
         return GatewayStudyResult(
             instances=series.count,
             ingest_s=ingest_s,
@@ -362,21 +405,101 @@ class GatewayStudy(NodePair):
             confirm_replied=confirm_replied,
             cpu=cpu,
             hwm_mib=hwm,
+            phases=phases,
         )
 
-    def _events(self, event: str, after_seq: int) -> list[Any]:
-        assert self.audit is not None
+    def study_phases(
+        self, wanted: set[str], after_seq: int, factory_after_seq: int, confirm_started: float
+    ) -> dict[str, float]:
+        """Where the time went, from both nodes' audit logs (epoch seconds of the events,
+        relative to the confirm call where it says so):
+
+        - ``record``: confirm call → the signed confirmation record (``case.confirmation``:
+          every instance de-identified);
+        - ``first_queued`` / ``last_queued``: confirm call → first / last instance queued
+          (``transfer.queued``);
+        - ``first_begun``: confirm call → first send attempt (``transfer.begun``, or
+          ``transfer.batch.begun``);
+        - ``drain``: last queued → last ``transfer.completed`` (what the exchange needs
+          after the release has queued everything);
+        - ``factory_window``: first → last ``transfer.received`` at the factory (objects
+          stored and receipted there);
+        - ``attempts``: send attempts per instance (``transfer.begun``), or per batch
+          (failed attempts + 1);
+        - ``first_received``: confirm call → the factory's first object stored
+          (``transfer.received``);
+        - ``manifest_signed`` / ``batch_completed``: confirm call → the factory signed the
+          manifest (``transfer.batch.received``) / the hospital verified it
+          (``transfer.batch.completed``);
+        - ``median_transfer`` / ``p90_transfer``: one transfer's last ``transfer.begun``
+          → its ``transfer.completed``;
+        - ``batches``: study exchanges opened (``transfer.batch.opened``; 0 where every
+          instance is its own exchange)."""
+        out: dict[str, float] = {}
+
+        def times(event: str, log_: AuditLog | None = None, seq: int = after_seq) -> list[Any]:
+            return [e for e in self._events(event, seq, log_) if e.transfer_id in wanted]
+
+        confirmations = self._events("case.confirmation", after_seq)
+        if confirmations:
+            out["record"] = _ts(confirmations[0].time) - confirm_started
+        queued = sorted(_ts(e.time) for e in times("transfer.queued"))
+        begun = times("transfer.begun")
+        completed = {e.transfer_id: _ts(e.time) for e in times("transfer.completed")}
+        if queued:
+            out["first_queued"] = queued[0] - confirm_started
+            out["last_queued"] = queued[-1] - confirm_started
+        if begun:
+            out["first_begun"] = min(_ts(e.time) for e in begun) - confirm_started
+            out["attempts"] = len(begun) / max(1, len(wanted))
+        if queued and completed:
+            out["drain"] = max(completed.values()) - queued[-1]
+        last_begun = {e.transfer_id: _ts(e.time) for e in begun}
+        durations = sorted(completed[t] - last_begun[t] for t in completed if t in last_begun)
+        if durations:
+            out["median_transfer"] = durations[len(durations) // 2]
+            out["p90_transfer"] = durations[int(len(durations) * 0.9)]
+        received = sorted(
+            _ts(e.time) for e in times("transfer.received", self.factory_audit, factory_after_seq)
+        )
+        if received:
+            out["factory_window"] = received[-1] - received[0]
+            out["first_received"] = received[0] - confirm_started
+        if "transfer.batch.opened" in EVENT_TYPES:  # the study as one exchange (issue #10)
+            opened = self._events("transfer.batch.opened", after_seq)
+            out["batches"] = float(len(opened))
+            if opened:
+                failed = self._events("transfer.batch.failed", after_seq)
+                out["attempts"] = (len(failed) + len(opened)) / len(opened)
+            if "transfer.batch.begun" in EVENT_TYPES:
+                began = self._events("transfer.batch.begun", after_seq)
+                if began:
+                    out["first_begun"] = _ts(began[0].time) - confirm_started
+                    out["attempts"] = len(began) / max(1, len(opened))
+            done = self._events("transfer.batch.completed", after_seq)
+            if done:  # the manifest verified → every object's completion logged
+                out["batch_completed"] = _ts(done[-1].time) - confirm_started
+            signed = self._events("transfer.batch.received", factory_after_seq,
+                                  self.factory_audit)  # fmt: skip
+            if signed:
+                out["manifest_signed"] = _ts(signed[-1].time) - confirm_started
+        return out
+
+    def _events(self, event: str, after_seq: int, log_: AuditLog | None = None) -> list[Any]:
+        audit = log_ or self.audit
+        assert audit is not None
         out: list[Any] = []
         while True:
-            page = self.audit.events(event=event, after_seq=after_seq, limit=5000)
+            page = audit.events(event=event, after_seq=after_seq, limit=5000)
             out += page
             if len(page) < 5000:
                 return out
             after_seq = page[-1].seq
 
-    def _last_seq(self) -> int:
-        assert self.audit is not None
-        last = self.audit.events(limit=1, newest=True)
+    def _last_seq(self, log_: AuditLog | None = None) -> int:
+        audit = log_ or self.audit
+        assert audit is not None
+        last = audit.events(limit=1, newest=True)
         return last[-1].seq if last else 0
 
     def _wait_completed(
@@ -595,17 +718,46 @@ def gateway_metrics(g: GatewayStudyResult, ref_ingest: float) -> list[Metric]:
               f"{g.study_bytes / MiB:.0f} MiB in {g.instances} transfers"),
         _secs("study.gateway.confirm_to_done_s", "gateway confirm → all delivered",
               g.confirm_to_done_s, f"node CPU {cpu}"),
-        _secs("study.gateway.first_transfer_s", "  confirm call → first transfer.begun", gap,
+        _secs("study.gateway.first_transfer_s", "  confirm call → first object sent", gap,
               "transfers start only after the confirmation" if gap >= g.confirm_s else
               "transfers start during the confirmation"),
-        _secs("study.gateway.transfer_window_s", "  first transfer.begun → last completed",
+        _secs("study.gateway.transfer_window_s", "  first object sent → last completed",
               g.transfer_window_s,
               f"{g.study_bytes / MiB / g.transfer_window_s:.0f} MiB/s"),
+        *phase_metrics(g),
         _secs("study.pynetdicom.ingest_s", "plain pynetdicom store + fsync ingest (ref)",
               ref_ingest),
         _ratio("study.ratio_ingest_pynetdicom", "ingest: pynetdicom + fsync / gateway",
                ref_ingest, g.ingest_s, INGEST_REF_TARGET),
     ]  # fmt: skip
+
+
+PHASES = (
+    ("record", "  confirm call → case.confirmation audited"),
+    ("first_queued", "  confirm call → first instance queued"),
+    ("first_begun", "  confirm call → first send attempt begun"),
+    ("first_received", "  confirm call → first object stored at the factory"),
+    ("last_queued", "  confirm call → last instance queued"),
+    ("manifest_signed", "  confirm call → manifest signed at the factory"),
+    ("batch_completed", "  confirm call → manifest verified at the hospital"),
+    ("drain", "  last queued → last transfer.completed"),
+    ("factory_window", "  factory: first → last transfer.received"),
+    ("median_transfer", "  one transfer, begun → completed (median)"),
+    ("p90_transfer", "  one transfer, begun → completed (90th percentile)"),
+)
+
+
+def phase_metrics(g: GatewayStudyResult) -> list[Metric]:
+    """Where the time goes (no targets): see :meth:`GatewayStudy.study_phases`."""
+    out = [_secs(f"study.gateway.phase.{k}", label, g.phases[k]) for k, label in PHASES
+           if k in g.phases]  # fmt: skip
+    if "attempts" in g.phases:
+        batches = g.phases.get("batches", 0)
+        per = "batch" if batches else "instance"
+        out.append(Metric("study.gateway.phase.attempts", f"  send attempts per {per}",
+                          g.phases["attempts"], "x",
+                          note=f"{batches:.0f} batch exchange(s)"))  # fmt: skip
+    return out
 
 
 def orthanc_metrics(
@@ -668,7 +820,7 @@ def wan_metrics(probe: ProbeResult, w: GatewayStudyResult, plan: Plan) -> list[M
         Metric("study.wan.ratio", "WAN: study bytes/s (transfers) / link rate",
                w.study_bytes / w.transfer_window_s / link, "x", target=WAN_TARGET,
                note=f"{w.study_bytes / MiB:.0f} MiB in {w.transfer_window_s:.1f} s, first "
-               "transfer.begun → last completed"),
+               "object sent → last completed"),
         Metric("study.wan.ratio_from_confirm", "WAN: study bytes/s from confirm / link rate",
                w.study_bytes / from_confirm / link, "x",
                note=f"{from_confirm:.1f} s, de-identification included"),

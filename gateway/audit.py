@@ -87,6 +87,11 @@ SECURITY_ALERT: Final = "security.alert"
 DESIGN_EXPORTED: Final = "design.exported"  # an approved design stored in the hospital's PACS
 TRANSFER_REFUSED: Final = "transfer.refused"  # a peer's Offer/Push refused, or a receipt withheld
 TRANSFER_ABANDONED: Final = "transfer.abandoned"  # an inbound transfer expired; its spool deleted
+TRANSFER_BATCH_OPENED: Final = "transfer.batch.opened"  # a batch (study) transfer opened
+TRANSFER_BATCH_BEGUN: Final = "transfer.batch.begun"  # one send attempt of a batch
+TRANSFER_BATCH_COMPLETED: Final = "transfer.batch.completed"  # manifest receipt verified
+TRANSFER_BATCH_FAILED: Final = "transfer.batch.failed"  # an attempt failed or was refused
+TRANSFER_BATCH_RECEIVED: Final = "transfer.batch.received"  # receiver signed the manifest
 
 EVENT_TYPES: Final[frozenset[str]] = frozenset({
     NODE_START, NODE_STOP, CONFIG_LOADED, AUTH_REFUSED, AUTHZ_REFUSED, TRANSFER_QUEUED,
@@ -94,7 +99,9 @@ EVENT_TYPES: Final[frozenset[str]] = frozenset({
     TRANSFER_INTEGRITY_FAILED, OBJECT_STORED, QUERY, OBJECT_DOWNLOADED, RESIDENCY_REFUSED,
     DICOM_ASSOCIATION_ACCEPTED, DICOM_ASSOCIATION_REFUSED, DICOM_INSTANCE_RECEIVED,
     DEID_APPLIED, CASE_CONFIRMATION, CASE_RECORD, FIDELITY_RESULT, SECURITY_ALERT,
-    DESIGN_EXPORTED, TRANSFER_REFUSED, TRANSFER_ABANDONED,
+    DESIGN_EXPORTED, TRANSFER_REFUSED, TRANSFER_ABANDONED, TRANSFER_BATCH_OPENED,
+    TRANSFER_BATCH_BEGUN, TRANSFER_BATCH_COMPLETED, TRANSFER_BATCH_FAILED,
+    TRANSFER_BATCH_RECEIVED,
 })  # fmt: skip
 
 OUTCOMES: Final = frozenset({"success", "failure"})

@@ -57,12 +57,15 @@ POLICY: Mapping[str, frozenset[str]] = {
     "/yigong.v1.Transfer/Identify": frozenset({PEER}),
     "/yigong.v1.Transfer/Offer": frozenset({PEER}),
     "/yigong.v1.Transfer/Push": frozenset({PEER}),
+    "/yigong.v1.Transfer/BatchStatus": frozenset({PEER}),
+    "/yigong.v1.Transfer/PushBatch": frozenset({PEER}),
     # local submission of objects to send
     "/yigong.v1.Exchange/Submit": frozenset({SELF, "engineer", "clinician"}),
     # query endpoint
     "/yigong.v1.Query/ListObjects": frozenset({SELF, "engineer", "clinician", "officer"}),
     "/yigong.v1.Query/GetObject": frozenset({SELF, "engineer", "clinician", "officer"}),
     "/yigong.v1.Query/ListTransfers": frozenset({SELF, PEER, "engineer", "clinician", "officer"}),
+    "/yigong.v1.Query/ListBatches": frozenset({SELF, PEER, "engineer", "clinician", "officer"}),
     "/yigong.v1.Query/ReadObject": frozenset({SELF, "engineer", "clinician"}),
     # hospital node: received studies, completeness, clinician confirmation and send
     "/yigong.v1.Hospital/ListStudies": frozenset({SELF, "clinician", "officer"}),

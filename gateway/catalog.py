@@ -14,13 +14,14 @@ the same transfer starts it again from offset 0).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,35 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX history_transfer ON transfer_history(transfer_id);
     """,
+    # 2: batches (a study or other group of objects sent as one verified exchange with
+    # one manifest receipt); every object keeps its own transfer row, tagged with the batch
+    """
+    CREATE TABLE batches (
+        batch_id        TEXT NOT NULL,
+        direction       TEXT NOT NULL CHECK (direction IN ('outbound', 'inbound')),
+        peer_node       TEXT NOT NULL,
+        case_id         TEXT NOT NULL DEFAULT '',
+        kind            TEXT NOT NULL DEFAULT '',
+        ref             TEXT NOT NULL DEFAULT '',
+        status          TEXT NOT NULL,
+        sealed          INTEGER NOT NULL DEFAULT 0,
+        expected        INTEGER NOT NULL DEFAULT 0,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL DEFAULT '',
+        last_error      TEXT NOT NULL DEFAULT '',
+        merkle_root     TEXT NOT NULL DEFAULT '',
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        completed_at    TEXT NOT NULL DEFAULT '',
+        receipt         BLOB,
+        PRIMARY KEY (batch_id, direction)
+    );
+    CREATE INDEX batches_status ON batches(direction, status, next_attempt_at);
+    CREATE INDEX batches_case ON batches(case_id, created_at);
+    ALTER TABLE transfers ADD COLUMN batch_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE transfers ADD COLUMN facts TEXT NOT NULL DEFAULT '{}';
+    CREATE INDEX transfers_batch ON transfers(batch_id, direction)
+    """,
 )
 
 
@@ -118,6 +148,37 @@ class TransferRecord:
     name: str
     case_id: str
     header: dict[str, Any]
+    created_at: str
+    updated_at: str
+    completed_at: str
+    receipt: bytes | None
+    batch_id: str = ""
+    facts: dict[str, str] = field(default_factory=dict)  # receiver's format facts (batches)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """A group of objects sent to one peer as one exchange with one manifest receipt.
+
+    Outbound statuses: ``queued`` → ``sending`` → ``done`` (``sending`` falls back to
+    ``queued`` on failure or restart; ``failed`` when refused for good). A batch is
+    open while objects may still be added (``sealed`` false); it completes only when
+    sealed and every object in it is covered by the verified manifest receipt.
+    Inbound: ``receiving`` → ``done``."""
+
+    batch_id: str
+    direction: str
+    peer_node: str
+    case_id: str
+    kind: str
+    ref: str
+    status: str
+    sealed: bool
+    expected: int
+    attempts: int
+    next_attempt_at: str
+    last_error: str
+    merkle_root: str
     created_at: str
     updated_at: str
     completed_at: str
@@ -327,6 +388,7 @@ class Catalog:
         name: str = "",
         case_id: str = "",
         header: Mapping[str, Any] | None = None,
+        batch_id: str = "",
     ) -> TransferRecord:
         now = utcnow()
         if obj is not None:
@@ -334,8 +396,8 @@ class Catalog:
         with self._tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO transfers (transfer_id, direction, object_id, peer_node,"
-                " status, size, name, case_id, header, created_at, updated_at, next_attempt_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " status, size, name, case_id, header, created_at, updated_at, next_attempt_at,"
+                " batch_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     transfer_id,
                     direction,
@@ -349,12 +411,13 @@ class Catalog:
                     now,
                     now,
                     now,
+                    batch_id,
                 ),
             )
             db.execute(
                 "INSERT INTO transfer_history (transfer_id, direction, time, kind, detail)"
                 " VALUES (?,?,?,?,?)",
-                (transfer_id, direction, now, status, ""),
+                (transfer_id, direction, now, status, f"batch {batch_id}" if batch_id else ""),
             )
         return self.get_transfer(transfer_id, direction)
 
@@ -363,7 +426,7 @@ class Catalog:
             "SELECT * FROM transfers WHERE transfer_id = ? AND direction = ?",
             (transfer_id, direction),
         )
-        return _transfer(rows[0]) if rows else None
+        return self._manifests([_transfer(rows[0])])[0] if rows else None
 
     def get_transfer(self, transfer_id: str, direction: str) -> TransferRecord:
         found = self.find_transfer(transfer_id, direction)
@@ -388,10 +451,13 @@ class Catalog:
             "bytes_done",
             "completed_at",
             "receipt",
+            "facts",
         }
         bad = set(fields) - allowed
         if bad:
             raise CatalogError(f"cannot update transfer column(s) {sorted(bad)}")
+        if "facts" in fields:
+            fields["facts"] = json.dumps(dict(fields["facts"]), sort_keys=True)
         now = utcnow()
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self._tx() as db:
@@ -442,7 +508,8 @@ class Catalog:
             rows = list(
                 db.execute(
                     "SELECT * FROM transfers WHERE direction = 'outbound' AND status = 'queued'"
-                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, created_at LIMIT ?",
+                    " AND batch_id = '' AND next_attempt_at <= ?"
+                    " ORDER BY next_attempt_at, created_at LIMIT ?",
                     (now, limit + len(exclude)),
                 )
             )
@@ -463,12 +530,19 @@ class Catalog:
                 " WHERE direction = 'outbound' AND status = 'sending'",
                 (utcnow(),),
             )
-            return cur.rowcount
+            batches = db.execute(
+                "UPDATE batches SET status = 'queued', updated_at = ?"
+                " WHERE direction = 'outbound' AND status = 'sending'",
+                (utcnow(),),
+            )
+            return cur.rowcount + batches.rowcount
 
     def next_due_time(self) -> str | None:
         rows = self._query(
-            "SELECT MIN(next_attempt_at) FROM transfers"
-            " WHERE direction = 'outbound' AND status = 'queued'"
+            "SELECT MIN(t) FROM (SELECT MIN(next_attempt_at) AS t FROM transfers"
+            " WHERE direction = 'outbound' AND status = 'queued' AND batch_id = ''"
+            " UNION ALL SELECT MIN(next_attempt_at) FROM batches"
+            " WHERE direction = 'outbound' AND status = 'queued')"
         )
         value = rows[0][0] if rows else None
         return str(value) if value else None
@@ -500,7 +574,171 @@ class Catalog:
         sql, params = _time_filter(sql, params, "created_at", since, until)
         sql += " ORDER BY created_at DESC LIMIT ?"
         params.append(limit)
-        return [_transfer(r) for r in self._query(sql, params)]
+        return self._manifests([_transfer(r) for r in self._query(sql, params)])
+
+    def _manifests(self, records: list[TransferRecord]) -> list[TransferRecord]:
+        """A done object of a batch shows its batch's signed manifest receipt as its receipt
+        (kept once, on the batch row, not copied onto every object's row)."""
+        batch_ids = {
+            (t.batch_id, t.direction) for t in records if t.batch_id and t.status == "done"
+        }
+        if not batch_ids:
+            return records
+        receipts: dict[tuple[str, str], bytes | None] = {}
+        for batch_id, direction in batch_ids:
+            rows = self._query(
+                "SELECT receipt FROM batches WHERE batch_id = ? AND direction = ?"
+                " AND status = 'done'",
+                (batch_id, direction),
+            )
+            receipts[(batch_id, direction)] = rows[0][0] if rows else None
+        return [
+            dataclasses.replace(t, receipt=receipts[(t.batch_id, t.direction)])
+            if t.batch_id and t.status == "done" and t.receipt is None
+            else t
+            for t in records
+        ]
+
+    # -- batches ----------------------------------------------------------
+    def add_batch(
+        self,
+        *,
+        batch_id: str,
+        direction: str,
+        peer_node: str,
+        status: str,
+        case_id: str = "",
+        kind: str = "",
+        ref: str = "",
+        expected: int = 0,
+        sealed: bool = False,
+    ) -> BatchRecord:
+        """Record a batch (kept as first recorded if it exists)."""
+        now = utcnow()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO batches (batch_id, direction, peer_node, case_id, kind,"
+                " ref, status, sealed, expected, created_at, updated_at, next_attempt_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    batch_id, direction, peer_node, case_id, kind, ref, status,
+                    int(sealed), expected, now, now, now,
+                ),
+            )  # fmt: skip
+            db.execute(
+                "INSERT INTO transfer_history (transfer_id, direction, time, kind, detail)"
+                " VALUES (?,?,?,?,?)",
+                (batch_id, direction, now, status, "batch"),
+            )
+        return self.get_batch(batch_id, direction)
+
+    def find_batch(self, batch_id: str, direction: str) -> BatchRecord | None:
+        rows = self._query(
+            "SELECT * FROM batches WHERE batch_id = ? AND direction = ?", (batch_id, direction)
+        )
+        return _batch(rows[0]) if rows else None
+
+    def get_batch(self, batch_id: str, direction: str) -> BatchRecord:
+        found = self.find_batch(batch_id, direction)
+        if found is None:
+            raise NotFound(f"{direction} batch {batch_id} is not in the catalog")
+        return found
+
+    def update_batch(
+        self,
+        batch_id: str,
+        direction: str,
+        *,
+        history: tuple[str, str] | None = None,
+        **fields: Any,
+    ) -> None:
+        """Update columns of one batch; optionally append a history entry (kind, detail)."""
+        allowed = {
+            "status", "sealed", "expected", "attempts", "next_attempt_at", "last_error",
+            "merkle_root", "completed_at", "receipt",
+        }  # fmt: skip
+        bad = set(fields) - allowed
+        if bad:
+            raise CatalogError(f"cannot update batch column(s) {sorted(bad)}")
+        now = utcnow()
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE batches SET {sets}{', ' if sets else ''}updated_at = ?"
+                " WHERE batch_id = ? AND direction = ?",
+                (*fields.values(), now, batch_id, direction),
+            )
+            if cur.rowcount != 1:
+                raise NotFound(f"{direction} batch {batch_id} is not in the catalog")
+            if history is not None:
+                db.execute(
+                    "INSERT INTO transfer_history (transfer_id, direction, time, kind, detail)"
+                    " VALUES (?,?,?,?,?)",
+                    (batch_id, direction, now, history[0], history[1]),
+                )
+
+    def batch_transfers(self, batch_id: str, direction: str) -> list[TransferRecord]:
+        """The transfers of one batch, in the order they were added."""
+        rows = self._query(
+            "SELECT * FROM transfers WHERE batch_id = ? AND direction = ? ORDER BY rowid",
+            (batch_id, direction),
+        )
+        return self._manifests([_transfer(r) for r in rows])
+
+    def claim_due_batch(self, now: str, exclude: set[str]) -> BatchRecord | None:
+        """One queued outbound batch whose retry time has come, marked ``sending``."""
+        with self._tx() as db:
+            rows = list(
+                db.execute(
+                    "SELECT * FROM batches WHERE direction = 'outbound' AND status = 'queued'"
+                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, created_at LIMIT ?",
+                    (now, 1 + len(exclude)),
+                )
+            )
+            picked = [r for r in rows if r["batch_id"] not in exclude][:1]
+            for row in picked:
+                db.execute(
+                    "UPDATE batches SET status = 'sending', updated_at = ?"
+                    " WHERE batch_id = ? AND direction = 'outbound'",
+                    (utcnow(), row["batch_id"]),
+                )
+        return _batch(picked[0]) if picked else None
+
+    def list_batches(
+        self,
+        *,
+        case_id: str = "",
+        peer: str = "",
+        status: str = "",
+        direction: str = "",
+        since: str = "",
+        until: str = "",
+        limit: int = 100,
+    ) -> list[BatchRecord]:
+        sql = "SELECT * FROM batches WHERE 1=1"
+        params: list[Any] = []
+        for column, value in (
+            ("case_id", case_id),
+            ("peer_node", peer),
+            ("status", status),
+            ("direction", direction),
+        ):
+            if value:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        sql, params = _time_filter(sql, params, "created_at", since, until)
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        params.append(limit)
+        return [_batch(r) for r in self._query(sql, params)]
+
+    def batch_counts(self, batch_id: str, direction: str) -> dict[str, int]:
+        """How many of a batch's transfers are in each status."""
+        rows = self._query(
+            "SELECT status, COUNT(*) FROM transfers WHERE batch_id = ? AND direction = ?"
+            " GROUP BY status",
+            (batch_id, direction),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def history(self, transfer_id: str, direction: str) -> list[HistoryEntry]:
         rows = self._query(
@@ -564,6 +802,30 @@ def _transfer(row: sqlite3.Row) -> TransferRecord:
         name=row["name"],
         case_id=row["case_id"],
         header=json.loads(row["header"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        completed_at=row["completed_at"],
+        receipt=row["receipt"],
+        batch_id=row["batch_id"],
+        facts=json.loads(row["facts"]),
+    )
+
+
+def _batch(row: sqlite3.Row) -> BatchRecord:
+    return BatchRecord(
+        batch_id=row["batch_id"],
+        direction=row["direction"],
+        peer_node=row["peer_node"],
+        case_id=row["case_id"],
+        kind=row["kind"],
+        ref=row["ref"],
+        status=row["status"],
+        sealed=bool(row["sealed"]),
+        expected=row["expected"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+        merkle_root=row["merkle_root"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         completed_at=row["completed_at"],

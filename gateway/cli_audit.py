@@ -445,6 +445,7 @@ def _remote_transfers(cfg: NodeConfig, peer_id: str) -> list[SharedTransfer]:
                     t.size,
                     t.status,
                     t.receipt.SerializeToString() if t.HasField("receipt") else None,
+                    t.batch_id,
                 )
             if len(page) < 1000:
                 return list(found.values())
@@ -467,6 +468,7 @@ def _local_transfers(cfg: NodeConfig, peer_id: str) -> list[SharedTransfer]:
                     t.size,
                     t.status,
                     t.receipt,
+                    t.batch_id,
                 )
                 for t in page
             ]

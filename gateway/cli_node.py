@@ -89,6 +89,7 @@ def register(
     for name, helptext in (
         ("objects", "list objects"),
         ("transfers", "list transfers"),
+        ("batches", "list batches (study exchanges) with their objects' statuses"),
     ):
         p = qs.add_parser(name, help=helptext)
         p.add_argument("--case", default="", help="only this case")
@@ -96,13 +97,14 @@ def register(
         p.add_argument("--since", default="", help="ISO-8601 date/time (UTC if no zone)")
         p.add_argument("--until", default="", help="ISO-8601 date/time, exclusive")
         p.add_argument("--limit", type=int, default=0, help="at most this many (0: default)")
-        if name == "transfers":
+        if name in ("transfers", "batches"):
             p.add_argument(
                 "--status", default="", help="only this status (queued, sending, done, failed)"
             )
             p.add_argument(
                 "--direction", choices=["inbound", "outbound"], help="only this direction"
             )
+        if name == "transfers":
             p.add_argument("--object", default="", help="object id")
         p.add_argument("--json", action="store_true", help="print JSON")
         add_connection_options(p)
@@ -235,6 +237,35 @@ def cmd_query(args: argparse.Namespace) -> int:
                         for t in transfers
                     ],
                 )
+        elif args.what == "batches":
+            batches = client.list_batches(
+                case_id=args.case,
+                peer=args.peer,
+                status=args.status,
+                direction=args.direction or "",
+                since=args.since,
+                until=args.until,
+                limit=args.limit,
+            )
+            if args.json:
+                print(json.dumps([_dict(b) for b in batches], indent=2))
+            else:
+                _table(
+                    ["BATCH", "DIR", "PEER", "CASE", "STATUS", "OBJECTS", "MERKLE ROOT", "UPDATED"],
+                    [
+                        [
+                            b.batch_id,
+                            b.direction[:3],
+                            b.peer_node,
+                            b.case_id,
+                            b.status + ("" if b.sealed else " (open)"),
+                            " ".join(f"{k}:{v}" for k, v in sorted(b.objects_by_status.items())),
+                            (b.merkle_root[:16] + "…") if b.merkle_root else "",
+                            _t(b.updated_at),
+                        ]
+                        for b in batches
+                    ],
+                )
         elif args.what == "object":
             detail = client.get_object(args.object_id)
             if args.json:
@@ -261,6 +292,8 @@ def cmd_query(args: argparse.Namespace) -> int:
                         f"\n  transfer {t.transfer_id} {t.direction} {t.peer_node}: "
                         f"{t.status} (attempts {t.attempts})"
                     )
+                    if t.batch_id:
+                        print(f"    in batch {t.batch_id} (one signed manifest receipt)")
                     if t.HasField("receipt"):
                         body = common_pb2.ReceiptBody.FromString(t.receipt.body)
                         print(

@@ -131,6 +131,19 @@ class NodeClient:
         )
         return list(self._call(self.query.ListTransfers, req).transfers)
 
+    def list_batches(self, **filters: str | int) -> list[query_pb2.BatchInfo]:
+        req = query_pb2.ListBatchesRequest(
+            case_id=str(filters.get("case_id", "")),
+            peer=str(filters.get("peer", "")),
+            status=str(filters.get("status", "")),
+            direction=str(filters.get("direction", "")),
+            time=query_pb2.TimeRange(
+                since=str(filters.get("since", "")), until=str(filters.get("until", ""))
+            ),
+            limit=int(filters.get("limit", 0)),
+        )
+        return list(self._call(self.query.ListBatches, req).batches)
+
     def download(self, object_id: str, dest: Path) -> tuple[str, int]:
         """Stream an object to ``dest`` (atomically), verifying every chunk and the whole."""
         dest = Path(dest)

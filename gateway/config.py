@@ -124,6 +124,8 @@ class DeidSection:
     key_file: Path | None = None
     vault_key_file: Path | None = None
     allow_burned_in: bool = False
+    workers: int = 2  # de-identification processes of a release (0: in the node process)
+    pool_min_instances: int = 16  # smaller releases are de-identified in the node process
 
 
 @dataclass(frozen=True)
@@ -383,6 +385,12 @@ def _check(cfg: NodeConfig) -> None:
         )
     if d.spool_max_waiting < 1:
         raise ConfigError(f"{src}: dicom.spool_max_waiting must be at least 1")
+    if not 0 <= cfg.deid.workers <= 64 or cfg.deid.pool_min_instances < 1:
+        raise ConfigError(
+            f"{src}: deid.workers must be 0-64 (0 de-identifies in the node process; not "
+            f"{cfg.deid.workers}) and deid.pool_min_instances at least 1 (not "
+            f"{cfg.deid.pool_min_instances})"
+        )
     if d.max_associations_per_address < 1:
         raise ConfigError(
             f"{src}: dicom.max_associations_per_address must be at least 1 "

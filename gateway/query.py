@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from gateway import authz
 from gateway.audit import AuditLog
-from gateway.catalog import Catalog, ObjectRecord, TransferRecord
+from gateway.catalog import BatchRecord, Catalog, ObjectRecord, TransferRecord
 from gateway.errors import NotFound, ValidationError
 from gateway.hashing import ChunkProducer
 from gateway.identity import Identity
@@ -103,6 +103,27 @@ class QueryService:
             caller, "list_transfers", f.case_id, remote, count=len(found), peer_filter=f.peer
         )
         return found
+
+    def list_batches(
+        self, caller: Identity, f: TransferFilter, *, remote: str = ""
+    ) -> list[tuple[BatchRecord, dict[str, int]]]:
+        """Batches (study exchanges) with their objects counted by status."""
+        if f.direction and f.direction not in {"inbound", "outbound"}:
+            raise ValidationError("direction must be 'inbound' or 'outbound'")
+        peer = f.peer
+        if caller.is_node and caller.subject_id != self.node_id:
+            peer = caller.subject_id  # a peer node sees only batches it took part in
+        found = self.catalog.list_batches(
+            case_id=f.case_id,
+            peer=peer,
+            status=f.status,
+            direction=f.direction,
+            since=f.since,
+            until=f.until,
+            limit=_limit(f.limit),
+        )
+        self._audit(caller, "list_batches", f.case_id, remote, count=len(found), peer_filter=f.peer)
+        return [(b, self.catalog.batch_counts(b.batch_id, b.direction)) for b in found]
 
     def get_object(
         self, caller: Identity, object_id: str, *, remote: str = ""

@@ -34,6 +34,7 @@ class SharedTransfer:
     size: int
     status: str
     receipt: bytes | None
+    batch_id: str = ""  # set: the transfer is covered by its batch's manifest receipt
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,12 @@ def reconcile(
             continue
         if a.status != b.status:
             findings.append(Finding("status", tid, f"{a.status} here, {b.status} at {peer}"))
+        if a.batch_id or b.batch_id:
+            if a.batch_id != b.batch_id:
+                findings.append(
+                    Finding("receipt", tid, f"batch {a.batch_id!r} here, {b.batch_id!r} at {peer}")
+                )
+            continue  # covered by the batch's one manifest receipt, not a receipt of its own
         if a.receipt != b.receipt:
             findings.append(Finding("receipt", tid, "the two sides hold different receipts"))
         receiver = a.peer_node if a.direction == "outbound" else node_id

@@ -6,13 +6,15 @@ or when its bytes look like DICOM whatever it is called (``DICM`` at offset 128,
 bare data set starting with a group 0002/0008 element), because a careless or hostile
 upload may arrive as ``application/octet-stream``. A DICOM object is re-parsed from the
 store and re-scanned (:func:`hospital_node.deid.scan_for_identifiers`) against the
-pseudonym its case was released under to that destination (per patient and
-destination, :mod:`hospital_node.vault`); any finding refuses the send naming the
-attributes (never their values). Even a clean DICOM object is refused unless this
-node's release produced it for that destination after a clinician's confirmation.
-Every other object goes to
-the outbound gate (:class:`hospital_node.outbound.OutboundGate`): case records, and files
-of an allowed type whose content passes the scan for the case patient's identifiers.
+pseudonym its case was released under to that destination (per patient and destination,
+:mod:`hospital_node.vault`); any finding refuses the send naming the attributes (never
+their values). A pass is remembered by (SHA-256, pseudonym), also when the release's
+de-identification worker scanned the very bytes it produced
+(:meth:`OutgoingGuard.vouch`), so later send attempts do not read the object again. Even
+a clean DICOM object is refused unless this node's release produced it for that
+destination after a clinician's confirmation. Every other object goes to the outbound
+gate (:class:`hospital_node.outbound.OutboundGate`): case records, and files of an
+allowed type whose content passes the scan for the case patient's identifiers.
 
 :meth:`OutgoingGuard.check_receipt` compares the receiver's receipt facts for a released
 instance (SOP Instance UID, pixel and geometry hashes) with what the release recorded.
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 
 from pydicom import dcmread
@@ -45,6 +49,9 @@ log = logging.getLogger(__name__)
 
 DICOM_MEDIA_TYPE = "application/dicom"
 MAX_LISTED = 25
+REMEMBER_CLEAN = 8192
+"""Objects whose scan passed, remembered by (SHA-256, pseudonym): a send attempt of one
+of them does not read and parse it again (its bytes cannot change under its id)."""
 _HEAD_BYTES = 132
 
 
@@ -65,6 +72,24 @@ class OutgoingGuard:
         self.vault = vault
         self.records = records
         self.gate = gate
+        self._clean: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._clean_lock = threading.Lock()
+
+    def vouch(self, object_id: str, pseudonym: str) -> None:
+        """Remember that object ``object_id`` passed :func:`scan_for_identifiers` against
+        ``pseudonym`` (the release's worker scanned exactly these bytes)."""
+        with self._clean_lock:
+            self._clean[(object_id, pseudonym)] = None
+            self._clean.move_to_end((object_id, pseudonym))
+            while len(self._clean) > REMEMBER_CLEAN:
+                self._clean.popitem(last=False)
+
+    def _known_clean(self, object_id: str, pseudonym: str) -> bool:
+        with self._clean_lock:
+            if (object_id, pseudonym) in self._clean:
+                self._clean.move_to_end((object_id, pseudonym))
+                return True
+        return False
 
     def is_dicom(self, obj: ObjectRecord, store: ObjectStore) -> bool:
         if is_dicom_media_type(obj.media_type):
@@ -88,15 +113,19 @@ class OutgoingGuard:
                 "de-identified by this node; not sent. Studies leave the hospital only "
                 "through a clinician's confirmation ('yigong study confirm')"
             ) from exc
-        data = read_object(store, oid)
-        try:
-            ds = dcmread(io.BytesIO(data), force=True)
-            findings = scan_for_identifiers(ds, pseudonym)
-        except Exception as exc:
-            raise IdentifiableData(
-                f"object {oid} looks like DICOM but cannot be parsed "
-                f"({type(exc).__name__}); it cannot be checked for patient data and is not sent"
-            ) from exc
+        findings: list[str] = []
+        if not self._known_clean(oid, pseudonym):
+            data = read_object(store, oid)
+            try:
+                ds = dcmread(io.BytesIO(data), force=True)
+                findings = scan_for_identifiers(ds, pseudonym)
+            except Exception as exc:
+                raise IdentifiableData(
+                    f"object {oid} looks like DICOM but cannot be parsed ({type(exc).__name__})"
+                    "; it cannot be checked for patient data and is not sent"
+                ) from exc
+            if not findings:
+                self.vouch(oid, pseudonym)
         if findings:
             listed = "; ".join(findings[:MAX_LISTED])
             more = f"; and {len(findings) - MAX_LISTED} more" if len(findings) > MAX_LISTED else ""

@@ -4,10 +4,15 @@ Flow of :meth:`Releaser.confirm` (a verified clinician, or an auto-forward rule)
 
 1. the study must be ``received`` (complete), the case id valid, the destination a
    configured peer, and the study not yet confirmed for that case and destination;
-2. every instance is read from the store; all must belong to one patient, who is
-   bound to the case in the pseudonym vault (:mod:`hospital_node.vault`);
-3. each instance is de-identified for its recipient, i.e. the patient (Patient ID +
-   Issuer) at this destination: one pseudonym, one date offset and one UID mapping
+2. all instances must belong to one patient (:mod:`hospital_node.release_patient`:
+   read from the head of each object, before anything leaves), who is bound to the
+   case in the pseudonym vault (:mod:`hospital_node.vault`);
+3. the signed confirmation record and one ``pending`` release row per instance are
+   stored in one transaction, and the confirmation's outbox batch is opened (from
+   :data:`BATCH_MIN_INSTANCES` instances on; fewer go object by object);
+4. the instances are de-identified, a few at a time, on both cores
+   (:mod:`hospital_node.deid_pool`): each for its recipient, i.e. the patient (Patient
+   ID + Issuer) at this destination: one pseudonym, one date offset and one UID mapping
    per patient and destination (:meth:`PseudonymVault.recipient_for`,
    :meth:`Deidentifier.for_recipient`), so a patient's cases to one manufacturer are
    consistent with each other and nothing links them to what another manufacturer
@@ -17,10 +22,18 @@ Flow of :meth:`Releaser.confirm` (a verified clinician, or an auto-forward rule)
    back unless burned-in annotation was allowed; an instance the de-identifier
    refuses (e.g. a Structured Report whose content would be emptied) is recorded as
    failed with the reason; the de-identified bytes become a new object;
-4. the signed confirmation record and one release row per instance are stored in one
-   transaction and audited (``case.confirmation``);
-5. each released object passes the outgoing guard and is queued to the destination.
-   A confirmation whose queueing was cut short (stop, crash) is finished at start-up.
+5. as each group of instances is done, their objects are made durable together, and
+   in one catalog transaction (with one audit commit: ``deid.applied``,
+   ``transfer.queued``) each row gets its outcome, and each released object passes the
+   outgoing guard and is queued into the batch — so the first instances leave while
+   later ones are still being de-identified;
+6. the batch is sealed with the number queued and ``case.confirmation`` is audited.
+
+A confirmation cut short at any point (stop, crash, SIGKILL) is finished at start-up
+(:meth:`Releaser.resume`): pending instances are de-identified (deterministically: the
+same bytes again), released ones that were never queued are queued, the batch is
+sealed and the confirmation audited. A row gets its transfer in the same transaction
+that queues it, so no instance is queued twice or lost.
 
 The confirmation record is canonical JSON (sorted keys, compact) signed with the
 node key on behalf of the clinician whose certificate the gatekeeper verified.
@@ -29,44 +42,55 @@ Original SOP Instance UIDs stay in the local tables; nothing that leaves names t
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import io
 import json
 import logging
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydicom import dcmread
-
 from gateway import authz
-from gateway.catalog import ObjectRecord, utcnow
+from gateway.catalog import ObjectRecord, TransferRecord, utcnow
 from gateway.errors import (
     IdentifiableData,
-    IntegrityError,
+    StorageError,
     StudyNotReady,
     ValidationError,
     YigongError,
 )
 from gateway.identity import Identity
 from gateway.storage import ObjectStore
-from hospital_node.deid import TABLE_EDITION, BurnedInAnnotationHeld, Deidentifier
-from hospital_node.deid.engine import burned_in_reason
-from hospital_node.guard import DICOM_MEDIA_TYPE, read_object
+from gateway.storage.filesystem import FilesystemStore
+from hospital_node.deid import TABLE_EDITION, Deidentifier
+from hospital_node.deid_pool import (
+    ERROR,
+    RELEASED,
+    DeidPool,
+    Outcome,
+    Source,
+    clear_scratch,
+    patient_key,
+    run_one,
+)
+from hospital_node.guard import DICOM_MEDIA_TYPE, MAX_LISTED, read_object
+from hospital_node.release_patient import study_patient
 from hospital_node.release_store import (
+    PENDING,
     Confirmation,
     InstanceRelease,
     ReleaseStore,
 )
-from hospital_node.studies import InstanceRecord, StudyCatalog
+from hospital_node.studies import StudyCatalog
 from hospital_node.vault import (
     SCHEME_CASE,
     PatientIdentity,
     PseudonymVault,
     Recipient,
     check_case_id,
-    patient_of,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +104,9 @@ log = logging.getLogger(__name__)
 RECORD_TYPE = "data_confirmation"
 MAX_CACHED_RECIPIENTS = 64
 DEID_LABEL = f"PS3.15-{TABLE_EDITION}"
+BATCH_MIN_INSTANCES = 8
+"""A release of fewer instances is queued object by object (each with its own signed
+receipt); from this many on, as one outbox batch with one manifest receipt."""
 
 
 class NodeServices(Protocol):
@@ -131,6 +158,8 @@ class Releaser:
         records: ReleaseStore,
         studies: Callable[[], StudyCatalog],
         check_outgoing: Callable[[ObjectRecord, ObjectStore, str], None],
+        *,
+        vouch: Callable[[str, str], None] | None = None,
     ) -> None:
         self.node_id = node.node_id
         me = node.identity
@@ -143,8 +172,34 @@ class Releaser:
         self.records = records
         self._studies = studies
         self._check_outgoing = check_outgoing
-        self._lock = threading.Lock()
+        self._vouch = vouch  # the outgoing guard's scan verdict, from the worker's own scan
+        self._lock = threading.RLock()
         self._recipients: dict[bytes, Deidentifier] = {}  # context digest -> de-identifier
+        d = node.cfg.deid
+        self.scratch = node.cfg.node.data_dir / "spool" / "release"
+        self.pool = DeidPool(d.workers, self.scratch)
+        self.pool_min_instances = d.pool_min_instances
+
+    def close(self) -> None:
+        """Stop the de-identification workers (node shutdown)."""
+        self.pool.close()
+
+    def studies_received(self, studies: StudyCatalog, study_uids: Sequence[str]) -> None:
+        """Studies just became ``received``: if one is large enough for the worker pool,
+        start the workers now, so a confirmation does not wait for them to load."""
+        if not self.pool.workers or not study_uids:
+            return
+        for uid in study_uids:
+            try:
+                count = studies.get_study(uid).instance_count
+            except YigongError:
+                continue
+            if count >= self.pool_min_instances:
+                try:
+                    self.pool.warm()
+                except YigongError as exc:  # the confirmation will say it again
+                    log.warning("de-identification workers not started: %s", exc)
+                return
 
     # -- per patient and destination -----------------------------------------------------
     def deidentifier_for(self, recipient: Recipient) -> Deidentifier:
@@ -268,9 +323,17 @@ class Releaser:
             instances = [i for i in studies.instances(study_uid) if not i.duplicate]
             if not instances:
                 raise StudyNotReady(f"study {study_uid} has no instances to send")
-            patient, recipient, rows = self._prepare(
-                study_uid, instances, case_id, destination, allow_burned_in
-            )
+            found = None  # before anything leaves: every instance is of one patient
+            if self.pool.workers and len(instances) >= self.pool_min_instances:
+                fs = self.store if isinstance(self.store, FilesystemStore) else None
+                if fs is None:
+                    self.pool.warm()  # the workers start while the study is checked
+                else:  # the workers read the heads
+                    found = self.pool.patients([str(fs.path_for(i.object_id)) for i in instances])
+            patient = study_patient(self.store, study_uid, instances, found)
+            if self.vault.has_case(case_id):
+                self.vault.store(case_id, patient)  # refuses another patient early
+            recipient = self.recipient(case_id, destination, patient)
             self.vault.store(case_id, patient)
             self.vault.bind(case_id, destination, recipient)
             record = {
@@ -303,9 +366,19 @@ class Releaser:
                 signature=self._sign(body),
                 created_at=str(record["time"]),
             )
-            self.records.add(confirmation, rows)
-            self._audit_confirmation(confirmation, rows)
-            transfer_ids = self._queue(confirmation)
+            pending = [
+                InstanceRelease(
+                    source_object_id=inst.object_id,
+                    sop_instance_uid=inst.sop_instance_uid,
+                    series_uid=inst.series_uid,
+                    instance_number=inst.instance_number,
+                    status=PENDING,
+                )
+                for inst in instances
+            ]
+            self.records.add(confirmation, pending, releasing=True)
+            transfer_ids = self._release(confirmation)
+        rows = self.records.releases(confirmation.confirmation_id)
         log.info(
             "study %s confirmed by %s for case %s to %s: %d of %d instance(s) released",
             study_uid,
@@ -315,96 +388,162 @@ class Releaser:
             sum(r.status == "released" for r in rows),
             len(rows),
         )
-        released = self.records.releases(confirmation.confirmation_id)
-        return ConfirmResult(confirmation, released, transfer_ids)
+        return ConfirmResult(confirmation, rows, transfer_ids)
 
-    def _prepare(
-        self,
-        study_uid: str,
-        instances: Sequence[InstanceRecord],
-        case_id: str,
-        destination: str,
-        allow: bool,
-    ) -> tuple[PatientIdentity, Recipient, list[InstanceRelease]]:
-        """De-identify every instance; all must belong to the case's one patient."""
-        patient: PatientIdentity | None = None
-        recipient: Recipient | None = None
-        deid = self.deid
-        rows: list[InstanceRelease] = []
-        for inst in instances:
-            data = read_object(self.store, inst.object_id)
-            who = patient_of(data)
-            if patient is None:
-                patient = who
-                if self.vault.has_case(case_id):
-                    self.vault.store(case_id, patient)  # refuses another patient early
-                recipient = self.recipient(case_id, destination, patient)
-                deid = self.deidentifier_for(recipient)
-            elif not patient.same_patient(who):
-                raise StudyNotReady(
-                    f"the instances of study {study_uid} belong to more than one patient "
-                    "(different Patient ID / Issuer); nothing was sent. Have the study "
-                    "corrected in the PACS and sent again"
-                )
-            assert recipient is not None
-            rows.append(self._deidentify(deid, inst, data, case_id, recipient.pseudonym, allow))
-        assert patient is not None and recipient is not None
-        return patient, recipient, rows
+    # -- the release: de-identify, store, queue (pipelined) ---------------------------
+    def _release(self, c: Confirmation) -> list[str]:
+        """Bring ``c`` to done from wherever it stands; returns the transfers queued now."""
+        cid = c.confirmation_id
+        state, batch_id = self.records.progress(cid)
+        rows = self.records.releases(cid)
+        pending = [r for r in rows if r.status == PENDING]
+        unqueued = [r for r in rows if r.status == "released" and not r.transfer_id]
+        batched = len(rows) >= BATCH_MIN_INSTANCES
+        if state == "releasing" and batched and not batch_id and (pending or unqueued):
+            with self.catalog.transaction():  # the batch exists iff the confirmation names it
+                batch_id = self._open_batch(c)
+                self.records.set_progress(cid, batch_id=batch_id)
+        if state != "releasing":
+            batch_id = ""  # its batch is sealed: a late instance goes on its own
+        queued: list[str] = []
+        if pending:
+            queued += self._deidentify_all(c, pending, batch_id)
+        queued += self._queue(c, batch_id)
+        if state == "releasing":
+            if batch_id:
+                done = sum(1 for r in self.records.releases(cid) if r.transfer_id)
+                self._seal_batch(batch_id, done)
+            self.records.set_progress(cid, state="sealed")
+            state = "sealed"
+        if state == "sealed":
+            self._audit_confirmation(c, self.records.releases(cid))
+            self.records.set_progress(cid, state="done")
+        return queued
 
-    def _deidentify(
-        self,
-        deid: Deidentifier,
-        inst: InstanceRecord,
-        data: bytes,
-        case_id: str,
-        pseudonym: str,
-        allow: bool,
-    ) -> InstanceRelease:
-        """One instance → a stored, catalogued de-identified object (or why not)."""
-        row = InstanceRelease(
-            source_object_id=inst.object_id,
-            sop_instance_uid=inst.sop_instance_uid,
-            series_uid=inst.series_uid,
-            instance_number=inst.instance_number,
-            status="released",
-        )
+    def _deidentify_all(
+        self, c: Confirmation, pending: list[InstanceRelease], batch_id: str
+    ) -> list[str]:
+        """De-identify ``pending`` (on the pool when there are enough of them), committing
+        and queueing each group as soon as it is done."""
+        recipient = self.recipient(c.case_id, c.destination)
+        deid = self.deidentifier_for(recipient)
+        pseudonym = recipient.pseudonym
+        patient = self.vault.lookup(c.case_id)
+        salt = os.urandom(16)
+        expected = patient_key(patient.patient_id, patient.issuer_of_patient_id, salt)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        clear_scratch(self.scratch)  # one release at a time: anything here is left over
+        allow = c.allow_burned_in
+        groups: Iterable[list[tuple[InstanceRelease, Outcome]]]
+        if self.pool.workers and len(pending) >= self.pool_min_instances:
+            # a filesystem store: the workers read and write its files themselves
+            fs = self.store if isinstance(self.store, FilesystemStore) else None
+            jobs = [(r, self._source(r.source_object_id, fs)) for r in pending]
+            root = str(fs.root) if fs is not None else ""
+            groups = self.pool.run(deid, pseudonym, allow, jobs, salt, root)
+        else:
+            jobs = [(r, self._source(r.source_object_id, None)) for r in pending]
+            groups = _inline(deid, pseudonym, allow, jobs, self.scratch, salt)
+        queued: list[str] = []
         try:
-            out, result = deid.deidentify_part10(data, pseudonym, allow_burned_in=allow)
-        except BurnedInAnnotationHeld:
-            return row.replace(status="held", reason=_burned_in_reason(data))
-        except IntegrityError as exc:
-            return row.replace(status="refused", reason=str(exc))
-        except ValidationError as exc:
-            return row.replace(status="failed", reason=str(exc))
-        digest = hashlib.sha256(out).hexdigest()
-        if self.store.size(digest) != len(out):
-            self.store.put_stream(digest, [out])
-        self.catalog.add_object(
-            object_id=digest,
-            size=len(out),
-            name=f"{result.new_sop_uid}.dcm",
-            media_type=DICOM_MEDIA_TYPE,
-            case_id=case_id,
-            origin_node=self.node_id,
-            labels={"deid": DEID_LABEL},
-        )
-        return row.replace(
-            deid_object_id=digest,
-            deid_sop_instance_uid=result.new_sop_uid,
-            geometry_sha256=result.geometry_hash,
-            pixel_sha256=result.pixel_hash,
-        )
+            for group in groups:
+                queued += self._commit(c, group, expected, pseudonym, batch_id)
+        finally:
+            close = getattr(groups, "close", None)
+            if close is not None:
+                close()  # frees the pool now, also when a group could not be committed
+        return queued
 
-    def _audit_confirmation(self, c: Confirmation, rows: list[InstanceRelease]) -> None:
-        for r in rows:
-            if r.status == "released":
+    def _source(self, object_id: str, fs: FilesystemStore | None) -> Source:
+        if fs is not None:
+            return str(fs.path_for(object_id))
+        return functools.partial(read_object, self.store, object_id)
+
+    def _commit(
+        self,
+        c: Confirmation,
+        group: list[tuple[InstanceRelease, Outcome]],
+        expected_patient: str,
+        pseudonym: str,
+        batch_id: str,
+    ) -> list[str]:
+        """Make a group's objects durable together, then record, audit and queue them in
+        one catalog transaction (and one audit commit)."""
+        outcomes: list[tuple[InstanceRelease, Outcome]] = []
+        links: list[tuple[str, Path]] = []
+        for row, out in group:
+            if out.status == ERROR:  # left pending: finished at the next start
+                for _, other in group:
+                    _unlink(other.path)
+                raise StorageError(
+                    f"release of confirmation {c.confirmation_id[:16]} stopped: {out.reason}; "
+                    "it is finished when the node starts again"
+                )
+            if out.status == RELEASED and out.patient_key != expected_patient:
+                _unlink(out.path)
+                out = Outcome(
+                    "failed",
+                    reason="this instance names another patient than the study's (Patient "
+                    "ID / Issuer) although the study was checked as one patient's; not "
+                    "released",
+                )
+                log.error("release %s: object %s changed patient", c.confirmation_id[:16],
+                          row.source_object_id)  # fmt: skip
+            if out.status == RELEASED and not out.stored:
+                if self.store.size(out.object_id) != out.size:
+                    links.append((out.object_id, Path(out.path)))
+            outcomes.append((row, out))
+        try:
+            if links:
+                self.store.link_files(links)
+        finally:
+            for _, out in outcomes:
+                _unlink(out.path)
+        queued: list[str] = []
+        with self.catalog.transaction(), self.audit.batch():
+            for row, out in outcomes:
+                done = row.replace(status=out.status, reason=out.reason)
+                if out.status == RELEASED:
+                    done = done.replace(
+                        deid_object_id=out.object_id,
+                        deid_sop_instance_uid=out.new_sop_uid,
+                        geometry_sha256=out.geometry_hash,
+                        pixel_sha256=out.pixel_hash,
+                    )
+                    self.catalog.add_object(
+                        object_id=out.object_id,
+                        size=out.size,
+                        name=f"{out.new_sop_uid}.dcm",
+                        media_type=DICOM_MEDIA_TYPE,
+                        case_id=c.case_id,
+                        origin_node=self.node_id,
+                        labels={"deid": DEID_LABEL},
+                    )
+                self.records.update_release(c.confirmation_id, done)
+                if out.status != RELEASED:
+                    continue
                 self.audit.record(
                     "deid.applied",
                     actor=f"node:{self.node_id}",
-                    object_id=r.deid_object_id,
+                    object_id=out.object_id,
                     case_id=c.case_id,
-                    details={"source_object_id": r.source_object_id, "profile": DEID_LABEL},
+                    details={"source_object_id": row.source_object_id, "profile": DEID_LABEL},
                 )
+                if out.findings:
+                    listed = "; ".join(out.findings[:MAX_LISTED])
+                    self._refuse(c, done, IdentifiableData(
+                        f"object {out.object_id} still carries patient-identifying attributes "
+                        f"and is not sent to {c.destination}: {listed}"
+                    ))  # fmt: skip
+                    continue
+                if self._vouch is not None:
+                    self._vouch(out.object_id, pseudonym)
+                transfer = self._queue_one(c, done, batch_id)
+                if transfer is not None:
+                    queued.append(transfer.transfer_id)
+        return queued
+
+    def _audit_confirmation(self, c: Confirmation, rows: list[InstanceRelease]) -> None:
         self.audit.record(
             "case.confirmation",
             actor=c.actor,
@@ -417,12 +556,17 @@ class Releaser:
                 "allow_burned_in": c.allow_burned_in,
                 "cert_serial": c.cert_serial,
                 "cert_fingerprint": c.cert_fingerprint,
-                "released": sum(r.status == "released" for r in rows),
+                # as the de-identifier left them (a later refusal by the outgoing
+                # scan has its own security.alert)
+                "released": sum(r.status == "released" or _guard_refusal(r) for r in rows),
                 "held": sum(r.status == "held" for r in rows),
-                "refused": sum(r.status in ("refused", "failed") for r in rows),
+                "refused": sum(
+                    r.status == "failed" or (r.status == "refused" and not _guard_refusal(r))
+                    for r in rows
+                ),
             },
         )
-        refused = sum(r.status == "refused" for r in rows)
+        refused = sum(r.status == "refused" and not _guard_refusal(r) for r in rows)
         if refused:  # the de-identifier would have changed geometry or pixels
             self.audit.record(
                 "security.alert",
@@ -438,43 +582,96 @@ class Releaser:
             )
 
     # -- queueing ----------------------------------------------------------------------
-    def _queue(self, c: Confirmation) -> list[str]:
+    def _queue(self, c: Confirmation, batch_id: str = "") -> list[str]:
         """Queue every released, not yet queued instance of ``c``; returns transfer ids."""
         queued: list[str] = []
         for r in self.records.releases(c.confirmation_id):
             if r.status != "released" or r.transfer_id:
                 continue
-            try:
-                obj = self.catalog.get_object(r.deid_object_id)
-                self._check_outgoing(obj, self.store, c.destination)
-                transfer = self.outbox.queue(obj, c.destination, actor=c.actor)
-            except IdentifiableData as exc:
-                self.records.set_status(c.confirmation_id, r.source_object_id, "refused", str(exc))
-                self.audit.record(
-                    "security.alert",
-                    actor=f"node:{self.node_id}",
-                    outcome="failure",
-                    object_id=r.deid_object_id,
-                    case_id=c.case_id,
-                    details={"reason": "IdentifiableData", "action": "release refused"},
-                )
-                log.error("release of object %s refused: %s", r.deid_object_id, exc)
-                continue
-            self.records.set_transfer(c.confirmation_id, r.source_object_id, transfer.transfer_id)
-            queued.append(transfer.transfer_id)
+            with self.catalog.transaction():
+                transfer = self._queue_one(c, r, batch_id)
+            if transfer is not None:
+                queued.append(transfer.transfer_id)
         return queued
 
+    def _queue_one(
+        self, c: Confirmation, r: InstanceRelease, batch_id: str
+    ) -> TransferRecord | None:
+        """Guard and queue one released instance and record its transfer (the caller's
+        catalog transaction makes the two one); None when the guard refuses it."""
+        try:
+            obj = self.catalog.get_object(r.deid_object_id)
+            self._check_outgoing(obj, self.store, c.destination)
+        except IdentifiableData as exc:
+            self._refuse(c, r, exc)
+            return None
+        transfer = self.outbox.queue(obj, c.destination, actor=c.actor, batch_id=batch_id or None)
+        self.records.set_transfer(c.confirmation_id, r.source_object_id, transfer.transfer_id)
+        return transfer
+
+    def _refuse(self, c: Confirmation, r: InstanceRelease, exc: IdentifiableData) -> None:
+        self.records.set_status(c.confirmation_id, r.source_object_id, "refused", str(exc))
+        self.audit.record(
+            "security.alert",
+            actor=f"node:{self.node_id}",
+            outcome="failure",
+            object_id=r.deid_object_id,
+            case_id=c.case_id,
+            details={"reason": "IdentifiableData", "action": "release refused"},
+        )
+        log.error("release of object %s refused: %s", r.deid_object_id, exc)
+
+    def _open_batch(self, c: Confirmation) -> str:
+        """The outbox batch of ``c``'s instances (one exchange to the destination)."""
+        return self.outbox.open_batch(
+            c.destination, case_id=c.case_id, actor=c.actor, ref=c.confirmation_id
+        )
+
+    def _seal_batch(self, batch_id: str, expected: int) -> None:
+        self.outbox.seal_batch(batch_id, expected=expected)
+
     def resume(self) -> int:
-        """At start-up: queue released instances whose queueing was cut short."""
+        """At start-up: finish every release cut short (de-identify what is pending,
+        queue what was released, seal, audit); returns the transfers queued."""
         count = 0
-        for c in self.records.unfinished():
-            try:
-                count += len(self._queue(c))
-            except YigongError:
-                log.exception("could not resume the release of confirmation %s", c.confirmation_id)
+        with self._lock:
+            clear_scratch(self.scratch)
+            for c in self.records.unfinished():
+                try:
+                    count += len(self._release(c))
+                except YigongError:
+                    log.exception(
+                        "could not resume the release of confirmation %s", c.confirmation_id
+                    )
         if count:
             log.info("release: %d interrupted instance send(s) queued", count)
         return count
+
+
+def _inline(
+    deid: Deidentifier,
+    pseudonym: str,
+    allow: bool,
+    jobs: list[tuple[InstanceRelease, Source]],
+    scratch: Path,
+    salt: bytes,
+) -> Iterator[list[tuple[InstanceRelease, Outcome]]]:
+    """De-identify in the node process, one instance per group (a small release)."""
+    for row, source in jobs:
+        yield [(row, run_one(deid, source, pseudonym, allow, scratch, salt))]
+
+
+def _unlink(path: str) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _guard_refusal(r: InstanceRelease) -> bool:
+    """A row the de-identifier produced and the outgoing scan refused."""
+    return r.status == "refused" and bool(r.deid_object_id)
 
 
 def _valid_case(case_id: str) -> bool:
@@ -488,13 +685,3 @@ def _valid_case(case_id: str) -> bool:
 def canonical(record: dict[str, Any]) -> bytes:
     """Canonical JSON bytes of a record: sorted keys, compact separators, UTF-8."""
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _burned_in_reason(data: bytes) -> str:
-    try:
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except Exception:
-        return "may show patient data in its pixels"
-    return (burned_in_reason(ds) or "may show patient data in its pixels") + (
-        "; held until a clinician allows burned-in annotation (--allow-burned-in)"
-    )

@@ -7,11 +7,16 @@ Namespace ``hospital_release`` of the node's catalog (:meth:`Catalog.extend`):
   canonical record and the node's signature over it.
 - ``hospital_releases``: one row per instance and confirmation: the source object,
   the original SOP Instance UID (local only: never on anything that leaves), the
-  status (``released`` | ``held`` | ``refused`` | ``failed``) with its reason, the
+  status (``pending`` while the release de-identifies it, then ``released`` | ``held``
+  | ``refused`` | ``failed``) with its reason, the
   de-identified object, its new SOP Instance UID, geometry and pixel hashes (compared
   with the receiver's receipt facts) and the outbound transfer.
 - ``hospital_auto_forward``: when each auto-forward rule was first seen, so turning
   a rule on never releases studies that became complete before it.
+- ``hospital_release_progress``: per confirmation released by the pipelined release,
+  its state (``releasing`` → ``sealed`` once its outbox batch is sealed → ``done`` once
+  ``case.confirmation`` is audited) and the outbox batch its instances go into. A
+  confirmation without a row (made before it existed) is done.
 """
 
 from __future__ import annotations
@@ -66,7 +71,18 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (called_ae, destination)
     )
     """,
+    # 2: where a pipelined release stands (releasing -> done), and its outbox batch
+    """
+    CREATE TABLE hospital_release_progress (
+        confirmation_id TEXT PRIMARY KEY,
+        state           TEXT NOT NULL CHECK (state IN ('releasing', 'sealed', 'done')),
+        batch_id        TEXT NOT NULL DEFAULT '',
+        updated_at      TEXT NOT NULL
+    )
+    """,
 )
+PENDING = "pending"
+"""Status of an instance row recorded with its confirmation, not yet de-identified."""
 
 
 @dataclass(frozen=True)
@@ -182,10 +198,18 @@ class ReleaseStore:
         self.catalog = catalog
         catalog.extend("hospital_release", MIGRATIONS)
 
-    def add(self, c: Confirmation, rows: Sequence[InstanceRelease]) -> None:
-        """Store a confirmation and its instance rows in one transaction."""
+    def add(
+        self, c: Confirmation, rows: Sequence[InstanceRelease], *, releasing: bool = False
+    ) -> None:
+        """Store a confirmation and its instance rows in one transaction (``releasing``:
+        with a progress row, the instances still ``pending``)."""
         now = utcnow()
         with self.catalog.transaction() as db:
+            if releasing:
+                db.execute(
+                    "INSERT INTO hospital_release_progress VALUES (?, 'releasing', '', ?)",
+                    (c.confirmation_id, now),
+                )
             db.execute(
                 f"INSERT INTO hospital_confirmations ({_CONFIRMATION_COLS})"
                 f" VALUES ({', '.join('?' * 12)})",
@@ -251,13 +275,52 @@ class ReleaseStore:
         return [_release(r) for r in rows]
 
     def unfinished(self) -> list[Confirmation]:
-        """Confirmations with a released instance that was never queued."""
+        """Confirmations with an instance not yet de-identified, a released instance that
+        was never queued, or a pipelined release not marked done; oldest first."""
         rows = self.catalog.query(
             f"SELECT {_CONFIRMATION_COLS} FROM hospital_confirmations WHERE confirmation_id IN"
             " (SELECT confirmation_id FROM hospital_releases"
-            "  WHERE status = 'released' AND transfer_id = '')"
+            "  WHERE (status = 'released' AND transfer_id = '') OR status = 'pending'"
+            "  UNION SELECT confirmation_id FROM hospital_release_progress WHERE state != 'done')"
+            " ORDER BY created_at, confirmation_id"
         )
         return [_confirmation(r) for r in rows]
+
+    def progress(self, confirmation_id: str) -> tuple[str, str]:
+        """(state, outbox batch id) of a confirmation's release; ("done", "") if untracked."""
+        rows = self.catalog.query(
+            "SELECT state, batch_id FROM hospital_release_progress WHERE confirmation_id = ?",
+            (confirmation_id,),
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else ("done", "")
+
+    def set_progress(self, confirmation_id: str, *, state: str = "", batch_id: str = "") -> None:
+        with self.catalog.transaction() as db:
+            if state:
+                db.execute(
+                    "UPDATE hospital_release_progress SET state = ?, updated_at = ?"
+                    " WHERE confirmation_id = ?",
+                    (state, utcnow(), confirmation_id),
+                )
+            if batch_id:
+                db.execute(
+                    "UPDATE hospital_release_progress SET batch_id = ?, updated_at = ?"
+                    " WHERE confirmation_id = ?",
+                    (batch_id, utcnow(), confirmation_id),
+                )
+
+    def update_release(self, confirmation_id: str, r: InstanceRelease) -> None:
+        """Record what became of a ``pending`` instance (status, reason, output facts)."""
+        with self.catalog.transaction() as db:
+            db.execute(
+                "UPDATE hospital_releases SET status = ?, reason = ?, deid_object_id = ?,"
+                " deid_sop_instance_uid = ?, geometry_sha256 = ?, pixel_sha256 = ?"
+                " WHERE confirmation_id = ? AND source_object_id = ?",
+                (
+                    r.status, r.reason[:2000], r.deid_object_id, r.deid_sop_instance_uid,
+                    r.geometry_sha256, r.pixel_sha256, confirmation_id, r.source_object_id,
+                ),
+            )  # fmt: skip
 
     def set_transfer(self, confirmation_id: str, source_object_id: str, transfer_id: str) -> None:
         with self.catalog.transaction() as db:

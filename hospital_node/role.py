@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -96,6 +96,7 @@ class HospitalHooks(RoleHooks):
     # --- ingest (SCP): DICOM listener, study assembly, quiet-period ticker ----------
     def _init_ingest(self) -> None:
         self.studies = StudyCatalog(self.ctx.catalog)
+        self._received: list[Callable[[StudyCatalog, Sequence[str]], None]] = []
         self.dicom_port = 0
         self.spool: DicomSpool | None = None
         self._dicom: DicomServer | None = None
@@ -128,9 +129,19 @@ class HospitalHooks(RoleHooks):
             if self.spool is not None and self.spool.waiting:
                 continue  # a study is not quiet while its instances may still be filed
             try:
-                self.studies.tick(datetime.now(UTC), quiet)
+                done = self.studies.tick(datetime.now(UTC), quiet)
+                for listener in self._received:
+                    listener(self.studies, done)
             except Exception:  # keep ticking; the next round retries
                 log.exception("study quiet-period check failed")
+
+    def on_studies_received(
+        self, listener: Callable[[StudyCatalog, Sequence[str]], None]
+    ) -> None:
+        """Call ``listener(studies, study_uids)`` from the ticker each time studies turn
+        complete (their quiet period passed); the release uses it to start its
+        de-identification workers before a clinician confirms a large study."""
+        self._received.append(listener)
 
     def _stop_ingest(self) -> None:
         self._tick_stop.set()
@@ -316,7 +327,9 @@ class HospitalRole(RoleHooks):
             self.release_records,
             self._study_source,
             self.hooks.check_outgoing,
+            vouch=self.hooks.guard.vouch,
         )  # fmt: skip
+        self.hooks.on_studies_received(self.releaser.studies_received)  # large: warm workers
         self._auto_stop = threading.Event()
         d = cfg.dicom
         if d.auto_forward_to and d.auto_forward_to not in core.outbox.settings.known_peers:
@@ -409,6 +422,7 @@ class HospitalRole(RoleHooks):
         if self._auto_thread is not None:
             self._auto_thread.join(10.0)
             self._auto_thread = None
+        self.releaser.close()  # the de-identification workers
 
     # --- design export: approved designs into the hospital's PACS (Encapsulated STL) -----
     def _init_design_export(self, core: CoreServices) -> None:

@@ -30,6 +30,11 @@ FEATURES: list[tuple[str, list[str]]] = [
     ),
     ("Failure and recovery", ["test_resilience.py"]),
     ("Hostile peer on the transfer path", ["test_transfer_hostile.py"]),
+    ("Study exchange: a batch of objects, one manifest receipt", ["test_batch_transfer.py"]),
+    (
+        "Study exchange: kill -9 of either node, hostile manifest receipts",
+        ["test_study_kill.py", "test_study_hostile.py"],
+    ),
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
     ("Node process, configuration, catalog", ["test_node.py", "test_allocator.py"]),
     ("Command line and demo", ["test_cli.py", "test_cli_usability.py", "test_demo.py"]),
@@ -56,6 +61,10 @@ FEATURES: list[tuple[str, list[str]]] = [
     (
         "Confirmation and de-identified release (hospital)",
         ["test_hospital_release.py", "test_deid_recipients.py", "test_study_identity.py"],
+    ),
+    (
+        "Pipelined release on both cores (worker processes, batch, kill and resume)",
+        ["test_release_pipeline.py"],
     ),
     ("What can leave a hospital: the outbound gate", ["test_outbound_gate.py"]),
     ("Series geometry and suitability (factory)", ["test_fidelity_series.py", "test_factory.py"]),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.catalog import Catalog
+from gateway.catalog import MIGRATIONS, Catalog
 from gateway.config import load_config
 from gateway.errors import CatalogError, ConfigError, StorageError
 from tests.cluster import Federation, InProcessNode, NodeProcess, wait_for, write_config
@@ -149,7 +149,7 @@ def test_ready_file_reports_port(federation: Federation, tmp_path: Path) -> None
 def test_catalog_migrations_and_newer_schema_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
     cat = Catalog(path)
-    assert cat.schema_version == 1
+    assert cat.schema_version == len(MIGRATIONS) == 2  # 2: batches (study exchange)
     cat.close()
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 99")

@@ -278,7 +278,6 @@ def refusals_audited(
         raise
 
 
-
 def certificate_facts(cert: x509.Certificate) -> dict[str, str]:
     """Serial and subject of a refused certificate, read without trusting it (for audit)."""
     cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)

@@ -10,7 +10,22 @@ from gateway.grpc_status import error_from_rpc
 from gateway.rpc.channel import ClientCredentials, open_channel
 from gateway.rpc.wire import announce_to_pb
 from gateway.telemetry import Telemetry
-from gateway.transfer.model import Announce, ChunkMsg, EndMsg, OfferResult, PushItem
+from gateway.transfer.model import (
+    Announce,
+    BatchAckItem,
+    BatchEndMsg,
+    BatchItem,
+    BatchObjectState,
+    BatchStartMsg,
+    BatchStatusResult,
+    ChunkMsg,
+    EndMsg,
+    ManifestAck,
+    ObjectStartMsg,
+    OfferResult,
+    PushItem,
+    StoredAck,
+)
 from yigong.v1 import common_pb2, transfer_pb2, transfer_pb2_grpc
 
 
@@ -61,6 +76,35 @@ class GrpcPeerLink:
             raise error_from_rpc(exc, self.target) from exc
         return bytes(reply.SerializeToString())
 
+    def batch_status(self, batch_id: str) -> BatchStatusResult:
+        request = transfer_pb2.BatchStatusRequest(batch_id=batch_id)
+        try:
+            reply = self._stub.BatchStatus(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.target) from exc
+        return BatchStatusResult(
+            tuple(
+                BatchObjectState(s.transfer_id, s.object_id, s.held, s.resume_offset)
+                for s in reply.objects
+            ),
+            reply.receipt.SerializeToString() if reply.HasField("receipt") else None,
+        )
+
+    def push_batch(self, items: Iterator[BatchItem]) -> Iterator[BatchAckItem]:
+        """Stream ``items``; yields the receiver's acknowledgements as they arrive."""
+        call = self._stub.PushBatch(_batch_to_pb(items))
+        try:
+            for ack in call:
+                kind = ack.WhichOneof("kind")
+                if kind == "stored":
+                    yield StoredAck(ack.stored.transfer_id, ack.stored.sha256)
+                elif kind == "receipt":
+                    yield ManifestAck(ack.receipt.SerializeToString())
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.target) from exc
+        finally:
+            call.cancel()
+
     def close(self) -> None:
         self._channel.close()
 
@@ -105,4 +149,34 @@ def _to_pb(items: Iterator[PushItem]) -> Iterator[transfer_pb2.PushMessage | byt
                     object=announce_to_pb(item.announce),
                     offset=item.offset,
                 )
+            )
+
+
+def _batch_to_pb(items: Iterator[BatchItem]) -> Iterator[transfer_pb2.BatchMessage]:
+    for item in items:
+        if isinstance(item, ChunkMsg):
+            yield transfer_pb2.BatchMessage(
+                chunk=common_pb2.Chunk(offset=item.offset, data=item.data, sha256=item.sha256)
+            )
+        elif isinstance(item, ObjectStartMsg):
+            yield transfer_pb2.BatchMessage(
+                object=transfer_pb2.ObjectStart(
+                    transfer_id=item.transfer_id,
+                    object=announce_to_pb(item.announce),
+                    offset=item.offset,
+                )
+            )
+        elif isinstance(item, EndMsg):
+            yield transfer_pb2.BatchMessage(
+                object_end=transfer_pb2.PushEnd(sha256=item.sha256, size=item.size)
+            )
+        elif isinstance(item, BatchStartMsg):
+            yield transfer_pb2.BatchMessage(
+                start=transfer_pb2.BatchStart(
+                    batch_id=item.batch_id, case_id=item.case_id, ref=item.ref, kind=item.kind
+                )
+            )
+        elif isinstance(item, BatchEndMsg):
+            yield transfer_pb2.BatchMessage(
+                end=transfer_pb2.BatchEnd(transfer_ids=list(item.transfer_ids))
             )

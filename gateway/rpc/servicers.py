@@ -16,8 +16,19 @@ from gateway.errors import ValidationError
 from gateway.exchange import Exchange, Submission
 from gateway.query import ObjectFilter, QueryService, TransferFilter
 from gateway.rpc.auth import Gatekeeper, refusals_audited, stream_with_errors, wire_errors
-from gateway.rpc.wire import announce_from_pb, object_to_pb, transfer_to_pb
-from gateway.transfer.model import ChunkMsg, EndMsg, PushItem, StartMsg
+from gateway.rpc.wire import announce_from_pb, batch_to_pb, object_to_pb, transfer_to_pb
+from gateway.transfer.model import (
+    BatchAckItem,
+    BatchEndMsg,
+    BatchItem,
+    BatchStartMsg,
+    ChunkMsg,
+    EndMsg,
+    ObjectStartMsg,
+    PushItem,
+    StartMsg,
+    StoredAck,
+)
 from gateway.transfer.receiver import Receiver
 from yigong.v1 import (
     common_pb2,
@@ -72,6 +83,79 @@ class TransferServicer(transfer_pb2_grpc.TransferServicer):
             receipt = self.receiver.receive(caller, _push_items(request_iterator))
             return common_pb2.SignedReceipt.FromString(receipt)
         raise AssertionError("unreachable")
+
+    def BatchStatus(
+        self, request: transfer_pb2.BatchStatusRequest, context: grpc.ServicerContext
+    ) -> transfer_pb2.BatchStatusResponse:
+        with (
+            wire_errors(context, "Transfer.BatchStatus"),
+            refusals_audited(self.gate, context, "Transfer.BatchStatus", "transfer.refused"),
+        ):
+            result = self.receiver.batches.status(self.gate.identity(context), request.batch_id)
+            reply = transfer_pb2.BatchStatusResponse(
+                objects=[
+                    transfer_pb2.BatchObjectState(
+                        transfer_id=s.transfer_id,
+                        object_id=s.object_id,
+                        held=s.held,
+                        resume_offset=s.resume_offset,
+                    )
+                    for s in result.objects
+                ],
+                max_chunk_bytes=self.receiver.settings.max_chunk_bytes,
+            )
+            if result.receipt:
+                reply.receipt.ParseFromString(result.receipt)
+            return reply
+        raise AssertionError("unreachable")
+
+    def PushBatch(
+        self, request_iterator: Iterator[transfer_pb2.BatchMessage], context: grpc.ServicerContext
+    ) -> Iterator[transfer_pb2.BatchAck]:
+        with wire_errors(context, "Transfer.PushBatch"):
+            caller = self.gate.identity(context)
+        acks = self.receiver.batches.receive(caller, _batch_items(request_iterator))
+        return stream_with_errors(
+            context, "Transfer.PushBatch", self._refusals_audited(context, _batch_acks(acks))
+        )
+
+    def _refusals_audited(
+        self, context: grpc.ServicerContext, acks: Iterator[transfer_pb2.BatchAck]
+    ) -> Iterator[transfer_pb2.BatchAck]:
+        with refusals_audited(self.gate, context, "Transfer.PushBatch", "transfer.refused"):
+            yield from acks
+
+
+def _batch_items(messages: Iterator[transfer_pb2.BatchMessage]) -> Iterator[BatchItem]:
+    for msg in messages:
+        kind = msg.WhichOneof("kind")
+        if kind == "chunk":
+            c = msg.chunk
+            yield ChunkMsg(c.offset, c.data, c.sha256)
+        elif kind == "object":
+            o = msg.object
+            yield ObjectStartMsg(o.transfer_id, announce_from_pb(o.object), o.offset)
+        elif kind == "object_end":
+            yield EndMsg(msg.object_end.sha256, msg.object_end.size)
+        elif kind == "start":
+            s = msg.start
+            yield BatchStartMsg(s.batch_id, s.case_id, s.ref, s.kind)
+        elif kind == "end":
+            yield BatchEndMsg(tuple(msg.end.transfer_ids))
+        else:
+            raise ValidationError("empty BatchMessage")
+
+
+def _batch_acks(acks: Iterator[BatchAckItem]) -> Iterator[transfer_pb2.BatchAck]:
+    for ack in acks:
+        if isinstance(ack, StoredAck):
+            yield transfer_pb2.BatchAck(
+                stored=transfer_pb2.ObjectStored(transfer_id=ack.transfer_id, sha256=ack.sha256)
+            )
+        else:
+            reply = transfer_pb2.BatchAck()
+            reply.receipt.ParseFromString(ack.signed)
+            yield reply
 
 
 def _push_items(messages: Iterator[transfer_pb2.PushMessage]) -> Iterator[PushItem]:
@@ -180,6 +264,26 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                 remote=self.gate.remote(context),
             )
             return query_pb2.ListTransfersResponse(transfers=[transfer_to_pb(t) for t in found])
+        raise AssertionError("unreachable")
+
+    def ListBatches(
+        self, request: query_pb2.ListBatchesRequest, context: grpc.ServicerContext
+    ) -> query_pb2.ListBatchesResponse:
+        with wire_errors(context, "Query.ListBatches"):
+            found = self.query.list_batches(
+                self.gate.identity(context),
+                TransferFilter(
+                    case_id=request.case_id,
+                    peer=request.peer,
+                    status=request.status,
+                    direction=request.direction,
+                    since=request.time.since,
+                    until=request.time.until,
+                    limit=request.limit,
+                ),
+                remote=self.gate.remote(context),
+            )
+            return query_pb2.ListBatchesResponse(batches=[batch_to_pb(b, n) for b, n in found])
         raise AssertionError("unreachable")
 
     def ReadObject(

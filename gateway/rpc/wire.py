@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from gateway.catalog import ObjectRecord, TransferRecord
+from collections.abc import Mapping
+
+from gateway.catalog import BatchRecord, ObjectRecord, TransferRecord
 from gateway.transfer.model import Announce
-from yigong.v1 import common_pb2
+from yigong.v1 import common_pb2, query_pb2
 
 
 def announce_to_pb(a: Announce) -> common_pb2.ObjectHeader:
@@ -58,7 +60,32 @@ def transfer_to_pb(t: TransferRecord) -> common_pb2.TransferInfo:
         updated_at=t.updated_at,
         completed_at=t.completed_at,
         name=t.name,
+        batch_id=t.batch_id,
     )
-    if t.receipt:
+    if t.receipt and not t.batch_id:  # an object of a batch: its manifest is the batch's
         info.receipt.ParseFromString(t.receipt)
+    return info
+
+
+def batch_to_pb(b: BatchRecord, counts: Mapping[str, int]) -> query_pb2.BatchInfo:
+    info = query_pb2.BatchInfo(
+        batch_id=b.batch_id,
+        direction=b.direction,
+        peer_node=b.peer_node,
+        case_id=b.case_id,
+        kind=b.kind,
+        ref=b.ref,
+        status=b.status,
+        sealed=b.sealed,
+        expected=b.expected,
+        attempts=b.attempts,
+        last_error=b.last_error,
+        merkle_root=b.merkle_root,
+        created_at=b.created_at,
+        updated_at=b.updated_at,
+        completed_at=b.completed_at,
+        objects_by_status=dict(counts),
+    )
+    if b.receipt:
+        info.receipt.ParseFromString(b.receipt)
     return info

@@ -90,3 +90,59 @@ class OfferResult:
     resume_offset: int
     complete: bool
     receipt: bytes | None  # serialized SignedReceipt when complete
+
+
+# -- batches (many objects in one stream, one manifest receipt) --------------------------
+@dataclass(frozen=True)
+class BatchStartMsg:
+    batch_id: str
+    case_id: str
+    ref: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class ObjectStartMsg:
+    transfer_id: str
+    announce: Announce
+    offset: int
+
+
+@dataclass(frozen=True)
+class BatchEndMsg:
+    transfer_ids: tuple[str, ...]
+
+
+BatchItem = BatchStartMsg | ObjectStartMsg | ChunkMsg | EndMsg | BatchEndMsg
+
+
+@dataclass(frozen=True)
+class StoredAck:
+    """An object of the batch is durable and catalogued at the receiver."""
+
+    transfer_id: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ManifestAck:
+    """The receiver's signed manifest receipt (serialized SignedManifest)."""
+
+    signed: bytes
+
+
+BatchAckItem = StoredAck | ManifestAck
+
+
+@dataclass(frozen=True)
+class BatchObjectState:
+    transfer_id: str
+    object_id: str
+    held: bool
+    resume_offset: int
+
+
+@dataclass(frozen=True)
+class BatchStatusResult:
+    objects: tuple[BatchObjectState, ...]
+    receipt: bytes | None  # serialized SignedManifest when the batch completed here

@@ -35,6 +35,7 @@ from gateway.errors import (
     ReceiptError,
     ResidencyViolation,
     ShuttingDown,
+    ValidationError,
     YigongError,
 )
 from gateway.fidelity.formats import check_design_facts, is_design_media_type
@@ -43,8 +44,12 @@ from gateway.pki import TrustStore
 from gateway.roles import RoleHooks
 from gateway.storage import ObjectStore
 from gateway.telemetry import Telemetry
+from gateway.transfer.batch_sender import BatchSender
 from gateway.transfer.model import (
     Announce,
+    BatchAckItem,
+    BatchItem,
+    BatchStatusResult,
     ChunkMsg,
     EndMsg,
     OfferResult,
@@ -69,6 +74,10 @@ class PeerLink(Protocol):
     def offer(self, transfer_id: str, announce: Announce) -> OfferResult: ...
 
     def push(self, items: Iterator[PushItem]) -> bytes: ...
+
+    def batch_status(self, batch_id: str) -> BatchStatusResult: ...
+
+    def push_batch(self, items: Iterator[BatchItem]) -> Iterator[BatchAckItem]: ...
 
     def close(self) -> None: ...
 
@@ -124,22 +133,93 @@ class Outbox:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.batches = BatchSender(self)
 
     # -- queueing ---------------------------------------------------------
-    def queue(self, obj: ObjectRecord, peer_node: str, *, actor: str) -> TransferRecord:
-        """Durably queue ``obj`` for ``peer_node``; returns the outbound transfer."""
+    def _check_peer(self, peer_node: str) -> None:
         if peer_node not in self.settings.known_peers:
             known = ", ".join(sorted(self.settings.known_peers)) or "none"
             raise ConfigError(
                 f"cannot send to {peer_node!r}: not a configured peer of node "
                 f"{self.settings.node_id} (known: {known})"
             )
+
+    def open_batch(self, peer_node: str, *, case_id: str, actor: str, ref: str = "") -> str:
+        """Open a batch of objects for ``peer_node`` (e.g. a confirmation's released
+        instances); returns its id. Objects queued into it with ``queue(...,
+        batch_id=)`` start leaving at once; :meth:`seal_batch` says no more will come.
+        The batch completes with one signed manifest receipt covering every object."""
+        self._check_peer(peer_node)
+        batch_id = uuid.uuid4().hex
+        self.catalog.add_batch(
+            batch_id=batch_id,
+            direction="outbound",
+            peer_node=peer_node,
+            status="queued",
+            case_id=case_id,
+            kind="objects",
+            ref=ref,
+        )
+        self.audit.record(
+            "transfer.batch.opened",
+            actor=actor,
+            peer=peer_node,
+            case_id=case_id or None,
+            details={"batch_id": batch_id, **({"ref": ref} if ref else {})},
+        )
+        self._wake.set()
+        return batch_id
+
+    def seal_batch(self, batch_id: str, *, expected: int) -> None:
+        """No more objects will be added to ``batch_id``; ``expected`` is how many were
+        queued into it (a mismatch is an error: nothing may be silently left out)."""
+        batch = self.catalog.get_batch(batch_id, "outbound")
+        have = len(self.catalog.batch_transfers(batch_id, "outbound"))
+        if have != expected:
+            raise ValidationError(
+                f"batch {batch_id}: sealed with {expected} object(s) expected, but "
+                f"{have} were queued into it"
+            )
+        if batch.sealed:
+            return
+        self.catalog.update_batch(
+            batch_id,
+            "outbound",
+            sealed=1,
+            expected=expected,
+            history=("sealed", f"{expected} object(s)"),
+        )
+        self._wake.set()
+        self.batches.notify()
+
+    def queue(
+        self,
+        obj: ObjectRecord,
+        peer_node: str,
+        *,
+        actor: str,
+        batch_id: str | None = None,
+    ) -> TransferRecord:
+        """Durably queue ``obj`` for ``peer_node``; returns the outbound transfer.
+
+        With ``batch_id`` (from :meth:`open_batch`, same peer, not sealed) the object
+        is sent as part of that batch."""
+        self._check_peer(peer_node)
+        if batch_id:
+            batch = self.catalog.get_batch(batch_id, "outbound")
+            if batch.peer_node != peer_node:
+                raise ValidationError(
+                    f"batch {batch_id} goes to {batch.peer_node}, not to {peer_node}"
+                )
+            if batch.sealed:
+                raise ValidationError(f"batch {batch_id} is sealed; open a new batch")
         record = self.catalog.add_transfer(
             transfer_id=uuid.uuid4().hex,
             direction="outbound",
             obj=obj,
             peer_node=peer_node,
             status="queued",
+            batch_id=batch_id or "",
         )
         self.audit.record(
             "transfer.queued",
@@ -148,9 +228,11 @@ class Outbox:
             object_id=obj.object_id,
             transfer_id=record.transfer_id,
             case_id=obj.case_id or None,
-            details={"size": obj.size},
+            details={"size": obj.size, **({"batch_id": batch_id} if batch_id else {})},
         )
         self._wake.set()
+        if batch_id:
+            self.batches.notify()
         return record
 
     # -- workers ----------------------------------------------------------
@@ -167,6 +249,7 @@ class Outbox:
         """Stop workers; a send in progress is cut at a chunk boundary and stays queued."""
         self._stop.set()
         self._wake.set()
+        self.batches.notify()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -184,6 +267,23 @@ class Outbox:
                 self._stop.wait(1.0)
 
     def _tick(self) -> None:
+        batch = self.catalog.claim_due_batch(utcnow(), set())
+        if batch is not None:
+            try:
+                self.batches.send(batch)
+            except Exception as exc:  # a bug must not strand the batch: record it, retry later
+                log.exception("outbox: unexpected error sending batch %s", batch.batch_id)
+                self.catalog.update_batch(
+                    batch.batch_id,
+                    "outbound",
+                    status="queued",
+                    attempts=batch.attempts + 1,
+                    last_error=f"internal error: {exc!r}"[:2000],
+                    next_attempt_at=iso_utc(
+                        datetime.now(UTC) + timedelta(seconds=self._backoff(batch.attempts + 1))
+                    ),
+                )
+            return
         claimed = self.catalog.claim_due_outbound(utcnow(), 1, set())
         if not claimed:
             self._wake.clear()

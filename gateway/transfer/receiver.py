@@ -54,6 +54,7 @@ from gateway.hashing import hash_chunks
 from gateway.identity import Identity
 from gateway.storage import ObjectStore
 from gateway.telemetry import Telemetry
+from gateway.transfer.batch_receiver import BatchReceiver
 from gateway.transfer.model import (
     Announce,
     ChunkMsg,
@@ -114,6 +115,7 @@ class Receiver:
             target=self._audit_worker, name="receiver-audit", daemon=True
         )
         self._audit_thread.start()
+        self.batches = BatchReceiver(self)
 
     # -- helpers ----------------------------------------------------------
     def _part(self, transfer_id: str) -> Path:
@@ -303,6 +305,7 @@ class Receiver:
         """Write the audit entries still waiting (call before the audit log closes)."""
         self._audit_later.put(None)
         self._audit_thread.join(timeout)
+        self.batches.close()
 
     def _admit(self, sender: Identity, transfer_id: str, announce: Announce) -> None:
         """Record the inbound transfer if the sender's open transfers leave room for it."""

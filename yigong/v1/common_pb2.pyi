@@ -110,7 +110,7 @@ class ObjectInfo(_message.Message):
     def __init__(self, object_id: _Optional[str] = ..., size: _Optional[int] = ..., name: _Optional[str] = ..., media_type: _Optional[str] = ..., case_id: _Optional[str] = ..., origin_node: _Optional[str] = ..., created_at: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class TransferInfo(_message.Message):
-    __slots__ = ("transfer_id", "object_id", "direction", "peer_node", "status", "attempts", "last_error", "bytes_done", "size", "case_id", "created_at", "updated_at", "completed_at", "receipt", "name")
+    __slots__ = ("transfer_id", "object_id", "direction", "peer_node", "status", "attempts", "last_error", "bytes_done", "size", "case_id", "created_at", "updated_at", "completed_at", "receipt", "name", "batch_id")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class TransferInfo(_message.Message):
     COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     object_id: str
     direction: str
@@ -141,4 +142,5 @@ class TransferInfo(_message.Message):
     completed_at: str
     receipt: SignedReceipt
     name: str
-    def __init__(self, transfer_id: _Optional[str] = ..., object_id: _Optional[str] = ..., direction: _Optional[str] = ..., peer_node: _Optional[str] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., size: _Optional[int] = ..., case_id: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., completed_at: _Optional[str] = ..., receipt: _Optional[_Union[SignedReceipt, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+    batch_id: str
+    def __init__(self, transfer_id: _Optional[str] = ..., object_id: _Optional[str] = ..., direction: _Optional[str] = ..., peer_node: _Optional[str] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., size: _Optional[int] = ..., case_id: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., completed_at: _Optional[str] = ..., receipt: _Optional[_Union[SignedReceipt, _Mapping]] = ..., name: _Optional[str] = ..., batch_id: _Optional[str] = ...) -> None: ...

@@ -23,33 +23,44 @@ _sym_db = _symbol_database.Default()
 
 
 from yigong.v1 import common_pb2 as yigong_dot_v1_dot_common__pb2
+from yigong.v1 import transfer_pb2 as yigong_dot_v1_dot_transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15yigong/v1/query.proto\x12\tyigong.v1\x1a\x16yigong/v1/common.proto\")\n\tTimeRange\x12\r\n\x05since\x18\x01 \x01(\t\x12\r\n\x05until\x18\x02 \x01(\t\"f\n\x12ListObjectsRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12\"\n\x04time\x18\x03 \x01(\x0b\x32\x14.yigong.v1.TimeRange\x12\r\n\x05limit\x18\x04 \x01(\r\"=\n\x13ListObjectsResponse\x12&\n\x07objects\x18\x01 \x03(\x0b\x32\x15.yigong.v1.ObjectInfo\"%\n\x10GetObjectRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\"a\n\x0cObjectDetail\x12%\n\x06object\x18\x01 \x01(\x0b\x32\x15.yigong.v1.ObjectInfo\x12*\n\ttransfers\x18\x02 \x03(\x0b\x32\x17.yigong.v1.TransferInfo\"\x9e\x01\n\x14ListTransfersRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x11\n\tdirection\x18\x04 \x01(\t\x12\x11\n\tobject_id\x18\x05 \x01(\t\x12\"\n\x04time\x18\x06 \x01(\x0b\x32\x14.yigong.v1.TimeRange\x12\r\n\x05limit\x18\x07 \x01(\r\"C\n\x15ListTransfersResponse\x12*\n\ttransfers\x18\x01 \x03(\x0b\x32\x17.yigong.v1.TransferInfo\"6\n\x11ReadObjectRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"a\n\x12ReadObjectResponse\x12\x1f\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x10.yigong.v1.Chunk\x12\x13\n\x0bobject_size\x18\x02 \x01(\x04\x12\x15\n\robject_sha256\x18\x03 \x01(\t2\xb9\x02\n\x05Query\x12L\n\x0bListObjects\x12\x1d.yigong.v1.ListObjectsRequest\x1a\x1e.yigong.v1.ListObjectsResponse\x12\x41\n\tGetObject\x12\x1b.yigong.v1.GetObjectRequest\x1a\x17.yigong.v1.ObjectDetail\x12R\n\rListTransfers\x12\x1f.yigong.v1.ListTransfersRequest\x1a .yigong.v1.ListTransfersResponse\x12K\n\nReadObject\x12\x1c.yigong.v1.ReadObjectRequest\x1a\x1d.yigong.v1.ReadObjectResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15yigong/v1/query.proto\x12\tyigong.v1\x1a\x16yigong/v1/common.proto\x1a\x18yigong/v1/transfer.proto\")\n\tTimeRange\x12\r\n\x05since\x18\x01 \x01(\t\x12\r\n\x05until\x18\x02 \x01(\t\"f\n\x12ListObjectsRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12\"\n\x04time\x18\x03 \x01(\x0b\x32\x14.yigong.v1.TimeRange\x12\r\n\x05limit\x18\x04 \x01(\r\"=\n\x13ListObjectsResponse\x12&\n\x07objects\x18\x01 \x03(\x0b\x32\x15.yigong.v1.ObjectInfo\"%\n\x10GetObjectRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\"a\n\x0cObjectDetail\x12%\n\x06object\x18\x01 \x01(\x0b\x32\x15.yigong.v1.ObjectInfo\x12*\n\ttransfers\x18\x02 \x03(\x0b\x32\x17.yigong.v1.TransferInfo\"\x9e\x01\n\x14ListTransfersRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x11\n\tdirection\x18\x04 \x01(\t\x12\x11\n\tobject_id\x18\x05 \x01(\t\x12\"\n\x04time\x18\x06 \x01(\x0b\x32\x14.yigong.v1.TimeRange\x12\r\n\x05limit\x18\x07 \x01(\r\"C\n\x15ListTransfersResponse\x12*\n\ttransfers\x18\x01 \x03(\x0b\x32\x17.yigong.v1.TransferInfo\"6\n\x11ReadObjectRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"a\n\x12ReadObjectResponse\x12\x1f\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x10.yigong.v1.Chunk\x12\x13\n\x0bobject_size\x18\x02 \x01(\x04\x12\x15\n\robject_sha256\x18\x03 \x01(\t\"\x89\x01\n\x12ListBatchesRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x11\n\tdirection\x18\x04 \x01(\t\x12\"\n\x04time\x18\x05 \x01(\x0b\x32\x14.yigong.v1.TimeRange\x12\r\n\x05limit\x18\x06 \x01(\r\"\xc4\x03\n\tBatchInfo\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x11\n\tdirection\x18\x02 \x01(\t\x12\x11\n\tpeer_node\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0b\n\x03ref\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x0e\n\x06sealed\x18\x08 \x01(\x08\x12\x10\n\x08\x65xpected\x18\t \x01(\r\x12\x10\n\x08\x61ttempts\x18\n \x01(\r\x12\x12\n\nlast_error\x18\x0b \x01(\t\x12\x13\n\x0bmerkle_root\x18\x0c \x01(\t\x12\x12\n\ncreated_at\x18\r \x01(\t\x12\x12\n\nupdated_at\x18\x0e \x01(\t\x12\x14\n\x0c\x63ompleted_at\x18\x0f \x01(\t\x12\x44\n\x11objects_by_status\x18\x10 \x03(\x0b\x32).yigong.v1.BatchInfo.ObjectsByStatusEntry\x12*\n\x07receipt\x18\x11 \x01(\x0b\x32\x19.yigong.v1.SignedManifest\x1a\x36\n\x14ObjectsByStatusEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"<\n\x13ListBatchesResponse\x12%\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x14.yigong.v1.BatchInfo2\x87\x03\n\x05Query\x12L\n\x0bListObjects\x12\x1d.yigong.v1.ListObjectsRequest\x1a\x1e.yigong.v1.ListObjectsResponse\x12\x41\n\tGetObject\x12\x1b.yigong.v1.GetObjectRequest\x1a\x17.yigong.v1.ObjectDetail\x12R\n\rListTransfers\x12\x1f.yigong.v1.ListTransfersRequest\x1a .yigong.v1.ListTransfersResponse\x12K\n\nReadObject\x12\x1c.yigong.v1.ReadObjectRequest\x1a\x1d.yigong.v1.ReadObjectResponse0\x01\x12L\n\x0bListBatches\x12\x1d.yigong.v1.ListBatchesRequest\x1a\x1e.yigong.v1.ListBatchesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'yigong.v1.query_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIMERANGE']._serialized_start=60
-  _globals['_TIMERANGE']._serialized_end=101
-  _globals['_LISTOBJECTSREQUEST']._serialized_start=103
-  _globals['_LISTOBJECTSREQUEST']._serialized_end=205
-  _globals['_LISTOBJECTSRESPONSE']._serialized_start=207
-  _globals['_LISTOBJECTSRESPONSE']._serialized_end=268
-  _globals['_GETOBJECTREQUEST']._serialized_start=270
-  _globals['_GETOBJECTREQUEST']._serialized_end=307
-  _globals['_OBJECTDETAIL']._serialized_start=309
-  _globals['_OBJECTDETAIL']._serialized_end=406
-  _globals['_LISTTRANSFERSREQUEST']._serialized_start=409
-  _globals['_LISTTRANSFERSREQUEST']._serialized_end=567
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=569
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=636
-  _globals['_READOBJECTREQUEST']._serialized_start=638
-  _globals['_READOBJECTREQUEST']._serialized_end=692
-  _globals['_READOBJECTRESPONSE']._serialized_start=694
-  _globals['_READOBJECTRESPONSE']._serialized_end=791
-  _globals['_QUERY']._serialized_start=794
-  _globals['_QUERY']._serialized_end=1107
+  _globals['_BATCHINFO_OBJECTSBYSTATUSENTRY']._loaded_options = None
+  _globals['_BATCHINFO_OBJECTSBYSTATUSENTRY']._serialized_options = b'8\001'
+  _globals['_TIMERANGE']._serialized_start=86
+  _globals['_TIMERANGE']._serialized_end=127
+  _globals['_LISTOBJECTSREQUEST']._serialized_start=129
+  _globals['_LISTOBJECTSREQUEST']._serialized_end=231
+  _globals['_LISTOBJECTSRESPONSE']._serialized_start=233
+  _globals['_LISTOBJECTSRESPONSE']._serialized_end=294
+  _globals['_GETOBJECTREQUEST']._serialized_start=296
+  _globals['_GETOBJECTREQUEST']._serialized_end=333
+  _globals['_OBJECTDETAIL']._serialized_start=335
+  _globals['_OBJECTDETAIL']._serialized_end=432
+  _globals['_LISTTRANSFERSREQUEST']._serialized_start=435
+  _globals['_LISTTRANSFERSREQUEST']._serialized_end=593
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=595
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=662
+  _globals['_READOBJECTREQUEST']._serialized_start=664
+  _globals['_READOBJECTREQUEST']._serialized_end=718
+  _globals['_READOBJECTRESPONSE']._serialized_start=720
+  _globals['_READOBJECTRESPONSE']._serialized_end=817
+  _globals['_LISTBATCHESREQUEST']._serialized_start=820
+  _globals['_LISTBATCHESREQUEST']._serialized_end=957
+  _globals['_BATCHINFO']._serialized_start=960
+  _globals['_BATCHINFO']._serialized_end=1412
+  _globals['_BATCHINFO_OBJECTSBYSTATUSENTRY']._serialized_start=1358
+  _globals['_BATCHINFO_OBJECTSBYSTATUSENTRY']._serialized_end=1412
+  _globals['_LISTBATCHESRESPONSE']._serialized_start=1414
+  _globals['_LISTBATCHESRESPONSE']._serialized_end=1474
+  _globals['_QUERY']._serialized_start=1477
+  _globals['_QUERY']._serialized_end=1868
 # @@protoc_insertion_point(module_scope)

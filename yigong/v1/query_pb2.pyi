@@ -1,4 +1,5 @@
 from yigong.v1 import common_pb2 as _common_pb2
+from yigong.v1 import transfer_pb2 as _transfer_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -88,3 +89,70 @@ class ReadObjectResponse(_message.Message):
     object_size: int
     object_sha256: str
     def __init__(self, chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ..., object_size: _Optional[int] = ..., object_sha256: _Optional[str] = ...) -> None: ...
+
+class ListBatchesRequest(_message.Message):
+    __slots__ = ("case_id", "peer", "status", "direction", "time", "limit")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    peer: str
+    status: str
+    direction: str
+    time: TimeRange
+    limit: int
+    def __init__(self, case_id: _Optional[str] = ..., peer: _Optional[str] = ..., status: _Optional[str] = ..., direction: _Optional[str] = ..., time: _Optional[_Union[TimeRange, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class BatchInfo(_message.Message):
+    __slots__ = ("batch_id", "direction", "peer_node", "case_id", "kind", "ref", "status", "sealed", "expected", "attempts", "last_error", "merkle_root", "created_at", "updated_at", "completed_at", "objects_by_status", "receipt")
+    class ObjectsByStatusEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    PEER_NODE_FIELD_NUMBER: _ClassVar[int]
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MERKLE_ROOT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_BY_STATUS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    direction: str
+    peer_node: str
+    case_id: str
+    kind: str
+    ref: str
+    status: str
+    sealed: bool
+    expected: int
+    attempts: int
+    last_error: str
+    merkle_root: str
+    created_at: str
+    updated_at: str
+    completed_at: str
+    objects_by_status: _containers.ScalarMap[str, int]
+    receipt: _transfer_pb2.SignedManifest
+    def __init__(self, batch_id: _Optional[str] = ..., direction: _Optional[str] = ..., peer_node: _Optional[str] = ..., case_id: _Optional[str] = ..., kind: _Optional[str] = ..., ref: _Optional[str] = ..., status: _Optional[str] = ..., sealed: _Optional[bool] = ..., expected: _Optional[int] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., merkle_root: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., completed_at: _Optional[str] = ..., objects_by_status: _Optional[_Mapping[str, int]] = ..., receipt: _Optional[_Union[_transfer_pb2.SignedManifest, _Mapping]] = ...) -> None: ...
+
+class ListBatchesResponse(_message.Message):
+    __slots__ = ("batches",)
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[BatchInfo]
+    def __init__(self, batches: _Optional[_Iterable[_Union[BatchInfo, _Mapping]]] = ...) -> None: ...

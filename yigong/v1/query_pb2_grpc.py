@@ -54,6 +54,11 @@ class QueryStub:
                 request_serializer=yigong_dot_v1_dot_query__pb2.ReadObjectRequest.SerializeToString,
                 response_deserializer=yigong_dot_v1_dot_query__pb2.ReadObjectResponse.FromString,
                 _registered_method=True)
+        self.ListBatches = channel.unary_unary(
+                '/yigong.v1.Query/ListBatches',
+                request_serializer=yigong_dot_v1_dot_query__pb2.ListBatchesRequest.SerializeToString,
+                response_deserializer=yigong_dot_v1_dot_query__pb2.ListBatchesResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -85,6 +90,14 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBatches(self, request, context):
+        """Batches (study exchanges): status, object counts by status and the
+        signed manifest receipt; the objects are in ListTransfers (batch_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +120,11 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.ReadObject,
                     request_deserializer=yigong_dot_v1_dot_query__pb2.ReadObjectRequest.FromString,
                     response_serializer=yigong_dot_v1_dot_query__pb2.ReadObjectResponse.SerializeToString,
+            ),
+            'ListBatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatches,
+                    request_deserializer=yigong_dot_v1_dot_query__pb2.ListBatchesRequest.FromString,
+                    response_serializer=yigong_dot_v1_dot_query__pb2.ListBatchesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +235,33 @@ class Query:
             '/yigong.v1.Query/ReadObject',
             yigong_dot_v1_dot_query__pb2.ReadObjectRequest.SerializeToString,
             yigong_dot_v1_dot_query__pb2.ReadObjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/yigong.v1.Query/ListBatches',
+            yigong_dot_v1_dot_query__pb2.ListBatchesRequest.SerializeToString,
+            yigong_dot_v1_dot_query__pb2.ListBatchesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from yigong.v1 import common_pb2 as yigong_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18yigong/v1/transfer.proto\x12\tyigong.v1\x1a\x16yigong/v1/common.proto\"L\n\x0cOfferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\'\n\x06object\x18\x02 \x01(\x0b\x32\x17.yigong.v1.ObjectHeader\"|\n\rOfferResponse\x12\x15\n\rresume_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12)\n\x07receipt\x18\x03 \x01(\x0b\x32\x18.yigong.v1.SignedReceipt\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"\x11\n\x0fIdentifyRequest\",\n\x10IdentifyResponse\x12\x18\n\x10node_certificate\x18\x01 \x01(\x0c\"Y\n\tPushStart\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\'\n\x06object\x18\x02 \x01(\x0b\x32\x17.yigong.v1.ObjectHeader\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\'\n\x07PushEnd\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x82\x01\n\x0bPushMessage\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.yigong.v1.PushStartH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.yigong.v1.ChunkH\x00\x12!\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x12.yigong.v1.PushEndH\x00\x42\x06\n\x04kind2\xc7\x01\n\x08Transfer\x12\x43\n\x08Identify\x12\x1a.yigong.v1.IdentifyRequest\x1a\x1b.yigong.v1.IdentifyResponse\x12:\n\x05Offer\x12\x17.yigong.v1.OfferRequest\x1a\x18.yigong.v1.OfferResponse\x12:\n\x04Push\x12\x16.yigong.v1.PushMessage\x1a\x18.yigong.v1.SignedReceipt(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18yigong/v1/transfer.proto\x12\tyigong.v1\x1a\x16yigong/v1/common.proto\"L\n\x0cOfferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\'\n\x06object\x18\x02 \x01(\x0b\x32\x17.yigong.v1.ObjectHeader\"|\n\rOfferResponse\x12\x15\n\rresume_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12)\n\x07receipt\x18\x03 \x01(\x0b\x32\x18.yigong.v1.SignedReceipt\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"\x11\n\x0fIdentifyRequest\",\n\x10IdentifyResponse\x12\x18\n\x10node_certificate\x18\x01 \x01(\x0c\"Y\n\tPushStart\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\'\n\x06object\x18\x02 \x01(\x0b\x32\x17.yigong.v1.ObjectHeader\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\'\n\x07PushEnd\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x82\x01\n\x0bPushMessage\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.yigong.v1.PushStartH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.yigong.v1.ChunkH\x00\x12!\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x12.yigong.v1.PushEndH\x00\x42\x06\n\x04kind\"J\n\nBatchStart\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\"[\n\x0bObjectStart\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\'\n\x06object\x18\x02 \x01(\x0b\x32\x17.yigong.v1.ObjectHeader\x12\x0e\n\x06offset\x18\x03 \x01(\x04\" \n\x08\x42\x61tchEnd\x12\x14\n\x0ctransfer_ids\x18\x01 \x03(\t\"\xd9\x01\n\x0c\x42\x61tchMessage\x12&\n\x05start\x18\x01 \x01(\x0b\x32\x15.yigong.v1.BatchStartH\x00\x12(\n\x06object\x18\x02 \x01(\x0b\x32\x16.yigong.v1.ObjectStartH\x00\x12!\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x10.yigong.v1.ChunkH\x00\x12(\n\nobject_end\x18\x04 \x01(\x0b\x32\x12.yigong.v1.PushEndH\x00\x12\"\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x13.yigong.v1.BatchEndH\x00\x42\x06\n\x04kind\"3\n\x0cObjectStored\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"k\n\x08\x42\x61tchAck\x12)\n\x06stored\x18\x01 \x01(\x0b\x32\x17.yigong.v1.ObjectStoredH\x00\x12,\n\x07receipt\x18\x02 \x01(\x0b\x32\x19.yigong.v1.SignedManifestH\x00\x42\x06\n\x04kind\"&\n\x12\x42\x61tchStatusRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"_\n\x10\x42\x61tchObjectState\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\x0c\n\x04held\x18\x03 \x01(\x08\x12\x15\n\rresume_offset\x18\x04 \x01(\x04\"\x88\x01\n\x13\x42\x61tchStatusResponse\x12,\n\x07objects\x18\x01 \x03(\x0b\x32\x1b.yigong.v1.BatchObjectState\x12*\n\x07receipt\x18\x02 \x01(\x0b\x32\x19.yigong.v1.SignedManifest\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r\"\xb7\x01\n\rManifestEntry\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x32\n\x05\x66\x61\x63ts\x18\x05 \x03(\x0b\x32#.yigong.v1.ManifestEntry.FactsEntry\x1a,\n\nFactsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe5\x01\n\rBatchManifest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x13\n\x0bsender_node\x18\x02 \x01(\t\x12\x15\n\rreceiver_node\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x04 \x01(\t\x12\x0b\n\x03ref\x18\x05 \x01(\t\x12\r\n\x05\x63ount\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x13\n\x0bmerkle_root\x18\x08 \x01(\t\x12\x14\n\x0c\x63ompleted_at\x18\t \x01(\t\x12)\n\x07\x65ntries\x18\n \x03(\x0b\x32\x18.yigong.v1.ManifestEntry\"M\n\x0eSignedManifest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x03 \x01(\x0c\x32\xd4\x02\n\x08Transfer\x12\x43\n\x08Identify\x12\x1a.yigong.v1.IdentifyRequest\x1a\x1b.yigong.v1.IdentifyResponse\x12:\n\x05Offer\x12\x17.yigong.v1.OfferRequest\x1a\x18.yigong.v1.OfferResponse\x12:\n\x04Push\x12\x16.yigong.v1.PushMessage\x1a\x18.yigong.v1.SignedReceipt(\x01\x12L\n\x0b\x42\x61tchStatus\x12\x1d.yigong.v1.BatchStatusRequest\x1a\x1e.yigong.v1.BatchStatusResponse\x12=\n\tPushBatch\x12\x17.yigong.v1.BatchMessage\x1a\x13.yigong.v1.BatchAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'yigong.v1.transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MANIFESTENTRY_FACTSENTRY']._loaded_options = None
+  _globals['_MANIFESTENTRY_FACTSENTRY']._serialized_options = b'8\001'
   _globals['_OFFERREQUEST']._serialized_start=63
   _globals['_OFFERREQUEST']._serialized_end=139
   _globals['_OFFERRESPONSE']._serialized_start=141
@@ -46,6 +48,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHEND']._serialized_end=462
   _globals['_PUSHMESSAGE']._serialized_start=465
   _globals['_PUSHMESSAGE']._serialized_end=595
-  _globals['_TRANSFER']._serialized_start=598
-  _globals['_TRANSFER']._serialized_end=797
+  _globals['_BATCHSTART']._serialized_start=597
+  _globals['_BATCHSTART']._serialized_end=671
+  _globals['_OBJECTSTART']._serialized_start=673
+  _globals['_OBJECTSTART']._serialized_end=764
+  _globals['_BATCHEND']._serialized_start=766
+  _globals['_BATCHEND']._serialized_end=798
+  _globals['_BATCHMESSAGE']._serialized_start=801
+  _globals['_BATCHMESSAGE']._serialized_end=1018
+  _globals['_OBJECTSTORED']._serialized_start=1020
+  _globals['_OBJECTSTORED']._serialized_end=1071
+  _globals['_BATCHACK']._serialized_start=1073
+  _globals['_BATCHACK']._serialized_end=1180
+  _globals['_BATCHSTATUSREQUEST']._serialized_start=1182
+  _globals['_BATCHSTATUSREQUEST']._serialized_end=1220
+  _globals['_BATCHOBJECTSTATE']._serialized_start=1222
+  _globals['_BATCHOBJECTSTATE']._serialized_end=1317
+  _globals['_BATCHSTATUSRESPONSE']._serialized_start=1320
+  _globals['_BATCHSTATUSRESPONSE']._serialized_end=1456
+  _globals['_MANIFESTENTRY']._serialized_start=1459
+  _globals['_MANIFESTENTRY']._serialized_end=1642
+  _globals['_MANIFESTENTRY_FACTSENTRY']._serialized_start=1598
+  _globals['_MANIFESTENTRY_FACTSENTRY']._serialized_end=1642
+  _globals['_BATCHMANIFEST']._serialized_start=1645
+  _globals['_BATCHMANIFEST']._serialized_end=1874
+  _globals['_SIGNEDMANIFEST']._serialized_start=1876
+  _globals['_SIGNEDMANIFEST']._serialized_end=1953
+  _globals['_TRANSFER']._serialized_start=1956
+  _globals['_TRANSFER']._serialized_end=2296
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,16 @@ class TransferStub:
                 request_serializer=yigong_dot_v1_dot_transfer__pb2.PushMessage.SerializeToString,
                 response_deserializer=yigong_dot_v1_dot_common__pb2.SignedReceipt.FromString,
                 _registered_method=True)
+        self.BatchStatus = channel.unary_unary(
+                '/yigong.v1.Transfer/BatchStatus',
+                request_serializer=yigong_dot_v1_dot_transfer__pb2.BatchStatusRequest.SerializeToString,
+                response_deserializer=yigong_dot_v1_dot_transfer__pb2.BatchStatusResponse.FromString,
+                _registered_method=True)
+        self.PushBatch = channel.stream_stream(
+                '/yigong.v1.Transfer/PushBatch',
+                request_serializer=yigong_dot_v1_dot_transfer__pb2.BatchMessage.SerializeToString,
+                response_deserializer=yigong_dot_v1_dot_transfer__pb2.BatchAck.FromString,
+                _registered_method=True)
 
 
 class TransferServicer:
@@ -87,6 +97,28 @@ class TransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchStatus(self, request, context):
+        """What this node holds of a batch the caller is sending: per object,
+        whether it is stored and catalogued (skip it) or where an interrupted
+        object resumes; the manifest receipt if the batch was completed. Called
+        once at the start of every attempt: no round trip per object.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushBatch(self, request_iterator, context):
+        """Many objects in one stream: BatchStart, then per object ObjectStart,
+        chunks (each with its SHA-256) and ObjectEnd, and once the sender's batch
+        is sealed and sent, BatchEnd. Answered with ObjectStored for each object
+        once it is durable and catalogued (objects are made durable in groups),
+        and after BatchEnd with one manifest receipt signed by the receiver's
+        node key over every object of the batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -104,6 +136,16 @@ def add_TransferServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=yigong_dot_v1_dot_transfer__pb2.PushMessage.FromString,
                     response_serializer=yigong_dot_v1_dot_common__pb2.SignedReceipt.SerializeToString,
+            ),
+            'BatchStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchStatus,
+                    request_deserializer=yigong_dot_v1_dot_transfer__pb2.BatchStatusRequest.FromString,
+                    response_serializer=yigong_dot_v1_dot_transfer__pb2.BatchStatusResponse.SerializeToString,
+            ),
+            'PushBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushBatch,
+                    request_deserializer=yigong_dot_v1_dot_transfer__pb2.BatchMessage.FromString,
+                    response_serializer=yigong_dot_v1_dot_transfer__pb2.BatchAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +229,60 @@ class Transfer:
             '/yigong.v1.Transfer/Push',
             yigong_dot_v1_dot_transfer__pb2.PushMessage.SerializeToString,
             yigong_dot_v1_dot_common__pb2.SignedReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/yigong.v1.Transfer/BatchStatus',
+            yigong_dot_v1_dot_transfer__pb2.BatchStatusRequest.SerializeToString,
+            yigong_dot_v1_dot_transfer__pb2.BatchStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/yigong.v1.Transfer/PushBatch',
+            yigong_dot_v1_dot_transfer__pb2.BatchMessage.SerializeToString,
+            yigong_dot_v1_dot_transfer__pb2.BatchAck.FromString,
             options,
             channel_credentials,
             insecure,

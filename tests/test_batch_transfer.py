@@ -1,0 +1,405 @@
+"""A batch of objects (a study) as one verified exchange between two real nodes over mTLS
+gRPC: one stream, per-chunk and per-object SHA-256, group commits, one signed manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.catalog import MIGRATIONS, Catalog, ObjectRecord
+from gateway.errors import IntegrityError, ReceiptError, TransferError, YigongError
+from gateway.rpc.peer_link import GrpcPeerLink
+from gateway.transfer.manifest import (
+    Entry,
+    check_manifest,
+    make_manifest,
+    merkle_root,
+    verify_manifest,
+)
+from gateway.transfer.model import (
+    Announce,
+    BatchAckItem,
+    BatchEndMsg,
+    BatchItem,
+    BatchStartMsg,
+    ChunkMsg,
+    EndMsg,
+    ManifestAck,
+    ObjectStartMsg,
+    StoredAck,
+)
+from tests.cluster import InProcessNode, wait_for
+from tests.outbound_files import clean_pdf
+
+FACTORY = "factory-1"
+HOSPITAL = "hospital-1"
+
+
+def _submit(
+    node: InProcessNode, tmp_path: Path, n: int, *, size: int = 20_000
+) -> list[ObjectRecord]:
+    """``n`` distinct clean PDFs stored (not sent) at ``node``."""
+    out = []
+    for i in range(n):
+        src = tmp_path / f"obj-{i}.pdf"
+        src.write_bytes(clean_pdf(os.urandom(size + i)))
+        with node.self_client() as client:
+            reply = client.submit(src, [], case_id="case-b")
+        out.append(node.node.catalog.get_object(reply.object.object_id))
+    return out
+
+
+def _batch_done(node: InProcessNode, batch_id: str, direction: str) -> bool:
+    b = node.node.catalog.find_batch(batch_id, direction)
+    return b is not None and b.status == "done"
+
+
+def _events(node: InProcessNode, event: str) -> list[object]:
+    return list(node.node.audit.events(event=event, limit=10_000))
+
+
+def test_study_of_objects_delivered_as_one_batch_with_one_manifest_held_by_both_nodes(
+    pair: tuple[InProcessNode, InProcessNode], tmp_path: Path
+) -> None:
+    hospital, factory = pair
+    objs = _submit(hospital, tmp_path, 12)
+    outbox = hospital.node.outbox
+    bid = outbox.open_batch(FACTORY, case_id="case-b", actor="test", ref="conf-1")
+    tids = [outbox.queue(o, FACTORY, actor="test", batch_id=bid).transfer_id for o in objs]
+    outbox.seal_batch(bid, expected=len(objs))
+    wait_for(lambda: _batch_done(hospital, bid, "outbound"), what="batch done at the sender")
+
+    out = hospital.node.catalog.get_batch(bid, "outbound")
+    inn = factory.node.catalog.get_batch(bid, "inbound")
+    assert out.receipt and out.receipt == inn.receipt
+    assert out.merkle_root == inn.merkle_root and out.expected == inn.expected == 12
+    m = verify_manifest(
+        out.receipt,
+        hospital.node.trust,
+        expect_receiver=FACTORY,
+        expect_sender=HOSPITAL,
+        expect_batch_id=bid,
+    )
+    assert m.body.count == 12 and m.body.case_id == "case-b" and m.body.ref == "conf-1"
+    assert m.body.merkle_root == merkle_root(m.body.entries) == out.merkle_root
+    by_tid = {e.transfer_id: e for e in m.body.entries}
+    assert set(by_tid) == set(tids)
+    for tid, o in zip(tids, objs, strict=True):
+        e = by_tid[tid]
+        assert e.object_id == e.sha256 == o.object_id and e.size == o.size
+        assert e.facts["design.media_type"] == "application/pdf"  # the receiver's facts hook
+        # every object: the exact bytes at the factory, done on both sides, in the batch
+        assert hashlib.sha256(b"".join(factory.node.store.open_read(o.object_id))).hexdigest() == (
+            o.object_id
+        )
+        sent = hospital.node.catalog.get_transfer(tid, "outbound")
+        got = factory.node.catalog.get_transfer(tid, "inbound")
+        assert (sent.status, got.status) == ("done", "done")
+        assert sent.batch_id == got.batch_id == bid
+        assert sent.facts == got.facts == dict(e.facts)
+    assert m.body.total_bytes == sum(o.size for o in objs)
+
+    # audit: per object completion (the sender) and receipt (the receiver), one batch event each
+    completed = [e for e in _events(hospital, "transfer.completed") if e.transfer_id in tids]  # type: ignore[attr-defined]
+    assert len(completed) == 12
+    (done,) = _events(hospital, "transfer.batch.completed")
+    assert done.details["batch_id"] == bid and done.details["count"] == 12  # type: ignore[attr-defined]
+    assert done.details["merkle_root"] == out.merkle_root  # type: ignore[attr-defined]
+    (received,) = _events(factory, "transfer.batch.received")
+    assert received.details["merkle_root"] == out.merkle_root  # type: ignore[attr-defined]
+    assert len([e for e in _events(factory, "transfer.received") if e.transfer_id in tids]) == 12  # type: ignore[attr-defined]
+    # no per-object Offer/Push: nothing in the spool, no single-object receipts
+    assert not list(factory.node.receiver.settings.spool_dir.glob("*.part"))
+    # every object's row shows the batch's one manifest receipt (stored once, on the batch)
+    for t in tids:
+        assert hospital.node.catalog.get_transfer(t, "outbound").receipt == out.receipt
+        assert factory.node.catalog.get_transfer(t, "inbound").receipt == out.receipt
+
+
+def test_open_batch_streams_objects_before_it_is_sealed(
+    pair: tuple[InProcessNode, InProcessNode], tmp_path: Path
+) -> None:
+    hospital, factory = pair
+    objs = _submit(hospital, tmp_path, 5)
+    outbox = hospital.node.outbox
+    bid = outbox.open_batch(FACTORY, case_id="case-b", actor="test")
+    early = [outbox.queue(o, FACTORY, actor="test", batch_id=bid).transfer_id for o in objs[:3]]
+
+    def at_factory(tids: list[str]) -> bool:
+        rows = [factory.node.catalog.find_transfer(t, "inbound") for t in tids]
+        return all(r is not None and r.status == "done" for r in rows)
+
+    # the first objects are stored and catalogued at the factory while the batch is open
+    wait_for(lambda: at_factory(early), what="objects of the open batch at the factory")
+    assert hospital.node.catalog.get_batch(bid, "outbound").status == "sending"
+    late = [outbox.queue(o, FACTORY, actor="test", batch_id=bid).transfer_id for o in objs[3:]]
+    with pytest.raises(YigongError, match=r"4 object.* but 5 were queued"):
+        outbox.seal_batch(bid, expected=4)  # a miscount is an error, not a silent loss
+    outbox.seal_batch(bid, expected=5)
+    wait_for(lambda: _batch_done(hospital, bid, "outbound"), what="batch done")
+    body = verify_manifest(
+        hospital.node.catalog.get_batch(bid, "outbound").receipt or b"",
+        hospital.node.trust,
+        expect_receiver=FACTORY,
+        expect_sender=HOSPITAL,
+        expect_batch_id=bid,
+    ).body
+    assert sorted(e.transfer_id for e in body.entries) == sorted(early + late)
+    with pytest.raises(YigongError, match="sealed"):
+        outbox.queue(objs[0], FACTORY, actor="test", batch_id=bid)
+
+
+def _link(hospital: InProcessNode, factory: InProcessNode) -> GrpcPeerLink:
+    return GrpcPeerLink(FACTORY, factory.address, hospital.node.client_credentials, 30.0)
+
+
+def _object_items(
+    tid: str, obj: ObjectRecord, data: bytes, *, start: int = 0, stop: int | None = None,
+    chunk: int = 64 * 1024, end: bool = True, corrupt_at: int = -1,
+) -> Iterator[BatchItem]:  # fmt: skip
+    announce = Announce(obj.object_id, obj.size, obj.name, obj.media_type, obj.case_id)
+    yield ObjectStartMsg(tid, announce, start)
+    stop = len(data) if stop is None else stop
+    for pos in range(start, stop, chunk):
+        piece = data[pos : min(pos + chunk, stop)]
+        digest = hashlib.sha256(piece).digest()
+        if pos == corrupt_at:
+            piece = bytes([piece[0] ^ 1]) + piece[1:]
+        yield ChunkMsg(pos, piece, digest)
+    if end:
+        yield EndMsg(obj.object_id, obj.size)
+
+
+def _acks(link: GrpcPeerLink, items: Iterator[BatchItem]) -> list[BatchAckItem]:
+    return list(link.push_batch(items))
+
+
+def test_corrupted_chunk_in_a_batch_is_refused_and_nothing_of_it_is_stored(
+    pair: tuple[InProcessNode, InProcessNode], tmp_path: Path
+) -> None:
+    hospital, factory = pair
+    (good, bad) = _submit(hospital, tmp_path, 2, size=300_000)
+    data = {o.object_id: b"".join(hospital.node.store.open_read(o.object_id)) for o in (good, bad)}
+
+    def items() -> Iterator[BatchItem]:
+        yield BatchStartMsg("batch-corrupt-1", "case-b", "", "objects")
+        yield from _object_items("tid-good-0001", good, data[good.object_id])
+        yield from _object_items(
+            "tid-bad-00001", bad, data[bad.object_id], corrupt_at=2 * 64 * 1024
+        )
+        yield BatchEndMsg(("tid-good-0001", "tid-bad-00001"))
+
+    link = _link(hospital, factory)
+    try:
+        with pytest.raises(IntegrityError, match=r"tid-bad-00001.*chunk at offset 131072"):
+            _acks(link, items())
+        status = link.batch_status("batch-corrupt-1")
+    finally:
+        link.close()
+    assert factory.node.catalog.find_object(bad.object_id) is None
+    assert factory.node.store.size(bad.object_id) is None
+    held = {s.transfer_id: s for s in status.objects}
+    # the object before the corrupt one may or may not have been committed; never the bad one
+    assert "tid-bad-00001" not in held or not held["tid-bad-00001"].held
+    assert status.receipt is None
+    (alert,) = [
+        e
+        for e in _events(factory, "transfer.integrity_failed")
+        if e.transfer_id == "tid-bad-00001"  # type: ignore[attr-defined]
+    ]
+    assert alert.details["where"] == "chunk at offset 131072"  # type: ignore[attr-defined]
+
+
+def test_interrupted_batch_resumes_held_objects_skipped_partial_object_at_its_offset(
+    pair: tuple[InProcessNode, InProcessNode], tmp_path: Path
+) -> None:
+    hospital, factory = pair
+    a, b = _submit(hospital, tmp_path, 2, size=400_000)
+    data = {o.object_id: b"".join(hospital.node.store.open_read(o.object_id)) for o in (a, b)}
+    half = 3 * 64 * 1024
+    link = _link(hospital, factory)
+    try:
+
+        def first() -> Iterator[BatchItem]:  # a whole, b cut after `half` bytes
+            yield BatchStartMsg("batch-resume-1", "case-b", "", "objects")
+            yield from _object_items("tid-resume-a", a, data[a.object_id])
+            yield from _object_items("tid-resume-b", b, data[b.object_id], stop=half, end=False)
+
+        acks = _acks(link, first())
+        assert acks == [StoredAck("tid-resume-a", a.object_id)]  # no manifest: no BatchEnd
+        status = {s.transfer_id: s for s in link.batch_status("batch-resume-1").objects}
+        assert status["tid-resume-a"].held
+        assert not status["tid-resume-b"].held and status["tid-resume-b"].resume_offset == half
+        spooled = factory.node.receiver.settings.spool_dir / "tid-resume-b.part"
+        assert spooled.read_bytes() == data[b.object_id][:half]
+
+        with pytest.raises(YigongError, match="offset 0 but 196608"):  # not from the start
+            _acks(
+                link,
+                iter(
+                    [
+                        BatchStartMsg("batch-resume-1", "case-b", "", "objects"),
+                        *_object_items("tid-resume-b", b, data[b.object_id], end=False, stop=1),
+                    ]
+                ),
+            )
+
+        def second() -> Iterator[BatchItem]:  # only the rest of b, then the end
+            yield BatchStartMsg("batch-resume-1", "case-b", "", "objects")
+            yield from _object_items("tid-resume-b", b, data[b.object_id], start=half)
+            yield BatchEndMsg(("tid-resume-a", "tid-resume-b"))
+
+        acks = _acks(link, second())
+        assert acks[0] == StoredAck("tid-resume-b", b.object_id)
+        assert isinstance(acks[-1], ManifestAck)
+        receipt = acks[-1].signed
+
+        # idempotent: the same BatchEnd again gets the identical receipt, and so does status
+        again = _acks(
+            link,
+            iter(
+                [
+                    BatchStartMsg("batch-resume-1", "case-b", "", "objects"),
+                    BatchEndMsg(("tid-resume-a", "tid-resume-b")),
+                ]
+            ),
+        )
+        assert again == [ManifestAck(receipt)]
+        assert link.batch_status("batch-resume-1").receipt == receipt
+        # an object the receiver does not hold cannot be listed into a manifest
+        with pytest.raises(TransferError, match="not held here"):
+            _acks(
+                link,
+                iter(
+                    [
+                        BatchStartMsg("batch-resume-1", "case-b", "", "objects"),
+                        BatchEndMsg(("tid-resume-a", "tid-resume-b", "tid-never-sent")),
+                    ]
+                ),
+            )
+    finally:
+        link.close()
+    body = verify_manifest(
+        receipt,
+        hospital.node.trust,
+        expect_receiver=FACTORY,
+        expect_sender=HOSPITAL,
+        expect_batch_id="batch-resume-1",
+    ).body
+    assert {(e.transfer_id, e.sha256, e.size) for e in body.entries} == {
+        ("tid-resume-a", a.object_id, a.size),
+        ("tid-resume-b", b.object_id, b.size),
+    }
+    assert b"".join(factory.node.store.open_read(b.object_id)) == data[b.object_id]
+    assert not spooled.exists()
+
+
+def test_manifest_missing_extra_or_altered_entry_is_refused_by_the_check(
+    pair: tuple[InProcessNode, InProcessNode],
+) -> None:
+    hospital, factory = pair
+    node = factory.node
+    ours = {"t-1": ("a" * 64, 10), "t-2": ("b" * 64, 20)}
+
+    def signed(entries: list[Entry]) -> bytes:
+        return make_manifest(
+            node.sign, node.cert_pem, batch_id="b-1", sender_node=HOSPITAL,
+            receiver_node=FACTORY, case_id="", ref="", completed_at="now", entries=entries,
+        )[0]  # fmt: skip
+
+    def check(entries: list[Entry]) -> None:
+        m = verify_manifest(
+            signed(entries),
+            hospital.node.trust,
+            expect_receiver=FACTORY,
+            expect_sender=HOSPITAL,
+            expect_batch_id="b-1",
+        )
+        check_manifest(m, ours)
+
+    good = [Entry("t-1", "a" * 64, 10, {}), Entry("t-2", "b" * 64, 20, {"k": "v"})]
+    check(good)
+    with pytest.raises(ReceiptError, match=r"1 object\(s\) missing \(e\.g\. t-2\)"):
+        check(good[:1])
+    with pytest.raises(ReceiptError, match=r"never sent \(e\.g\. t-3\)"):
+        check([*good, Entry("t-3", "c" * 64, 5, {})])
+    with pytest.raises(ReceiptError, match=r"another SHA-256 or size \(e\.g\. t-2\)"):
+        check([good[0], Entry("t-2", "b" * 64, 21, {})])
+    # a manifest altered after signing does not verify
+    raw = bytearray(signed(good))
+    raw[raw.index(b"a" * 64)] = ord("c")
+    with pytest.raises(ReceiptError, match=r"does not verify|Merkle"):
+        verify_manifest(
+            bytes(raw),
+            hospital.node.trust,
+            expect_receiver=FACTORY,
+            expect_sender=HOSPITAL,
+            expect_batch_id="b-1",
+        )
+
+
+def test_query_shows_the_batch_on_each_object_and_single_sends_stay_unbatched(
+    pair: tuple[InProcessNode, InProcessNode], tmp_path: Path
+) -> None:
+    hospital, factory = pair
+    objs = _submit(hospital, tmp_path, 3)
+    outbox = hospital.node.outbox
+    bid = outbox.open_batch(FACTORY, case_id="case-b", actor="test")
+    for o in objs:
+        outbox.queue(o, FACTORY, actor="test", batch_id=bid)
+    outbox.seal_batch(bid, expected=3)
+    single = tmp_path / "single.pdf"
+    single.write_bytes(clean_pdf(b"single object " * 500))
+    with hospital.self_client() as client:
+        tid = client.submit(single, [FACTORY], case_id="case-b").queued[0].transfer_id
+    wait_for(lambda: _batch_done(hospital, bid, "outbound"), what="batch done")
+    wait_for(
+        lambda: hospital.node.catalog.get_transfer(tid, "outbound").status == "done",
+        what="single transfer done",
+    )
+    for node, direction in ((hospital, "outbound"), (factory, "inbound")):
+        with node.self_client() as client:
+            listed = client.list_transfers(case_id="case-b", direction=direction)
+        in_batch = [t for t in listed if t.batch_id == bid]
+        assert sorted(t.object_id for t in in_batch) == sorted(o.object_id for o in objs)
+        assert all(t.status == "done" for t in in_batch)
+        (alone,) = [t for t in listed if t.transfer_id == tid]
+        assert alone.batch_id == "" and alone.HasField("receipt")  # its own signed receipt
+        with node.self_client() as client:
+            (batch,) = client.list_batches(case_id="case-b", direction=direction)
+        assert (batch.batch_id, batch.status, batch.sealed) == (bid, "done", True)
+        assert dict(batch.objects_by_status) == {"done": 3} and batch.expected == 3
+        stored = node.node.catalog.get_batch(bid, direction)
+        assert batch.receipt.SerializeToString() == stored.receipt
+        assert batch.merkle_root == stored.merkle_root != ""
+    # a peer node asking sees only the batches it took part in
+    with hospital.client(factory.node.client_credentials) as as_factory:
+        assert [b.batch_id for b in as_factory.list_batches()] == [bid]
+    query_events = [e for e in _events(factory, "query") if e.details["query"] == "list_batches"]  # type: ignore[attr-defined]
+    assert query_events  # who looked at what
+
+
+def test_catalog_of_the_previous_schema_is_migrated_with_batches(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0])
+    db.execute(
+        "INSERT INTO transfers (transfer_id, direction, object_id, peer_node, status, size,"
+        " created_at, updated_at) VALUES ('t-old-0001', 'outbound', 'x', 'p', 'done', 1, 'a', 'a')"
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    catalog = Catalog(path)
+    try:
+        assert catalog.schema_version == len(MIGRATIONS) >= 2
+        old = catalog.get_transfer("t-old-0001", "outbound")
+        assert (old.batch_id, old.facts, old.status) == ("", {}, "done")
+        assert catalog.list_batches() == []
+    finally:
+        catalog.close()
