@@ -216,7 +216,7 @@ ACTIONS: Mapping[str, Rule] = {
         ),
     ),
     TRANSFERS_LIST_ALL: Rule(
-        what="see every transfer (other nodes: only those with themselves)",
+        what="see every transfer and batch (other nodes: only those with themselves)",
         who=frozenset({SELF, CLINICIAN, ENGINEER, OFFICER}),
         any_org=True,
         refusal="{caller} sees only the transfers it took part in",

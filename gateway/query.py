@@ -111,8 +111,9 @@ class QueryService:
         if f.direction and f.direction not in {"inbound", "outbound"}:
             raise ValidationError("direction must be 'inbound' or 'outbound'")
         peer = f.peer
-        if caller.is_node and caller.subject_id != self.node_id:
-            peer = caller.subject_id  # a peer node sees only batches it took part in
+        # The same rule as transfers: a peer node sees only the batches it took part in.
+        if not authz.allowed(caller, authz.TRANSFERS_LIST_ALL, authz.NodeSelf(self.node_id, "")):
+            peer = caller.subject_id
         found = self.catalog.list_batches(
             case_id=f.case_id,
             peer=peer,
