@@ -33,9 +33,10 @@ from gateway.demo import (
     Demo,
 )
 from gateway.demo_data import FICTITIOUS_NAME, FICTITIOUS_STRINGS, clean_pdf, ct_series
-from gateway.errors import TransferError, YigongError
+from gateway.errors import ReceiptError, TransferError, YigongError
 from gateway.hashing import sha256_hex
 from gateway.rpc.call import rpc_call
+from gateway.transfer.manifest import check_manifest, verify_manifest
 from gateway.transfer.receipts import verify_receipt
 from yigong.v1 import (
     common_pb2,
@@ -43,6 +44,7 @@ from yigong.v1 import (
     factory_pb2_grpc,
     hospital_pb2,
     hospital_pb2_grpc,
+    query_pb2,
 )
 
 SLICES = 12
@@ -288,12 +290,16 @@ class Story:
     def agree(self) -> bool:
         with self.demo.step("Both nodes agree: query endpoints and audit logs"):
             sides: dict[str, dict[str, common_pb2.TransferInfo]] = {}
+            batches: dict[str, dict[str, query_pb2.BatchInfo]] = {}
             for node_id, who in ((HOSPITAL, OFFICER), (FACTORY, ENGINEER)):
                 with self.demo.client(node_id, who) as c:
                     sides[node_id] = {
                         t.transfer_id: t
                         for t in c.list_transfers(case_id=CASE_ID, limit=1000)
                         if t.transfer_id in self.transfer_ids
+                    }
+                    batches[node_id] = {
+                        b.batch_id: b for b in c.list_batches(case_id=CASE_ID, limit=1000)
                     }
             h, f = sides[HOSPITAL], sides[FACTORY]
             same = [
@@ -302,15 +308,17 @@ class Story:
                 if tid in h
                 and tid in f
                 and h[tid].status == f[tid].status == "done"
-                and h[tid].receipt.SerializeToString() == f[tid].receipt.SerializeToString()
                 and h[tid].object_id == f[tid].object_id
+                and h[tid].batch_id == f[tid].batch_id
+                and (h[tid].batch_id or _same_receipt(h[tid], f[tid]))
             ]
             ok = self.check(
                 len(same) == len(self.transfer_ids),
                 f"query: {HOSPITAL} (outbound) and {FACTORY} (inbound) list the same "
-                f"{len(same)} transfers, all done, with byte-identical signed receipts",
+                f"{len(same)} transfers, all done",
                 f"only {len(same)} of {len(self.transfer_ids)} transfers agree",
             )
+            ok = self._manifests_agree(h, batches[HOSPITAL], batches[FACTORY]) and ok
             counts = {}
             for node_id, event in (
                 (HOSPITAL, "transfer.completed"),
@@ -335,6 +343,47 @@ class Story:
                 "both audit logs record every transfer once",
                 f"audit counts differ: {counts}",
             )
+
+    def _manifests_agree(
+        self,
+        ours: dict[str, common_pb2.TransferInfo],
+        h: dict[str, query_pb2.BatchInfo],
+        f: dict[str, query_pb2.BatchInfo],
+    ) -> bool:
+        """Transfers sent as one exchange (a batch) are acknowledged by one signed manifest
+        receipt: both nodes hold it byte for byte, it verifies against the federation CA
+        and lists exactly these transfers with their SHA-256 and size."""
+        members: dict[str, dict[str, tuple[str, int]]] = {}
+        for t in ours.values():
+            if t.batch_id:
+                members.setdefault(t.batch_id, {})[t.transfer_id] = (t.object_id, t.size)
+        single = len(ours) - sum(map(len, members.values()))
+        trust = pki.TrustStore(self.demo.ca, self.demo.ca_dir / pki.CRL_FILE)
+        roots = []
+        for batch_id, wanted in members.items():
+            mine, theirs = h.get(batch_id), f.get(batch_id)
+            held = mine.receipt.SerializeToString() if mine and mine.HasField("receipt") else b""
+            try:
+                if not held or theirs is None or theirs.receipt.SerializeToString() != held:
+                    raise ReceiptError(f"batch {batch_id}: the nodes do not hold the same receipt")
+                manifest = verify_manifest(
+                    held,
+                    trust,
+                    expect_receiver=FACTORY,
+                    expect_sender=HOSPITAL,
+                    expect_batch_id=batch_id,
+                )
+                check_manifest(manifest, wanted)
+            except YigongError as exc:
+                return self.check(False, "", f"manifest receipt: {exc}")
+            roots.append(manifest.body.merkle_root[:16])
+        return self.check(
+            True,
+            f"{len(members)} study exchange(s) acknowledged by one signed manifest receipt each "
+            f"(Merkle root {', '.join(roots) or '-'}…), byte-identical on both nodes, listing "
+            f"every object's SHA-256; {single} transfer(s) with their own identical receipt",
+            "",
+        )
 
     # -- 9: a file round trip -------------------------------------------------------
     def round_trip(self) -> bool:
@@ -413,3 +462,8 @@ def _files_containing(root: Path, needles: tuple[str, ...]) -> list[str]:
         if any(n in data for n in encoded):
             found.append(str(path.relative_to(root)))
     return found
+
+
+def _same_receipt(a: common_pb2.TransferInfo, b: common_pb2.TransferInfo) -> bool:
+    """A single-object transfer: both sides hold the same signed receipt."""
+    return a.HasField("receipt") and a.receipt.SerializeToString() == b.receipt.SerializeToString()

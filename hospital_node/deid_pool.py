@@ -58,6 +58,7 @@ from gateway.errors import (
     ValidationError,
     YigongError,
 )
+from gateway.hashing import sha256_bytes, sha256_hex
 from gateway.storage.filesystem import FilesystemStore
 from hospital_node.deid import Deidentifier, burned_in_reason, scan_for_identifiers
 from hospital_node.vault import PatientIdentity, patient_of
@@ -149,7 +150,7 @@ def deidentify_one(
         return Outcome(REFUSED, reason=str(exc), patient_key=key, pid=pid)
     except ValidationError as exc:
         return Outcome(FAILED, reason=str(exc), patient_key=key, pid=pid)
-    digest = hashlib.sha256(out).hexdigest()
+    digest = sha256_hex(out)
     try:
         findings = tuple(scan_for_identifiers(dcmread(io.BytesIO(out), force=True), pseudonym))
     except Exception as exc:  # the guard would refuse it the same way
@@ -402,7 +403,7 @@ class DeidPool:
         store_root: str,
     ) -> Iterator[list[tuple[K, Outcome]]]:
         blob = pickle.dumps(deid)
-        token = hashlib.sha256(blob).digest()
+        token = sha256_bytes(blob)
         seqs = itertools.count()
         live = list(self._pool)
         done: list[tuple[K, Outcome]] = []

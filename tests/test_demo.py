@@ -85,7 +85,10 @@ def test_demo_runs_the_main_path_from_pacs_to_engineer(tmp_path: Path) -> None:
         data = path.read_bytes()
         assert pseudonym.encode() in data and b"FICTITIOUS" not in data
     # Query endpoints and audit logs of both nodes agree.
-    assert f"list the same {SLICES} transfers, all done, with byte-identical signed" in out
+    assert f"list the same {SLICES} transfers, all done" in out
+    # The study went as one exchange: one signed manifest receipt, the same on both nodes.
+    assert "1 study exchange(s) acknowledged by one signed manifest receipt each" in out
+    assert "byte-identical on both nodes, listing every object's SHA-256" in out
     assert "audit hospital-1: 12 'transfer.completed' entries" in out
     assert "audit factory-1: 12 'transfer.received' entries" in out
     assert "both audit logs record every transfer once" in out
@@ -158,10 +161,18 @@ def test_demo_keep_running_leaves_nodes_to_explore(tmp_path: Path) -> None:
         officer = _creds(doc["certificates"]["officer"])
         with NodeClient(hospital, officer, node_id="hospital-1") as client:
             transfers = client.list_transfers()
+            batches = {b.batch_id: b for b in client.list_batches()}
         assert len(transfers) == SLICES + 1
         for transfer in transfers:
             assert (transfer.direction, transfer.status) == ("outbound", "done")
-            assert transfer.case_id == CASE_ID and transfer.HasField("receipt")
+            assert transfer.case_id == CASE_ID
+            # One signed receipt each, or one manifest receipt for the study's batch.
+            if transfer.batch_id:
+                batch = batches[transfer.batch_id]
+                assert batch.status == "done" and batch.HasField("receipt")
+            else:
+                assert transfer.HasField("receipt")
+        assert sum(1 for t in transfers if t.batch_id) == SLICES and len(batches) == 1
 
         # The printed example commands work as printed (a person's certificate; --config).
         objects = next(e for e in doc["examples"] if e.startswith("yigong query objects"))
