@@ -74,8 +74,13 @@ release stops there and is finished later, as after a crash)."""
 Source = Callable[[], bytes] | str
 """An instance's bytes: read by the node (a function), or a file the worker reads."""
 PER_WORKER_IN_FLIGHT = 4
-"""Instances queued at each worker: one working, three waiting (groups of up to 8 results
-per commit; bounds memory to a few MiB when the node sends the bytes)."""
+"""Instances queued at each worker when the node sends their bytes: one working, three
+waiting (bounds memory to a few MiB)."""
+PER_WORKER_IN_FLIGHT_FILES = 16
+"""Instances queued at each worker when it reads and writes the store's files itself (a
+path each, no bytes held): enough work queued that the workers keep de-identifying while
+the node commits the previous group (a catalog and an audit commit, each an fsync);
+the groups then grow with the commit time instead of the workers waiting for it."""
 MAX_RECIPIENTS_PER_WORKER = 16
 PATIENT_WINDOW = 32
 """Head reads (one-patient rule) queued at each worker."""
@@ -295,6 +300,8 @@ class DeidPool:
 
     def _start(self) -> None:
         self._pool = [w for w in self._pool if w.proc.poll() is None]
+        if len(self._pool) >= self.workers:
+            return
         while len(self._pool) < self.workers:
             ours, theirs = socket.socketpair()
             try:
@@ -384,7 +391,8 @@ class DeidPool:
         """De-identify every job (``key``, the instance's :data:`Source`), yielding the
         outcomes as they complete, a group at a time (whatever finished while the caller
         handled the previous group). At most :data:`PER_WORKER_IN_FLIGHT` instances per
-        worker are read ahead. ``store_root``: the filesystem store the workers write
+        worker are read ahead (:data:`PER_WORKER_IN_FLIGHT_FILES` when the workers read and
+        write the store's files themselves). ``store_root``: the filesystem store the workers write
         the outputs into ("": the scratch folder)."""
         self.scratch.mkdir(parents=True, exist_ok=True)
         with self._lock:
@@ -407,9 +415,10 @@ class DeidPool:
         seqs = itertools.count()
         live = list(self._pool)
         done: list[tuple[K, Outcome]] = []
+        window = PER_WORKER_IN_FLIGHT_FILES if store_root else PER_WORKER_IN_FLIGHT
 
         def feed(w: _Worker) -> None:
-            while len(w.in_flight) < PER_WORKER_IN_FLIGHT:
+            while len(w.in_flight) < window:
                 job = next(jobs, None)
                 if job is None:
                     return

@@ -201,6 +201,16 @@ class Releaser:
                     log.warning("de-identification workers not started: %s", exc)
                 return
 
+    def instances_arriving(self, instances: int) -> None:
+        """A study being received has ``instances`` so far: once that is enough for the
+        worker pool, start the workers during the ingest (they take about a second to
+        load), so neither the confirmation nor the quiet period waits for them."""
+        if self.pool.workers and instances >= self.pool_min_instances:
+            try:
+                self.pool.warm()
+            except YigongError as exc:  # the confirmation will say it again
+                log.warning("de-identification workers not started: %s", exc)
+
     # -- per patient and destination -----------------------------------------------------
     def deidentifier_for(self, recipient: Recipient) -> Deidentifier:
         """The de-identifier of ``recipient`` (the node-wide one for the legacy scheme)."""

@@ -237,6 +237,13 @@ class StudyCatalog:
                 )  # fmt: skip
         return done
 
+    def largest_receiving(self) -> int:
+        """The instance count of the largest study still ``receiving`` (0: none)."""
+        rows = self.catalog.query(
+            "SELECT MAX(instance_count) AS n FROM dicom_studies WHERE status = 'receiving'"
+        )
+        return int(rows[0]["n"] or 0) if rows else 0
+
     def build_report(self, study_uid: str) -> dict[str, Any]:
         """The completeness report of ``study_uid`` from what is recorded now."""
         rows = self.catalog.query(

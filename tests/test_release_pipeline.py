@@ -149,6 +149,35 @@ def test_first_instance_is_queued_before_the_last_is_deidentified(
     assert [p.name for p in role(hospital).releaser.scratch.iterdir()] == []
 
 
+def test_workers_start_while_a_large_study_is_still_being_received(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """The worker pool starts during the ingest of a study that reached
+    ``deid.pool_min_instances`` — before its quiet period ends — so neither the quiet
+    period nor the clinician's confirmation waits for the workers to load; a smaller
+    study starts none."""
+    hospital = InProcessNode(
+        write_config(
+            federation, tmp_path, "hospital-1", "hospital",
+            dicom={"quiet_period_seconds": 3600},
+            extra=TRANSFER + "[deid]\nworkers = 2\npool_min_instances = 3\n",
+        )
+    )  # fmt: skip
+    try:
+        releaser = role(hospital).releaser
+        assert releaser.pool.workers == 2 and releaser.pool_min_instances == 3
+        push(role(hospital).dicom_port, ct_series(2, rows=16, cols=16))
+        hospital.settle()
+        time.sleep(2.5)  # two ticks of the ticker: still fewer instances than the minimum
+        assert releaser.pool.pids == []
+        push(role(hospital).dicom_port, ct_series(3, rows=16, cols=16))
+        wait_for(lambda: len(releaser.pool.pids) == 2, timeout=30, what="workers started")
+        assert {s.status for s in role(hospital).studies.list_studies()} == {"receiving"}
+        assert all(Path(f"/proc/{pid}").exists() for pid in releaser.pool.pids)
+    finally:
+        hospital.stop()
+
+
 def test_release_uses_worker_processes_with_bytes_identical_to_the_serial_path(
     pool_pair: tuple[InProcessNode, Any], federation: Federation
 ) -> None:
