@@ -559,21 +559,9 @@ class Catalog:
         until: str = "",
         limit: int = 100,
     ) -> list[TransferRecord]:
-        sql = "SELECT * FROM transfers WHERE 1=1"
-        params: list[Any] = []
-        for column, value in (
-            ("case_id", case_id),
-            ("peer_node", peer),
-            ("status", status),
-            ("direction", direction),
-            ("object_id", object_id),
-        ):
-            if value:
-                sql += f" AND {column} = ?"
-                params.append(value)
-        sql, params = _time_filter(sql, params, "created_at", since, until)
-        sql += " ORDER BY created_at DESC LIMIT ?"
-        params.append(limit)
+        equal = {"case_id": case_id, "peer_node": peer, "status": status}
+        equal |= {"direction": direction, "object_id": object_id}
+        sql, params = _listing("transfers", equal, since, until, limit)
         return self._manifests([_transfer(r) for r in self._query(sql, params)])
 
     def _manifests(self, records: list[TransferRecord]) -> list[TransferRecord]:
@@ -715,20 +703,8 @@ class Catalog:
         until: str = "",
         limit: int = 100,
     ) -> list[BatchRecord]:
-        sql = "SELECT * FROM batches WHERE 1=1"
-        params: list[Any] = []
-        for column, value in (
-            ("case_id", case_id),
-            ("peer_node", peer),
-            ("status", status),
-            ("direction", direction),
-        ):
-            if value:
-                sql += f" AND {column} = ?"
-                params.append(value)
-        sql, params = _time_filter(sql, params, "created_at", since, until)
-        sql += " ORDER BY created_at DESC LIMIT ?"
-        params.append(limit)
+        equal = {"case_id": case_id, "peer_node": peer, "status": status, "direction": direction}
+        sql, params = _listing("batches", equal, since, until, limit)
         return [_batch(r) for r in self._query(sql, params)]
 
     def batch_counts(self, batch_id: str, direction: str) -> dict[str, int]:
@@ -747,6 +723,24 @@ class Catalog:
             (transfer_id, direction),
         )
         return [HistoryEntry(r["time"], r["kind"], r["detail"]) for r in rows]
+
+
+def _listing(
+    table: str, equal: dict[str, str], since: str, until: str, limit: int
+) -> tuple[str, list[Any]]:
+    """A listing query of ``table``: the given columns equal to their non-empty values,
+    ``created_at`` in [since, until), newest first, at most ``limit`` rows. Column and
+    table names come from this module only, never from a caller's input."""
+    sql = f"SELECT * FROM {table} WHERE 1=1"
+    params: list[Any] = []
+    for column, value in equal.items():
+        if value:
+            sql += f" AND {column} = ?"
+            params.append(value)
+    sql, params = _time_filter(sql, params, "created_at", since, until)
+    sql += " ORDER BY created_at DESC LIMIT ?"
+    params.append(limit)
+    return sql, params
 
 
 def _time_filter(

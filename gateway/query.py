@@ -79,16 +79,20 @@ class QueryService:
         self._audit(caller, "list_objects", f.case_id, remote, count=len(found), peer_filter=f.peer)
         return found
 
+    def _transfer_peer(self, caller: Identity, f: TransferFilter) -> str:
+        """The peer filter of a transfer or batch listing: a peer node only sees those it
+        took part in (for reconciliation), whatever this node's role
+        (gateway.authz.TRANSFERS_LIST_ALL); a direction is 'inbound' or 'outbound'."""
+        if f.direction and f.direction not in {"inbound", "outbound"}:
+            raise ValidationError("direction must be 'inbound' or 'outbound'")
+        if not authz.allowed(caller, authz.TRANSFERS_LIST_ALL, authz.NodeSelf(self.node_id, "")):
+            return caller.subject_id
+        return f.peer
+
     def list_transfers(
         self, caller: Identity, f: TransferFilter, *, remote: str = ""
     ) -> list[TransferRecord]:
-        if f.direction and f.direction not in {"inbound", "outbound"}:
-            raise ValidationError("direction must be 'inbound' or 'outbound'")
-        peer = f.peer
-        # A peer node only sees the transfers it took part in (for reconciliation); the
-        # rule does not depend on this node's role (gateway.authz.TRANSFERS_LIST_ALL).
-        if not authz.allowed(caller, authz.TRANSFERS_LIST_ALL, authz.NodeSelf(self.node_id, "")):
-            peer = caller.subject_id
+        peer = self._transfer_peer(caller, f)
         found = self.catalog.list_transfers(
             case_id=f.case_id,
             peer=peer,
@@ -108,12 +112,7 @@ class QueryService:
         self, caller: Identity, f: TransferFilter, *, remote: str = ""
     ) -> list[tuple[BatchRecord, dict[str, int]]]:
         """Batches (study exchanges) with their objects counted by status."""
-        if f.direction and f.direction not in {"inbound", "outbound"}:
-            raise ValidationError("direction must be 'inbound' or 'outbound'")
-        peer = f.peer
-        # The same rule as transfers: a peer node sees only the batches it took part in.
-        if not authz.allowed(caller, authz.TRANSFERS_LIST_ALL, authz.NodeSelf(self.node_id, "")):
-            peer = caller.subject_id
+        peer = self._transfer_peer(caller, f)
         found = self.catalog.list_batches(
             case_id=f.case_id,
             peer=peer,
