@@ -15,9 +15,10 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway import pki
 from gateway.atna import is_exported, to_atna_xml
@@ -37,7 +38,7 @@ from gateway.cli_progress import Reporter, add_progress_options
 from gateway.client import NodeClient
 from gateway.config import NodeConfig, load_config
 from gateway.errors import ValidationError, YigongError
-from gateway.reconcile import Finding, SharedTransfer, reconcile
+from gateway.reconcile import Finding, SharedBatch, SharedTransfer, reconcile
 from gateway.rpc.channel import ClientCredentials
 from gateway.rpc.witness import GrpcWitnessLink
 
@@ -429,52 +430,87 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+PAGE = 1000  # the query endpoint's largest page
+T = TypeVar("T")
+
+
+def _paged(fetch: Callable[[str], Sequence[Any]], shared: Callable[[Any], T]) -> list[T]:
+    """Every record of a listing newest first, a page at a time (``fetch(until)``: the
+    records created before ``until``, "" for the newest), each made ``shared``."""
+    found: dict[str, T] = {}
+    until = ""
+    while True:
+        page = fetch(until)
+        found |= {getattr(r, "transfer_id", "") or r.batch_id: shared(r) for r in page}
+        if len(page) < PAGE:
+            return list(found.values())
+        until = min(r.created_at for r in page)
+
+
+def _remote(cfg: NodeConfig, peer_id: str) -> tuple[list[SharedTransfer], list[SharedBatch]]:
+    """The peer's records of the transfers and batches it shares with this node (as a
+    peer node, this node is shown only those)."""
+    creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+    with NodeClient(cfg.peer(peer_id).address, creds, node_id=peer_id) as client:
+        batches = _paged(
+            lambda until: client.list_batches(until=until, limit=PAGE),
+            lambda b: SharedBatch(
+                b.batch_id,
+                b.direction,
+                b.peer_node,
+                b.status,
+                b.receipt.SerializeToString() if b.HasField("receipt") else None,
+            ),
+        )
+    return _remote_transfers(cfg, peer_id), batches
+
+
+def _local(cfg: NodeConfig, peer_id: str) -> tuple[list[SharedTransfer], list[SharedBatch]]:
+    catalog = Catalog(cfg.catalog.path)
+    try:
+        batches = _paged(
+            lambda until: catalog.list_batches(peer=peer_id, until=until, limit=PAGE),
+            lambda b: SharedBatch(b.batch_id, b.direction, b.peer_node, b.status, b.receipt),
+        )
+    finally:
+        catalog.close()
+    return _local_transfers(cfg, peer_id), batches
+
+
 def _remote_transfers(cfg: NodeConfig, peer_id: str) -> list[SharedTransfer]:
     creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
-    found: dict[str, SharedTransfer] = {}
-    until = ""
     with NodeClient(cfg.peer(peer_id).address, creds, node_id=peer_id) as client:
-        while True:
-            page = client.list_transfers(until=until, limit=1000)
-            for t in page:
-                found[t.transfer_id] = SharedTransfer(
-                    t.transfer_id,
-                    t.direction,
-                    t.peer_node,
-                    t.object_id,
-                    t.size,
-                    t.status,
-                    t.receipt.SerializeToString() if t.HasField("receipt") else None,
-                    t.batch_id,
-                )
-            if len(page) < 1000:
-                return list(found.values())
-            until = min(t.created_at for t in page)
+        return _paged(
+            lambda until: client.list_transfers(until=until, limit=PAGE),
+            lambda t: SharedTransfer(
+                t.transfer_id,
+                t.direction,
+                t.peer_node,
+                t.object_id,
+                t.size,
+                t.status,
+                t.receipt.SerializeToString() if t.HasField("receipt") else None,
+                t.batch_id,
+            ),
+        )
 
 
 def _local_transfers(cfg: NodeConfig, peer_id: str) -> list[SharedTransfer]:
     catalog = Catalog(cfg.catalog.path)
     try:
-        out: list[SharedTransfer] = []
-        until = ""
-        while True:
-            page = catalog.list_transfers(peer=peer_id, until=until, limit=1000)
-            out += [
-                SharedTransfer(
-                    t.transfer_id,
-                    t.direction,
-                    t.peer_node,
-                    t.object_id,
-                    t.size,
-                    t.status,
-                    t.receipt,
-                    t.batch_id,
-                )
-                for t in page
-            ]
-            if len(page) < 1000:
-                return out
-            until = min(t.created_at for t in page)
+        return _paged(
+            lambda until: catalog.list_transfers(peer=peer_id, until=until, limit=PAGE),
+            lambda t: SharedTransfer(
+                t.transfer_id,
+                t.direction,
+                t.peer_node,
+                t.object_id,
+                t.size,
+                t.status,
+                t.receipt,
+                t.batch_id,
+            ),
+        )
     finally:
         catalog.close()
 
@@ -492,8 +528,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     results: dict[str, list[Finding]] = {}
     logs: dict[str, str] = {}
     for peer in peers:
+        (ours, our_batches), (theirs, their_batches) = _local(cfg, peer), _remote(cfg, peer)
         results[peer] = reconcile(
-            cfg.node.id, peer, _local_transfers(cfg, peer), _remote_transfers(cfg, peer), trust
+            cfg.node.id, peer, ours, theirs, trust, our_batches, their_batches
         )
         found, failed = _witnessed(cfg, [peer])
         if peer in failed:

@@ -116,6 +116,54 @@ def test_reconcile_reports_injected_discrepancies(
     assert {tid for _, tid in kinds} == {lost, forged}
 
 
+def test_reconcile_compares_the_manifest_receipt_of_a_study_sent_as_one_batch(
+    pair: Pair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch's objects have no receipt of their own: reconcile checks the batch's one
+    manifest receipt instead — the same bytes on both nodes, signed by the receiver,
+    listing exactly the transfers recorded here. A manifest swapped at the peer, then
+    the same swap on both sides, are each reported; the agreeing batch is not."""
+    from tests.test_batch_transfer import _batch_done, _submit
+
+    hospital, factory = pair
+    outbox = hospital.node.outbox
+    batches = []
+    for n in (3, 4):
+        (tmp_path / f"b{n}").mkdir()
+        objs = _submit(hospital, tmp_path / f"b{n}", n)
+        bid = outbox.open_batch("factory-1", case_id="case-b", actor="test")
+        for o in objs:
+            outbox.queue(o, "factory-1", actor="test", batch_id=bid)
+        outbox.seal_batch(bid, expected=n)
+        wait_for(lambda bid=bid: _batch_done(hospital, bid, "outbound"), what="batch done")
+        batches.append(bid)
+    cfg = str(hospital.config)
+    assert main(["audit", "reconcile", "--config", cfg]) == 0
+    assert capsys.readouterr().out.startswith("hospital-1 <-> factory-1: records agree")
+
+    good, bad = batches
+    with factory.node.catalog.transaction() as db:  # the peer now holds another manifest
+        db.execute(
+            "UPDATE batches SET receipt = ? WHERE batch_id = ?",
+            (hospital.node.catalog.get_batch(good, "outbound").receipt, bad),
+        )
+    assert main(["audit", "reconcile", "--config", cfg, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)["factory-1"]
+    kinds = {(f["kind"], f["transfer_id"]) for f in report if f["discrepancy"]}
+    assert kinds == {("manifest", bad)}, report
+
+    with hospital.node.catalog.transaction() as db:  # both now hold the other's manifest
+        db.execute(
+            "UPDATE batches SET receipt = ? WHERE batch_id = ?",
+            (hospital.node.catalog.get_batch(good, "outbound").receipt, bad),
+        )
+    assert main(["audit", "reconcile", "--config", cfg, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)["factory-1"]
+    found = {(f["kind"], f["transfer_id"]): f["detail"] for f in report if f["discrepancy"]}
+    assert set(found) == {("signature", bad)}, report  # names another batch id
+    assert f"batch id is {good!r}, expected {bad!r}" in found[("signature", bad)]
+
+
 def test_export_atna_and_json(
     pair: Pair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
