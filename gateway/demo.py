@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from gateway import pki
-from gateway.client import NodeClient
 from gateway.config import render_config
 from gateway.errors import YigongError
 from gateway.rpc.channel import ClientCredentials
+from gateway.rpc.client import NodeClient
 
 log = logging.getLogger(__name__)
 

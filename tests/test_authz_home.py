@@ -53,10 +53,10 @@ ALLOWED: dict[tuple[str, str], str] = {
         "client side: a person's key signs records, a node's cannot (a usage check on "
         "local files, not a decision about a caller)"
     ),
-    ("gateway/cli_config.py", "_node_cert"): (
+    ("gateway/cli/config.py", "_node_cert"): (
         "configuration check: the node's own certificate is the one its config names"
     ),
-    ("gateway/cli_connect.py", "connect"): (
+    ("gateway/cli/connect.py", "connect"): (
         "client side: the CLI checks which node it reached before sending a command"
     ),
     ("gateway/config.py", "_check"): "configuration validation of node.role",

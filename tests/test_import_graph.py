@@ -143,7 +143,7 @@ def test_graph_covers_every_package_and_sees_lazy_imports() -> None:
     assert len(runtime) > 100
     # gateway.cli imports its command groups inside build_parser (lazily); the
     # composition root imports both roles' registrations: the graph sees these edges.
-    assert "gateway.cli_demo" in runtime["gateway.cli"]
+    assert "gateway.cli.demo" in runtime["gateway.cli"]
     assert "hospital_node.registration" in runtime["yigong_node.roles"]
     assert "factory_node.registration" in runtime["yigong_node.roles"]
 

@@ -7,7 +7,7 @@
 - :mod:`gateway.cases.service`  CaseService: open, submit, show, list, next actor
 - :mod:`gateway.cases.sync`     records from the other node (receipt facts hook)
 - :mod:`gateway.cases.signing`  the person's side: build and sign a record
-- :mod:`gateway.cases.grpc_service`, :mod:`gateway.cases.client`, :mod:`gateway.cases.cli`
+- :mod:`gateway.rpc.cases_service`, :mod:`gateway.rpc.cases_client`, :mod:`gateway.cli.cases`
   the wire and the ``yigong case`` commands (the only modules here that import grpc)
 
 Mapping to the standard's sections: docs/standard-mapping.md.

@@ -2,5 +2,5 @@
 
 Only this package (and the CLI) imports grpc. Servicers translate wire
 messages into domain calls and domain errors into status codes
-(:mod:`gateway.grpc_status`).
+(:mod:`gateway.rpc.status`).
 """
