@@ -60,8 +60,8 @@ ALLOWED: dict[tuple[str, str], str] = {
         "client side: the CLI checks which node it reached before sending a command"
     ),
     ("gateway/config.py", "_check"): "configuration validation of node.role",
-    ("gateway/demo.py", "NodeProc.info"): "the demo's printed instructions per node role",
-    ("gateway/demo.py", "Demo.write_config"): "the demo's node configuration per role",
+    ("gateway/demo/__init__.py", "NodeProc.info"): "the demo's printed instructions per node role",
+    ("gateway/demo/__init__.py", "Demo.write_config"): "the demo's node configuration per role",
     ("gateway/identity.py", "Identity.label"): "formatting a label, no decision",
     ("gateway/rpc/auth.py", "Gatekeeper.audit_refusal"): (
         "an audit field (the peer node of a refusal), no decision"
