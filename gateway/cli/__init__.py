@@ -13,7 +13,8 @@ No traceback reaches a user: an OS error is printed as one ``error:`` line namin
 file, anything unexpected as one line naming the exception (``-vv`` logs the
 traceback). gRPC's C-core log lines (handshake and bind failures) are silenced unless
 ``-vv``: ``GRPC_VERBOSITY`` is read once, when grpc is first imported, so it is set
-here, before any module that imports grpc.
+here, before any module that imports grpc (importing any command group of this
+package runs this first).
 """
 
 from __future__ import annotations
