@@ -406,7 +406,7 @@ class GatewayReceiver(Receiver):
         self.node.start()
         ready = json.loads(config.with_suffix(".ready").read_text())
         self.port = int(ready["dicom_port"])
-        from gateway.client import NodeClient
+        from gateway.rpc.client import NodeClient
         from yigong.v1 import hospital_pb2_grpc
 
         creds = self.fed.creds(self.fed.node(HOSPITAL, "hospital"))
@@ -428,7 +428,7 @@ class GatewayReceiver(Receiver):
             raise RuntimeError("gateway: the study is not listed after storescu finished")
 
     def collect(self, series: Series) -> tuple[int, int]:
-        from gateway.client import NodeClient
+        from gateway.rpc.client import NodeClient
         from yigong.v1 import hospital_pb2, hospital_pb2_grpc
 
         assert self.node is not None
@@ -489,7 +489,7 @@ def serve_pynetdicom(out: Path, *, fsync: bool, matched: bool) -> tuple[Any, int
 
 
 def _node_socket_options(event: Any) -> None:
-    """What ``hospital_node.scp.DicomServer._on_conn_open`` does: TCP_NODELAY, and
+    """What ``hospital_node.wire.scp.DicomServer._on_conn_open`` does: TCP_NODELAY, and
     TCP_QUICKACK re-armed after every read."""
     asock = event.assoc.dul.socket
     sock = asock.socket

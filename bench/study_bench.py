@@ -74,7 +74,7 @@ from bench.dicom_bench import (
 from bench.transfer_bench import RssSampler, proc_status_kib, process_cpu_seconds
 from bench.wan_proxy import DEFAULT_DELAY_MS, DEFAULT_MBIT, link_bytes_per_s
 from gateway.audit import EVENT_TYPES, AuditLog
-from gateway.client import NodeClient
+from gateway.rpc.client import NodeClient
 from tests.cluster import Federation, NodeProcess, write_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -70,10 +70,10 @@ from bench import (
     add_report_options,
 )
 from gateway.audit import AuditEvent, AuditLog
-from gateway.client import NodeClient
 from gateway.hashing import hash_chunks, hash_file, iter_file_chunks
 from gateway.pki import IssuedCert
 from gateway.rpc.channel import MESSAGE_LIMIT, ClientCredentials, open_channel
+from gateway.rpc.client import NodeClient
 from gateway.storage.filesystem import FilesystemStore
 from gateway.transfer.readback import SpoolReadback
 from tests.cluster import Federation, NodeProcess, write_config

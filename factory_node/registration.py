@@ -9,8 +9,8 @@ does.
 
 from __future__ import annotations
 
-from factory_node import cli_factory
 from factory_node.role import FactoryRole
+from factory_node.wire import cli as cli_factory
 from gateway.roles import Role
 
 ROLE = Role("factory", hooks=FactoryRole, cli=(cli_factory.register,))

@@ -11,7 +11,7 @@ hooks are also what the node starts, stops and serves through.
   recorded per case and study (:mod:`factory_node.studies`) and the study's
   suitability check is scheduled (:mod:`factory_node.suitability`).
 - The query side (:meth:`FactoryRole.list_studies`, :meth:`FactoryRole.get_study`)
-  backs the ``yigong.v1.Factory`` service (:mod:`factory_node.service`); every call
+  backs the ``yigong.v1.Factory`` service (:mod:`factory_node.wire.service`); every call
   is audited as ``query``.
 """
 
@@ -142,7 +142,7 @@ class FactoryRole(RoleHooks):
         self.record_facts(ctx)
 
     def add_services(self, server: Any, gate: Any) -> None:
-        from factory_node.service import FactoryServicer
+        from factory_node.wire.service import FactoryServicer
         from yigong.v1 import factory_pb2_grpc
 
         factory_pb2_grpc.add_FactoryServicer_to_server(FactoryServicer(gate, self), server)

@@ -3,7 +3,7 @@
 Every error raised by domain code is a :class:`YigongError`. Exceptions from
 libraries (cryptography, sqlite3, minio, OS errors) are translated where they
 enter our code (``raise StorageError(...) from exc``). Exactly one translator
-maps these to gRPC status codes (:mod:`gateway.grpc_status`); the DICOM node
+maps these to gRPC status codes (:mod:`gateway.rpc.status`); the DICOM node
 has one translator to DIMSE status codes.
 
 Messages say what was wrong, with which file/peer/attribute, and what to do.

@@ -37,7 +37,6 @@ Hook points:
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import ConfigError
 
 if TYPE_CHECKING:
+    import argparse
+
     from gateway.audit import AuditLog
     from gateway.cases.facts import RecordFacts
     from gateway.cases.service import CaseService

@@ -20,8 +20,6 @@ from gateway.audit import AuditLog
 from gateway.audit_witness import WitnessSender, WitnessStore
 from gateway.authz import NodeSelf
 from gateway.cases import CaseService
-from gateway.cases.grpc_service import SERVICE_NAME as CASE_SERVICE_NAME
-from gateway.cases.grpc_service import add_case_service
 from gateway.catalog import Catalog
 from gateway.config import LiveConfig, NodeConfig
 from gateway.errors import ConfigError
@@ -33,6 +31,8 @@ from gateway.node_setup import NodeKeys
 from gateway.query import QueryService
 from gateway.roles import RoleHooks
 from gateway.rpc.auth import AuthInterceptor, Gatekeeper
+from gateway.rpc.cases_service import SERVICE_NAME as CASE_SERVICE_NAME
+from gateway.rpc.cases_service import add_case_service
 from gateway.rpc.channel import ClientCredentials
 from gateway.rpc.servicers import ExchangeServicer, QueryServicer, TransferServicer
 from gateway.rpc.terminator import HandshakeRefusal, TlsTerminator

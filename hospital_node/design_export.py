@@ -22,7 +22,7 @@ original), else the first whose frame is named there (:data:`FRAME_KEYS`), else 
 :data:`STUDY_KEYS` narrows to one study. A named UID that was not released for the case
 refuses the export: nothing is guessed into a patient's record.
 
-The C-STORE is the injected ``send`` (:func:`hospital_node.pacs_scu.send_to_pacs` in the
+The C-STORE is the injected ``send`` (:func:`hospital_node.wire.pacs_scu.send_to_pacs` in the
 node; this module imports no network library). A success is recorded in
 ``design_exports`` and audited as ``design.exported``; a refusal or failed C-STORE is
 audited as a failed ``design.exported`` and nothing is recorded.

@@ -1,8 +1,8 @@
 """DICOM ingest: one received instance → validated, stored, catalogued, audited.
 
-Domain code (DESIGN.md "Rules of the house"): the SCP (:mod:`hospital_node.scp`)
+Domain code (DESIGN.md "Rules of the house"): the SCP (:mod:`hospital_node.wire.scp`)
 hands over the bytes exactly as received and maps the outcome to a DIMSE status
-(:mod:`hospital_node.dimse`); nothing here imports pynetdicom.
+(:mod:`hospital_node.wire.dimse`); nothing here imports pynetdicom.
 
 An instance is stored **exactly as received**: the Part-10 object is the 128-byte
 preamble, ``DICM``, a File Meta group this node writes (:func:`wrap_dataset`, the

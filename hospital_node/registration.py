@@ -9,8 +9,8 @@ core's outbox and case service; see :mod:`gateway.roles`) and its command group
 from __future__ import annotations
 
 from gateway.roles import CoreServices, Role, RoleContext, RoleHooks
-from hospital_node import cli_study
 from hospital_node.role import HospitalHooks, HospitalRole
+from hospital_node.wire import cli as cli_study
 
 
 def _services(hooks: RoleHooks, ctx: RoleContext, core: CoreServices) -> HospitalRole:

@@ -13,7 +13,7 @@ Sections (each owned by one feature; keep them separate):
 - release: the de-identification and vault keys, clinician confirmation and
   de-identified release (:mod:`hospital_node.release`), the outgoing guard and the
   receipt check (:mod:`hospital_node.guard`), the ``yigong.v1.Hospital`` service
-  (:mod:`hospital_node.service`) and the auto-forward rule.
+  (:mod:`hospital_node.wire.service`) and the auto-forward rule.
 - design export: approved designs into the hospital's own PACS as Encapsulated STL
   (:mod:`hospital_node.design_export`), served as ``Hospital.ExportDesign``.
 """
@@ -53,11 +53,11 @@ from hospital_node.release_store import (
     StudyListing,
     StudyView,
 )
-from hospital_node.scp import DicomServer
 from hospital_node.spool import DicomSpool
 from hospital_node.studies import StudyCatalog
 from hospital_node.study_identity import StudyIdentities
 from hospital_node.vault import PseudonymVault, load_or_create_key
+from hospital_node.wire.scp import DicomServer
 
 if TYPE_CHECKING:
     from gateway.audit import AuditLog
@@ -356,7 +356,7 @@ class HospitalRole(RoleHooks):
         self._auto_thread: threading.Thread | None = None
 
     def add_services(self, server: Any, gate: Any) -> None:
-        from hospital_node.service import HospitalServicer
+        from hospital_node.wire.service import HospitalServicer
         from yigong.v1 import hospital_pb2_grpc
 
         hospital_pb2_grpc.add_HospitalServicer_to_server(HospitalServicer(gate, self), server)
@@ -440,7 +440,7 @@ class HospitalRole(RoleHooks):
 
     # --- design export: approved designs into the hospital's PACS (Encapsulated STL) -----
     def _init_design_export(self, core: CoreServices) -> None:
-        from hospital_node.pacs_scu import send_to_pacs  # the only pynetdicom SCU
+        from hospital_node.wire.pacs_scu import send_to_pacs  # the only pynetdicom SCU
 
         ctx = self.ctx
         self.design_exporter = DesignExporter(

@@ -4,7 +4,7 @@ Runs only inside the hospital: the instance carries the real patient's identity,
 taken from an *original* (identified) instance of the study the design was made from,
 so that in the PACS the implant appears in the patient's own study. Nothing built
 here is ever sent to another node (the outgoing guard refuses identifiable DICOM).
-Sending it to the PACS is :func:`hospital_node.pacs_scu.send_to_pacs`.
+Sending it to the PACS is :func:`hospital_node.wire.pacs_scu.send_to_pacs`.
 
 The instance follows the Encapsulated STL IOD (PS3.3 A.85.1; SOP Class
 1.2.840.10008.5.1.4.1.1.104.3), module by module:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway import pki
-from gateway.client import NodeClient
 from gateway.config import load_config, render_config
 from gateway.roles import RoleRegistry
 from gateway.rpc.channel import ClientCredentials
+from gateway.rpc.client import NodeClient
 from yigong_node.compose import build_node
 
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.catalog import Catalog, TransferRecord
-from gateway.client import NodeClient
 from gateway.config import NodeConfig, load_config
+from gateway.rpc.client import NodeClient
 from tests.cluster import Federation, NodeProcess, pin_port, wait_for, write_config
 from tests.dicom_factory import StudyInfo, ct_series, to_part10
 from yigong.v1 import factory_pb2, factory_pb2_grpc, hospital_pb2, hospital_pb2_grpc

@@ -25,9 +25,9 @@ from gateway.audit import (
     read_events,
     verify_log,
 )
-from gateway.client import NodeClient
 from gateway.config import load_config
 from gateway.errors import ConfigError, PermissionDenied, ValidationError
+from gateway.rpc.client import NodeClient
 from gateway.rpc.witness import GrpcWitnessLink
 from tests.cluster import (
     Federation,

@@ -53,15 +53,15 @@ ALLOWED: dict[tuple[str, str], str] = {
         "client side: a person's key signs records, a node's cannot (a usage check on "
         "local files, not a decision about a caller)"
     ),
-    ("gateway/cli_config.py", "_node_cert"): (
+    ("gateway/cli/config.py", "_node_cert"): (
         "configuration check: the node's own certificate is the one its config names"
     ),
-    ("gateway/cli_connect.py", "connect"): (
+    ("gateway/cli/connect.py", "connect"): (
         "client side: the CLI checks which node it reached before sending a command"
     ),
     ("gateway/config.py", "_check"): "configuration validation of node.role",
-    ("gateway/demo.py", "NodeProc.info"): "the demo's printed instructions per node role",
-    ("gateway/demo.py", "Demo.write_config"): "the demo's node configuration per role",
+    ("gateway/demo/__init__.py", "NodeProc.info"): "the demo's printed instructions per node role",
+    ("gateway/demo/__init__.py", "Demo.write_config"): "the demo's node configuration per role",
     ("gateway/identity.py", "Identity.label"): "formatting a label, no decision",
     ("gateway/rpc/auth.py", "Gatekeeper.audit_refusal"): (
         "an audit field (the peer node of a refusal), no decision"

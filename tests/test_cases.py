@@ -19,16 +19,16 @@ from factory_node.role import FactoryRole
 from gateway import authz
 from gateway.cases import CaseService
 from gateway.cases.chain import Verified
-from gateway.cases.cli import register as register_case_cli
-from gateway.cases.client import CaseClient
 from gateway.cases.records import Envelope, Record, canonical_bytes, genesis_hash
 from gateway.cases.schema import CaseFormatError, validate_data
 from gateway.cases.signing import PersonSigner
 from gateway.cases.workflow import CaseState, Parties, SignerRefused, apply
-from gateway.client import NodeClient
+from gateway.cli.cases import register as register_case_cli
 from gateway.config import PeerSection, load_config
 from gateway.errors import PermissionDenied, ValidationError
 from gateway.pki import IssuedCert, load_private_key, sign
+from gateway.rpc.cases_client import CaseClient
+from gateway.rpc.client import NodeClient
 from gateway.server import Node
 from hospital_node.ingest import Ingest
 from hospital_node.role import HospitalRole

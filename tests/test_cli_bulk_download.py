@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli_download import part_path
+from gateway.cli.download import part_path
 from gateway.roles import CORE_ONLY
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.test_factory import deid_series, uids

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli_progress import Reporter, human_bytes
-from gateway.cli_send import EXIT_FAILED, EXIT_TIMEOUT
+from gateway.cli.progress import Reporter, human_bytes
+from gateway.cli.send import EXIT_FAILED, EXIT_TIMEOUT
 from tests.cluster import Federation, InProcessNode, write_config
 from tests.outbound_files import clean_pdf
 from yigong_node.cli import main

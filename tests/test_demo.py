@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.client import NodeClient
 from gateway.demo import CASE_ID
-from gateway.demo_data import FICTITIOUS_ID, FICTITIOUS_NAME, clean_pdf
-from gateway.demo_steps import PDF_NAME, SLICES
+from gateway.demo.data import FICTITIOUS_ID, FICTITIOUS_NAME, clean_pdf
+from gateway.demo.steps import PDF_NAME, SLICES
 from gateway.hashing import sha256_hex
 from gateway.rpc.channel import ClientCredentials
+from gateway.rpc.client import NodeClient
 
 PDF = clean_pdf(f"Design review for case {CASE_ID}")
 DIGEST = sha256_hex(PDF)

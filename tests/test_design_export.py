@@ -28,10 +28,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from gateway.cases.client import CaseClient
 from gateway.cases.signing import PersonSigner
 from gateway.config import PacsSection, PeerSection
 from gateway.pki import IssuedCert
+from gateway.rpc.cases_client import CaseClient
 from hospital_node.role import HospitalRole
 from hospital_node.stl_export import ENCAPSULATED_STL_STORAGE, encapsulated_document
 from tests.cluster import Federation, InProcessNode, wait_for, write_config

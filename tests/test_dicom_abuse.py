@@ -32,9 +32,9 @@ from gateway.config import load_config
 from gateway.errors import ConfigError, NotFound
 from gateway.hashing import sha256_hex
 from hospital_node.ingest import Filing, wrap_dataset
-from hospital_node.scp import DicomServer
 from hospital_node.spool import DicomSpool
 from hospital_node.studies import StudyCatalog
+from hospital_node.wire.scp import DicomServer
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.dicom_factory import SeriesInfo, StudyInfo, ct_series, to_part10
 

@@ -22,9 +22,9 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from gateway.audit import DICOM_INSTANCE_RECEIVED, AuditLog
 from gateway.catalog import Catalog
-from gateway.client import NodeClient
 from gateway.errors import StorageError
 from gateway.hashing import sha256_hex
+from gateway.rpc.client import NodeClient
 from gateway.storage.filesystem import FilesystemStore
 from hospital_node.ingest import Ingest, wrap_dataset
 from hospital_node.spool import DicomSpool

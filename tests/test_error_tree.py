@@ -4,8 +4,8 @@ Every exception class defined in gateway/, hospital_node/ and factory_node/ is a
 YigongError drawn in the tree of ``gateway/errors.py`` (or a control-flow exception
 drawn in that docstring's second tree, with the reason it may stay outside); the
 drawing matches the real class hierarchy and its ``[retry]`` marks; every YigongError
-has a row in the gRPC table (``gateway.grpc_status.CODES``) and in the DIMSE table
-(``hospital_node.dimse.STATUSES``), and the two answer "send again later" for exactly
+has a row in the gRPC table (``gateway.rpc.status.CODES``) and in the DIMSE table
+(``hospital_node.wire.dimse.STATUSES``), and the two answer "send again later" for exactly
 the classes whose ``retryable`` is true. Like httpx's exported-members test: adding a
 class without drawing it and giving it both rows fails here.
 """
@@ -23,8 +23,8 @@ import grpc
 import pytest
 
 from gateway import errors as e
-from gateway.grpc_status import CODES, RETRY_LATER, error_from_rpc, status_for
-from hospital_node import dimse
+from gateway.rpc.status import CODES, RETRY_LATER, error_from_rpc, status_for
+from hospital_node.wire import dimse
 
 PACKAGES = ("gateway", "hospital_node", "factory_node")
 

@@ -17,9 +17,9 @@ from pydicom import dcmread
 
 from factory_node.role import FactoryRole
 from factory_node.studies import StudySummary, SuitabilityRecord
-from gateway.client import NodeClient
 from gateway.fidelity.dicom import geometry_hash, pixel_hash
 from gateway.roles import CORE_ONLY
+from gateway.rpc.client import NodeClient
 from gateway.storage import ObjectStore
 from gateway.transfer.model import Announce
 from gateway.transfer.receipts import verify_receipt

@@ -9,7 +9,10 @@ under ``if TYPE_CHECKING:`` are annotations only and never run, so they make no 
 the cycle check; the role check counts them too (the core does not even name a role).
 The wiring check reads every assignment: a service's collaborators (hooks, telemetry,
 facts hooks, the gatekeeper's callers...) are constructor arguments, never set on the
-object from outside (``node.outbox.hooks = ...``). See docs/architecture.md.
+object from outside (``node.outbox.hooks = ...``). The layer check: only the wire
+folders (``gateway/rpc/``, ``gateway/cli/``, ``hospital_node/wire/``,
+``factory_node/wire/``) and the modules of ``WIRE_EXEMPT`` import grpc, pynetdicom,
+argparse or a wire module. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -143,7 +146,7 @@ def test_graph_covers_every_package_and_sees_lazy_imports() -> None:
     assert len(runtime) > 100
     # gateway.cli imports its command groups inside build_parser (lazily); the
     # composition root imports both roles' registrations: the graph sees these edges.
-    assert "gateway.cli_demo" in runtime["gateway.cli"]
+    assert "gateway.cli.demo" in runtime["gateway.cli"]
     assert "hospital_node.registration" in runtime["yigong_node.roles"]
     assert "factory_node.registration" in runtime["yigong_node.roles"]
 
@@ -296,3 +299,133 @@ def test_an_unknown_role_is_a_clear_configuration_error() -> None:
     with pytest.raises(ConfigError, match=r"node.toml: node role 'hospital' is not one this "
                        r"program knows \(core, factory\)"):  # fmt: skip
         registry.get("hospital", "node.toml")
+
+
+# --- Layers in the tree: wire adapters in their folders, the domain beside them ---------
+
+WIRE_FOLDERS = ("gateway.rpc", "gateway.cli", "hospital_node.wire", "factory_node.wire")
+"""The wire adapters: gRPC servicers, clients and edge (``gateway/rpc/``), the core's
+command line (``gateway/cli/``), each role's DICOM, gRPC and CLI adapters
+(``*/wire/``). Everything else in the packages is domain or infrastructure."""
+
+WIRE_LIBRARIES = ("grpc", "grpc_health", "pynetdicom", "argparse")
+"""What only a wire adapter imports (a generated ``*_pb2_grpc`` module counts as grpc)."""
+
+WIRE_EXEMPT: dict[str, str] = {
+    "yigong_node": "the composition root: builds the node and the program from every layer",
+    "gateway.server": "the running node: starts the gRPC server with the servicers, the "
+    "gatekeeper interceptor, the TLS terminator and the health service; builds no domain "
+    "service",
+    "gateway.telemetry": "infrastructure around the wire: OpenTelemetry interceptors for "
+    "gRPC channels and the server",
+    "gateway.demo": "drives two real nodes from outside, like a user: a PACS (pynetdicom) "
+    "and the gRPC clients",
+    "hospital_node.role": "the role's assembly: builds its SCP, gRPC servicer and PACS "
+    "sender on the domain services (composition, like yigong_node)",
+    "factory_node.role": "the role's assembly: builds its gRPC servicer on the domain",
+    "hospital_node.registration": "hands the role's command group to the composition root",
+    "factory_node.registration": "hands the role's command group to the composition root",
+}
+"""Modules (or packages: the name and everything under it) outside the wire folders that
+may import wire libraries and wire modules, each with its reason."""
+
+
+def _under(module: str, prefixes: Iterable[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def is_wire(module: str) -> bool:
+    return _under(module, WIRE_FOLDERS)
+
+
+def _is_wire_library(name: str) -> bool:
+    return name.split(".")[0] in WIRE_LIBRARIES or name.split(".")[-1].endswith("_pb2_grpc")
+
+
+def layer_violations(
+    sources: dict[str, tuple[str, str, bool]], exempt: Iterable[str] = ()
+) -> list[str]:
+    """``sources``: module -> (file shown in messages, source text, is a package). Every
+    runtime import, by a module neither in a wire folder nor exempt, of a wire library
+    or of a wire module, as ``file:line: module imports what (why it may not)``.
+    Imports under ``if TYPE_CHECKING:`` never run and are allowed (an annotation may
+    name a wire type; the module still works without the wire)."""
+    exempt = tuple(exempt)
+    bad: list[str] = []
+    for module, (shown, text, is_package) in sorted(sources.items()):
+        if is_wire(module) or _under(module, exempt):
+            continue
+        for candidates, line, typing_only in _imports(ast.parse(text), module, is_package):
+            if typing_only:
+                continue
+            target = next((c for c in candidates if c in sources), None)
+            library = next((c for c in reversed(candidates) if _is_wire_library(c)), None)
+            if target is not None and is_wire(target):
+                bad.append(f"{shown}:{line}: {module} imports {target} (a wire module)")
+            elif library is not None:
+                bad.append(f"{shown}:{line}: {module} imports {library} (a wire library)")
+    return bad
+
+
+def _tree_sources() -> dict[str, tuple[str, str, bool]]:
+    return {
+        module: (str(path.relative_to(ROOT)), path.read_text(), path.name == "__init__.py")
+        for module, path in modules().items()
+    }
+
+
+def test_only_wire_folders_import_grpc_pynetdicom_argparse_or_wire_modules() -> None:
+    """Domain and infrastructure modules (everything outside ``gateway/rpc/``,
+    ``gateway/cli/``, ``hospital_node/wire/``, ``factory_node/wire/`` and the exempt
+    modules, each with its reason in WIRE_EXEMPT) import neither grpc, pynetdicom nor
+    argparse, nor a wire adapter: wire -> domain call -> wire, never the reverse."""
+    bad = layer_violations(_tree_sources(), WIRE_EXEMPT)
+    assert not bad, (
+        "outside the wire folders " + ", ".join(f.replace(".", "/") + "/" for f in WIRE_FOLDERS)
+        + ":\n  " + "\n  ".join(bad)
+        + "\nmove the adapter into a wire folder, call the domain from there, or add the "
+        "module to WIRE_EXEMPT with its reason"
+    )  # fmt: skip
+
+
+def test_wire_folders_and_exemptions_exist() -> None:
+    """Every wire folder and every exemption names modules of the tree (a moved or
+    deleted module leaves no stale entry behind)."""
+    known = modules()
+    missing = [name for name in (*WIRE_FOLDERS, *WIRE_EXEMPT) if name not in known]
+    assert not missing, f"not a module or package of the tree: {missing}"
+
+
+@pytest.mark.parametrize(
+    "module, text, expected",
+    [
+        ("gateway.exchange", "import grpc\n", ["gateway/exchange.py:1: gateway.exchange "
+                                               "imports grpc (a wire library)"]),
+        ("gateway.query", "x = 1\ndef f():\n    from pynetdicom import AE\n",
+         ["gateway/query.py:3: gateway.query imports pynetdicom (a wire library)"]),
+        ("hospital_node.release", "from hospital_node.wire.dimse import STATUSES\n",
+         ["hospital_node/release.py:1: hospital_node.release imports "
+          "hospital_node.wire.dimse (a wire module)"]),
+        ("gateway.catalog", "from yigong.v1 import transfer_pb2_grpc\n",
+         ["gateway/catalog.py:1: gateway.catalog imports yigong.v1.transfer_pb2_grpc "
+          "(a wire library)"]),
+        ("gateway.roles", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+         "    import argparse\n", []),
+        ("gateway.cli.audit", "import argparse\nfrom gateway.rpc.client import NodeClient\n",
+         []),
+        ("gateway.server", "import grpc\nfrom gateway.rpc.auth import Gatekeeper\n", []),
+    ],
+)  # fmt: skip
+def test_layer_check_finds_a_wire_import_in_the_domain(
+    module: str, text: str, expected: list[str]
+) -> None:
+    """The layer check can fail: grpc, pynetdicom (lazily too), a generated gRPC stub or
+    a wire module imported by a domain module is reported with its file and line; an
+    annotation-only import, a wire module and an exempt module are not."""
+    sources = {
+        module: (module.replace(".", "/") + ".py", text, False),
+        "hospital_node.wire.dimse": ("hospital_node/wire/dimse.py", "", False),
+        "gateway.rpc.client": ("gateway/rpc/client.py", "", False),
+        "gateway.rpc.auth": ("gateway/rpc/auth.py", "", False),
+    }
+    assert layer_violations(sources, WIRE_EXEMPT) == expected

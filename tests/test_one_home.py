@@ -26,8 +26,7 @@ import grpc
 import pytest
 
 from gateway.backoff import Backoff
-from gateway.cli_download import fetch
-from gateway.client import NodeClient
+from gateway.cli.download import fetch
 from gateway.errors import (
     IntegrityError,
     NotFound,
@@ -37,6 +36,7 @@ from gateway.errors import (
 )
 from gateway.hashing import Chunk, ChunkErrors, ChunkProducer, ChunkVerifier
 from gateway.rpc.call import call_name, rpc_call, rpc_errors, rpc_stream
+from gateway.rpc.client import NodeClient
 from gateway.transfer.model import ChunkMsg
 from tests.cluster import Federation, InProcessNode
 from yigong.v1 import common_pb2, query_pb2, query_pb2_grpc

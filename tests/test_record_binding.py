@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from gateway.audit import CASE_RECORD
-from gateway.cases.client import CaseClient
 from gateway.cases.records import Envelope, genesis_hash
 from gateway.cases.signing import PersonSigner
 from gateway.errors import ValidationError
+from gateway.rpc.cases_client import CaseClient
 from hospital_node.ingest import Ingest
 from hospital_node.role import HospitalRole
 from hospital_node.vault import PatientIdentity

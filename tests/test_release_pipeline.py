@@ -27,7 +27,7 @@ from pynetdicom import AE
 
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog
-from gateway.client import NodeClient
+from gateway.rpc.client import NodeClient
 from hospital_node.deid import Deidentifier
 from hospital_node.deid_pool import DeidPool, clear_scratch
 from hospital_node.guard import read_object

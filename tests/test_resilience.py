@@ -221,7 +221,7 @@ def test_peer_down_then_sender_restarts_nothing_lost(
     src.write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
     creds = federation.creds(federation.node("hospital-1", "hospital"))
-    from gateway.client import NodeClient
+    from gateway.rpc.client import NodeClient
 
     try:
         with NodeClient(hospital.address, creds, node_id="hospital-1") as client:

@@ -20,11 +20,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway import pki
 from gateway.audit import AUTH_REFUSED, AUTHZ_REFUSED
-from gateway.client import NodeClient
 from gateway.errors import AuthenticationError, PermissionDenied, PKIError, YigongError
-from gateway.grpc_status import error_from_rpc
 from gateway.identity import node_dns_name
 from gateway.rpc.channel import ClientCredentials, open_channel
+from gateway.rpc.client import NodeClient
+from gateway.rpc.status import error_from_rpc
 from tests.cluster import Federation, InProcessNode, write_config
 from tests.outbound_files import binary_stl
 from yigong.v1 import query_pb2, query_pb2_grpc, transfer_pb2, transfer_pb2_grpc

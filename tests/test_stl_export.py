@@ -20,7 +20,6 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 
 from gateway.errors import PeerUnavailable, TransferError, ValidationError
-from hospital_node.pacs_scu import send_to_pacs
 from hospital_node.stl_export import (
     ENCAPSULATED_STL_STORAGE,
     Equipment,
@@ -29,6 +28,7 @@ from hospital_node.stl_export import (
     encapsulated_document,
     write_part10,
 )
+from hospital_node.wire.pacs_scu import send_to_pacs
 from tests.dicom_factory import (
     ACCESSION,
     PATIENT_BIRTH_DATE,

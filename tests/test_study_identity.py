@@ -22,8 +22,8 @@ from pynetdicom import AE
 
 from gateway import authz
 from gateway.audit import QUERY
-from gateway.client import NodeClient
 from gateway.identity import Identity
+from gateway.rpc.client import NodeClient
 from hospital_node.ingest import parse_instance
 from hospital_node.study_identity import StudyIdentities, StudyIdentity, identity_of
 from tests.cluster import Federation, InProcessNode, NodeProcess, wait_for, write_config

@@ -7,8 +7,9 @@
 - :mod:`gateway.cases.service`  CaseService: open, submit, show, list, next actor
 - :mod:`gateway.cases.sync`     records from the other node (receipt facts hook)
 - :mod:`gateway.cases.signing`  the person's side: build and sign a record
-- :mod:`gateway.cases.grpc_service`, :mod:`gateway.cases.client`, :mod:`gateway.cases.cli`
-  the wire and the ``yigong case`` commands (the only modules here that import grpc)
+The wire lives in the wire folders: the ``yigong.v1.Cases`` servicer
+:mod:`gateway.rpc.cases_service`, its client :mod:`gateway.rpc.cases_client` and the
+``yigong case`` commands :mod:`gateway.cli.cases`; nothing here imports grpc.
 
 Mapping to the standard's sections: docs/standard-mapping.md.
 """

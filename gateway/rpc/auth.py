@@ -42,9 +42,9 @@ from gateway.errors import (
     PKIError,
     YigongError,
 )
-from gateway.grpc_status import status_for
 from gateway.identity import URN_PREFIX, Identity
 from gateway.pki import TrustStore
+from gateway.rpc.status import status_for
 from gateway.rpc.terminator import Caller, HandshakeRefusal
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ Every call this code base makes on a peer's or a node's stub goes through
 :func:`rpc_call` (unary and client-streaming calls) or :func:`rpc_stream` (a
 server stream, iterated), or — for a call whose result is consumed in several
 steps — sits inside :func:`rpc_errors`. Each turns a :class:`grpc.RpcError` into
-the :mod:`gateway.errors` class that :func:`gateway.grpc_status.error_from_rpc`
+the :mod:`gateway.errors` class that :func:`gateway.rpc.status.error_from_rpc`
 (the one gRPC→error translation) names for its status code, with the peer and the
 call in the message ("peer factory-1 at host:port answered UNAVAILABLE to Offer:
 ..."). A call site that knows better what a status means for it (``UNIMPLEMENTED``
@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 
 from gateway.errors import YigongError
-from gateway.grpc_status import error_from_rpc
+from gateway.rpc.status import error_from_rpc
 
 R = TypeVar("R")
 

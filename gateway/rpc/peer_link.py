@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import grpc
 
-from gateway.grpc_status import error_from_rpc
 from gateway.rpc.channel import ClientCredentials, open_channel
+from gateway.rpc.status import error_from_rpc
 from gateway.rpc.wire import announce_to_pb
 from gateway.telemetry import Telemetry
 from gateway.transfer.model import (

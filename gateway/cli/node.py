@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.cli_download import add_download_options, run_download
-from gateway.cli_progress import add_progress_options
-from gateway.cli_send import add_send_options, run_send
-from gateway.cli_send import message_dict as _dict
-from gateway.client import NodeClient
+from gateway.cli.download import add_download_options, run_download
+from gateway.cli.progress import add_progress_options
+from gateway.cli.send import add_send_options, run_send
+from gateway.cli.send import message_dict as _dict
 from gateway.config import load_config
+from gateway.rpc.client import NodeClient
 from yigong.v1 import common_pb2
 
 if TYPE_CHECKING:
@@ -50,8 +50,8 @@ def add_connection_options(p: argparse.ArgumentParser) -> None:
 
 def connect(args: argparse.Namespace) -> NodeClient:
     """A client from --config or --address/--cert/--key/--ca (or YIGONG_* variables);
-    see :mod:`gateway.cli_connect`."""
-    from gateway.cli_connect import connect as resolve_and_connect
+    see :mod:`gateway.cli.connect`."""
+    from gateway.cli.connect import connect as resolve_and_connect
 
     return resolve_and_connect(args)
 

@@ -1,7 +1,7 @@
 """``yigong demo`` on the command line: the options, the story run, the clean-up.
 
 The federation and its two node processes are :class:`gateway.demo.Demo`; the story's
-steps are :func:`gateway.demo_steps.run_story` (which uses :mod:`gateway.demo`'s names,
+steps are :func:`gateway.demo.steps.run_story` (which uses :mod:`gateway.demo`'s names,
 so this command lives apart from both and nothing imports in a circle).
 """
 
@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from gateway.demo import Demo, tail
-from gateway.demo_steps import run_story
+from gateway.demo.steps import run_story
 from gateway.errors import ConfigError
 
 

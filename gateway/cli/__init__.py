@@ -1,6 +1,8 @@
-"""The ``yigong`` command line: the core's part.
+"""The ``yigong`` command line: the core's part (the CLI adapters of ``gateway/``).
 
-Each command group lives in its own module exposing ``register(subparsers)``;
+Each command group lives in its own module of this package exposing
+``register(subparsers)`` (``audit``, ``cases``, ``config``, ``demo``, ``node``, ``pki``;
+``connect``, ``download``, ``send``, ``progress`` are their shared helpers);
 this module puts the core's groups and the roles' groups it is given in order, prints
 :class:`~gateway.errors.YigongError` messages as ``error: ...`` and exits with status 2
 (1 for a failed check). The program itself (``yigong``, ``python -m yigong_node``) is
@@ -11,7 +13,8 @@ No traceback reaches a user: an OS error is printed as one ``error:`` line namin
 file, anything unexpected as one line naming the exception (``-vv`` logs the
 traceback). gRPC's C-core log lines (handshake and bind failures) are silenced unless
 ``-vv``: ``GRPC_VERBOSITY`` is read once, when grpc is first imported, so it is set
-here, before any module that imports grpc.
+here, before any module that imports grpc (importing any command group of this
+package runs this first).
 """
 
 from __future__ import annotations
@@ -66,15 +69,14 @@ def build_parser(
     sub.required = True
     # Command groups, in the order of the help text. Role commands (study, factory)
     # live with their role and come in as role_groups; the rest are the shared core's.
-    from gateway import cli_audit, cli_config, cli_demo, cli_node, cli_pki
-    from gateway.cases import cli as cli_case
+    from gateway.cli import audit, cases, config, demo, node, pki
 
-    cli_pki.register(sub)
-    cli_node.register(sub, build_node=build_node)
-    cli_demo.register(sub)
+    pki.register(sub)
+    node.register(sub, build_node=build_node)
+    demo.register(sub)
     for register in role_groups:
         register(sub)
-    for group in (cli_case, cli_audit, cli_config):
+    for group in (cases, audit, config):
         group.register(sub)
     return parser
 
@@ -118,7 +120,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -4,7 +4,7 @@ Everything is real: a federation CA, node and person certificates, two ``yigong 
 child processes speaking mTLS gRPC on 127.0.0.1, the hospital's DICOM SCP receiving a
 synthetic CT study by C-STORE (pynetdicom plays the PACS), a clinician's confirmation,
 de-identification, verified transfers with signed receipts, the factory's suitability
-check and an engineer downloading the study. The steps are in :mod:`gateway.demo_steps`.
+check and an engineer downloading the study. The steps are in :mod:`gateway.demo.steps`.
 
 Ports: both nodes listen on ``127.0.0.1:0`` (the kernel picks a free port, so there is no
 pick-then-bind race); so does the hospital's DICOM SCP. The factory starts first; its
@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from gateway import pki
-from gateway.client import NodeClient
 from gateway.config import render_config
 from gateway.errors import YigongError
 from gateway.rpc.channel import ClientCredentials
+from gateway.rpc.client import NodeClient
 
 log = logging.getLogger(__name__)
 

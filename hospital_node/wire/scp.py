@@ -3,7 +3,7 @@
 Thin (DESIGN.md "Rules of the house"): a handler takes what came over the wire to a
 domain call — :meth:`hospital_node.spool.DicomSpool.receive` (durable and validated;
 filed right after) — and its outcome back to a
-DIMSE status via the one translator :mod:`hospital_node.dimse`. Decisions here are
+DIMSE status via the one translator :mod:`hospital_node.wire.dimse`. Decisions here are
 only about the association: who may associate, and TCP details.
 
 - Presentation contexts: every storage SOP Class pynetdicom knows, with the transfer
@@ -60,9 +60,9 @@ from gateway.audit import DICOM_ASSOCIATION_ACCEPTED, DICOM_ASSOCIATION_REFUSED,
 from gateway.config import DicomSection
 from gateway.errors import ConfigError, ShuttingDown, YigongError
 from gateway.telemetry import Telemetry
-from hospital_node import dimse
 from hospital_node.ingest import wrap_dataset
 from hospital_node.spool import DicomSpool
+from hospital_node.wire import dimse
 
 log = logging.getLogger(__name__)
 

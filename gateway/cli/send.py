@@ -23,11 +23,11 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from gateway.cli_progress import Reporter, Task
-from gateway.client import NodeClient
+from gateway.cli.progress import Reporter, Task
 from gateway.config import load_config
 from gateway.errors import ConfigError, ReceiptError, YigongError
 from gateway.pki import TrustStore
+from gateway.rpc.client import NodeClient
 from gateway.transfer.receipts import verify_receipt
 from yigong.v1 import common_pb2, exchange_pb2
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.cases.signing import PersonSigner
-from gateway.client import NodeClient
 from gateway.rpc.call import rpc_call
+from gateway.rpc.client import NodeClient
 from yigong.v1 import case_pb2, case_pb2_grpc
 
 

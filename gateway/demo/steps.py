@@ -32,7 +32,7 @@ from gateway.demo import (
     QUIET_PERIOD_SECONDS,
     Demo,
 )
-from gateway.demo_data import FICTITIOUS_NAME, FICTITIOUS_STRINGS, clean_pdf, ct_series
+from gateway.demo.data import FICTITIOUS_NAME, FICTITIOUS_STRINGS, clean_pdf, ct_series
 from gateway.errors import ReceiptError, TransferError, YigongError
 from gateway.hashing import sha256_hex
 from gateway.rpc.call import rpc_call

@@ -1,6 +1,6 @@
 """The one translation from :mod:`gateway.errors` to DIMSE C-STORE status codes.
 
-Like :mod:`gateway.grpc_status` for gRPC: the SCP asks :func:`store_response` which
+Like :mod:`gateway.rpc.status` for gRPC: the SCP asks :func:`store_response` which
 status (and Error Comment) an error is answered with; nothing else in the node picks a
 status code. An error the sender should send again later
 (:attr:`gateway.errors.YigongError.retryable`) gets an ``0xA7xx`` status and no other

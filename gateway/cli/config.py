@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import pki
-from gateway.cli_connect import Target, check_credentials, probe
+from gateway.cli.connect import Target, check_credentials, probe
 from gateway.config import NodeConfig, load_config
 from gateway.errors import YigongError
 from gateway.identity import identity_from_certificate

@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.cases.client import CaseClient
 from gateway.cases.describe import (
     describe_type,
     expand_hashes,
@@ -38,8 +37,9 @@ from gateway.cases.describe import (
 )
 from gateway.cases.schema import TYPES, describe_fields
 from gateway.cases.signing import PersonSigner
-from gateway.cli_node import _dict, _t, _table, add_connection_options, connect
+from gateway.cli.node import _dict, _t, _table, add_connection_options, connect
 from gateway.errors import ConfigError, ValidationError
+from gateway.rpc.cases_client import CaseClient
 from yigong.v1 import case_pb2
 
 

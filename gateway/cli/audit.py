@@ -33,13 +33,13 @@ from gateway.audit import (
 )
 from gateway.audit_witness import Witnessed
 from gateway.catalog import Catalog
-from gateway.cli_node import _table
-from gateway.cli_progress import Reporter, add_progress_options
-from gateway.client import NodeClient
+from gateway.cli.node import _table
+from gateway.cli.progress import Reporter, add_progress_options
 from gateway.config import NodeConfig, load_config
 from gateway.errors import ValidationError, YigongError
 from gateway.reconcile import Finding, SharedBatch, SharedTransfer, reconcile
 from gateway.rpc.channel import ClientCredentials
+from gateway.rpc.client import NodeClient
 from gateway.rpc.witness import GrpcWitnessLink
 
 

@@ -36,7 +36,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from gateway import pki
-from gateway.client import NodeClient
 from gateway.config import load_config
 from gateway.errors import (
     CertificateError,
@@ -47,6 +46,7 @@ from gateway.errors import (
 )
 from gateway.identity import Identity, identity_from_certificate, node_dns_name
 from gateway.rpc.channel import ClientCredentials
+from gateway.rpc.client import NodeClient
 
 log = logging.getLogger(__name__)
 

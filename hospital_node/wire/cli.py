@@ -25,9 +25,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from gateway.cli_node import _dict, _t, _table, add_connection_options, connect
-from gateway.client import NodeClient
+from gateway.cli.node import _dict, _t, _table, add_connection_options, connect
 from gateway.rpc.call import rpc_call
+from gateway.rpc.client import NodeClient
 from yigong.v1 import hospital_pb2, hospital_pb2_grpc
 
 CONFIRM_TIMEOUT_SECONDS = 900.0

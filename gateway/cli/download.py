@@ -29,11 +29,11 @@ from pathlib import Path
 
 import grpc
 
-from gateway.cli_progress import Reporter, Task, human_bytes
-from gateway.client import NodeClient
+from gateway.cli.progress import Reporter, Task, human_bytes
 from gateway.errors import IntegrityError, NotFound, ValidationError, YigongError
 from gateway.hashing import ChunkErrors, ChunkVerifier, hash_file, iter_file_chunks
 from gateway.rpc.call import rpc_call, rpc_stream
+from gateway.rpc.client import NodeClient
 from yigong.v1 import common_pb2, factory_pb2, factory_pb2_grpc, query_pb2
 
 HASH_BLOCK = 1024 * 1024

@@ -8,9 +8,9 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from gateway.cli_node import _dict, _t, _table, add_connection_options, connect
-from gateway.client import NodeClient
+from gateway.cli.node import _dict, _t, _table, add_connection_options, connect
 from gateway.rpc.call import rpc_call
+from gateway.rpc.client import NodeClient
 from yigong.v1 import factory_pb2, factory_pb2_grpc
 
 R = TypeVar("R")
