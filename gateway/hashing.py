@@ -14,6 +14,7 @@ SHA-256 is computed anywhere else.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Generic, NamedTuple, TypeVar, overload
@@ -65,6 +66,29 @@ def iter_file_chunks(
         if not block:
             return
         yield block
+
+
+def iter_fd_region(
+    fd: int, start: int = 0, end: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[bytes]:
+    """Yield bytes ``[start, end)`` of the open file descriptor ``fd`` (to its end with
+    ``end=None``) in blocks of at most ``chunk_bytes``; stops early at end of file.
+
+    Reads with ``os.pread``: the descriptor's position is left alone, so a file still
+    being appended to through another descriptor (a receiver's spool) can be read back
+    region by region while it grows."""
+    pos = start
+    while end is None or pos < end:
+        block = os.pread(fd, chunk_bytes if end is None else min(chunk_bytes, end - pos), pos)
+        if not block:
+            return
+        yield block
+        pos += len(block)
+
+
+def hash_fd(fd: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[str, int]:
+    """SHA-256 hex and size of the whole file open as ``fd`` (read with ``pread``)."""
+    return hash_chunks(iter_fd_region(fd, 0, None, chunk_bytes))
 
 
 def hash_chunks(chunks: Iterable[bytes]) -> tuple[str, int]:

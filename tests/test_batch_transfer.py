@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from gateway.catalog import MIGRATIONS, Catalog, ObjectRecord
-from gateway.errors import IntegrityError, ReceiptError, TransferError, YigongError
+from gateway.errors import (
+    IntegrityError,
+    ReceiptError,
+    TransferError,
+    ValidationError,
+    YigongError,
+)
 from gateway.rpc.peer_link import GrpcPeerLink
 from gateway.transfer.manifest import (
     Entry,
@@ -213,6 +219,56 @@ def test_corrupted_chunk_in_a_batch_is_refused_and_nothing_of_it_is_stored(
         if e.transfer_id == "tid-bad-00001"  # type: ignore[attr-defined]
     ]
     assert alert.details["where"] == "chunk at offset 131072"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("fault", "text"),
+    [
+        ("offset", "transfer tid-skip-0001: chunk at offset 65536, expected 0"),
+        (
+            "past_end",
+            "transfer tid-skip-0001: chunk of 65536 bytes at {last} exceeds the chunk limit "
+            "or the announced size",
+        ),
+    ],
+)
+def test_batch_chunk_out_of_place_or_past_the_announced_size_is_refused_with_its_offsets(
+    pair: tuple[InProcessNode, InProcessNode], tmp_path: Path, fault: str, text: str
+) -> None:
+    """A chunk that skips ahead or runs past the announced size fails the batch stream.
+
+    The batch receiver checks each chunk through the one ChunkVerifier; the sender sees a
+    ValidationError naming the peer, PushBatch, the transfer id and the offsets; nothing
+    of the object is stored."""
+    hospital, factory = pair
+    (obj,) = _submit(hospital, tmp_path, 1, size=200_000)
+    data = b"".join(hospital.node.store.open_read(obj.object_id))
+    chunk = 64 * 1024
+    last = (len(data) // chunk) * chunk
+
+    def items() -> Iterator[BatchItem]:
+        yield BatchStartMsg(f"batch-{fault.replace('_', '-')}-1", "case-b", "", "objects")
+        for item in _object_items("tid-skip-0001", obj, data, chunk=chunk, end=False):
+            if fault == "offset" and isinstance(item, ChunkMsg) and item.offset == 0:
+                continue  # the first chunk is left out: the next arrives out of place
+            if fault == "past_end" and isinstance(item, ChunkMsg) and item.offset == last:
+                piece = (item.data + bytes(chunk))[:chunk]  # longer than what is left
+                item = ChunkMsg(item.offset, piece, hashlib.sha256(piece).digest())
+            yield item
+        yield EndMsg(obj.object_id, obj.size)
+        yield BatchEndMsg(("tid-skip-0001",))
+
+    link = _link(hospital, factory)
+    try:
+        with pytest.raises(ValidationError) as err:
+            _acks(link, items())
+    finally:
+        link.close()
+    assert str(err.value).startswith(f"peer {FACTORY} at {factory.address} answered ")
+    assert " to PushBatch: " in str(err.value)
+    assert str(err.value).endswith(text.format(last=last))
+    assert factory.node.catalog.find_object(obj.object_id) is None
+    assert factory.node.store.size(obj.object_id) is None
 
 
 def test_interrupted_batch_resumes_held_objects_skipped_partial_object_at_its_offset(

@@ -15,7 +15,7 @@ import pytest
 
 from gateway import pki
 from gateway.errors import RevokedCertificate
-from tests.cluster import Federation, InProcessNode, write_config
+from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.outbound_files import clean_pdf
 from yigong_node.cli import build_parser, main
 
@@ -260,6 +260,11 @@ def test_transfers_table_shows_the_last_error(
     src.write_bytes(clean_pdf())
     with hospital.self_client() as client:
         tid = client.submit(src, ["factory-1"], case_id="case-e").queued[0].transfer_id
+    # the factory is up: let the send finish first, or its success clears the error set here
+    wait_for(
+        lambda: hospital.node.catalog.get_transfer(tid, "outbound").status == "done",
+        what=f"transfer {tid} done",
+    )
     with hospital.node.catalog.transaction() as db:
         db.execute(
             "UPDATE transfers SET last_error = ? WHERE transfer_id = ?",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import random
 from collections.abc import Iterator
 from concurrent import futures
@@ -34,7 +35,14 @@ from gateway.errors import (
     ValidationError,
     YigongError,
 )
-from gateway.hashing import Chunk, ChunkErrors, ChunkProducer, ChunkVerifier
+from gateway.hashing import (
+    Chunk,
+    ChunkErrors,
+    ChunkProducer,
+    ChunkVerifier,
+    hash_fd,
+    iter_fd_region,
+)
 from gateway.rpc.call import call_name, rpc_call, rpc_errors, rpc_stream
 from gateway.rpc.client import NodeClient
 from gateway.transfer.model import ChunkMsg
@@ -46,21 +54,12 @@ PACKAGES = ("gateway", "hospital_node", "factory_node")
 
 # -- where the code lives ------------------------------------------------------------------
 
-PENDING_A = "helper A converts gateway/transfer/ (and its peer link) to the one API (#15.4)"
-PENDING: dict[str, str] = {
-    # file, or folder ending in "/" -> why it is exempt from all three scans for now.
-    # Once converted, delete the row (gateway/transfer/manifest.py then needs a row in
-    # SHA256_ALLOWED: its Merkle tree hashes manifest entries, not object bytes).
-    "gateway/transfer/": PENDING_A,
-    "gateway/rpc/peer_link.py": PENDING_A,
-}
-
 SHA256_ALLOWED: dict[str, str] = {
     # file -> why it may call hashlib.sha256 itself (never on a chunk: see CHUNK_NAMES)
     "gateway/hashing.py": "the one hasher",
     "gateway/server.py": "fingerprint of the node's config file (audit), not object bytes",
-    "gateway/transfer/readback.py": "whole-object SHA-256 of spool bytes re-read from disk",
-    "gateway/transfer/receiver.py": "digest of a file name for the audit (names may be PHI)",
+    "gateway/transfer/manifest.py": "Merkle tree of a batch manifest: hashes the manifest's "
+    "entries (transfer id, object id, size, facts) and inner nodes, never object bytes",
     "hospital_node/release.py": "digests of a recipient context, a confirmation body and a "
     "de-identified object held whole in memory",
     "hospital_node/outbound/identifiers.py": "fingerprint of the identifier pattern set",
@@ -81,10 +80,8 @@ BACKOFF_ALLOWED: dict[str, str] = {
 
 
 def _allowed(rel: str, table: dict[str, str]) -> bool:
-    """``rel`` is listed in ``table`` or in PENDING (a key ending in "/" is a folder)."""
-    return any(
-        rel == key or (key.endswith("/") and rel.startswith(key)) for key in (*table, *PENDING)
-    )
+    """``rel`` is listed in ``table`` (a key ending in "/" is a folder)."""
+    return any(rel == key or (key.endswith("/") and rel.startswith(key)) for key in table)
 
 
 def _sources() -> Iterator[tuple[str, ast.Module]]:
@@ -214,7 +211,7 @@ def test_no_backoff_loop_of_its_own() -> None:
 
 def test_every_listed_exception_names_an_existing_file() -> None:
     """The allowance lists name files (or folders) that exist: a moved file is listed anew."""
-    lists = (PENDING, SHA256_ALLOWED, CHUNK_SHA256_ALLOWED, RPC_ERROR_ALLOWED, BACKOFF_ALLOWED)
+    lists = (SHA256_ALLOWED, CHUNK_SHA256_ALLOWED, RPC_ERROR_ALLOWED, BACKOFF_ALLOWED)
     missing = sorted({f for allowed in lists for f in allowed if not (ROOT / f).exists()})
     assert not missing, f"allowances for files that do not exist: {missing}"
 
@@ -359,6 +356,30 @@ def test_verifier_options_for_uploads_and_downloads() -> None:
     download = ChunkVerifier(skip_empty=True)
     download.check(12345, b"", b"")  # the header message: no bytes, no offset to check
     assert download.position == 0
+
+
+def test_fd_region_reads_a_growing_file_by_region_and_hash_fd_hashes_it_whole(
+    tmp_path: Path,
+) -> None:
+    """iter_fd_region reads [start, end) of a file that is still growing; hash_fd hashes it.
+
+    Blocks are at most chunk_bytes, reading stops at end of file (a spool still being
+    appended to), and hash_fd gives the whole file's SHA-256 and size."""
+    path = tmp_path / "spool.part"
+    path.write_bytes(PAYLOAD[:6000])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        blocks = list(iter_fd_region(fd, 1000, 5000, chunk_bytes=1500))
+        assert [len(b) for b in blocks] == [1500, 1500, 1000]
+        assert b"".join(blocks) == PAYLOAD[1000:5000]
+        assert b"".join(iter_fd_region(fd, 4096, 99_999)) == PAYLOAD[4096:6000]  # short file
+        with open(path, "ab") as fh:  # the file grows behind the reader
+            fh.write(PAYLOAD[6000:])
+        assert b"".join(iter_fd_region(fd, 6000)) == PAYLOAD[6000:]
+        assert hash_fd(fd, chunk_bytes=STEP) == (DIGEST, len(PAYLOAD))
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 0  # pread: the position is untouched
+    finally:
+        os.close(fd)
 
 
 class _Worded(ChunkErrors):

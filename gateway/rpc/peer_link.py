@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import grpc
-
+from gateway.rpc.call import rpc_call, rpc_errors
 from gateway.rpc.channel import ClientCredentials, open_channel
-from gateway.rpc.status import error_from_rpc
 from gateway.rpc.wire import announce_to_pb
 from gateway.telemetry import Telemetry
 from gateway.transfer.model import (
@@ -52,36 +50,44 @@ class GrpcPeerLink:
         )
 
     def identify(self) -> bytes:
-        try:
-            reply = self._stub.Identify(transfer_pb2.IdentifyRequest(), timeout=self._timeout)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target) from exc
+        reply = rpc_call(
+            self._stub.Identify,
+            transfer_pb2.IdentifyRequest(),
+            target=self.target,
+            timeout=self._timeout,
+            call="Identify",
+        )
         return bytes(reply.node_certificate)
 
     def offer(self, transfer_id: str, announce: Announce) -> OfferResult:
         request = transfer_pb2.OfferRequest(
             transfer_id=transfer_id, object=announce_to_pb(announce)
         )
-        try:
-            reply = self._stub.Offer(request, timeout=self._timeout, wait_for_ready=False)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target) from exc
+        reply = rpc_call(
+            self._stub.Offer,
+            request,
+            target=self.target,
+            timeout=self._timeout,
+            call="Offer",
+            wait_for_ready=False,
+        )
         receipt = reply.receipt.SerializeToString() if reply.complete else None
         return OfferResult(reply.resume_offset, reply.complete, receipt)
 
     def push(self, items: Iterator[PushItem]) -> bytes:
-        try:
-            reply = self._push(_to_pb(items))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target) from exc
+        # no deadline: a push lasts as long as the object takes at the link's speed
+        reply = rpc_call(self._push, _to_pb(items), target=self.target, timeout=None, call="Push")
         return bytes(reply.SerializeToString())
 
     def batch_status(self, batch_id: str) -> BatchStatusResult:
         request = transfer_pb2.BatchStatusRequest(batch_id=batch_id)
-        try:
-            reply = self._stub.BatchStatus(request, timeout=self._timeout)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target) from exc
+        reply = rpc_call(
+            self._stub.BatchStatus,
+            request,
+            target=self.target,
+            timeout=self._timeout,
+            call="BatchStatus",
+        )
         return BatchStatusResult(
             tuple(
                 BatchObjectState(s.transfer_id, s.object_id, s.held, s.resume_offset)
@@ -94,14 +100,13 @@ class GrpcPeerLink:
         """Stream ``items``; yields the receiver's acknowledgements as they arrive."""
         call = self._stub.PushBatch(_batch_to_pb(items))
         try:
-            for ack in call:
-                kind = ack.WhichOneof("kind")
-                if kind == "stored":
-                    yield StoredAck(ack.stored.transfer_id, ack.stored.sha256)
-                elif kind == "receipt":
-                    yield ManifestAck(ack.receipt.SerializeToString())
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target) from exc
+            with rpc_errors(self.target, "PushBatch"):
+                for ack in call:
+                    kind = ack.WhichOneof("kind")
+                    if kind == "stored":
+                        yield StoredAck(ack.stored.transfer_id, ack.stored.sha256)
+                    elif kind == "receipt":
+                        yield ManifestAck(ack.receipt.SerializeToString())
         finally:
             call.cancel()
 

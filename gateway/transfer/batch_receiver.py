@@ -29,7 +29,6 @@ the object is then sent again from 0.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import queue
@@ -38,7 +37,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from gateway.catalog import BatchRecord, utcnow
 from gateway.errors import (
@@ -49,7 +48,7 @@ from gateway.errors import (
     ValidationError,
     YigongError,
 )
-from gateway.hashing import DEFAULT_CHUNK_BYTES, hash_chunks
+from gateway.hashing import ChunkVerifier, hash_chunks, hash_fd, sha256_hex
 from gateway.identity import Identity
 from gateway.storage.filesystem import FilesystemStore
 from gateway.transfer.manifest import Entry, make_manifest
@@ -65,6 +64,7 @@ from gateway.transfer.model import (
     EndMsg,
     ManifestAck,
     ObjectStartMsg,
+    PeerChunkErrors,
     StoredAck,
     check_transfer_id,
 )
@@ -95,6 +95,7 @@ class _Open:
     written: int
     has_row: bool
     started_at: str
+    verifier: ChunkVerifier
 
 
 @dataclass
@@ -313,24 +314,21 @@ class _Run:
                 f"transfer {tid}: spool file {part} cannot be opened: {exc.strerror or exc}; "
                 f"check the disk behind {r.settings.spool_dir}"
             ) from exc
-        return _Open(tid, announce, part, fd, have, has_row, utcnow())
+
+        def refuse(at: int) -> NoReturn:
+            self._refuse(tid, announce, f"chunk at offset {at}")
+
+        verifier = ChunkVerifier(
+            PeerChunkErrors(tid, refuse),
+            offset=have,
+            max_chunk=r.settings.max_chunk_bytes,
+            announced_size=announce.size,
+            whole=False,  # each spool file is read back and hashed once it is durable
+        )
+        return _Open(tid, announce, part, fd, have, has_row, utcnow(), verifier)
 
     def _chunk(self, cur: _Open, item: ChunkMsg) -> None:
-        r = self.r
-        if item.offset != cur.written:
-            raise ValidationError(
-                f"transfer {cur.transfer_id}: chunk at offset {item.offset}, expected {cur.written}"
-            )
-        if (
-            len(item.data) > r.settings.max_chunk_bytes
-            or cur.written + len(item.data) > cur.announce.size
-        ):
-            raise ValidationError(
-                f"transfer {cur.transfer_id}: chunk of {len(item.data)} bytes at "
-                f"{item.offset} exceeds the chunk limit or the announced size"
-            )
-        if hashlib.sha256(item.data).digest() != item.sha256:
-            self._refuse(cur.transfer_id, cur.announce, f"chunk at offset {cur.written}")
+        cur.verifier.check(item.offset, item.data, item.sha256)
         view = memoryview(item.data)
         try:
             while view:
@@ -394,7 +392,7 @@ class _Run:
             )
             cur.part.unlink(missing_ok=True)
 
-    def _refuse(self, tid: str, a: Announce, what: str, *, whole: bool = False) -> None:
+    def _refuse(self, tid: str, a: Announce, what: str, *, whole: bool = False) -> NoReturn:
         r = self.r
         if r.catalog.find_transfer(tid, "inbound") is not None:
             r.catalog.update_transfer(
@@ -551,7 +549,7 @@ class _Run:
                     case_id=an.case_id or None,
                     details={
                         "size": an.size,
-                        "name_sha256": hashlib.sha256(an.name.encode()).hexdigest()[:16],
+                        "name_sha256": sha256_hex(an.name.encode())[:16],
                         "batch_id": self.batch.batch_id,
                     },
                 )
@@ -662,15 +660,7 @@ def _sync_and_hash(part: Path) -> tuple[str, int]:
     fd = os.open(part, os.O_RDONLY)
     try:
         os.fdatasync(fd)
-        hasher = hashlib.sha256()
-        pos = 0
-        while True:
-            block = os.pread(fd, DEFAULT_CHUNK_BYTES, pos)
-            if not block:
-                break
-            hasher.update(block)
-            pos += len(block)
-        return hasher.hexdigest(), pos
+        return hash_fd(fd)
     finally:
         os.close(fd)
 

@@ -20,7 +20,6 @@ catalog transaction, with the audit events written in one batch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -41,6 +40,7 @@ from gateway.errors import (
     YigongError,
 )
 from gateway.fidelity.formats import check_design_facts, is_design_media_type
+from gateway.hashing import ChunkProducer
 from gateway.transfer.manifest import Manifest, check_manifest, verify_manifest
 from gateway.transfer.model import (
     Announce,
@@ -224,22 +224,22 @@ class BatchSender:
             labels=obj.labels,
         )
         yield ObjectStartMsg(rec.transfer_id, announce, offset)
-        position = offset
         limit = o.settings.max_bytes_per_second
         began = time.monotonic()
         sent_before = state.sent_bytes
-        for data in o.store.open_read(obj.object_id, offset, o.settings.chunk_bytes):
+        blocks = o.store.open_read(obj.object_id, offset, o.settings.chunk_bytes)
+        producer = ChunkProducer(blocks, offset=offset, make=ChunkMsg)
+        for chunk in producer:
             if o._stop.is_set():
                 state.stopped = True
                 return
-            yield ChunkMsg(position, data, hashlib.sha256(data).digest())
-            position += len(data)
-            state.sent_bytes += len(data)
+            yield chunk
+            state.sent_bytes += len(chunk.data)
             if limit:
                 ahead = (state.sent_bytes - sent_before) / limit - (time.monotonic() - began)
                 if ahead > 0:
                     o._stop.wait(ahead)
-        if position != obj.size:
+        if producer.position != obj.size:
             state.error = IntegrityError(o._corrupt_message(announce))
             return
         state.objects_sent += 1

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
-from gateway.errors import ValidationError
+from gateway.errors import ValidationError, YigongError
+from gateway.hashing import ChunkErrors
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _TRANSFER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
@@ -74,6 +77,22 @@ class ChunkMsg:
     offset: int
     data: bytes
     sha256: bytes
+
+
+class PeerChunkErrors(ChunkErrors):
+    """How a receiver words a bad chunk stream from a peer (for :class:`ChunkVerifier`).
+
+    A chunk out of place or too large is a ``ValidationError`` "transfer <id>: ...";
+    a chunk that does not match its SHA-256 goes to ``refuse(offset)``, which records
+    the integrity failure (catalog, audit) and raises the ``IntegrityError`` that names
+    the peer, the transfer and what the sender should do."""
+
+    def __init__(self, transfer_id: str, refuse: Callable[[int], NoReturn]) -> None:
+        super().__init__(f"transfer {transfer_id}")
+        self._refuse = refuse
+
+    def bad_chunk(self, offset: int, expected: int) -> YigongError:
+        self._refuse(expected)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ send is retried with exponential backoff; nothing is dropped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Protocol
 from cryptography import x509
 
 from gateway.audit import AuditLog
+from gateway.backoff import Backoff
 from gateway.catalog import Catalog, ObjectRecord, TransferRecord, iso_utc, utcnow
 from gateway.errors import (
     CertificateError,
@@ -39,7 +39,7 @@ from gateway.errors import (
     YigongError,
 )
 from gateway.fidelity.formats import check_design_facts, is_design_media_type
-from gateway.hashing import hash_chunks
+from gateway.hashing import ChunkProducer, hash_chunks
 from gateway.pki import TrustStore
 from gateway.roles import RoleHooks
 from gateway.storage import ObjectStore
@@ -436,24 +436,24 @@ class Outbox:
         storing); the sender re-checks its own copy only when that fails.
         """
         yield StartMsg(transfer_id, announce, offset)
-        position = offset
         limit = self.settings.max_bytes_per_second
         began = reported = time.monotonic()
-        for data in self.store.open_read(announce.object_id, offset, self.settings.chunk_bytes):
+        blocks = self.store.open_read(announce.object_id, offset, self.settings.chunk_bytes)
+        producer = ChunkProducer(blocks, offset=offset, make=ChunkMsg)
+        for chunk in producer:
             if self._stop.is_set():
                 state.stopped = True
                 return
-            yield ChunkMsg(position, data, hashlib.sha256(data).digest())
-            position += len(data)
-            state.sent += len(data)
+            yield chunk
+            state.sent += len(chunk.data)
             if time.monotonic() - reported >= PROGRESS_SECONDS:  # progress, not per chunk
-                self.catalog.update_transfer(transfer_id, "outbound", bytes_done=position)
+                self.catalog.update_transfer(transfer_id, "outbound", bytes_done=producer.position)
                 reported = time.monotonic()
             if limit:
                 ahead = state.sent / limit - (time.monotonic() - began)
                 if ahead > 0:
                     self._stop.wait(ahead)
-        if position != announce.size:
+        if producer.position != announce.size:
             state.corrupt = self._corrupt_message(announce)
             return
         yield EndMsg(announce.object_id, announce.size)
@@ -470,7 +470,7 @@ class Outbox:
 
     def _backoff(self, attempt: int) -> float:
         s = self.settings
-        return float(min(s.retry_max_seconds, s.retry_initial_seconds * 2 ** (attempt - 1)))
+        return Backoff(s.retry_initial_seconds, s.retry_max_seconds).delay(attempt)
 
     def _failed(self, rec: TransferRecord, attempt: int, exc: YigongError) -> None:
         delay = self._backoff(attempt)

@@ -22,14 +22,13 @@ errors it meets are raised there.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 from pathlib import Path
 from types import TracebackType
 
-from gateway.hashing import DEFAULT_CHUNK_BYTES
+from gateway.hashing import StreamHasher, iter_fd_region
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ class SpoolReadback:
             raise
         self._written = os.fstat(self._fd).st_size
         self._read = 0  # bytes read back and hashed, from the start of the file
-        self._hasher = hashlib.sha256()
+        self._hasher = StreamHasher()
         self._thread: threading.Thread | None = None
         self._helper_failed: OSError | None = None
         self._closed = False
@@ -99,10 +98,7 @@ class SpoolReadback:
     def _read_back(self, upto: int) -> None:
         """Hash the durable bytes ``[self._read, upto)``; stop early at end of file."""
         start = pos = self._read
-        while pos < upto:
-            block = os.pread(self._rfd, min(DEFAULT_CHUNK_BYTES, upto - pos), pos)
-            if not block:
-                break
+        for block in iter_fd_region(self._rfd, start, upto):
             self._hasher.update(block)
             pos += len(block)
         self._read = pos
@@ -132,7 +128,7 @@ class SpoolReadback:
                 self.path.name,
                 self._helper_failed,
             )
-            self._hasher = hashlib.sha256()
+            self._hasher = StreamHasher()
             self._read = 0
             self._helper_failed = None
         self._read_back(self._written)

@@ -29,7 +29,6 @@ size), so a peer that opens transfers and abandons them cannot fill the disk;
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -37,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gateway.audit import AuditLog
 from gateway.catalog import Catalog, TransferRecord, utcnow
@@ -50,7 +49,7 @@ from gateway.errors import (
     ValidationError,
     YigongError,
 )
-from gateway.hashing import hash_chunks
+from gateway.hashing import ChunkVerifier, hash_chunks, sha256_hex
 from gateway.identity import Identity
 from gateway.storage import ObjectStore
 from gateway.telemetry import Telemetry
@@ -60,6 +59,7 @@ from gateway.transfer.model import (
     ChunkMsg,
     EndMsg,
     OfferResult,
+    PeerChunkErrors,
     PushItem,
     StartMsg,
     check_transfer_id,
@@ -425,8 +425,18 @@ class Receiver:
         items: Iterator[PushItem],
     ) -> tuple[EndMsg | None, int]:
         """Write verified chunks until PushEnd: (the end message or None, bytes held)."""
+
+        def refuse(at: int) -> NoReturn:
+            self._integrity_failed(sender, transfer_id, announce, at)
+
+        verifier = ChunkVerifier(
+            PeerChunkErrors(transfer_id, refuse),
+            offset=offset,
+            max_chunk=self.settings.max_chunk_bytes,
+            announced_size=announce.size,
+            whole=False,  # the spool is read back and hashed once it is durable
+        )
         expected = offset
-        max_chunk = self.settings.max_chunk_bytes
         reported = time.monotonic()
         try:
             for item in items:
@@ -436,18 +446,7 @@ class Receiver:
                         f"{transfer_id} will resume at offset {expected}"
                     )
                 if isinstance(item, ChunkMsg):
-                    if item.offset != expected:
-                        raise ValidationError(
-                            f"transfer {transfer_id}: chunk at offset {item.offset}, "
-                            f"expected {expected}"
-                        )
-                    if len(item.data) > max_chunk or expected + len(item.data) > announce.size:
-                        raise ValidationError(
-                            f"transfer {transfer_id}: chunk of {len(item.data)} bytes at "
-                            f"{item.offset} exceeds the chunk limit or the announced size"
-                        )
-                    if hashlib.sha256(item.data).digest() != item.sha256:
-                        self._integrity_failed(sender, transfer_id, announce, expected)
+                    verifier.check(item.offset, item.data, item.sha256)
                     spool.write(item.data)
                     expected += len(item.data)
                     if time.monotonic() - reported >= PROGRESS_SECONDS:
@@ -547,7 +546,7 @@ class Receiver:
         offset: int,
         *,
         whole: bool = False,
-    ) -> None:
+    ) -> NoReturn:
         what = "object SHA-256/size" if whole else f"chunk at offset {offset}"
         self.catalog.update_transfer(
             transfer_id,
@@ -573,4 +572,4 @@ class Receiver:
 
 def _name_digest(name: str) -> str:
     """File names may carry patient data: audit only a digest of them."""
-    return hashlib.sha256(name.encode()).hexdigest()[:16]
+    return sha256_hex(name.encode())[:16]
