@@ -201,10 +201,11 @@ class Releaser:
                     log.warning("de-identification workers not started: %s", exc)
                 return
 
-    def instances_arriving(self, instances: int) -> None:
-        """A study being received has ``instances`` so far: once that is enough for the
-        worker pool, start the workers during the ingest (they take about a second to
-        load), so neither the confirmation nor the quiet period waits for them."""
+    def ingest_paused(self, instances: int) -> None:
+        """The ingest paused with a study of ``instances`` still in its quiet period:
+        when that is enough for the worker pool, start the workers now (they take about
+        half a second to load), so a confirmation right after the study is received does
+        not wait for them."""
         if self.pool.workers and instances >= self.pool_min_instances:
             try:
                 self.pool.warm()

@@ -97,7 +97,7 @@ class HospitalHooks(RoleHooks):
     def _init_ingest(self) -> None:
         self.studies = StudyCatalog(self.ctx.catalog)
         self._received: list[Callable[[StudyCatalog, Sequence[str]], None]] = []
-        self._arriving: list[Callable[[int], None]] = []
+        self._paused: list[Callable[[int], None]] = []
         self.dicom_port = 0
         self.spool: DicomSpool | None = None
         self._dicom: DicomServer | None = None
@@ -126,15 +126,19 @@ class HospitalHooks(RoleHooks):
 
     def _tick_loop(self) -> None:
         quiet = self.ctx.cfg.dicom.quiet_period_seconds
+        filed = -1  # instances of the studies being received, at the previous tick
         while not self._tick_stop.wait(min(1.0, max(0.05, quiet / 4))):
+            if self.spool is not None and self.spool.waiting:
+                filed = -1
+                continue  # a study is not quiet while its instances may still be filed
             try:
-                if self._arriving and (largest := self.studies.largest_receiving()):
-                    for grows in self._arriving:
-                        grows(largest)
+                largest, total = self.studies.receiving_counts()
+                if largest and total == filed:  # nothing filed since the last tick
+                    for paused in self._paused:
+                        paused(largest)
+                filed = total
             except Exception:  # a hint only; the next round asks again
                 log.exception("checking the studies being received failed")
-            if self.spool is not None and self.spool.waiting:
-                continue  # a study is not quiet while its instances may still be filed
             try:
                 done = self.studies.tick(datetime.now(UTC), quiet)
                 for listener in self._received:
@@ -150,11 +154,13 @@ class HospitalHooks(RoleHooks):
         de-identification workers before a clinician confirms a large study."""
         self._received.append(listener)
 
-    def on_instances_arriving(self, listener: Callable[[int], None]) -> None:
-        """Call ``listener(instances)`` from the ticker while studies are being received,
-        with the instance count of the largest; the release uses it to start its
-        de-identification workers during a large study's ingest."""
-        self._arriving.append(listener)
+    def on_ingest_paused(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(instances)`` from the ticker when studies are being received
+        but nothing was filed since the previous tick, with the instance count of the
+        largest: the release then starts its de-identification workers for a large
+        study during its quiet period — not during the ingest, whose CPU they would
+        take — so a clinician confirming right after does not wait for them to load."""
+        self._paused.append(listener)
 
     def _stop_ingest(self) -> None:
         self._tick_stop.set()
@@ -343,7 +349,7 @@ class HospitalRole(RoleHooks):
             vouch=self.hooks.guard.vouch,
         )  # fmt: skip
         self.hooks.on_studies_received(self.releaser.studies_received)  # large: warm workers
-        self.hooks.on_instances_arriving(self.releaser.instances_arriving)  # ... or earlier
+        self.hooks.on_ingest_paused(self.releaser.ingest_paused)  # ... or in the quiet period
         self._auto_stop = threading.Event()
         d = cfg.dicom
         if d.auto_forward_to and d.auto_forward_to not in core.outbox.settings.known_peers:

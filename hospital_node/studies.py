@@ -237,12 +237,14 @@ class StudyCatalog:
                 )  # fmt: skip
         return done
 
-    def largest_receiving(self) -> int:
-        """The instance count of the largest study still ``receiving`` (0: none)."""
+    def receiving_counts(self) -> tuple[int, int]:
+        """The instance count of the largest study still ``receiving`` and of all of
+        them together ((0, 0): none)."""
         rows = self.catalog.query(
-            "SELECT MAX(instance_count) AS n FROM dicom_studies WHERE status = 'receiving'"
+            "SELECT MAX(instance_count) AS n, SUM(instance_count) AS total"
+            " FROM dicom_studies WHERE status = 'receiving'"
         )
-        return int(rows[0]["n"] or 0) if rows else 0
+        return (int(rows[0]["n"] or 0), int(rows[0]["total"] or 0)) if rows else (0, 0)
 
     def build_report(self, study_uid: str) -> dict[str, Any]:
         """The completeness report of ``study_uid`` from what is recorded now."""

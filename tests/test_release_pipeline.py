@@ -149,12 +149,12 @@ def test_first_instance_is_queued_before_the_last_is_deidentified(
     assert [p.name for p in role(hospital).releaser.scratch.iterdir()] == []
 
 
-def test_workers_start_while_a_large_study_is_still_being_received(
+def test_workers_start_in_the_quiet_period_of_a_large_study(
     federation: Federation, tmp_path: Path
 ) -> None:
-    """The worker pool starts during the ingest of a study that reached
-    ``deid.pool_min_instances`` — before its quiet period ends — so neither the quiet
-    period nor the clinician's confirmation waits for the workers to load; a smaller
+    """Once the ingest pauses with a study of ``deid.pool_min_instances`` or more still
+    in its quiet period, the worker pool starts — before the study is ``received`` — so
+    a clinician confirming right after does not wait for the workers to load; a smaller
     study starts none."""
     hospital = InProcessNode(
         write_config(

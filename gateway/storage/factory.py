@@ -8,13 +8,14 @@ from gateway.config import NodeConfig
 from gateway.errors import ConfigError
 from gateway.storage.base import ObjectStore
 from gateway.storage.filesystem import FilesystemStore
-from gateway.storage.s3 import S3Store
 
 
 def open_store(cfg: NodeConfig) -> ObjectStore:
     st = cfg.storage
     if st.backend == "filesystem":
         return FilesystemStore(st.path)
+    from gateway.storage.s3 import S3Store  # minio loads only for an S3 store
+
     s3 = st.s3
     secret = s3.secret_key
     if s3.secret_key_env:
