@@ -377,11 +377,15 @@ class Story:
             except YigongError as exc:
                 return self.check(False, "", f"manifest receipt: {exc}")
             roots.append(manifest.body.merkle_root[:16])
+        exchanges = (
+            "the study went as one exchange" if len(members) == 1 else (f"{len(members)} exchanges")
+        )
         return self.check(
             True,
-            f"{len(members)} study exchange(s) acknowledged by one signed manifest receipt each "
-            f"(Merkle root {', '.join(roots) or '-'}…), byte-identical on both nodes, listing "
-            f"every object's SHA-256; {single} transfer(s) with their own identical receipt",
+            f"{exchanges}: one signed manifest receipt (Merkle root "
+            f"{', '.join(roots) or '-'}…), byte-identical on both nodes, listing every "
+            "object's SHA-256"
+            + (f"; {single} transfer(s) with their own identical receipt" if single else ""),
             "",
         )
 
