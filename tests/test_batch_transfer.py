@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from gateway.catalog import MIGRATIONS, Catalog, ObjectRecord
 from gateway.errors import (
     IntegrityError,
+    QuotaExceeded,
     ReceiptError,
     TransferError,
     ValidationError,
@@ -39,7 +41,7 @@ from gateway.transfer.model import (
     ObjectStartMsg,
     StoredAck,
 )
-from tests.cluster import InProcessNode, wait_for
+from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.outbound_files import clean_pdf
 
 FACTORY = "factory-1"
@@ -459,3 +461,109 @@ def test_catalog_of_the_previous_schema_is_migrated_with_batches(tmp_path: Path)
         assert catalog.list_batches() == []
     finally:
         catalog.close()
+
+
+@pytest.fixture
+def capped(federation: Federation, tmp_path: Path) -> Iterator[tuple[InProcessNode, InProcessNode]]:
+    """A factory that lets each peer hold 2 open inbound transfers of 500,000 bytes
+    (objects of at most 400,000)."""
+    factory = InProcessNode(
+        write_config(
+            federation, tmp_path, "factory-1", "factory",
+            extra="[transfer]\nmax_open_inbound_per_peer = 2\n"
+            "max_spooled_bytes_per_peer = 500000\nmax_object_bytes = 400000\n",
+        )
+    )  # fmt: skip
+    hospital = InProcessNode(
+        write_config(
+            federation, tmp_path, "hospital-1", "hospital", peers={FACTORY: factory.address}
+        )
+    )
+    yield hospital, factory
+    hospital.stop()
+    factory.stop()
+
+
+def test_batch_streams_and_objects_count_in_the_peers_one_inbound_quota(
+    capped: tuple[InProcessNode, InProcessNode], tmp_path: Path
+) -> None:
+    """A batch stream is one more open inbound transfer of its peer and each object it
+    spools counts against the peer's bytes: two stalled batch streams leave no room for a
+    third stream nor a single transfer (the quota is one, shared); an object larger than
+    the bytes left is refused before a byte of it is spooled; once the streams end there
+    is room again. Every refusal names the peer, the counts and the settings to change."""
+    hospital, factory = capped
+    batches = factory.node.receiver.batches
+    release = threading.Event()
+    (small,) = _submit(hospital, tmp_path, 1, size=20_000)
+    data = b"".join(hospital.node.store.open_read(small.object_id))
+
+    def stalled(n: int) -> Iterator[BatchItem]:
+        yield BatchStartMsg(f"batch-stall-{n}", "case-b", "", "objects")
+        release.wait(60)
+
+    links = [_link(hospital, factory) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def run(link: GrpcPeerLink, n: int) -> None:
+        try:
+            _acks(link, stalled(n))
+        except BaseException as exc:  # the stream ends without BatchEnd: reported
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(link, n)) for n, link in enumerate(links)]
+    for t in threads:
+        t.start()
+    third = _link(hospital, factory)
+    try:
+        wait_for(lambda: batches.held_by("hospital-1")[0] == 2, what="two open batch streams")
+
+        def one() -> Iterator[BatchItem]:
+            yield BatchStartMsg("batch-third-1", "case-b", "", "objects")
+            yield from _object_items("tid-third-001", small, data)
+            yield BatchEndMsg(("tid-third-001",))
+
+        with pytest.raises(QuotaExceeded) as err:
+            _acks(third, one())
+        assert "batch batch-third-1 refused: hospital-1 already has 2 open inbound" in str(
+            err.value
+        )
+        assert "transfer.max_open_inbound_per_peer" in str(err.value)
+        with pytest.raises(QuotaExceeded, match="hospital-1 already has 2 open inbound"):
+            third.offer("tid-single-01", Announce(small.object_id, small.size, small.name,
+                                                   small.media_type, small.case_id))  # fmt: skip
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+        for link in links:
+            link.close()
+    wait_for(lambda: batches.held_by("hospital-1") == (0, 0), what="the streams closed")
+
+    # An object larger than the peer's bytes left is refused before it is spooled: a
+    # single transfer of ~300,000 bytes is open, another ~300,000 would pass 500,000.
+    (tmp_path / "big").mkdir()
+    held, big = _submit(hospital, tmp_path / "big", 2, size=300_000)
+    big_data = b"".join(hospital.node.store.open_read(big.object_id))
+    third.offer("tid-open-0001", Announce(held.object_id, held.size, held.name,
+                                          held.media_type, held.case_id))  # fmt: skip
+
+    def too_big() -> Iterator[BatchItem]:
+        yield BatchStartMsg("batch-big-1", "case-b", "", "objects")
+        yield from _object_items("tid-big-00001", big, big_data)
+        yield BatchEndMsg(("tid-big-00001",))
+
+    try:
+        with pytest.raises(QuotaExceeded) as err:
+            _acks(third, too_big())
+        assert "transfer tid-big-00001 of batch batch-big-1 refused: hospital-1 already has " \
+            f"2 open inbound transfer(s) of {held.size} bytes" in str(err.value)  # fmt: skip
+        assert "transfer.max_spooled_bytes_per_peer" in str(err.value)
+        assert not list(factory.node.receiver.settings.spool_dir.glob("tid-big-00001*"))
+        # Room again: the small object goes through as a batch of one.
+        acks = _acks(third, one())
+    finally:
+        third.close()
+    assert isinstance(acks[-1], ManifestAck)
+    assert factory.node.catalog.get_transfer("tid-third-001", "inbound").status == "done"
+    assert batches.held_by("hospital-1") == (0, 0)

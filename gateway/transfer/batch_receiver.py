@@ -33,7 +33,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +125,11 @@ class BatchReceiver:
     def __init__(self, receiver: Receiver) -> None:
         self.receiver = receiver
         self._active: set[str] = set()
+        # per peer: its open batch streams, and the announced size of each of its batch
+        # objects spooled but not yet stored (the per-peer quota counts both)
+        self._streams: dict[str, int] = {}
+        self._spooled: dict[str, dict[str, int]] = {}
+        self._quota_lock = threading.Lock()  # own lock: asked under the receiver's lock
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -163,6 +168,27 @@ class BatchReceiver:
         receipt = batch.receipt if batch.status == "done" else None
         return BatchStatusResult(tuple(states), receipt)
 
+    def held_by(self, peer: str, transfer_id: str = "") -> tuple[int, int]:
+        """``peer``'s open batch streams here and the bytes of its batch objects spooled
+        but not yet stored (not counting ``transfer_id``)."""
+        with self._quota_lock:
+            held = self._spooled.get(peer, {})
+            return self._streams.get(peer, 0), sum(
+                n for tid, n in held.items() if tid != transfer_id
+            )
+
+    def _spool(self, peer: str, transfer_id: str, size: int) -> None:
+        with self._quota_lock:
+            self._spooled.setdefault(peer, {})[transfer_id] = size
+
+    def _unspool(self, peer: str, transfer_ids: Iterable[str]) -> None:
+        with self._quota_lock:
+            held = self._spooled.get(peer, {})
+            for tid in transfer_ids:
+                held.pop(tid, None)
+            if not held:
+                self._spooled.pop(peer, None)
+
     def _check_owner(self, batch: BatchRecord, sender: Identity) -> None:
         if batch.peer_node != sender.subject_id:
             raise ValidationError(
@@ -183,12 +209,17 @@ class BatchReceiver:
         batch_id = check_transfer_id(first.batch_id)
         if len(first.case_id) > 200 or len(first.ref) > 200 or len(first.kind) > 64:
             raise ValidationError(f"batch {batch_id}: case id, ref or kind too long")
+        r.check_room(sender, f"batch {batch_id}")  # the stream is one more open transfer
+        peer = sender.subject_id
         with r._lock:
             if batch_id in self._active:
                 raise TransferError(
                     f"batch {batch_id} is already being received; wait for that stream to end"
                 )
             self._active.add(batch_id)
+        with self._quota_lock:
+            self._streams[peer] = self._streams.get(peer, 0) + 1
+        run: _Run | None = None
         try:
             batch = r.catalog.add_batch(
                 batch_id=batch_id,
@@ -203,8 +234,15 @@ class BatchReceiver:
             run = _Run(self, sender, batch, items)
             yield from run.serve()
         finally:
+            if run is not None:
+                run.done.wait(5.0)  # the reader has stopped spooling for this stream
+                self._unspool(peer, run.spooled)
             with r._lock:
                 self._active.discard(batch_id)
+            with self._quota_lock:
+                self._streams[peer] -= 1
+                if not self._streams[peer]:
+                    del self._streams[peer]
 
 
 class _Run:
@@ -220,7 +258,9 @@ class _Run:
         self.items = items
         self.pending: queue.Queue[object] = queue.Queue(maxsize=4 * GROUP_OBJECTS)
         self.abort = threading.Event()
+        self.done = threading.Event()  # the reader thread has ended
         self._receiving: set[str] = set()  # transfer ids this stream marked active
+        self.spooled: set[str] = set()  # counted in the owner's per-peer quota
 
     # -- reader thread ------------------------------------------------------
     def _read(self) -> None:
@@ -266,6 +306,7 @@ class _Run:
         finally:
             with self.r._lock:
                 self.r._active.difference_update(self._receiving)
+            self.done.set()
 
     def _put(self, item: object) -> None:
         while not self.abort.is_set():
@@ -301,11 +342,17 @@ class _Run:
                 f"transfer {tid}: object starts at offset {item.offset} but {have} verified "
                 "bytes are held; ask BatchStatus for the resume offset"
             )
+        if not has_row:  # a resumed object is counted by its ``receiving`` row already
+            r.check_room(self.sender, f"transfer {tid} of batch {self.batch.batch_id}", tid,
+                         announce.size, opens=0)  # fmt: skip
         with r._lock:  # the janitor leaves an object alone while its bytes arrive
             if tid in r._active:
                 raise TransferError(f"transfer {tid} is already being received")
             r._active.add(tid)
         self._receiving.add(tid)
+        if not has_row:
+            self.owner._spool(self.sender.subject_id, tid, announce.size)
+            self.spooled.add(tid)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if have else os.O_TRUNC)
         try:
             fd = os.open(part, flags, 0o600)
@@ -553,6 +600,9 @@ class _Run:
                         "batch_id": self.batch.batch_id,
                     },
                 )
+        stored = [a.transfer_id for a in group]
+        self.owner._unspool(self.sender.subject_id, stored)  # stored: no longer spooled
+        self.spooled.difference_update(stored)
         if r.telemetry:
             for a in group:
                 r.telemetry.transferred("inbound", a.announce.size, 0.0)

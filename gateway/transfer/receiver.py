@@ -311,25 +311,33 @@ class Receiver:
         """Record the inbound transfer if the sender's open transfers leave room for it."""
         existing = self.catalog.find_transfer(transfer_id, "inbound")
         if existing is None or existing.status != "receiving":
-            s = self.settings
-            others = [
-                t
-                for t in self.catalog.open_inbound(sender.subject_id)
-                if t.transfer_id != transfer_id
-            ]
-            spooled = sum(t.size for t in others)
-            if len(others) >= s.max_open_per_peer or spooled + announce.size > (
-                s.max_spooled_bytes_per_peer
-            ):
-                raise QuotaExceeded(
-                    f"transfer {transfer_id} refused: {sender.subject_id} already has "
-                    f"{len(others)} open inbound transfer(s) of {spooled} bytes at node "
-                    f"{s.node_id}; the limits are {s.max_open_per_peer} transfers and "
-                    f"{s.max_spooled_bytes_per_peer} bytes per peer "
-                    "(transfer.max_open_inbound_per_peer, transfer.max_spooled_bytes_per_peer). "
-                    "Retry when open transfers have completed or expired"
-                )
+            self.check_room(sender, f"transfer {transfer_id}", transfer_id, announce.size)
         self._record_inbound(sender, transfer_id, announce)
+
+    def check_room(
+        self, sender: Identity, what: str, transfer_id: str = "", size: int = 0, *, opens: int = 1
+    ) -> None:
+        """The one per-peer quota, for single transfers and batch streams alike: what the
+        sender has open here — inbound transfers still ``receiving`` and batch streams
+        (each one open transfer), their announced bytes and those of the batch objects
+        spooled but not yet stored — must leave room for ``size`` more bytes and
+        ``opens`` more open transfers (0 for an object of an admitted batch stream); else
+        :class:`QuotaExceeded` naming ``what``."""
+        s = self.settings
+        peer = sender.subject_id
+        rows = [t for t in self.catalog.open_inbound(peer) if t.transfer_id != transfer_id]
+        streams, batch_bytes = self.batches.held_by(peer, transfer_id)
+        count = len(rows) + streams
+        spooled = sum(t.size for t in rows) + batch_bytes
+        if count + opens > s.max_open_per_peer or spooled + size > s.max_spooled_bytes_per_peer:
+            raise QuotaExceeded(
+                f"{what} refused: {peer} already has {count} open inbound transfer(s) "
+                f"of {spooled} bytes at node {s.node_id}; the limits are "
+                f"{s.max_open_per_peer} transfers and {s.max_spooled_bytes_per_peer} bytes "
+                "per peer (transfer.max_open_inbound_per_peer, "
+                "transfer.max_spooled_bytes_per_peer). "
+                "Retry when open transfers have completed or expired"
+            )
 
     def receive(self, sender: Identity, items: Iterator[PushItem]) -> bytes:
         """Consume one Push stream; return the serialized signed receipt."""
