@@ -25,10 +25,9 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from gateway.catalog import BatchRecord, TransferRecord, iso_utc
+from gateway.catalog import BatchRecord, TransferRecord
 from gateway.errors import (
     FactsDisagree,
     IdentifiableData,
@@ -379,18 +378,8 @@ class BatchSender:
 
     def _failed(self, batch: BatchRecord, attempt: int, exc: YigongError, state: _State) -> None:
         o = self.outbox
-        delay = o._backoff(attempt)
-        retry_at = iso_utc(datetime.now(UTC) + timedelta(seconds=delay))
-        kind = "integrity_failed" if isinstance(exc, IntegrityError) else "attempt_failed"
-        o.catalog.update_batch(
-            batch.batch_id,
-            "outbound",
-            status="queued",
-            attempts=attempt,
-            last_error=str(exc)[:2000],
-            next_attempt_at=retry_at,
-            history=(kind, f"attempt {attempt}: {type(exc).__name__}: {exc}"[:2000]),
-        )
+        delay, update = o.retry_later(attempt, exc)
+        o.catalog.update_batch(batch.batch_id, "outbound", **update)
         o.audit.record(
             "transfer.batch.failed",
             actor=f"node:{o.settings.node_id}",

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 
@@ -472,19 +472,23 @@ class Outbox:
         s = self.settings
         return Backoff(s.retry_initial_seconds, s.retry_max_seconds).delay(attempt)
 
-    def _failed(self, rec: TransferRecord, attempt: int, exc: YigongError) -> None:
+    def retry_later(self, attempt: int, exc: YigongError) -> tuple[float, dict[str, Any]]:
+        """The delay before the next attempt and the catalog update that queues a failed
+        send (a transfer or a batch) for it: status, attempts, last error, next attempt
+        time and the history entry."""
         delay = self._backoff(attempt)
-        retry_at = iso_utc(datetime.now(UTC) + timedelta(seconds=delay))
         kind = "integrity_failed" if isinstance(exc, IntegrityError) else "attempt_failed"
-        self.catalog.update_transfer(
-            rec.transfer_id,
-            "outbound",
-            status="queued",
-            attempts=attempt,
-            last_error=str(exc)[:2000],
-            next_attempt_at=retry_at,
-            history=(kind, f"attempt {attempt}: {type(exc).__name__}: {exc}"[:2000]),
-        )
+        return delay, {
+            "status": "queued",
+            "attempts": attempt,
+            "last_error": str(exc)[:2000],
+            "next_attempt_at": iso_utc(datetime.now(UTC) + timedelta(seconds=delay)),
+            "history": (kind, f"attempt {attempt}: {type(exc).__name__}: {exc}"[:2000]),
+        }
+
+    def _failed(self, rec: TransferRecord, attempt: int, exc: YigongError) -> None:
+        delay, update = self.retry_later(attempt, exc)
+        self.catalog.update_transfer(rec.transfer_id, "outbound", **update)
         self.audit.record(
             "transfer.failed",
             actor=f"node:{self.settings.node_id}",
