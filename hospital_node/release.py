@@ -48,7 +48,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -184,28 +184,11 @@ class Releaser:
         """Stop the de-identification workers (node shutdown)."""
         self.pool.close()
 
-    def studies_received(self, studies: StudyCatalog, study_uids: Sequence[str]) -> None:
-        """Studies just became ``received``: if one is large enough for the worker pool,
-        start the workers now, so a confirmation does not wait for them to load."""
-        if not self.pool.workers or not study_uids:
-            return
-        for uid in study_uids:
-            try:
-                count = studies.get_study(uid).instance_count
-            except YigongError:
-                continue
-            if count >= self.pool_min_instances:
-                try:
-                    self.pool.warm()
-                except YigongError as exc:  # the confirmation will say it again
-                    log.warning("de-identification workers not started: %s", exc)
-                return
-
-    def ingest_paused(self, instances: int) -> None:
-        """The ingest paused with a study of ``instances`` still in its quiet period:
-        when that is enough for the worker pool, start the workers now (they take about
-        half a second to load), so a confirmation right after the study is received does
-        not wait for them."""
+    def study_waiting(self, instances: int) -> None:
+        """A study of ``instances`` waits for its confirmation (in its quiet period, or
+        just ``received``): when that is enough for the worker pool, start the workers
+        now (they take about half a second to load), so the confirmation does not wait
+        for them."""
         if self.pool.workers and instances >= self.pool_min_instances:
             try:
                 self.pool.warm()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -96,8 +96,7 @@ class HospitalHooks(RoleHooks):
     # --- ingest (SCP): DICOM listener, study assembly, quiet-period ticker ----------
     def _init_ingest(self) -> None:
         self.studies = StudyCatalog(self.ctx.catalog)
-        self._received: list[Callable[[StudyCatalog, Sequence[str]], None]] = []
-        self._paused: list[Callable[[int], None]] = []
+        self._waiting: list[Callable[[int], None]] = []
         self.dicom_port = 0
         self.spool: DicomSpool | None = None
         self._dicom: DicomServer | None = None
@@ -134,33 +133,26 @@ class HospitalHooks(RoleHooks):
             try:
                 largest, total = self.studies.receiving_counts()
                 if largest and total == filed:  # nothing filed since the last tick
-                    for paused in self._paused:
-                        paused(largest)
+                    self._study_waits(largest)
                 filed = total
-            except Exception:  # a hint only; the next round asks again
-                log.exception("checking the studies being received failed")
-            try:
                 done = self.studies.tick(datetime.now(UTC), quiet)
-                for listener in self._received:
-                    listener(self.studies, done)
+                if done:
+                    self._study_waits(max(self.studies.get_study(u).instance_count for u in done))
             except Exception:  # keep ticking; the next round retries
                 log.exception("study quiet-period check failed")
 
-    def on_studies_received(
-        self, listener: Callable[[StudyCatalog, Sequence[str]], None]
-    ) -> None:
-        """Call ``listener(studies, study_uids)`` from the ticker each time studies turn
-        complete (their quiet period passed); the release uses it to start its
-        de-identification workers before a clinician confirms a large study."""
-        self._received.append(listener)
+    def on_study_waiting(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(instances)`` from the ticker when a study of that many
+        instances waits for its confirmation: its ingest paused (nothing filed since the
+        previous tick; the quiet period runs) or it just became ``received``. The
+        release starts its de-identification workers then for a large study — not
+        during the ingest, whose CPU they would take — so a clinician confirming right
+        after does not wait for them to load."""
+        self._waiting.append(listener)
 
-    def on_ingest_paused(self, listener: Callable[[int], None]) -> None:
-        """Call ``listener(instances)`` from the ticker when studies are being received
-        but nothing was filed since the previous tick, with the instance count of the
-        largest: the release then starts its de-identification workers for a large
-        study during its quiet period — not during the ingest, whose CPU they would
-        take — so a clinician confirming right after does not wait for them to load."""
-        self._paused.append(listener)
+    def _study_waits(self, instances: int) -> None:
+        for listener in self._waiting:
+            listener(instances)
 
     def _stop_ingest(self) -> None:
         self._tick_stop.set()
@@ -348,8 +340,7 @@ class HospitalRole(RoleHooks):
             self.hooks.check_outgoing,
             vouch=self.hooks.guard.vouch,
         )  # fmt: skip
-        self.hooks.on_studies_received(self.releaser.studies_received)  # large: warm workers
-        self.hooks.on_ingest_paused(self.releaser.ingest_paused)  # ... or in the quiet period
+        self.hooks.on_study_waiting(self.releaser.study_waiting)  # large: warm the workers
         self._auto_stop = threading.Event()
         d = cfg.dicom
         if d.auto_forward_to and d.auto_forward_to not in core.outbox.settings.known_peers:

@@ -437,14 +437,14 @@ T = TypeVar("T")
 def _paged(fetch: Callable[[str], Sequence[Any]], shared: Callable[[Any], T]) -> list[T]:
     """Every record of a listing newest first, a page at a time (``fetch(until)``: the
     records created before ``until``, "" for the newest), each made ``shared``."""
-    found: dict[str, T] = {}
+    found: list[T] = []
     until = ""
     while True:
         page = fetch(until)
-        found |= {getattr(r, "transfer_id", "") or r.batch_id: shared(r) for r in page}
+        found += [shared(r) for r in page]
         if len(page) < PAGE:
-            return list(found.values())
-        until = min(r.created_at for r in page)
+            return found
+        until = min(r.created_at for r in page)  # the next page: strictly older
 
 
 def _remote(cfg: NodeConfig, peer_id: str) -> tuple[list[SharedTransfer], list[SharedBatch]]:

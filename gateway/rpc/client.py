@@ -8,7 +8,7 @@ engineering tools: everything here is plain calls on stubs generated from
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -104,43 +104,22 @@ class NodeClient:
         return rpc_call(self.exchange.Submit, messages(), target=self.target, timeout=None)
 
     def list_objects(self, **filters: str | int) -> list[common_pb2.ObjectInfo]:
-        req = query_pb2.ListObjectsRequest(
-            case_id=str(filters.get("case_id", "")),
-            peer=str(filters.get("peer", "")),
-            time=query_pb2.TimeRange(
-                since=str(filters.get("since", "")), until=str(filters.get("until", ""))
-            ),
-            limit=int(filters.get("limit", 0)),
-        )
+        req = _listing(query_pb2.ListObjectsRequest, filters, "case_id", "peer")
         return list(self._call(self.query.ListObjects, req).objects)
 
     def get_object(self, object_id: str) -> query_pb2.ObjectDetail:
         return self._call(self.query.GetObject, query_pb2.GetObjectRequest(object_id=object_id))
 
     def list_transfers(self, **filters: str | int) -> list[common_pb2.TransferInfo]:
-        req = query_pb2.ListTransfersRequest(
-            case_id=str(filters.get("case_id", "")),
-            peer=str(filters.get("peer", "")),
-            status=str(filters.get("status", "")),
-            direction=str(filters.get("direction", "")),
-            object_id=str(filters.get("object_id", "")),
-            time=query_pb2.TimeRange(
-                since=str(filters.get("since", "")), until=str(filters.get("until", ""))
-            ),
-            limit=int(filters.get("limit", 0)),
-        )
+        req = _listing(
+            query_pb2.ListTransfersRequest, filters,
+            "case_id", "peer", "status", "direction", "object_id",
+        )  # fmt: skip
         return list(self._call(self.query.ListTransfers, req).transfers)
 
     def list_batches(self, **filters: str | int) -> list[query_pb2.BatchInfo]:
-        req = query_pb2.ListBatchesRequest(
-            case_id=str(filters.get("case_id", "")),
-            peer=str(filters.get("peer", "")),
-            status=str(filters.get("status", "")),
-            direction=str(filters.get("direction", "")),
-            time=query_pb2.TimeRange(
-                since=str(filters.get("since", "")), until=str(filters.get("until", ""))
-            ),
-            limit=int(filters.get("limit", 0)),
+        req = _listing(
+            query_pb2.ListBatchesRequest, filters, "case_id", "peer", "status", "direction"
         )
         return list(self._call(self.query.ListBatches, req).batches)
 
@@ -203,3 +182,18 @@ class _DownloadErrors(ChunkErrors):
             f"{self.target}: object {self.object_id} arrived with SHA-256 {digest} and "
             f"{size} bytes; expected {self.expected_sha} and {self.expected_size}"
         )
+
+
+_Req = TypeVar("_Req")
+
+
+def _listing(request: Callable[..., _Req], filters: Mapping[str, str | int], *names: str) -> _Req:
+    """A listing request: the named filters (text, "" when absent), the time range
+    (``since``, ``until``) and the page size (``limit``, 0 = the server's default)."""
+    return request(
+        **{name: str(filters.get(name, "")) for name in names},
+        time=query_pb2.TimeRange(
+            since=str(filters.get("since", "")), until=str(filters.get("until", ""))
+        ),
+        limit=int(filters.get("limit", 0)),
+    )

@@ -219,7 +219,6 @@ class BatchReceiver:
             self._active.add(batch_id)
         with self._quota_lock:
             self._streams[peer] = self._streams.get(peer, 0) + 1
-        run: _Run | None = None
         try:
             batch = r.catalog.add_batch(
                 batch_id=batch_id,
@@ -234,9 +233,6 @@ class BatchReceiver:
             run = _Run(self, sender, batch, items)
             yield from run.serve()
         finally:
-            if run is not None:
-                run.done.wait(5.0)  # the reader has stopped spooling for this stream
-                self._unspool(peer, run.spooled)
             with r._lock:
                 self._active.discard(batch_id)
             with self._quota_lock:
@@ -258,9 +254,8 @@ class _Run:
         self.items = items
         self.pending: queue.Queue[object] = queue.Queue(maxsize=4 * GROUP_OBJECTS)
         self.abort = threading.Event()
-        self.done = threading.Event()  # the reader thread has ended
         self._receiving: set[str] = set()  # transfer ids this stream marked active
-        self.spooled: set[str] = set()  # counted in the owner's per-peer quota
+        self.spooled: set[str] = set()  # counted in the per-peer quota (reader thread only)
 
     # -- reader thread ------------------------------------------------------
     def _read(self) -> None:
@@ -306,7 +301,8 @@ class _Run:
         finally:
             with self.r._lock:
                 self.r._active.difference_update(self._receiving)
-            self.done.set()
+            # what is left is stored by now, about to be, or given up: no longer spooled
+            self.owner._unspool(self.sender.subject_id, self.spooled)
 
     def _put(self, item: object) -> None:
         while not self.abort.is_set():
@@ -600,9 +596,7 @@ class _Run:
                         "batch_id": self.batch.batch_id,
                     },
                 )
-        stored = [a.transfer_id for a in group]
-        self.owner._unspool(self.sender.subject_id, stored)  # stored: no longer spooled
-        self.spooled.difference_update(stored)
+        self.owner._unspool(self.sender.subject_id, [a.transfer_id for a in group])  # stored
         if r.telemetry:
             for a in group:
                 r.telemetry.transferred("inbound", a.announce.size, 0.0)

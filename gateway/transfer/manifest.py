@@ -19,11 +19,11 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from cryptography import x509
 from google.protobuf.message import DecodeError
 
-from gateway.errors import BadSignature, CertificateError, ReceiptError
-from gateway.pki import TrustStore, verify_signature
+from gateway.errors import ReceiptError
+from gateway.pki import TrustStore
+from gateway.transfer.receipts import check_receiver_signed
 from yigong.v1 import transfer_pb2
 
 
@@ -120,21 +120,9 @@ def verify_manifest(
     except DecodeError as exc:
         raise ReceiptError(f"manifest receipt does not decode: {exc}") from exc
     what = f"manifest receipt for batch {body.batch_id or '?'}"
-    try:
-        cert = x509.load_pem_x509_certificate(signed.signer_certificate)
-    except ValueError as exc:
-        raise ReceiptError(f"{what}: signer certificate is not PEM: {exc}") from exc
-    try:
-        signer = trust.verify(cert)
-        verify_signature(cert, signed.body, signed.signature)
-    except CertificateError as exc:
-        raise ReceiptError(f"{what}: signer certificate refused: {exc}") from exc
-    except BadSignature as exc:
-        raise ReceiptError(f"{what}: signature does not verify: {exc}") from exc
-    if not signer.is_node or signer.subject_id != body.receiver_node:
-        raise ReceiptError(
-            f"{what}: signed by {signer.label()}, but names receiver {body.receiver_node!r}"
-        )
+    check_receiver_signed(
+        what, signed.signer_certificate, signed.body, signed.signature, body.receiver_node, trust
+    )
     for label, expected, actual in (
         ("receiver", expect_receiver, body.receiver_node),
         ("sender", expect_sender, body.sender_node),

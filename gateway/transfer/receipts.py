@@ -65,6 +65,26 @@ def make_receipt(
     return signed.SerializeToString(deterministic=True)
 
 
+def check_receiver_signed(
+    what: str, signer_pem: bytes, body: bytes, signature: bytes, receiver: str, trust: TrustStore
+) -> None:
+    """``body`` is signed by the node it names as ``receiver``, with a certificate of the
+    federation (a receipt or a batch's manifest receipt); else ReceiptError about ``what``."""
+    try:
+        cert = x509.load_pem_x509_certificate(signer_pem)
+    except ValueError as exc:
+        raise ReceiptError(f"{what}: signer certificate is not PEM: {exc}") from exc
+    try:
+        signer = trust.verify(cert)
+        verify_signature(cert, body, signature)
+    except CertificateError as exc:
+        raise ReceiptError(f"{what}: signer certificate refused: {exc}") from exc
+    except BadSignature as exc:
+        raise ReceiptError(f"{what}: signature does not verify: {exc}") from exc
+    if not signer.is_node or signer.subject_id != receiver:
+        raise ReceiptError(f"{what}: signed by {signer.label()}, but names receiver {receiver!r}")
+
+
 def verify_receipt(
     signed_bytes: bytes,
     trust: TrustStore,
@@ -82,21 +102,9 @@ def verify_receipt(
     except DecodeError as exc:
         raise ReceiptError(f"receipt does not decode: {exc}") from exc
     what = f"receipt for transfer {body.transfer_id or '?'}"
-    try:
-        cert = x509.load_pem_x509_certificate(signed.signer_certificate)
-    except ValueError as exc:
-        raise ReceiptError(f"{what}: signer certificate is not PEM: {exc}") from exc
-    try:
-        signer = trust.verify(cert)
-        verify_signature(cert, signed.body, signed.signature)
-    except CertificateError as exc:
-        raise ReceiptError(f"{what}: signer certificate refused: {exc}") from exc
-    except BadSignature as exc:
-        raise ReceiptError(f"{what}: signature does not verify: {exc}") from exc
-    if not signer.is_node or signer.subject_id != body.receiver_node:
-        raise ReceiptError(
-            f"{what}: signed by {signer.label()}, but names receiver {body.receiver_node!r}"
-        )
+    check_receiver_signed(
+        what, signed.signer_certificate, signed.body, signed.signature, body.receiver_node, trust
+    )
     checks = (
         ("receiver", expect_receiver, body.receiver_node),
         ("sender", expect_sender, body.sender_node),
