@@ -70,12 +70,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("gateway/transfer/outbox.py", "Outbox._check_residency"): (
         "authentication of the server: the node reached is the peer the transfer is for"
     ),
-    ("gateway/transfer/receipts.py", "verify_receipt"): (
-        "authenticity: a receipt is signed by the node that received the object"
-    ),
-    ("gateway/transfer/manifest.py", "verify_manifest"): (
-        "authenticity: a batch's manifest receipt is signed by the node that received it "
-        "(the study exchange, #10)"
+    ("gateway/transfer/receipts.py", "check_receiver_signed"): (
+        "authenticity: a receipt, or a batch's manifest receipt (the study exchange, #10), "
+        "is signed by the node that received the object(s)"
     ),
 }
 """(file, function) -> why its role/identity comparison is not an authorization decision.
