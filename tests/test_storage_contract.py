@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -325,6 +326,46 @@ def test_fs_failed_put_leaves_no_temp_file(tmp_path: Path) -> None:
         store.put_stream("abcdef", gen())
     assert not store.exists("abcdef")
     assert _temp_files(tmp_path / "objects") == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_fs_temp_file_names_carry_the_writers_pid(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path / "objects")
+    seen: list[str] = []
+
+    def gen() -> Iterator[bytes]:
+        seen.extend(p.name for p in _temp_files(tmp_path / "objects"))
+        yield b"x"
+
+    store.put_stream("abcdef", gen())
+    assert len(seen) == 1 and seen[0].startswith(f".tmp-{os.getpid()}-"), seen
+
+
+def test_fs_sweep_deletes_cut_writes_and_keeps_live_writers_files(tmp_path: Path) -> None:
+    root = tmp_path / "objects"
+    store = FilesystemStore(root)
+    store.put_stream("abcdef", [b"kept object"])
+    shard = root / "ab" / "cd"
+    dead = shard / f".tmp-{_dead_pid()}-link-1234"  # a SIGKILLed writer's
+    dead.write_bytes(b"d" * 300)
+    mine = shard / f".tmp-{os.getpid()}-x1y2"  # an earlier incarnation with our pid
+    mine.write_bytes(b"m" * 20)
+    live = root / f".tmp-{os.getppid()}-abcd"  # a live writer sharing the store
+    live.write_bytes(b"l")
+    old_unowned = shard / ".tmp-abcdefgh"  # an older version's name, hours old
+    old_unowned.write_bytes(b"o" * 5)
+    os.utime(old_unowned, (time.time() - 7200, time.time() - 7200))
+    new_unowned = shard / ".tmp-zyxwvuts"
+    new_unowned.write_bytes(b"n")
+    assert store.sweep_temp_files() == (3, 325)
+    assert sorted(p.name for p in _temp_files(root)) == sorted([live.name, new_unowned.name])
+    assert b"".join(store.open_read("abcdef")) == b"kept object"
+    assert store.sweep_temp_files() == (0, 0)
 
 
 def test_fs_os_error_becomes_storage_error(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -494,9 +495,15 @@ def test_interrupted_uploads_and_orphaned_spool_files_swept_at_start(
     orphan.write_bytes(b"x" * 1000)
     kept = inbound / "h2-kept-00001.part"
     os.chmod(kept, 0o644)
+    dead_writer = subprocess.Popen(["true"])
+    dead_writer.wait()
+    shard = load_config(cfg).storage.path / "75" / "16"
+    cut_link = shard / f".tmp-{dead_writer.pid}-link-139627264386752"
+    cut_link.parent.mkdir(parents=True, exist_ok=True)
+    cut_link.write_bytes(b"a study object linked in when the node was killed")
     factory = InProcessNode(cfg)
     try:
-        assert not cut_upload.exists() and not orphan.exists()
+        assert not cut_upload.exists() and not orphan.exists() and not cut_link.exists()
         assert kept.stat().st_size == CHUNK and stat.S_IMODE(kept.stat().st_mode) == 0o600
         with hostile(federation, factory) as h2:
             assert h2.offer("h2-kept-00001", header_of(payload)).resume_offset == CHUNK

@@ -178,6 +178,15 @@ class ObjectStore(abc.ABC):
         for key, path in pairs:
             self.link_file(key, path)
 
+    def sweep_temp_files(self) -> tuple[int, int]:
+        """Delete the temporary files of writes cut short by a crash; return how many
+        files and bytes went. Called once at start, before this process writes.
+
+        A store whose writes leave nothing behind when cut (S3: an unfinished
+        multipart upload is never an object) has nothing to sweep.
+        """
+        return 0, 0
+
     @abc.abstractmethod
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
         """Store the concatenation of ``chunks`` under ``key``; return the bytes written.

@@ -10,6 +10,10 @@ returned put survives a crash and a reader only ever sees a whole object. Newly
 created shard directories are fsynced into their parents too. Objects are
 created with mode 0600.
 
+A temporary file's name carries the writing process's id (``.tmp-<pid>-…``), so the
+start-up sweep (:meth:`FilesystemStore.sweep_temp_files`) can delete what a killed
+process left without touching a live writer's file.
+
 Limitation: unlike S3, a key cannot be both an object and a prefix of another
 key (``a/b`` and ``a/b/c``); such a put fails with :class:`StorageError`.
 """
@@ -20,9 +24,11 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -34,6 +40,29 @@ from gateway.storage.base import TEMP_PREFIX, ChunkReader, ObjectStore, check_re
 log = logging.getLogger(__name__)
 
 _ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
+
+_TEMP_PID_RE = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")
+
+UNOWNED_TEMP_MAX_AGE_SECONDS = 3600.0
+"""A temporary file whose name names no process (written by an older version) is
+swept once it is this old."""
+
+
+def _temp_prefix(kind: str = "") -> str:
+    """The name prefix of this process's temporary files: ``.tmp-<pid>-<kind>``."""
+    return f"{TEMP_PREFIX}{os.getpid()}-{kind}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def fsync_dir(path: Path) -> None:
@@ -93,7 +122,7 @@ class FilesystemStore(ObjectStore):
             )
         probe: str | None = None
         try:
-            fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX + "check-", dir=self._root)
+            fd, probe = tempfile.mkstemp(prefix=_temp_prefix("check-"), dir=self._root)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(b"yigong storage check\n")
                 fh.flush()
@@ -111,6 +140,50 @@ class FilesystemStore(ObjectStore):
 
     def region(self) -> str | None:
         return None
+
+    def sweep_temp_files(self) -> tuple[int, int]:
+        """Delete ``.tmp-*`` files left by writes cut short (a SIGKILL, a power loss).
+
+        A file named after a live process other than this one is kept (a writer
+        sharing the store, e.g. a de-identification worker); this process's own id
+        counts as dead, since it is called before this process writes (a restarted
+        container often gets the same pid). A name without a process id is swept when
+        older than :data:`UNOWNED_TEMP_MAX_AGE_SECONDS`.
+        """
+        files = freed = 0
+        own = os.getpid()
+        alive: dict[int, bool] = {}
+        now = time.time()
+        for directory, _dirs, names in os.walk(self._root):
+            for name in names:
+                if not name.startswith(TEMP_PREFIX):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                match = _TEMP_PID_RE.match(name)
+                if match is not None:
+                    pid = int(match.group(1))
+                    if pid != own and alive.setdefault(pid, _process_alive(pid)):
+                        continue
+                elif now - st.st_mtime < UNOWNED_TEMP_MAX_AGE_SECONDS:
+                    continue
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise self._error("delete a stale temporary file", path, exc) from exc
+                files += 1
+                freed += st.st_size
+        if files:
+            log.info(
+                "object store %s: %d temporary file(s) of cut writes (%d bytes) deleted",
+                self.describe(), files, freed,
+            )
+        return files, freed
 
     # -- writing ------------------------------------------------------------
 
@@ -141,7 +214,7 @@ class FilesystemStore(ObjectStore):
         final = self.path_for(key)
         try:
             self._ensure_dir(final.parent)
-            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=final.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(), dir=final.parent)
         except OSError as exc:
             raise self._error("create a file in", final.parent, exc) from exc
         tmp = Path(tmp_name)
@@ -218,7 +291,7 @@ class FilesystemStore(ObjectStore):
         for key, path in pairs:
             self.validate_key(key)
             final = self.path_for(key)
-            tmp = final.parent / f"{TEMP_PREFIX}link-{os.getpid()}-{threading.get_ident()}"
+            tmp = final.parent / f"{_temp_prefix('link-')}{threading.get_ident()}"
             try:
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())

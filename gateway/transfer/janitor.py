@@ -3,7 +3,9 @@
 * At start (before the node serves): every ``spool/submit/*.part`` is an upload
   cut by a crash or stop (an upload is never resumed) and is deleted; every
   ``spool/inbound/*.part`` whose transfer is not open (``receiving``) any more
-  — or was never recorded — is deleted; the spool files kept are made 0600.
+  — or was never recorded — is deleted; the spool files kept are made 0600;
+  the object store's temporary files of writes a crash cut short are deleted
+  (:meth:`~gateway.storage.base.ObjectStore.sweep_temp_files`).
 * While the node runs, a background thread expires inbound transfers whose
   sender has not been heard of (no Offer, no bytes) for
   ``transfer.inbound_expiry_seconds``: their spool file is deleted, the row
@@ -40,6 +42,8 @@ class SweepReport:
     orphans: int = 0
     orphan_bytes: int = 0
     expired: int = 0
+    store_temps: int = 0
+    store_temp_bytes: int = 0
 
 
 class SpoolJanitor:
@@ -98,7 +102,10 @@ class SpoolJanitor:
                 inbound,
             )
         expired = self.expire_once()
-        return SweepReport(uploads, upload_bytes, orphans, orphan_bytes, expired)
+        temps, temp_bytes = self.receiver.store.sweep_temp_files()
+        return SweepReport(
+            uploads, upload_bytes, orphans, orphan_bytes, expired, temps, temp_bytes
+        )
 
     # -- while running --------------------------------------------------------
     def expire_once(self, now: datetime | None = None) -> int:
