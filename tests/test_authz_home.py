@@ -63,7 +63,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("gateway/demo/__init__.py", "NodeProc.info"): "the demo's printed instructions per node role",
     ("gateway/demo/__init__.py", "Demo.write_config"): "the demo's node configuration per role",
     ("gateway/identity.py", "Identity.label"): "formatting a label, no decision",
-    ("gateway/rpc/auth.py", "Gatekeeper.audit_refusal"): (
+    ("gateway/gate.py", "Gate.record_refusal"): (
         "an audit field (the peer node of a refusal), no decision"
     ),
     ("gateway/server.py", "_role_hooks"): "wiring: which role's hooks this node runs",

@@ -30,30 +30,24 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import grpc
-from cryptography import x509
 
 from gateway.audit import AuditLog
-from gateway.authz import NodeSelf, RequestContext, authorize, principal_of
-from gateway.errors import (
-    AuthenticationError,
-    AuthError,
-    CertificateError,
-    NotReady,
-    PKIError,
-    YigongError,
-)
-from gateway.identity import URN_PREFIX, Identity
+from gateway.authz import NodeSelf, RequestContext, principal_of
+from gateway.errors import AuthenticationError, YigongError
+from gateway.gate import Gate, presented
+from gateway.identity import Identity
 from gateway.pki import TrustStore
 from gateway.rpc.status import status_for
-from gateway.rpc.terminator import Caller, HandshakeRefusal
+from gateway.rpc.terminator import Caller
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class Gatekeeper:
-    """Verifies each call's caller once and keeps the result as the call's
+class Gatekeeper(Gate):
+    """Verifies each call's caller once (:meth:`Gate.admit`, the one gatekeeper of the
+    node's edges) and keeps the result as the call's
     :class:`~gateway.authz.RequestContext` (servicers read it with :meth:`request`)."""
 
     def __init__(
@@ -63,9 +57,7 @@ class Gatekeeper:
         audit: AuditLog,
         callers: Callable[[str], Caller | None] | None = None,
     ) -> None:
-        self.trust = trust
-        self.node = node
-        self.audit = audit
+        super().__init__(trust, node, audit)
         # With the node's own TLS terminator in front (gateway.rpc.terminator), the
         # caller's certificate is looked up by the internal connection's address;
         # otherwise it is in gRPC's auth context.
@@ -88,20 +80,6 @@ class Gatekeeper:
         pem = bytes(pems[0]) if pems and isinstance(pems, list) else None
         return pem, context.peer()
 
-    def _verify(self, pem: bytes | None) -> Identity:
-        """The verified identity of ``pem`` (raises AuthError/CertificateError/PKIError)."""
-        if pem is None and self.callers is not None:
-            raise AuthenticationError(
-                f"connection to node {self.node.node_id} did not come through its TLS port; "
-                "connect to the node's public address with a federation certificate"
-            )
-        if pem is None:
-            raise AuthenticationError(
-                f"no client certificate presented to node {self.node.node_id}; "
-                "connect with a certificate issued by the federation CA"
-            )
-        return self.trust.verify_pem(pem)
-
     def request(self, context: grpc.ServicerContext) -> RequestContext:
         """The call's verified :class:`RequestContext`, made by :meth:`check` at the edge.
 
@@ -112,7 +90,7 @@ class Gatekeeper:
         if found is not None:
             return found
         pem, remote = self._connection(context)
-        caller = self._verify(pem)
+        caller = self.verify(pem, behind_terminator=self.callers is not None)
         ctx = RequestContext(
             caller, self.node, remote, "", principal_of(caller, self.node), pem or b""
         )
@@ -145,78 +123,18 @@ class Gatekeeper:
         return pem
 
     def check(self, context: grpc.ServicerContext, method: str) -> RequestContext:
-        """Verify the caller's certificate (issuer, validity, revocation) and ask
-        :func:`~gateway.authz.authorize` whether it may call ``method``; keep the result
-        as the call's context, or audit and abort."""
+        """Admit the call (:meth:`Gate.admit`: certificate verified — issuer, validity,
+        revocation — and ``method`` authorized, refusals audited); keep the result as the
+        call's context, or abort with the refusal's status."""
         pem, remote = self._connection(context)
         try:
-            caller = self._verify(pem)
-        except (AuthError, CertificateError) as exc:
-            self._refuse(context, "auth.refused", None, method, exc, remote, _presented(pem))
+            ctx = self.admit(pem, remote, method, behind_terminator=self.callers is not None)
+        except YigongError as exc:
+            context.abort(status_for(exc), str(exc))
             raise AssertionError("unreachable") from exc
-        except PKIError as exc:  # e.g. the CRL is unusable: fail closed
-            log.error("cannot check certificates: %s", exc)
-            public = NotReady(
-                f"node {self.node.node_id} cannot check certificate revocation: its revocation "
-                "list is unusable; calls are refused until its operator installs the "
-                "federation CA's current crl.pem"
-            )
-            self._refuse(context, "auth.refused", None, method, public, remote, _presented(pem))
-            raise AssertionError("unreachable") from exc
-        try:
-            principal = authorize(caller, method, self.node)
-        except AuthError as exc:
-            self._refuse(context, "authz.refused", caller, method, exc, remote)
-            raise AssertionError("unreachable") from exc
-        assert pem is not None  # _verify refused a call without one
-        ctx = RequestContext(caller, self.node, remote, method, principal, pem)
         with self._calls_lock:
             self._calls[context] = ctx
         return ctx
-
-    def refused_handshake(self, refusal: HandshakeRefusal) -> None:
-        """Audit a certificate the node's TLS terminator refused during the handshake."""
-        details: dict[str, str] = {
-            "stage": "tls_handshake",
-            "remote": refusal.remote,
-            "reason": type(refusal.error).__name__,
-            "refusal": refusal.kind,
-            "detail": str(refusal.error)[:400],
-        }
-        if refusal.cert is not None:
-            details.update(certificate_facts(refusal.cert))
-            details["cert_issuer"] = refusal.cert.issuer.rfc4514_string()[:200]
-        try:
-            self.audit.record("auth.refused", outcome="failure", details=details)
-        except YigongError:
-            log.exception("could not audit the TLS handshake refused to %s", refusal.remote)
-
-    def _refuse(
-        self,
-        context: grpc.ServicerContext,
-        event: str,
-        caller: Identity | None,
-        method: str,
-        exc: YigongError,
-        peer: str,
-        presented: dict[str, str] | None = None,
-    ) -> None:
-        log.warning("refused %s from %s: %s", method, peer, exc)
-        try:
-            self.audit.record(
-                event,
-                actor=caller.label() if caller else None,
-                outcome="failure",
-                details={
-                    "method": method,
-                    "remote": peer,
-                    "reason": type(exc).__name__,
-                    **(presented or {}),
-                },
-            )
-        except YigongError:
-            log.exception("could not audit refusal of %s", method)
-        context.abort(status_for(exc), str(exc))
 
     def audit_refusal(
         self, context: grpc.ServicerContext, event: str, method: str, exc: YigongError
@@ -231,34 +149,7 @@ class Gatekeeper:
             caller = None
             pem_or_none, remote = self._connection(context)
             pem = pem_or_none or b""
-        log.warning("refused %s from %s: %s", method, remote, exc)
-        try:
-            self.audit.record(
-                event,
-                actor=caller.label() if caller else None,
-                outcome="failure",
-                peer=caller.subject_id if caller is not None and caller.is_node else None,
-                details={
-                    "method": method,
-                    "remote": remote,
-                    "reason": type(exc).__name__,
-                    "why": str(exc)[:500],
-                    **_presented(pem or None),
-                },
-            )
-        except YigongError:
-            log.exception("could not audit refusal of %s", method)
-
-
-def _presented(pem: bytes | None) -> dict[str, str]:
-    """Serial, subject and kind of the certificate a caller presented (for audit)."""
-    if pem is None:
-        return {}
-    try:
-        cert = x509.load_pem_x509_certificate(pem)
-    except ValueError:
-        return {"cert_serial": "unparseable"}
-    return certificate_facts(cert)
+        self.record_refusal(event, caller, method, exc, remote, presented(pem or None), why=True)
 
 
 _AUDITED_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -276,22 +167,6 @@ def refusals_audited(
         if status_for(exc) in _AUDITED_CODES:
             gate.audit_refusal(context, event, method, exc)
         raise
-
-
-def certificate_facts(cert: x509.Certificate) -> dict[str, str]:
-    """Serial and subject of a refused certificate, read without trusting it (for audit)."""
-    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    kind = "person" if any(u.startswith(f"{URN_PREFIX}person:") for u in uris) else "node"
-    return {
-        "cert_serial": f"{cert.serial_number:x}",
-        "cert_subject": str(cns[0].value) if cns else "",
-        "cert_kind": kind,
-    }
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

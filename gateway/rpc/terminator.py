@@ -205,8 +205,14 @@ class TlsTerminator:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_pending: int = MAX_PENDING_HANDSHAKES,
         max_pending_per_address: int = MAX_PENDING_PER_ADDRESS,
+        alpn: bytes = ALPN,
+        backend_name: str = "grpc.sock",
     ) -> None:
         self.listen = listen
+        # The one application protocol the port speaks (h2: gRPC; http/1.1: the web
+        # console) and the name of the backend's Unix socket in the private directory.
+        self.alpn = alpn
+        self.backend_name = backend_name
         self.trust = trust
         self.on_refused = on_refused
         self.handshake_timeout = handshake_timeout
@@ -232,7 +238,8 @@ class TlsTerminator:
         sweep_stale_socket_dirs(parent)
         self._dir = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX, dir=parent))
         (self._dir / "pid").write_text(str(os.getpid()))  # whose it is, for the sweep
-        self.backend_address = f"unix:{self._dir / 'grpc.sock'}"
+        self.backend_path = self._dir / backend_name
+        self.backend_address = f"unix:{self.backend_path}"
         self._serial = itertools.count(1)
         self._closing = threading.Event()
         self._accepter: threading.Thread | None = None
@@ -247,9 +254,12 @@ class TlsTerminator:
         ctx.check_privatekey()
         ctx.add_client_ca(self.trust.ca_cert)
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
-        ctx.set_alpn_select_callback(_select_alpn)
+        ctx.set_alpn_select_callback(self._select_alpn)
         ctx.set_session_id(b"yigong-gateway")
         return ctx
+
+    def _select_alpn(self, conn: SSL.Connection, offered: list[bytes]) -> Any:
+        return self.alpn if self.alpn in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -431,8 +441,12 @@ class TlsTerminator:
                 return None
         if not _flush(conn, client):
             return None
-        if conn.get_alpn_proto_negotiated() != ALPN:
-            log.info("TLS connection from %s did not negotiate HTTP/2; closed", remote)
+        if conn.get_alpn_proto_negotiated() != self.alpn:
+            log.info(
+                "TLS connection from %s did not negotiate %s; closed",
+                remote,
+                self.alpn.decode("ascii", "replace"),
+            )
             return None
         client.settimeout(None)
         return conn
@@ -474,9 +488,9 @@ class TlsTerminator:
             self._open.add(backend)
         try:
             backend.bind(str(path))
-            backend.connect(str(self._dir / "grpc.sock"))
+            backend.connect(str(self.backend_path))
         except OSError as exc:
-            log.error("cannot reach the node's gRPC server at %s: %s", self.backend_address, exc)
+            log.error("cannot reach the node's server at %s: %s", self.backend_address, exc)
             self._release_backend(key, backend, path)
             return
         with contextlib.suppress(OSError):
@@ -625,8 +639,6 @@ def _linger(sock: socket.socket, seconds: float = 2.0) -> None:
         pass
 
 
-def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> Any:
-    return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def _bind(listen: str) -> socket.socket:
