@@ -151,6 +151,8 @@ CREATE INDEX IF NOT EXISTS events_time ON events(time);
 CREATE INDEX IF NOT EXISTS events_event ON events(event);
 CREATE INDEX IF NOT EXISTS events_object ON events(object_id);
 CREATE INDEX IF NOT EXISTS events_transfer ON events(transfer_id);
+CREATE INDEX IF NOT EXISTS events_case ON events(case_id);
+CREATE INDEX IF NOT EXISTS events_actor ON events(actor);
 CREATE TABLE IF NOT EXISTS checkpoints (
     seq INTEGER PRIMARY KEY, time TEXT NOT NULL, head_hash TEXT NOT NULL,
     signature BLOB NOT NULL);
@@ -447,6 +449,8 @@ def _select_events(
     object_id: str | None = None,
     transfer_id: str | None = None,
     peer: str | None = None,
+    case_id: str | None = None,
+    before_seq: int | None = None,
     after_seq: int | None = None,
     limit: int = 1000,
     newest: bool = False,
@@ -460,7 +464,7 @@ def _select_events(
     where: list[str] = ["1"]
     args: list[str | int] = []
     equal = dict(event=event, actor=actor, object_id=object_id, transfer_id=transfer_id)
-    for column, value in (*equal.items(), ("peer", peer)):
+    for column, value in (*equal.items(), ("peer", peer), ("case_id", case_id)):
         if value is not None:
             where.append(f"{column} = ?")
             args.append(value)
@@ -473,6 +477,9 @@ def _select_events(
     if after_seq is not None:
         where.append("seq > ?")
         args.append(int(after_seq))
+    if before_seq is not None:
+        where.append("seq < ?")
+        args.append(int(before_seq))
     order = "DESC" if newest else "ASC"
     sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?"
     try:
@@ -842,14 +849,17 @@ class AuditLog:
         object_id: str | None = None,
         transfer_id: str | None = None,
         peer: str | None = None,
+        case_id: str | None = None,
+        before_seq: int | None = None,
         after_seq: int | None = None,
         limit: int = 1000,
         newest: bool = False,
     ) -> list[AuditEvent]:
-        """The first ``limit`` matching events with seq > ``after_seq``, oldest first
-        (with ``newest``: the last ``limit`` ones, still oldest first).
+        """The first ``limit`` matching events with ``after_seq`` < seq < ``before_seq``,
+        oldest first (with ``newest``: the last ``limit`` ones, still oldest first).
 
-        ``since`` is inclusive, ``until`` exclusive; page with ``after_seq=last.seq``."""
+        ``since`` is inclusive, ``until`` exclusive; page forwards with
+        ``after_seq=last.seq``, backwards with ``before_seq=first.seq, newest=True``."""
         with self._lock:
             return _select_events(
                 self._db(),
@@ -861,6 +871,8 @@ class AuditLog:
                 object_id=object_id,
                 transfer_id=transfer_id,
                 peer=peer,
+                case_id=case_id,
+                before_seq=before_seq,
                 after_seq=after_seq,
                 limit=limit,
                 newest=newest,

@@ -84,6 +84,19 @@ POLICY: Mapping[str, frozenset[str]] = {
     # the signer is the caller); a peer reads back only its own, officers any
     "/yigong.v1.Audit/Witness": frozenset({PEER}),
     "/yigong.v1.Audit/GetWitnessed": frozenset({SELF, PEER, "officer"}),
+    # the web console's pages (gateway/web; a person's browser certificate)
+    "/console/home": frozenset({"clinician", "engineer", "officer"}),
+    "/console/transfers": frozenset({"clinician", "engineer", "officer"}),
+    "/console/audit": frozenset({"officer"}),
+    "/console/audit.verify": frozenset({"officer"}),
+    "/console/reconcile": frozenset({"officer"}),
+    "/console/hospital.studies": frozenset({"clinician", "officer"}),
+    "/console/hospital.confirm": frozenset({"clinician"}),
+    "/console/cases": frozenset({"clinician", "engineer", "officer"}),
+    "/console/cases.sign": frozenset({"clinician", "engineer"}),
+    "/console/factory.studies": frozenset({"engineer", "officer"}),
+    "/console/factory.download": frozenset({"engineer"}),
+    "/console/factory.upload": frozenset({"engineer"}),
     # infrastructure
     "/grpc.health.v1.Health/Check": frozenset({ANY}),
     "/grpc.health.v1.Health/Watch": frozenset({ANY}),

@@ -51,6 +51,18 @@ class ServerSection:
 
 
 @dataclass(frozen=True)
+class ConsoleSection:
+    """The web console: HTTPS with browser client certificates (README "Web console")."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:7444"  # loopback: put a TLS pass-through proxy in front
+    max_pending_handshakes: int = 64
+    max_pending_handshakes_per_address: int = 16
+    page_size: int = 50  # rows per page of every list
+    idle_seconds: float = 60.0  # an idle keep-alive connection is closed after this
+
+
+@dataclass(frozen=True)
 class S3Section:
     endpoint: str = ""
     bucket: str = ""
@@ -225,6 +237,7 @@ class NodeConfig:
     design: DesignSection = field(default_factory=DesignSection)
     pacs: PacsSection = field(default_factory=PacsSection)
     outbound: OutboundSection = field(default_factory=OutboundSection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
 
     @property
     def peer_regions(self) -> frozenset[str]:
@@ -318,6 +331,23 @@ def _check(cfg: NodeConfig) -> None:
             f"{src}: server.listen must be HOST:PORT (PORT 0 picks a free port), "
             f"not {cfg.server.listen!r}"
         )
+    c = cfg.console
+    chost, csep, cport = c.listen.rpartition(":")
+    if c.enabled and (not csep or not chost or not cport.isdigit() or int(cport) > 65535):
+        raise ConfigError(
+            f"{src}: console.listen must be HOST:PORT (PORT 0 picks a free port), "
+            f"not {c.listen!r}"
+        )
+    if c.enabled and c.listen == cfg.server.listen and not c.listen.endswith(":0"):
+        raise ConfigError(
+            f"{src}: console.listen {c.listen!r} is the gRPC port (server.listen); "
+            "give the console a port of its own"
+        )
+    for ckey in ("max_pending_handshakes", "max_pending_handshakes_per_address", "page_size"):
+        if getattr(c, ckey) < 1:
+            raise ConfigError(f"{src}: console.{ckey} must be at least 1, not {getattr(c, ckey)}")
+    if c.page_size > 500:
+        raise ConfigError(f"{src}: console.page_size must be at most 500, not {c.page_size}")
     for key in ("max_pending_handshakes", "max_pending_handshakes_per_address"):
         if getattr(cfg.server, key) < 1:
             raise ConfigError(
@@ -464,6 +494,7 @@ def load_config(path: Path | str) -> NodeConfig:
         "design": DesignSection,
         "pacs": PacsSection,
         "outbound": OutboundSection,
+        "console": ConsoleSection,
     }
     unknown = sorted(set(raw) - set(sections) - {"peers"})
     if unknown:
@@ -528,8 +559,10 @@ def render_config(
     peers: list[tuple[str, str]],
     extra: str = "",
     dicom: Mapping[str, Any] | None = None,
+    console_listen: str | None = None,
 ) -> str:
-    """A complete configuration file for the embedded setup (used by demo and tests)."""
+    """A complete configuration file for the embedded setup (used by demo and tests);
+    the web console listens on ``console_listen``, or is off when it is None."""
 
     def q(value: object) -> str:
         # JSON string escapes are valid TOML basic-string escapes.
@@ -551,6 +584,10 @@ def render_config(
     if crl is not None:
         lines.append(f"crl = {q(crl)}")
     lines += ["", "[server]", f"listen = {q(listen)}", ""]
+    if console_listen is None:
+        lines += ["[console]", "enabled = false", ""]
+    else:
+        lines += ["[console]", f"listen = {q(console_listen)}", ""]
     if dicom is not None:
         # JSON renders strings, numbers, booleans and string lists as valid TOML values.
         lines += ["[dicom]", *(f"{k} = {json.dumps(v)}" for k, v in dicom.items()), ""]

@@ -31,13 +31,14 @@ Hook points:
 - :meth:`RoleHooks.start` / :meth:`RoleHooks.stop` — role services (e.g. the DICOM SCP).
 - :meth:`RoleHooks.settle` — before the query endpoint reads the catalog: wait until
   what the role acknowledged to outside senders (e.g. a PACS) is catalogued.
+- :meth:`RoleHooks.console_pages` — the role's pages of the web console (:mod:`gateway.web`).
 - :meth:`RoleHooks.check_case_record` — a case record's content against what the role
   holds, on submission and on arrival (:mod:`gateway.cases.facts`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from gateway.telemetry import Telemetry
     from gateway.transfer.model import Announce
     from gateway.transfer.outbox import Outbox
+    from gateway.web.app import Console, ConsolePages
 
 
 class RoleHooks:
@@ -80,6 +82,10 @@ class RoleHooks:
 
     def add_services(self, server: Any, gate: Any) -> None:
         """Register gRPC servicers on ``server`` (a grpc.Server) using ``gate`` for identity."""
+
+    def console_pages(self, console: Console) -> Sequence[ConsolePages]:
+        """The role's pages of the web console, declared with ``console.page``."""
+        return ()
 
     def check_case_record(self, ctx: RecordFacts) -> None:
         """Raise RecordUnfounded (or, for arriving records, FactsPending) when the record

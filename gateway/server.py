@@ -44,6 +44,8 @@ from gateway.telemetry import Telemetry
 from gateway.transfer.janitor import SpoolJanitor
 from gateway.transfer.outbox import Outbox
 from gateway.transfer.receiver import Receiver
+from gateway.web.serve import start_console
+from gateway.web.server import ConsoleServer
 from yigong.v1 import (
     audit_pb2_grpc,
     exchange_pb2,
@@ -123,6 +125,8 @@ class Node:
         self.gate: Gatekeeper | None = None  # made by start(), with the TLS terminator
         self._server: grpc.Server | None = None
         self._terminator: TlsTerminator | None = None
+        self._console: ConsoleServer | None = None
+        self.console_port = 0
         self._health: health.HealthServicer | None = None
         self._stopped = threading.Event()
         self.port = 0
@@ -250,6 +254,18 @@ class Node:
             },
         )
         self._audit_config()
+        if cfg.console.enabled:
+            self._console = start_console(
+                self._config,
+                gate=gate,
+                trust=self.trust,
+                cert_pem=self.cert_pem,
+                key_pem=self.key_pem,
+                audit=self.audit,
+                query=self.query,
+                hooks=self.hooks,
+            )
+            self.console_port = self._console.port
         self.witness_sender.start()
         if self.atna is not None:
             self.atna.start()
@@ -317,6 +333,8 @@ class Node:
         grace = self.cfg.server.grace_seconds if grace is None else grace
         if self._health is not None:
             self._health.enter_graceful_shutdown()
+        if self._console is not None:
+            self._console.stop()
         self.hooks.stop()
         self.outbox.stop(timeout=grace)
         if self._terminator is not None:

@@ -303,12 +303,19 @@ def test_an_unknown_role_is_a_clear_configuration_error() -> None:
 
 # --- Layers in the tree: wire adapters in their folders, the domain beside them ---------
 
-WIRE_FOLDERS = ("gateway.rpc", "gateway.cli", "hospital_node.wire", "factory_node.wire")
+WIRE_FOLDERS = (
+    "gateway.rpc",
+    "gateway.cli",
+    "gateway.web",
+    "hospital_node.wire",
+    "factory_node.wire",
+)
 """The wire adapters: gRPC servicers, clients and edge (``gateway/rpc/``), the core's
 command line (``gateway/cli/``), each role's DICOM, gRPC and CLI adapters
-(``*/wire/``). Everything else in the packages is domain or infrastructure."""
+(``*/wire/``), the web console (``gateway/web/``). Everything else in the packages is
+domain or infrastructure."""
 
-WIRE_LIBRARIES = ("grpc", "grpc_health", "pynetdicom", "argparse")
+WIRE_LIBRARIES = ("grpc", "grpc_health", "pynetdicom", "argparse", "starlette", "uvicorn")
 """What only a wire adapter imports (a generated ``*_pb2_grpc`` module counts as grpc)."""
 
 WIRE_EXEMPT: dict[str, str] = {

@@ -15,10 +15,9 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from gateway import pki
 from gateway.atna import is_exported, to_atna_xml
@@ -32,15 +31,11 @@ from gateway.audit import (
     verify_log,
 )
 from gateway.audit_witness import Witnessed
-from gateway.catalog import Catalog
 from gateway.cli.node import _table
 from gateway.cli.progress import Reporter, add_progress_options
 from gateway.config import NodeConfig, load_config
-from gateway.errors import ValidationError, YigongError
-from gateway.reconcile import Finding, SharedBatch, SharedTransfer, reconcile
-from gateway.rpc.channel import ClientCredentials
-from gateway.rpc.client import NodeClient
-from gateway.rpc.witness import GrpcWitnessLink
+from gateway.errors import ValidationError
+from gateway.rpc.peer_records import node_verifier, reconcile_peers, witnessed_by_peers
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -131,11 +126,6 @@ def _when(value: str | None) -> datetime | None:
     except ValueError as exc:
         raise ValidationError(f"{value!r} is not an ISO-8601 date/time") from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _verifier(cfg: NodeConfig) -> Any:
-    cert = pki.load_certificate(cfg.tls.cert)
-    return lambda data, sig: pki.verify_signature(cert, data, sig)
 
 
 def _event_row(e: AuditEvent) -> list[str]:
@@ -263,25 +253,6 @@ def _verdict(cfg: NodeConfig, report: VerifyReport, proven: str = "") -> str:
     return text
 
 
-def _witnessed(
-    cfg: NodeConfig, peers: list[str]
-) -> tuple[dict[str, list[Witnessed]], dict[str, str]]:
-    """Every checkpoint of this node each peer holds; and the peers that could not answer."""
-    creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
-    found: dict[str, list[Witnessed]] = {}
-    failed: dict[str, str] = {}
-    for peer in peers:
-        try:
-            link = GrpcWitnessLink(peer, cfg.peer(peer).address, creds)
-            try:
-                found[peer] = link.witnessed(cfg.node.id)
-            finally:
-                link.close()
-        except YigongError as exc:
-            failed[peer] = str(exc)
-    return found, failed
-
-
 def _witness_summary(cfg: NodeConfig, peer: str, held: list[Witnessed]) -> str:
     if not held:
         return f"{peer} has witnessed no checkpoint of {cfg.node.id} yet"
@@ -301,7 +272,7 @@ def _verify_showing_progress(
         report = verify_log(
             cfg.audit.path,
             cfg.node.id,
-            verify_signature=_verifier(cfg),
+            verify_signature=node_verifier(cfg),
             extra_checkpoints=extra,
             progress=lambda done, total: task.update(done, total),
         )
@@ -320,7 +291,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(_verdict(cfg, report))
         return 0 if report.ok else 1
     peers = args.peer or [p.id for p in cfg.peers]
-    found, failed = _witnessed(cfg, peers)
+    found, failed = witnessed_by_peers(cfg, peers)
     extra = [w.checkpoint for held in found.values() for w in held]
     report = _verify_showing_progress(args, cfg, extra)
     newest = max((c.seq for c in extra), default=0)
@@ -379,7 +350,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     report = verify_log(
         cfg.audit.path,
         cfg.node.id,
-        verify_signature=_verifier(cfg),
+        verify_signature=node_verifier(cfg),
         extra_checkpoints=[exported],
     )
     print(
@@ -430,94 +401,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-PAGE = 1000  # the query endpoint's largest page
-T = TypeVar("T")
-
-
-def _paged(fetch: Callable[[str], Sequence[Any]], shared: Callable[[Any], T]) -> list[T]:
-    """Every record of a listing newest first, a page at a time (``fetch(until)``: the
-    records created before ``until``, "" for the newest), each made ``shared``."""
-    found: list[T] = []
-    until = ""
-    while True:
-        page = fetch(until)
-        found += [shared(r) for r in page]
-        if len(page) < PAGE:
-            return found
-        until = min(r.created_at for r in page)  # the next page: strictly older
-
-
-def _remote(cfg: NodeConfig, peer_id: str) -> tuple[list[SharedTransfer], list[SharedBatch]]:
-    """The peer's records of the transfers and batches it shares with this node (as a
-    peer node, this node is shown only those)."""
-    creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
-    with NodeClient(cfg.peer(peer_id).address, creds, node_id=peer_id) as client:
-        batches = _paged(
-            lambda until: client.list_batches(until=until, limit=PAGE),
-            lambda b: SharedBatch(
-                b.batch_id,
-                b.direction,
-                b.peer_node,
-                b.status,
-                b.receipt.SerializeToString() if b.HasField("receipt") else None,
-            ),
-        )
-    return _remote_transfers(cfg, peer_id), batches
-
-
-def _local(cfg: NodeConfig, peer_id: str) -> tuple[list[SharedTransfer], list[SharedBatch]]:
-    catalog = Catalog(cfg.catalog.path)
-    try:
-        batches = _paged(
-            lambda until: catalog.list_batches(peer=peer_id, until=until, limit=PAGE),
-            lambda b: SharedBatch(b.batch_id, b.direction, b.peer_node, b.status, b.receipt),
-        )
-    finally:
-        catalog.close()
-    return _local_transfers(cfg, peer_id), batches
-
-
-def _remote_transfers(cfg: NodeConfig, peer_id: str) -> list[SharedTransfer]:
-    creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
-    with NodeClient(cfg.peer(peer_id).address, creds, node_id=peer_id) as client:
-        return _paged(
-            lambda until: client.list_transfers(until=until, limit=PAGE),
-            lambda t: SharedTransfer(
-                t.transfer_id,
-                t.direction,
-                t.peer_node,
-                t.object_id,
-                t.size,
-                t.status,
-                t.receipt.SerializeToString() if t.HasField("receipt") else None,
-                t.batch_id,
-            ),
-        )
-
-
-def _local_transfers(cfg: NodeConfig, peer_id: str) -> list[SharedTransfer]:
-    catalog = Catalog(cfg.catalog.path)
-    try:
-        return _paged(
-            lambda until: catalog.list_transfers(peer=peer_id, until=until, limit=PAGE),
-            lambda t: SharedTransfer(
-                t.transfer_id,
-                t.direction,
-                t.peer_node,
-                t.object_id,
-                t.size,
-                t.status,
-                t.receipt,
-                t.batch_id,
-            ),
-        )
-    finally:
-        catalog.close()
-
-
 def cmd_reconcile(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    trust = pki.TrustStore(cfg.tls.ca, cfg.tls.crl)
     peers = args.peer or [p.id for p in cfg.peers]
     if not peers:
         print(
@@ -525,36 +410,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             "nothing to reconcile"
         )
         return 0
-    results: dict[str, list[Finding]] = {}
-    logs: dict[str, str] = {}
-    for peer in peers:
-        (ours, our_batches), (theirs, their_batches) = _local(cfg, peer), _remote(cfg, peer)
-        results[peer] = reconcile(
-            cfg.node.id, peer, ours, theirs, trust, our_batches, their_batches
-        )
-        found, failed = _witnessed(cfg, [peer])
-        if peer in failed:
-            why = f"cannot ask {peer} for the checkpoints it witnessed: {failed[peer]}"
-            results[peer].append(Finding("audit_log", "", why))
-            logs[peer] = f"{cfg.node.id} <-> {peer}: audit log INCOMPLETE: {why}"
-            continue
-        held = found[peer]
-        report = verify_log(
-            cfg.audit.path,
-            cfg.node.id,
-            verify_signature=_verifier(cfg),
-            extra_checkpoints=[w.checkpoint for w in held],
-        )
-        if not report.ok:
-            results[peer].append(Finding("audit_log", "", report.reason))
-            logs[peer] = f"{cfg.node.id} <-> {peer}: audit log FAILED: {report.reason}"
-        elif held:
-            logs[peer] = (
-                f"{cfg.node.id} <-> {peer}: audit log matches the {len(held)} checkpoint(s) "
-                f"{peer} witnessed (newest at entry {held[-1].checkpoint.seq})"
-            )
-        else:
-            logs[peer] = f"{cfg.node.id} <-> {peer}: {peer} has witnessed no audit checkpoint yet"
+    results, logs = reconcile_peers(cfg, peers)
     bad = sum(f.is_discrepancy for fs in results.values() for f in fs)
     if args.json:
         print(

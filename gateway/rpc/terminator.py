@@ -536,15 +536,23 @@ class _Pipe:
         conn, closed = self.conn, False
         buf = bytearray(UP_BUFFER)
         view = memoryview(buf)
+        # Application data that came with the client's last handshake flight is in
+        # OpenSSL already: pass it on before waiting for the socket (a client that sends
+        # its request with its Finished message then waits for the answer).
+        pending = True
         try:
             while not closed:
-                n = self.client.recv_into(buf)
-                if not n:
-                    break
+                n = 0
+                if not pending:
+                    n = self.client.recv_into(buf)
+                    if not n:
+                        break
+                pending = False
                 plain: list[bytes] = []
                 self.tls.acquire()
                 try:
-                    conn.bio_write(view[:n])
+                    if n:
+                        conn.bio_write(view[:n])
                     while True:
                         try:
                             plain.append(conn.recv(RECORD))
