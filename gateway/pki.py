@@ -17,7 +17,8 @@ What each certificate asserts (keys ECDSA P-256, signatures ECDSA-SHA256):
   :func:`gateway.identity.identity_san_uris` (node id, role, region), DNS SAN
   ``<node id>.node.yigong`` plus its hostnames/IPs; serverAuth + clientAuth.
 * person (or tool): ``O=<federation>, CN=<person id>``; URI SANs (person id,
-  role, organisation node); clientAuth only.
+  role, organisation node); clientAuth only. :func:`person_pkcs12` packs it with
+  its key and the CA into a password-protected PKCS#12 for import into a browser.
 
 :class:`TrustStore` is what a node runs per RPC: issuer + signature, validity
 window, revocation, then the identity the certificate asserts.
@@ -32,6 +33,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import stat
 import tempfile
 import threading
@@ -46,6 +48,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import (
@@ -76,6 +79,9 @@ REVOCATION_REASONS: dict[str, x509.ReasonFlags] = {
     )
 }
 """Reasons :func:`revoke` accepts (no certificate_hold: revocation is final)."""
+P12_MIN_PASSWORD = 12
+"""Shortest password :func:`person_pkcs12` accepts (characters)."""
+P12_KDF_ROUNDS = 600_000  # PBKDF2-HMAC-SHA256 iterations (OWASP 2023); about 0.2 s
 _CA_SUFFIX = " federation CA"
 _PEM = serialization.Encoding.PEM
 
@@ -137,14 +143,14 @@ def _describe(cert: x509.Certificate) -> str:
     return f"{name} (serial {cert.serial_number:x})"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the start; never overwrite an existing key."""
+def _write_private(path: Path, data: bytes, what: str = "private key") -> None:
+    """Create ``path`` with mode 0600 from the start; never overwrite an existing one."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError as exc:
-        raise PKIError(f"{path} already exists; will not overwrite a private key") from exc
+        raise PKIError(f"{path} already exists; will not overwrite a {what}") from exc
     except OSError as exc:
-        raise PKIError(f"cannot create private key file {path}: {exc.strerror}") from exc
+        raise PKIError(f"cannot create {what} file {path}: {exc.strerror}") from exc
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
 
@@ -519,6 +525,99 @@ def issue_person_cert(
         not_before,
         not_after,
     )
+
+
+def p12_password_problem(password: bytes) -> str | None:
+    """Why ``password`` may not protect a PKCS#12 (too short, not printable ASCII), or None."""
+    if not password:
+        return "the password is empty"
+    if len(password) < P12_MIN_PASSWORD:
+        return f"the password has {len(password)} characters; at least {P12_MIN_PASSWORD} needed"
+    if not all(0x20 < b < 0x7F for b in password):
+        return (
+            "the password must be printable ASCII without spaces "
+            "(browsers and OpenSSL encode other characters differently)"
+        )
+    return None
+
+
+def person_pkcs12(
+    cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    password: bytes,
+    name: str,
+) -> bytes:
+    """PKCS#12 (DER) of a person's certificate, its key and the federation CA, for a browser.
+
+    ``name`` becomes the friendly name of the certificate and key. Key and certificates
+    are encrypted with PBES2 (PBKDF2-HMAC-SHA256, ``P12_KDF_ROUNDS``, AES-256-CBC) and
+    the file is MACed with HMAC-SHA256: what Chromium/NSS, Firefox and OpenSSL 3 import
+    (not the legacy RC2/3DES-SHA1 format). The password must be printable ASCII of at
+    least ``P12_MIN_PASSWORD`` characters: tools disagree on how to encode other ones.
+    """
+    if problem := p12_password_problem(password):
+        raise PKIError(f"PKCS#12 password refused: {problem}")
+    if _ec_public_key(cert).public_numbers() != key.public_key().public_numbers():
+        raise PKIError(f"the private key does not belong to certificate {_describe(cert)}")
+    if cert.issuer != ca_cert.subject:
+        raise PKIError(f"certificate {_describe(cert)} was not issued by {_describe(ca_cert)}")
+    encryption = (
+        serialization.PrivateFormat.PKCS12.encryption_builder()
+        .kdf_rounds(P12_KDF_ROUNDS)
+        .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+        .hmac_hash(hashes.SHA256())
+        .build(password)
+    )
+    return pkcs12.serialize_key_and_certificates(name.encode(), key, cert, [ca_cert], encryption)
+
+
+def pkcs12_paths(
+    out_dir: Path | str, person_id: str, generate_password: bool
+) -> tuple[Path, Path | None]:
+    """Where :func:`write_person_pkcs12` writes next to ``<id>.crt``: ``<id>.p12`` and,
+    when it generates the password, ``<id>.p12.password``. :class:`PKIError` if one of
+    them exists (nothing is overwritten): call it before issuing to fail early."""
+    p12 = Path(out_dir) / f"{person_id}.p12"
+    password = p12.with_name(p12.name + ".password") if generate_password else None
+    for path in (p12, password):
+        if path is not None and path.exists():
+            raise PKIError(f"{path} already exists; will not overwrite it")
+    return p12, password
+
+
+def write_person_pkcs12(
+    issued: IssuedCert, password: bytes | None = None
+) -> tuple[Path, Path | None]:
+    """Write ``<id>.p12`` (mode 0600) next to an issued person certificate.
+
+    The friendly name is the person's label (``engineer:alice@factory-1``), what a
+    browser's certificate list shows. Without ``password`` a random one
+    (``secrets.token_urlsafe(18)``, 144 bits) is generated and written to
+    ``<id>.p12.password`` (mode 0600). Returns the two paths (the second None when
+    ``password`` was given). Never overwrites an existing file.
+    """
+    cert = load_certificate(issued.cert_path)
+    ident = identity_from_certificate(cert)
+    if ident.is_node:
+        raise PKIError(f"{issued.cert_path} is a node certificate; only people get a .p12")
+    p12_path, password_path = pkcs12_paths(
+        issued.cert_path.parent, ident.subject_id, generate_password=password is None
+    )
+    if password is None:
+        password = secrets.token_urlsafe(18).encode()
+    data = person_pkcs12(
+        cert,
+        load_private_key(issued.key_path),
+        load_certificate(issued.ca_path),
+        password,
+        ident.label(),
+    )
+    if password_path is not None:
+        _write_private(password_path, password + b"\n", "password")
+    _write_private(p12_path, data, "PKCS#12")
+    log.info("wrote PKCS#12 %s for %s", p12_path, _describe(cert))
+    return p12_path, password_path
 
 
 def refresh_crl(ca_dir: Path | str) -> Path:

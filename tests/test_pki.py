@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
+import subprocess
 import threading
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
@@ -16,6 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import pki
@@ -586,3 +589,176 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["pki", "show", str(ca / "ca.crt"), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert (shown["kind"], shown["federation"]) == ("ca", FED)
+
+
+# ----------------------------------------------------------------------------- browser PKCS#12
+
+P12_ENV = "YIGONG_P12_PASSWORD"
+
+
+def issue_alice(ca: Path, out: Path, *extra: str) -> int:
+    """``yigong pki issue-person`` for engineer alice of factory-1, through the real CLI."""
+    argv = ["pki", "issue-person", "--ca-dir", str(ca), "--id", "alice", "--role", "engineer"]
+    return main([*argv, "--org", "factory-1", "--out", str(out), *extra])
+
+
+def check_p12(out: Path, ca: Path, password: bytes) -> None:
+    """``out/alice.p12`` opens with ``password`` and holds alice's cert, its key, the CA."""
+    p12 = pkcs12.load_pkcs12((out / "alice.p12").read_bytes(), password)
+    assert p12.cert is not None and p12.key is not None
+    assert p12.cert.certificate == pki.load_certificate(out / "alice.crt")
+    assert p12.cert.friendly_name == b"engineer:alice@factory-1"
+    assert isinstance(p12.key, ec.EllipticCurvePrivateKey)
+    assert p12.key.public_key() == p12.cert.certificate.public_key()
+    assert p12.key.private_numbers() == pki.load_private_key(out / "alice.key").private_numbers()
+    assert [c.certificate for c in p12.additional_certs] == [pki.load_certificate(ca / "ca.crt")]
+    assert mode_of(out / "alice.p12") == 0o600
+
+
+def test_issue_person_writes_a_browser_p12_with_a_generated_password(
+    ca_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """issue-person writes <id>.p12 (cert, key, CA, label as friendly name; 0600).
+
+    Its password is generated, kept in <id>.p12.password (0600) and never printed."""
+    monkeypatch.delenv(P12_ENV, raising=False)
+    out = tmp_path / "alice"
+    assert issue_alice(ca_dir, out) == 0
+    printed = capsys.readouterr()
+    password_file = out / "alice.p12.password"
+    password = password_file.read_bytes().rstrip(b"\n")
+    assert len(password) >= 24 and mode_of(password_file) == 0o600
+    assert f"wrote {out / 'alice.p12'}" in printed.out
+    assert f"wrote {password_file}" in printed.out
+    assert password.decode() not in printed.out + printed.err
+    check_p12(out, ca_dir, password)
+    with pytest.raises(ValueError):
+        pkcs12.load_pkcs12((out / "alice.p12").read_bytes(), b"not-the-password")
+
+    # a second run into the same folder is refused before the CA issues anything
+    (out / "alice.key").unlink()
+    assert issue_alice(ca_dir, out) == 2
+    assert f"{out / 'alice.p12'} already exists" in capsys.readouterr().err
+    assert [r.id for r in pki.read_index(ca_dir)] == ["alice"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl on this machine")
+def test_openssl_reads_the_p12_and_it_uses_pbes2_aes256_hmac_sha256(
+    ca_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL's CLI opens the .p12 with the password file: PBES2/AES-256-CBC, SHA-256 MAC."""
+    monkeypatch.delenv(P12_ENV, raising=False)
+    out = tmp_path / "alice"
+    assert issue_alice(ca_dir, out) == 0
+    passin = f"file:{out / 'alice.p12.password'}"
+    run = subprocess.run(
+        ["openssl", "pkcs12", "-in", str(out / "alice.p12"), "-nokeys", "-info", "-passin", passin],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    info = run.stdout + run.stderr
+    assert "AES-256-CBC" in info and "hmacWithSHA256" in info and "MAC: sha256" in info
+    assert "friendlyName: engineer:alice@factory-1" in info
+    assert info.count("BEGIN CERTIFICATE") == 2  # alice's and the CA's
+
+
+def test_issue_person_p12_password_from_file_or_environment(
+    ca_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The .p12 password comes from --p12-password-file, else YIGONG_P12_PASSWORD.
+
+    The file's first line counts and wins over the variable; no .p12.password is written."""
+    monkeypatch.setenv(P12_ENV, "from-the-environment-1")
+    pw_file = tmp_path / "pw.txt"
+    pw_file.write_text("correct-horse-battery\nsecond line ignored\n")
+    out = tmp_path / "by-file"
+    assert issue_alice(ca_dir, out, "--p12-password-file", str(pw_file)) == 0
+    assert f"password from --p12-password-file {pw_file}" in capsys.readouterr().out
+    check_p12(out, ca_dir, b"correct-horse-battery")
+    assert not (out / "alice.p12.password").exists()
+
+    out = tmp_path / "by-env"
+    assert issue_alice(ca_dir, out) == 0
+    assert f"password from environment variable {P12_ENV}" in capsys.readouterr().out
+    check_p12(out, ca_dir, b"from-the-environment-1")
+    assert not (out / "alice.p12.password").exists()
+
+
+def test_issue_person_refuses_an_empty_or_short_p12_password(
+    ca_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An empty, short (< 12) or non-ASCII password is refused naming its option.
+
+    The CA issues nothing then."""
+    monkeypatch.delenv(P12_ENV, raising=False)
+    pw_file, out = tmp_path / "pw.txt", tmp_path / "alice"
+    for content, problem in [
+        ("short-pw\n", "the password has 8 characters; at least 12 needed"),
+        ("\nsecond-line-is-ignored\n", "the password is empty"),
+        ("", "the password is empty"),
+        ("pässwörter-sind-hübsch", "the password must be printable ASCII"),
+    ]:
+        pw_file.write_text(content)
+        assert issue_alice(ca_dir, out, "--p12-password-file", str(pw_file)) == 2
+        assert f"error: --p12-password-file {pw_file}: {problem}" in capsys.readouterr().err
+    assert issue_alice(ca_dir, out, "--p12-password-file", str(tmp_path / "nope")) == 2
+    assert f"--p12-password-file {tmp_path / 'nope'}: cannot read it" in capsys.readouterr().err
+    for value, problem in [("", "is empty"), ("eleven-char", "has 11 characters")]:
+        monkeypatch.setenv(P12_ENV, value)
+        assert issue_alice(ca_dir, out) == 2
+        assert f"error: environment variable {P12_ENV}: the password {problem}" in (
+            capsys.readouterr().err
+        )
+    assert pki.read_index(ca_dir) == [] and not out.exists()
+
+
+def test_issue_person_no_p12(
+    ca_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--no-p12 writes no .p12 and no password; it cannot be combined with a password file."""
+    monkeypatch.delenv(P12_ENV, raising=False)
+    out = tmp_path / "alice"
+    assert issue_alice(ca_dir, out, "--no-p12") == 0
+    assert ".p12" not in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["alice.crt", "alice.key", "ca.crt"]
+    with pytest.raises(SystemExit):
+        issue_alice(ca_dir, tmp_path / "b", "--no-p12", "--p12-password-file", "x")
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_person_pkcs12_checks_its_inputs(
+    ca_dir: Path, node: pki.IssuedCert, tmp_path: Path
+) -> None:
+    """person_pkcs12 refuses a short password, a foreign key or CA, a node certificate."""
+    alice = pki.issue_person_cert(ca_dir, "alice", "engineer", "factory-1", tmp_path / "a")
+    cert, key = pki.load_certificate(alice.cert_path), pki.load_private_key(alice.key_path)
+    ca_cert = pki.load_certificate(ca_dir / "ca.crt")
+    data = pki.person_pkcs12(cert, key, ca_cert, b"a-long-enough-pw", "alice")
+    assert pkcs12.load_pkcs12(data, b"a-long-enough-pw").cert.friendly_name == b"alice"  # type: ignore[union-attr]
+    with pytest.raises(PKIError, match="at least 12 needed"):
+        pki.person_pkcs12(cert, key, ca_cert, b"short", "alice")
+    with pytest.raises(PKIError, match="does not belong"):
+        pki.person_pkcs12(
+            cert, pki.load_private_key(node.key_path), ca_cert, b"a-long-enough-pw", "x"
+        )
+    other_ca = pki.create_ca(tmp_path / "other", "other")
+    with pytest.raises(PKIError, match="not issued by"):
+        pki.person_pkcs12(cert, key, pki.load_certificate(other_ca), b"a-long-enough-pw", "x")
+    with pytest.raises(PKIError, match="node certificate"):
+        pki.write_person_pkcs12(node, b"a-long-enough-pw")
+    path, password_path = pki.write_person_pkcs12(alice)
+    assert password_path is not None and mode_of(path) == mode_of(password_path) == 0o600

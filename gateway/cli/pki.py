@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from cryptography.hazmat.primitives import hashes
 from gateway import pki
 from gateway.errors import PKIError
 from gateway.identity import NODE_ROLES, PERSON_ROLES, identity_from_certificate
+
+P12_PASSWORD_ENV = "YIGONG_P12_PASSWORD"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,6 +63,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--org", required=True, metavar="NODE_ID", help="node the person belongs to")
     p.add_argument("--out", required=True, type=Path, help="directory for <id>.crt/.key/ca.crt")
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    p12 = p.add_mutually_exclusive_group()
+    p12.add_argument(
+        "--p12-password-file",
+        type=Path,
+        metavar="FILE",
+        help="password of <id>.p12 (the browser import file): the first line of FILE "
+        f"(at least {pki.P12_MIN_PASSWORD} printable ASCII characters); else the "
+        f"environment variable {P12_PASSWORD_ENV}; else a random one is written to "
+        "<id>.p12.password",
+    )
+    p12.add_argument("--no-p12", action="store_true", help="do not write <id>.p12")
     p.set_defaults(func=cmd_issue_person)
 
     p = cmds.add_parser("revoke", help="revoke a certificate (irreversible)")
@@ -149,11 +163,42 @@ def cmd_issue_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _p12_password(args: argparse.Namespace) -> tuple[bytes | None, str]:
+    """The password given for the .p12 (None: generate one) and where it came from."""
+    if args.p12_password_file is not None:
+        source = f"--p12-password-file {args.p12_password_file}"
+        try:
+            lines = args.p12_password_file.read_bytes().splitlines()
+        except OSError as exc:
+            raise PKIError(f"{source}: cannot read it: {exc.strerror or exc}") from exc
+        password = lines[0] if lines else b""
+    elif (env := os.environb.get(P12_PASSWORD_ENV.encode())) is not None:
+        source, password = f"environment variable {P12_PASSWORD_ENV}", env
+    else:
+        return None, "a generated password"
+    if problem := pki.p12_password_problem(password):
+        raise PKIError(f"{source}: {problem}")
+    return password, f"the password from {source}"
+
+
 def cmd_issue_person(args: argparse.Namespace) -> int:
+    password, source = (None, "") if args.no_p12 else _p12_password(args)
+    if not args.no_p12:  # refuse before the CA issues anything
+        pki.pkcs12_paths(args.out, args.id, generate_password=password is None)
     issued = pki.issue_person_cert(
         args.ca_dir, args.id, args.role, args.org, args.out, valid_days=args.days
     )
     _print_issued(issued, f"{args.role} '{args.id}' of node '{args.org}'")
+    if args.no_p12:
+        return 0
+    p12_path, password_path = pki.write_person_pkcs12(issued, password)
+    print(f"wrote {p12_path} (PKCS#12 for a browser: certificate, key and CA; mode 0600)")
+    print(f"  encrypted with {source}")
+    if password_path is not None:
+        print(
+            f"wrote {password_path} (the .p12 password, mode 0600: "
+            "hand it to the person separately from the .p12)"
+        )
     return 0
 
 
