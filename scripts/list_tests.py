@@ -54,6 +54,7 @@ FEATURES: list[tuple[str, list[str]]] = [
             "test_dicom_raw.py",
         ],
     ),
+    ("Study previews for the web console (hospital)", ["test_previews.py"]),
     (
         "De-identification (PS3.15)",
         ["test_deid_profile.py", "test_deid_engine.py", "test_deid_text.py"],
