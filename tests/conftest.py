@@ -28,3 +28,6 @@ def pair(federation: Federation, tmp_path: Path) -> Iterator[tuple[InProcessNode
     yield hospital, factory
     hospital.stop()
     factory.stop()
+
+
+from tests.browser import browser  # noqa: E402,F401  (session fixture: one Chromium for the console's browser tests)

@@ -17,7 +17,9 @@ def enable_console(config: Path) -> None:
     """Turn on the console of a config written by tests.cluster.write_config (port 0)."""
     text = config.read_text()
     assert "[console]\nenabled = false" in text
-    config.write_text(text.replace("[console]\nenabled = false", '[console]\nlisten = "127.0.0.1:0"'))
+    config.write_text(
+        text.replace("[console]\nenabled = false", '[console]\nlisten = "127.0.0.1:0"')
+    )
 
 
 @dataclass
@@ -51,7 +53,9 @@ class ConsoleClient:
     def get(self, path: str) -> Answer:
         return self._send("GET", path, None, {})
 
-    def post(self, path: str, fields: dict[str, str], headers: dict[str, str] | None = None) -> Answer:
+    def post(
+        self, path: str, fields: dict[str, str], headers: dict[str, str] | None = None
+    ) -> Answer:
         body = urlencode(fields)
         h = {"content-type": "application/x-www-form-urlencoded", **(headers or {})}
         return self._send("POST", path, body, h)

@@ -74,7 +74,9 @@ def test_engineer_gets_403_on_an_officer_page_and_it_is_audited(
     )
 
 
-def test_a_person_of_another_node_is_refused(factory: InProcessNode, federation: Federation) -> None:
+def test_a_person_of_another_node_is_refused(
+    factory: InProcessNode, federation: Federation
+) -> None:
     stranger = federation.person("olaf", "officer", "hospital-1")
     with client(factory, federation, stranger) as c:
         a = c.get("/audit")
@@ -95,14 +97,14 @@ def test_no_client_certificate_is_refused_at_the_handshake_and_audited(
 def test_revoked_certificate_is_refused_on_the_next_request_of_an_open_connection(
     factory: InProcessNode, federation: Federation
 ) -> None:
-    officer = federation.person("rita", "officer", "factory-1")
+    officer = federation.person("rena", "officer", "factory-1")
     with client(factory, federation, officer) as c:
         assert c.get("/audit").status == 200
         pki.revoke(federation.ca_dir, officer.serial, "key_compromise")
         time.sleep(CRL_RELOAD_WAIT)  # the node re-reads crl.pem when it changes
         a = c.get("/audit")  # the same keep-alive connection
         assert a.status == 401
-        assert f"certificate for rita (serial {officer.serial:x}) was revoked at" in a.refusal
+        assert f"certificate for rena (serial {officer.serial:x}) was revoked at" in a.refusal
         assert "olga" not in a.body and "Audit log" not in a.body  # no page, no navigation
     events = read_events(factory.node.cfg.audit.path, event="auth.refused")
     assert any(e.details.get("reason") == "RevokedCertificate" for e in events)
@@ -122,9 +124,7 @@ def test_state_change_without_csrf_token_is_refused(
         )
         forged = c.post("/audit/verify", {"_csrf": "0" * 40})
         assert forged.status == 403
-        other_site = c.post(
-            "/audit/verify", {"_csrf": token}, {"origin": "https://evil.example"}
-        )
+        other_site = c.post("/audit/verify", {"_csrf": token}, {"origin": "https://evil.example"})
         assert other_site.status == 403 and "is not this console's" in other_site.refusal
         ok = c.post("/audit/verify", {}, {"x-csrf-token": token})
         assert ok.status == 200 and 'data-ok="1"' in ok.body
@@ -144,7 +144,9 @@ def test_verify_chain_names_the_first_tampered_entry(
         path = factory.node.cfg.audit.path
         db = sqlite3.connect(path)
         try:  # an insider edits an entry behind the node's back (triggers dropped first)
-            triggers = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")]
+            triggers = [
+                r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")
+            ]
             for name in triggers:
                 db.execute(f"DROP TRIGGER {name}")
             db.execute("UPDATE events SET actor = 'someone-else' WHERE seq = 2")
