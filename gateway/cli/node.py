@@ -150,6 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dicom_port = int(getattr(node.hooks, "dicom_port", 0) or 0)
     if dicom_port:
         ready["dicom_port"] = dicom_port
+    if node.console_port:
+        ready["console_port"] = node.console_port
     print(
         f"node {cfg.node.id} ({cfg.node.role}, region {cfg.node.region}) listening on "
         f"{host}:{port}"

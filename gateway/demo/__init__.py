@@ -60,16 +60,21 @@ class NodeProc:
     proc: subprocess.Popen[bytes]
     port: int = 0
     dicom_port: int = 0
+    console_port: int = 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def console_url(self) -> str:
+        return f"https://127.0.0.1:{self.console_port}/" if self.console_port else ""
+
     def info(self) -> dict[str, Any]:
         ports: dict[str, Any] = {"grpc": self.port}
         if self.role == "hospital":
             ports["dicom"] = self.dicom_port
-        ports["console"] = None  # no web console yet
+        ports["console"] = self.console_port or None
         out: dict[str, Any] = dict(
             role=self.role,
             address=self.address,
@@ -80,6 +85,8 @@ class NodeProc:
         )
         if self.role == "hospital":
             out["dicom"] = {"address": f"127.0.0.1:{self.dicom_port}", "ae_title": "YIGONG"}
+        if self.console_port:
+            out["console"] = self.console_url
         return out
 
 
@@ -151,6 +158,7 @@ class Demo:
         peers: list[tuple[str, str]],
         listen: str,
         dicom_listen: str = "127.0.0.1:0",
+        console_listen: str = "127.0.0.1:0",
     ) -> Path:
         config, cert = self.root / f"{node_id}.toml", self.issued[node_id]
         dicom = {"listen": dicom_listen, "quiet_period_seconds": QUIET_PERIOD_SECONDS}
@@ -168,6 +176,7 @@ class Demo:
                 peers=peers,
                 extra=TRANSFER_TUNING,
                 dicom=dicom if role == "hospital" else None,
+                console_listen=console_listen,
             )
         )
         return config
@@ -202,9 +211,18 @@ class Demo:
             raise YigongError(f"node {node_id} {why}; end of {log_path}:\n{tail(log_path)}")
         info = json.loads(ready.read_text())
         node.port, node.dicom_port = int(info["port"]), int(info.get("dicom_port", 0))
-        self.write_config(node_id, role, peers, node.address, f"127.0.0.1:{node.dicom_port}")
+        node.console_port = int(info.get("console_port", 0))
+        self.write_config(
+            node_id,
+            role,
+            peers,
+            node.address,
+            f"127.0.0.1:{node.dicom_port}",
+            f"127.0.0.1:{node.console_port}",
+        )
         extra = f"  DICOM 127.0.0.1:{node.dicom_port} (AE YIGONG)" if node.dicom_port else ""
         extra += f"  peer {peers[0][0]} at {peers[0][1]}" if peers else ""
+        extra += f"  console {node.console_url}" if node.console_port else ""
         log_name = log_path.relative_to(self.root)
         self.say(f"  {node_id:<11} {node.address:<16} pid {proc.pid:<7} log {log_name}{extra}")
 
@@ -217,6 +235,11 @@ class Demo:
         def cert(who: str) -> dict[str, str]:
             c = self.issued[who]
             return {"cert": str(c.cert_path), "key": str(c.key_path), "ca": str(self.ca)}
+
+        def person(who: str) -> dict[str, str]:
+            """A person's files, with a PKCS#12 to import into a browser for the console."""
+            p12, password = pki.write_person_pkcs12(self.issued[who])
+            return {**cert(who), "p12": str(p12), "p12_password_file": str(password)}
 
         def cli(command: str, node_id: str, who: str) -> str:
             c = self.issued[who]
@@ -232,9 +255,9 @@ class Demo:
                 "ca": {"cert": str(self.ca), "crl": str(self.ca_dir / pki.CRL_FILE)},
                 "hospital": cert(HOSPITAL),
                 "factory": cert(FACTORY),
-                "clinician": cert(CLINICIAN),
-                "engineer": cert(ENGINEER),
-                "officer": cert(OFFICER),
+                "clinician": person(CLINICIAN),
+                "engineer": person(ENGINEER),
+                "officer": person(OFFICER),
             },
             "ca_dir": str(self.ca_dir),
             "case": CASE_ID,
