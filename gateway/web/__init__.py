@@ -1,0 +1,1 @@
+"""The web console (HTTPS, browser client certificates)."""
