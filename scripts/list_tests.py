@@ -74,7 +74,13 @@ FEATURES: list[tuple[str, list[str]]] = [
     ("One home: chunk streams, client RPC calls, retry delays", ["test_one_home.py"]),
     (
         "Design files, mesh fidelity, Encapsulated STL export",
-        ["test_design_files.py", "test_stl_export.py", "test_design_export.py"],
+        [
+            "test_design_files.py",
+            "test_stl_export.py",
+            "test_design_export.py",
+            "test_mesh_view.py",
+            "test_mesh_viewer_js.py",
+        ],
     ),
     (
         "Residency, telemetry and the officer's view",

@@ -120,6 +120,30 @@ def mesh_figures(
     Raises :class:`ValidationError` naming the file (``name``, default the path's
     name), the declared type and why it is not a valid file of that type.
     """
+    shown = name or Path(path).name
+    data = read_mesh(path, media_type, name=shown, max_bytes=max_bytes)
+    triangles = triangle_count(data)
+    if triangles > max_triangles:
+        raise ValidationError(
+            f"{shown} declared {canonical_media_type(media_type)} and has {triangles} "
+            f"triangles; meshes with more than {max_triangles} are not measured (memory)"
+        )
+    return figures_of(data)
+
+
+def read_mesh(
+    path: Path,
+    media_type: str,
+    *,
+    name: str | None = None,
+    max_bytes: int = DEFAULT_MAX_MESH_BYTES,
+) -> MeshData:
+    """Read ``path`` strictly as ``media_type`` (the reader of its format), lengths in mm.
+
+    Raises :class:`ValidationError` naming the file (``name``, default the path's
+    name), the declared type and why it is not a valid file of that type, or that it
+    is larger than ``max_bytes``.
+    """
     path = Path(path)
     shown = name or path.name
     mtype = canonical_media_type(media_type)
@@ -137,24 +161,21 @@ def mesh_figures(
         )
     try:
         if fmt == "STL":
-            data = read_stl(path)
-        elif fmt == "OBJ":
-            data = read_obj(path)
-        elif fmt == "PLY":
-            data = read_ply(path)
-        else:
-            data = read_3mf(path, max_bytes)
+            return read_stl(path)
+        if fmt == "OBJ":
+            return read_obj(path)
+        if fmt == "PLY":
+            return read_ply(path)
+        return read_3mf(path, max_bytes)
     except MeshFormatError as exc:
         raise ValidationError(
             f"{shown} declared {mtype} but is not a valid {_what(fmt)}: {exc}"
         ) from exc
-    triangles = len(data.vertices) // 3 if data.faces is None else len(data.faces)
-    if triangles > max_triangles:
-        raise ValidationError(
-            f"{shown} declared {mtype} and has {triangles} triangles; meshes with more than "
-            f"{max_triangles} are not measured (memory)"
-        )
-    return figures_of(data)
+
+
+def triangle_count(data: MeshData) -> int:
+    """How many triangles ``data`` holds (a soup has three corners per triangle)."""
+    return len(data.vertices) // 3 if data.faces is None else len(data.faces)
 
 
 def _what(fmt: str) -> str:
@@ -184,18 +205,23 @@ def _join_identical(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ordered[first], inverse
 
 
-def figures_of(data: MeshData) -> MeshFigures:
-    """Join bit-identical vertices, then measure with trimesh (process=False)."""
+def joined(data: MeshData) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct vertex positions used by triangles (float64, n x 3) and the triangles as
+    indices into them (int64, m x 3): bit-identical positions joined, unused dropped."""
     if data.faces is None:  # a triangle soup (STL): three corners per triangle
         unique, inverse = _join_identical(np.asarray(data.vertices, dtype=np.float64))
-        faces = inverse.reshape(-1, 3)
-    else:
-        verts = np.asarray(data.vertices, dtype=np.float64)
-        used = np.unique(data.faces)
-        unique, inverse = _join_identical(verts[used])
-        remap = np.empty(len(verts), dtype=np.int64)
-        remap[used] = inverse
-        faces = remap[data.faces]
+        return unique, inverse.reshape(-1, 3)
+    verts = np.asarray(data.vertices, dtype=np.float64)
+    used = np.unique(data.faces)
+    unique, inverse = _join_identical(verts[used])
+    remap = np.empty(len(verts), dtype=np.int64)
+    remap[used] = inverse
+    return unique, remap[data.faces]
+
+
+def figures_of(data: MeshData) -> MeshFigures:
+    """Join bit-identical vertices, then measure with trimesh (process=False)."""
+    unique, faces = joined(data)
     import trimesh  # imported on first use: ~0.7 s and tens of MiB a node may never need
 
     mesh = trimesh.Trimesh(vertices=unique, faces=faces, process=False, validate=False)
