@@ -131,7 +131,9 @@ def test_officer_sees_the_row_but_not_the_patient(console: Console) -> None:
 def test_engineer_is_refused(console: Console) -> None:
     status, body = console.request("ed-web", "engineer", "/studies")
     assert status == 403
-    assert "/console/hospital.studies" in refusal(body) or "not allowed" in refusal(body).lower()
+    text = refusal(body)
+    assert "not allowed to call /console/hospital.studies" in text
+    assert "allowed: clinician, officer" in text
     assert console.study_uid not in body
 
 
@@ -200,3 +202,18 @@ def test_confirm_checks_csrf_typed_text_then_confirms(console: Console) -> None:
     assert 'id="confirmations"' in page and CASE in page and f"{N} released" in page
     status, body = console.request("dr-web", "clinician", path, {**good, "_csrf": token})
     assert status in (400, 409) and "already confirmed" in refusal(body)
+
+
+def test_studies_page_after_a_cursor(console: Console) -> None:
+    newer = series(1, patient_name="ROE^RICHARD", patient_id="MRN0099881")
+    new_uid = str(newer[0].StudyInstanceUID)
+    push(console.hospital, newer)
+    studies = role(console.hospital).studies
+    wait_for(lambda: studies.get_study(new_uid).status == "received", 30, what="received")
+    (first,) = studies.list_studies(limit=1)
+    assert first.study_uid == new_uid
+    (second,) = studies.list_studies(limit=1, before=(first.last_received_at, first.study_uid))
+    assert second.study_uid == console.study_uid
+    query = urlencode({"before": first.last_received_at, "before_uid": first.study_uid})
+    status, body = console.request("dr-web", "clinician", f"/studies?{query}")
+    assert status == 200 and console.study_uid in body and new_uid not in body
