@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from gateway.identity import Identity
     from gateway.storage import ObjectStore
     from gateway.transfer.outbox import Outbox
+    from gateway.web.app import Console, ConsolePages
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +353,11 @@ class HospitalRole(RoleHooks):
             self.release_records.auto_forward_since(d.auto_forward_called_ae, d.auto_forward_to)
         self._auto_thread: threading.Thread | None = None
 
+    def console_pages(self, console: Console) -> Sequence[ConsolePages]:
+        from hospital_node.wire.console import hospital_pages  # the console's adapter
+
+        return [hospital_pages(console, self)]
+
     def add_services(self, server: Any, gate: Any) -> None:
         from hospital_node.wire.service import HospitalServicer
         from yigong.v1 import hospital_pb2_grpc
@@ -463,13 +469,21 @@ class HospitalRole(RoleHooks):
 
     # Domain side of yigong.v1.Hospital (every call audited as 'query' or 'case.confirmation').
     def list_studies(
-        self, caller: Identity, status: str = "", limit: int = 0
+        self,
+        caller: Identity,
+        status: str = "",
+        limit: int = 0,
+        *,
+        before: tuple[str, str] | None = None,
     ) -> list[StudyListing]:
+        """Newest first; ``before``: the page after ``(last_received_at, study_uid)``."""
         if status not in ("", "receiving", "received"):
             raise ValidationError("status must be 'receiving', 'received' or empty (any)")
         if not 0 <= limit <= 1000:
             raise ValidationError("limit must be between 1 and 1000 (0 = 100)")
-        found = list(self._study_source().list_studies(status=status, limit=limit or 100))
+        found = list(
+            self._study_source().list_studies(status=status, limit=limit or 100, before=before)
+        )
         self._audit_query(caller, "hospital.list_studies", count=len(found), status=status)
         return self._listings(caller, found)
 

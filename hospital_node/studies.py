@@ -273,14 +273,25 @@ class StudyCatalog:
         }
 
     # -- reading ----------------------------------------------------------
-    def list_studies(self, *, status: str = "", limit: int = 100) -> list[StudySummary]:
+    def list_studies(
+        self, *, status: str = "", limit: int = 100, before: tuple[str, str] | None = None
+    ) -> list[StudySummary]:
+        """Newest first (by last instance received); ``before``: the page after the study
+        ``(last_received_at, study_uid)`` (a cursor: the last row of the previous page)."""
         if status and status not in STATUSES:
             raise ValidationError(f"study status must be one of {STATUSES}, not {status!r}")
-        sql, params = "SELECT * FROM dicom_studies", []
+        where: list[str] = []
+        params: list[object] = []
         if status:
-            sql += " WHERE status = ?"
+            where.append("status = ?")
             params.append(status)
-        sql += " ORDER BY last_received_at DESC LIMIT ?"
+        if before is not None:
+            where.append("(last_received_at < ? OR (last_received_at = ? AND study_uid < ?))")
+            params += [before[0], before[0], before[1]]
+        sql = "SELECT * FROM dicom_studies"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY last_received_at DESC, study_uid DESC LIMIT ?"
         return [_study(r) for r in self.catalog.query(sql, (*params, limit))]
 
     def get_study(self, study_uid: str) -> StudySummary:
