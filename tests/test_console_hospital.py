@@ -146,7 +146,7 @@ def test_study_page_shows_the_series_report(console: Console) -> None:
     assert re.search(rf'class="instances">{N}<', rows[0][1])
     assert re.search(rf'class="expected">{N}<', rows[0][1])
     assert "CT" in rows[0][1] and "none" in rows[0][1]  # modality; no gaps
-    assert f'<div id="previews" data-study="{console.study_uid}"></div>' in body
+    assert f'<div id="previews" data-study="{console.study_uid}" hx-get=' in body
     assert 'id="not-confirmed"' in body and 'id="confirm-form"' in body
     last8 = console.study_uid[-8:]
     assert f'data-confirm-text="{last8}"' in body and 'data-confirm-button="confirm-button"' in body

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from markupsafe import Markup
 from starlette.responses import Response
 
-from gateway.errors import ValidationError
+from gateway import authz
+from gateway.errors import PermissionDenied, ValidationError
 from gateway.web.app import Console, ConsolePages, NavEntry, PageRequest, route
 from hospital_node.deid.transform import BURNED_IN_MODALITIES, SECONDARY_CAPTURE_CLASSES
+from hospital_node.previews import PRESETS, StudyPreviews
 
 if TYPE_CHECKING:
     from hospital_node.role import HospitalRole
@@ -93,6 +96,52 @@ def _series_rows(report: dict[str, Any], instances: list[InstanceRecord]) -> lis
 
 def hospital_pages(console: Console, role: HospitalRole) -> ConsolePages:
     page = console.page
+    previews = StudyPreviews(role.ctx.store, role.studies)  # one cache for the node
+
+    def preview_set(p: PageRequest) -> Any:
+        """The previews of the study in the path, for those who may see whom it is of:
+        the original pixels may show a name burned in (the hospital's clinicians)."""
+        if not authz.may_see_identity(p.ctx.identity, console.node):
+            raise PermissionDenied(
+                f"{p.ctx.identity.label()} may not see the original pixels of a study: they "
+                "may show whom it is of (the hospital's clinicians only)"
+            )
+        preset = p.arg("preset", "bone")
+        if preset not in PRESETS:
+            raise ValidationError(f"preset must be one of {', '.join(sorted(PRESETS))}")
+        uid = p.request.path_params["uid"]
+        return previews.previews(uid, p.arg("series"), preset)
+
+    @page(STUDIES)
+    def study_previews(p: PageRequest) -> Response:
+        """The previews fragment: three orthogonal views, thumbnails, slice positions."""
+        got = preview_set(p)
+        return p.render(
+            "hospital_previews.html",
+            uid=got.study_uid,
+            series=got.series_uid,
+            preset=got.preset,
+            views=list(got.views),
+            thumbs=len(got.thumbnails),
+            plot=Markup(got.slice_plot_svg),  # built by previews.slice_plot_svg, escaped there
+            presets=sorted(PRESETS),
+            all_series=previews.series_uids(got.study_uid),
+        )
+
+    @page(STUDIES)
+    def preview_image(p: PageRequest) -> Response:
+        got = preview_set(p)
+        name = p.request.path_params["name"]
+        if name.startswith("thumb-") and name[6:].isdigit():
+            index = int(name[6:])
+            if index >= len(got.thumbnails):
+                raise ValidationError(f"study {got.study_uid} has {len(got.thumbnails)} thumbnails")
+            png = got.thumbnails[index]
+        elif name in got.views:
+            png = got.views[name]
+        else:
+            raise ValidationError(f"no preview {name!r}: axial, coronal, sagittal or thumb-N")
+        return Response(png, media_type="image/png", headers={"cache-control": "no-store"})
 
     @page(STUDIES)
     def studies(p: PageRequest) -> Response:
@@ -176,6 +225,8 @@ def hospital_pages(console: Console, role: HospitalRole) -> ConsolePages:
             route("/studies", studies),
             route("/studies/{uid}", study),
             route("/studies/{uid}/confirm", confirm, post=True),
+            route("/studies/{uid}/previews", study_previews),
+            route("/studies/{uid}/previews/{name}.png", preview_image),
         ],
         nav=[NavEntry("Studies", "/studies", STUDIES)],
         templates=TEMPLATES,
