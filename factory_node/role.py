@@ -1,8 +1,9 @@
 """The factory node's additions to the core (see :mod:`gateway.roles`).
 
-Registered with the composition root by :mod:`factory_node.registration`; built from
-the node's infrastructure only (it needs none of the core's domain services), so its
-hooks are also what the node starts, stops and serves through.
+Registered with the composition root by :mod:`factory_node.registration`: the hooks
+(:class:`FactoryRole`) are built from the node's infrastructure only; the node starts,
+stops and serves through :class:`FactoryNodeRole`, the same hooks plus the core's
+exchange and query service for the engineer's console pages (:mod:`factory_node.wire.console`).
 
 - On receipt (:meth:`FactoryRole.receipt_facts`) every ``application/dicom`` object
   is re-parsed from the store; its SOP Instance UID, pixel-data hash and geometry
@@ -50,13 +51,16 @@ from gateway.fidelity.dicom import (
     pixel_hash,
 )
 from gateway.fidelity.series import SliceGeometry, slice_geometry
-from gateway.roles import RoleContext, RoleHooks
+from gateway.roles import CoreServices, RoleContext, RoleHooks
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from gateway.cases.facts import RecordFacts
     from gateway.identity import Identity
     from gateway.storage import ObjectStore
     from gateway.transfer.model import Announce
+    from gateway.web.app import Console, ConsolePages
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +163,15 @@ class FactoryRole(RoleHooks):
 
     # -- query (domain side of yigong.v1.Factory) ---------------------------
     def list_studies(
-        self, caller: Identity, case_id: str = "", limit: int = 0
+        self, caller: Identity, case_id: str = "", limit: int = 0, *, offset: int = 0
     ) -> list[StudySummary]:
-        found = self.studies.list_studies(case_id, _limit(limit))
-        self._audit(caller, "factory.list_studies", case_id, count=len(found))
+        if offset < 0:
+            raise ValidationError("offset must be 0 or more")
+        found = self.studies.list_studies(case_id, _limit(limit), offset)
+        details: dict[str, str | int] = {"count": len(found)}
+        if offset:
+            details["offset"] = offset
+        self._audit(caller, "factory.list_studies", case_id, **details)
         return found
 
     def get_study(self, caller: Identity, study_uid: str, case_id: str = "") -> StudyDetail:
@@ -188,6 +197,28 @@ class FactoryRole(RoleHooks):
             case_id=case_id or None,
             details={"query": what, **details},
         )
+
+
+class FactoryNodeRole(FactoryRole):
+    """The factory role on top of the core (step 2): the hooks of step 1 (their study
+    store, record facts and suitability monitor, shared, not copied) plus the core
+    services the engineer's console pages use: the exchange (a design file uploaded goes
+    the way of Exchange.Submit) and the query service (a download is the Query
+    service's ReadObject). The node starts, stops and serves through this object."""
+
+    def __init__(self, hooks: FactoryRole, ctx: RoleContext, core: CoreServices) -> None:
+        self.ctx = ctx
+        self.service_names = hooks.service_names
+        self.studies = hooks.studies
+        self.record_facts = hooks.record_facts
+        self.monitor = hooks.monitor
+        self.exchange = core.exchange
+        self.query = core.query
+
+    def console_pages(self, console: Console) -> Sequence[ConsolePages]:
+        from factory_node.wire.console import factory_pages
+
+        return (factory_pages(console, self),)
 
 
 def _limit(value: int) -> int:

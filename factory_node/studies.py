@@ -188,6 +188,15 @@ class StudyStore:
             latest[inst.sop_instance_uid or inst.object_id] = inst
         return sorted(latest.values(), key=lambda i: i.seq)
 
+    def instance_of(self, object_id: str) -> ReceivedInstance | None:
+        """The parsed instance received as object ``object_id`` (None: not one)."""
+        rows = self.catalog.query(
+            "SELECT * FROM factory_instances WHERE object_id = ? AND parse_error = ''"
+            " ORDER BY seq DESC LIMIT 1",
+            (object_id,),
+        )
+        return _instance(rows[0]) if rows else None
+
     def unparsed(self, case_id: str = "") -> list[ReceivedInstance]:
         """Objects received as DICOM that did not parse."""
         sql = "SELECT * FROM factory_instances WHERE parse_error != ''"
@@ -198,11 +207,16 @@ class StudyStore:
         return [_instance(r) for r in self.catalog.query(sql + " ORDER BY seq", params)]
 
     # -- studies ----------------------------------------------------------
-    def list_studies(self, case_id: str = "", limit: int = 100) -> list[StudySummary]:
-        """Received studies (newest activity first), optionally of one case."""
-        return self._summaries(case_id, "", limit)
+    def list_studies(
+        self, case_id: str = "", limit: int = 100, offset: int = 0
+    ) -> list[StudySummary]:
+        """Received studies (newest activity first), optionally of one case; ``offset``
+        skips that many (a page of a listing)."""
+        return self._summaries(case_id, "", limit, offset)
 
-    def _summaries(self, case_id: str, study_uid: str, limit: int) -> list[StudySummary]:
+    def _summaries(
+        self, case_id: str, study_uid: str, limit: int, offset: int = 0
+    ) -> list[StudySummary]:
         sql = (
             "SELECT case_id, study_uid, COUNT(DISTINCT sop_instance_uid) AS instances,"
             " COUNT(DISTINCT series_uid) AS series, MIN(received_at) AS first,"
@@ -214,8 +228,8 @@ class StudyStore:
             if value:
                 sql += f" AND {column} = ?"
                 params.append(value)
-        sql += " GROUP BY case_id, study_uid ORDER BY MAX(seq) DESC LIMIT ?"
-        params.append(limit)
+        sql += " GROUP BY case_id, study_uid ORDER BY MAX(seq) DESC LIMIT ? OFFSET ?"
+        params.extend((limit, max(offset, 0)))
         return [
             StudySummary(
                 case_id=r["case_id"],

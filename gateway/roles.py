@@ -53,7 +53,9 @@ if TYPE_CHECKING:
     from gateway.cases.service import CaseService
     from gateway.catalog import Catalog, ObjectRecord
     from gateway.config import LiveConfig, NodeConfig
+    from gateway.exchange import Exchange
     from gateway.identity import Identity
+    from gateway.query import QueryService
     from gateway.storage import ObjectStore
     from gateway.telemetry import Telemetry
     from gateway.transfer.model import Announce
@@ -129,6 +131,11 @@ class CoreServices:
 
     outbox: Outbox
     cases: CaseService
+    exchange: Exchange
+    """Local submission (what Exchange.Submit calls): e.g. a design file uploaded in the
+    factory's console."""
+    query: QueryService
+    """The query service (what the Query service calls): e.g. the console's downloads."""
 
 
 CliGroup = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]

@@ -193,7 +193,9 @@ def build_node(cfg: NodeConfig, roles: RoleRegistry | None = None) -> Node:
         query = QueryService(node_id, catalog, store, audit, t.chunk_bytes, settle=hooks.settle)
 
         # 5. the role's own services, on top of the core
-        role_services = role.services(hooks, ctx, CoreServices(outbox=outbox, cases=cases))
+        role_services = role.services(
+            hooks, ctx, CoreServices(outbox=outbox, cases=cases, exchange=exchange, query=query)
+        )
     except BaseException:  # a refused role configuration: close what is open
         witness_store.close()
         catalog.close()
