@@ -63,6 +63,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("gateway/demo/__init__.py", "NodeProc.info"): "the demo's printed instructions per node role",
     ("gateway/demo/__init__.py", "Demo.write_config"): "the demo's node configuration per role",
     ("gateway/identity.py", "Identity.label"): "formatting a label, no decision",
+    ("gateway/pki.py", "write_person_pkcs12"): (
+        "a browser PKCS#12 is written for persons only: input validation, no decision"
+    ),
     ("gateway/gate.py", "Gate.record_refusal"): (
         "an audit field (the peer node of a refusal), no decision"
     ),
