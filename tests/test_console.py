@@ -39,7 +39,7 @@ def client(node: InProcessNode, fed: Federation, who: pki.IssuedCert | None) -> 
 def test_officer_sees_pages_with_strict_security_headers(
     factory: InProcessNode, federation: Federation
 ) -> None:
-    officer = federation.person("olga", "officer", "factory-1")
+    officer = federation.person("olga-fc", "officer", "factory-1")
     with client(factory, federation, officer) as c:
         for path in ("/", "/transfers", "/audit", "/reconcile"):
             a = c.get(path)
@@ -48,7 +48,7 @@ def test_officer_sees_pages_with_strict_security_headers(
             assert "script-src 'self'" in CSP and "'unsafe-inline'" not in CSP
             assert a.headers["x-frame-options"] == "DENY"
             assert a.headers["cache-control"] == "no-store"
-            assert "officer:olga@factory-1" in a.body or "olga" in a.body
+            assert "officer:olga-fc@factory-1" in a.body or "olga-fc" in a.body
         home = c.get("/")
         assert 'href="/audit"' in home.body and 'href="/transfers"' in home.body
         css = c.get("/static/console.css")
@@ -105,7 +105,7 @@ def test_revoked_certificate_is_refused_on_the_next_request_of_an_open_connectio
         a = c.get("/audit")  # the same keep-alive connection
         assert a.status == 401
         assert f"certificate for rena (serial {officer.serial:x}) was revoked at" in a.refusal
-        assert "olga" not in a.body and "Audit log" not in a.body  # no page, no navigation
+        assert "olga-fc" not in a.body and "Audit log" not in a.body  # no page, no navigation
     events = read_events(factory.node.cfg.audit.path, event="auth.refused")
     assert any(e.details.get("reason") == "RevokedCertificate" for e in events)
 
@@ -113,7 +113,7 @@ def test_revoked_certificate_is_refused_on_the_next_request_of_an_open_connectio
 def test_state_change_without_csrf_token_is_refused(
     factory: InProcessNode, federation: Federation
 ) -> None:
-    officer = federation.person("olga", "officer", "factory-1")
+    officer = federation.person("olga-fc", "officer", "factory-1")
     with client(factory, federation, officer) as c:
         token = c.get("/audit").csrf
         bare = c.post("/audit/verify", {})
@@ -136,7 +136,7 @@ def test_state_change_without_csrf_token_is_refused(
 def test_verify_chain_names_the_first_tampered_entry(
     factory: InProcessNode, federation: Federation
 ) -> None:
-    officer = federation.person("olga", "officer", "factory-1")
+    officer = federation.person("olga-fc", "officer", "factory-1")
     with client(factory, federation, officer) as c:
         token = c.get("/audit").csrf
         good = c.post("/audit/verify", {"_csrf": token})
@@ -159,7 +159,7 @@ def test_verify_chain_names_the_first_tampered_entry(
 
 
 def test_audit_log_filters_pages_and_tail(factory: InProcessNode, federation: Federation) -> None:
-    officer = federation.person("olga", "officer", "factory-1")
+    officer = federation.person("olga-fc", "officer", "factory-1")
     engineer = federation.person("ed", "engineer", "factory-1")
     with client(factory, federation, engineer) as e:
         for _ in range(3):

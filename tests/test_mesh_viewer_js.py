@@ -124,16 +124,7 @@ def site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         thread.join()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
+# the browser: the session fixture of tests/browser.py (one Chromium for every browser test)
 
 
 def open_page(browser, url: str):  # type: ignore[no-untyped-def]
