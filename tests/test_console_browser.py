@@ -50,7 +50,7 @@ def test_officer_verifies_the_chain_and_sees_a_tampered_log_reported(
     federation: Federation,
     tmp_path: Path,
 ) -> None:
-    officer = person(browser, factory, federation.person("olga-fc", "officer", "factory-1"), tmp_path)
+    officer = person(browser, factory, federation.person("ofc", "officer", "factory-1"), tmp_path)
     try:
         officer.open("/audit")
         assert officer.page.title() == "Audit log · yigong console"
@@ -78,7 +78,7 @@ def test_live_tail_shows_new_entries_without_reload(
     federation: Federation,
     tmp_path: Path,
 ) -> None:
-    officer = person(browser, factory, federation.person("olga-fc", "officer", "factory-1"), tmp_path)
+    officer = person(browser, factory, federation.person("ofc", "officer", "factory-1"), tmp_path)
     try:
         officer.open("/audit")
         before = officer.page.locator("#audit tr[data-seq]").count()
@@ -134,7 +134,7 @@ def test_a_request_without_csrf_token_is_refused(
     federation: Federation,
     tmp_path: Path,
 ) -> None:
-    officer = person(browser, factory, federation.person("olga-fc", "officer", "factory-1"), tmp_path)
+    officer = person(browser, factory, federation.person("ofc", "officer", "factory-1"), tmp_path)
     try:
         officer.open("/audit")
         # A form posted by the page itself, its token removed (what a forged page sends).
