@@ -55,7 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from gateway.errors import AuditError
+from gateway.errors import AuditError, ValidationError
 from gateway.hashing import sha256_hex
 
 log = logging.getLogger(__name__)
@@ -496,6 +496,21 @@ def _select_events(
             raise AuditError(f"audit entry {r[0]}: details are not JSON; verify()") from exc
         out.append(AuditEvent(*(*r[:9], details, *r[10:])))
     return out
+
+
+def parse_when(value: str | None, name: str = "") -> datetime | None:
+    """A ``since``/``until`` filter given as text (ISO-8601; UTC unless it says): None
+    when empty, ValidationError naming the value otherwise."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        what = f"{name} {value!r}" if name else repr(value)
+        raise ValidationError(
+            f"{what} is not a date/time; use ISO-8601, e.g. 2026-12-04 or 2026-12-04T15:30"
+        ) from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def read_events(path: Path, **filters: Any) -> list[AuditEvent]:

@@ -5,12 +5,30 @@ from __future__ import annotations
 
 import http.client
 import re
+import sqlite3
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
 from gateway import pki
+from tests.cluster import Federation, InProcessNode, write_config
+
+
+def fetch(
+    port: int,
+    ca: Path,
+    who: pki.IssuedCert,
+    path: str,
+    method: str = "GET",
+    body: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on a new connection (status, headers, body)."""
+    with ConsoleClient(port, ca, who) as client:
+        return client.request(method, path, body, headers)
 
 
 def enable_console(config: Path) -> None:
@@ -61,9 +79,20 @@ class ConsoleClient:
         return self._send("POST", path, body, h)
 
     def _send(self, method: str, path: str, body: str | None, headers: dict[str, str]) -> Answer:
-        self.conn.request(method, path, body=body, headers=headers)
+        status, got, raw = self.request(method, path, body, headers)
+        return Answer(status, got, raw.decode())
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request on the connection: status, headers (lower-case names), body."""
+        self.conn.request(method, path, body=body, headers=headers or {})
         r = self.conn.getresponse()
-        return Answer(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode())
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
 
     def close(self) -> None:
         self.conn.close()
@@ -73,3 +102,30 @@ class ConsoleClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def console_node(
+    fed: Federation, workdir: Path, node_id: str, role: str
+) -> Iterator[InProcessNode]:
+    """A node of ``role`` with its console on (port 0), stopped on leaving."""
+    cfg = write_config(fed, workdir, node_id, role)
+    enable_console(cfg)
+    node = InProcessNode(cfg)
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def tamper_audit_entry(audit_path: Path, seq: int, actor: str) -> None:
+    """What an insider with file access does: drop the append-only triggers and change an
+    entry's actor behind the node's back."""
+    db = sqlite3.connect(audit_path)
+    try:
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
+            db.execute(f"DROP TRIGGER {name}")
+        db.execute("UPDATE events SET actor = ? WHERE seq = ?", (actor, seq))
+        db.commit()
+    finally:
+        db.close()

@@ -4,7 +4,6 @@ chain verification with a tampered log, live tail)."""
 
 from __future__ import annotations
 
-import sqlite3
 import ssl
 import time
 from collections.abc import Iterator
@@ -15,20 +14,15 @@ import pytest
 from gateway import pki
 from gateway.audit import read_events
 from gateway.web.app import CSP
-from tests.cluster import Federation, InProcessNode, write_config
-from tests.console_client import ConsoleClient, enable_console
+from tests.cluster import Federation, InProcessNode
+from tests.console_client import ConsoleClient, console_node, tamper_audit_entry
 from tests.test_security import CRL_RELOAD_WAIT
 
 
 @pytest.fixture()
 def factory(federation: Federation, tmp_path: Path) -> Iterator[InProcessNode]:
-    cfg = write_config(federation, tmp_path, "factory-1", "factory")
-    enable_console(cfg)
-    node = InProcessNode(cfg)
-    try:
+    with console_node(federation, tmp_path, "factory-1", "factory") as node:
         yield node
-    finally:
-        node.stop()
 
 
 def client(node: InProcessNode, fed: Federation, who: pki.IssuedCert | None) -> ConsoleClient:
@@ -141,18 +135,7 @@ def test_verify_chain_names_the_first_tampered_entry(
         token = c.get("/audit").csrf
         good = c.post("/audit/verify", {"_csrf": token})
         assert 'data-ok="1"' in good.body and "Chain verified" in good.body
-        path = factory.node.cfg.audit.path
-        db = sqlite3.connect(path)
-        try:  # an insider edits an entry behind the node's back (triggers dropped first)
-            triggers = [
-                r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")
-            ]
-            for name in triggers:
-                db.execute(f"DROP TRIGGER {name}")
-            db.execute("UPDATE events SET actor = 'someone-else' WHERE seq = 2")
-            db.commit()
-        finally:
-            db.close()
+        tamper_audit_entry(factory.node.cfg.audit.path, 2, "someone-else")
         bad = c.post("/audit/verify", {"_csrf": token})
     assert bad.status == 200
     assert 'data-ok="0"' in bad.body and "Chain FAILED at entry" in bad.body

@@ -9,6 +9,7 @@ from typing import Any
 
 from tests.browser import Person
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
+from tests.console_client import enable_console
 from tests.dicom_factory import PATIENT_NAME, ct_series
 from tests.test_dicom_ingest import STORESCU
 from tests.test_hospital_release import role
@@ -30,9 +31,7 @@ def test_clinician_confirms_a_storescu_study_after_seeing_its_previews(
         peers={"factory-1": factory.address},
         dicom={"quiet_period_seconds": 0.3},
     )
-    cfg.write_text(
-        cfg.read_text().replace("[console]\nenabled = false", '[console]\nlisten = "127.0.0.1:0"')
-    )
+    enable_console(cfg)
     hospital = InProcessNode(cfg)
     clinician = None
     try:

@@ -7,10 +7,8 @@ case (checked, its mesh facts shown, queued to the case's hospital)."""
 from __future__ import annotations
 
 import hashlib
-import http.client
 import io
 import re
-import ssl
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -22,10 +20,10 @@ import trimesh
 
 from gateway import pki
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
+from tests.console_client import enable_console, fetch
 from tests.test_factory import CORE_HOSPITAL, deid_series, send, uids
 
 CASE = "case-c1"
-CONSOLE_ON = '[console]\nlisten = "127.0.0.1:0"'
 
 
 @dataclass
@@ -47,7 +45,7 @@ def env(federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> Ite
     tmp = tmp_path_factory.mktemp("console-factory")
     fed = federation
     cfg = write_config(fed, tmp, "factory-1", "factory", peers={"hospital-1": "127.0.0.1:9"})
-    cfg.write_text(cfg.read_text().replace("[console]\nenabled = false", CONSOLE_ON))
+    enable_console(cfg)
     factory = InProcessNode(cfg)
     hospital = InProcessNode(
         write_config(fed, tmp, "hospital-1", "hospital", peers={"factory-1": factory.address}),
@@ -89,19 +87,8 @@ def request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    ctx = ssl.create_default_context(cafile=str(env.fed.ca))
-    ctx.check_hostname = False
-    ctx.load_cert_chain(str(who.cert_path), str(who.key_path))
-    ctx.set_alpn_protocols(["http/1.1"])
-    conn = http.client.HTTPSConnection(
-        "127.0.0.1", env.factory.node.console_port, context=ctx, timeout=20
-    )
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        r = conn.getresponse()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-    finally:
-        conn.close()
+    port = env.factory.node.console_port
+    return fetch(port, env.fed.ca, who, path, method, body, headers)
 
 
 def page(env: Env, who: pki.IssuedCert, path: str) -> tuple[int, str]:

@@ -10,9 +10,7 @@ becomes 'received' after a short quiet period.
 from __future__ import annotations
 
 import html
-import http.client
 import re
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from urllib.parse import urlencode
 import pytest
 
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
+from tests.console_client import enable_console, fetch
 from tests.dicom_factory import PATIENT_ID, PATIENT_NAME
 from tests.test_hospital_release import push, role, series
 
@@ -39,26 +38,15 @@ class Console:
         self, who: str, role_name: str, path: str, form: dict[str, str] | None = None
     ) -> tuple[int, str]:
         person = self.federation.person(who, role_name, "hospital-1")
-        ctx = ssl.create_default_context(cafile=str(self.federation.ca))
-        ctx.check_hostname = False
-        ctx.load_cert_chain(str(person.cert_path), str(person.key_path))
-        ctx.set_alpn_protocols(["http/1.1"])
         port = self.hospital.node.console_port
-        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=60)
-        try:
-            if form is None:
-                conn.request("GET", path)
-            else:
-                conn.request(
-                    "POST",
-                    path,
-                    body=urlencode(form),
-                    headers={"content-type": "application/x-www-form-urlencoded"},
-                )
-            r = conn.getresponse()
-            return r.status, r.read().decode()
-        finally:
-            conn.close()
+        if form is None:
+            status, _, body = fetch(port, self.federation.ca, person, path)
+        else:
+            kind = {"content-type": "application/x-www-form-urlencoded"}
+            status, _, body = fetch(
+                port, self.federation.ca, person, path, "POST", urlencode(form), kind
+            )
+        return status, body.decode()
 
 
 def refusal(body: str) -> str:
@@ -85,9 +73,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         peers={"factory-1": factory.address},
         dicom={"quiet_period_seconds": 0.3},
     )
-    text = cfg.read_text()
-    assert "[console]\nenabled = false" in text
-    cfg.write_text(text.replace("[console]\nenabled = false", '[console]\nlisten = "127.0.0.1:0"'))
+    enable_console(cfg)
     hospital = InProcessNode(cfg)
     try:
         datasets = series(N)

@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from gateway.audit import (
     Checkpoint,
     VerifyReport,
     latest_checkpoint,
+    parse_when,
     read_events,
     verify_log,
 )
@@ -118,16 +118,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_reconcile)
 
 
-def _when(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ValidationError(f"{value!r} is not an ISO-8601 date/time") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def _event_row(e: AuditEvent) -> list[str]:
     detail = " ".join(f"{k}={v}" for k, v in sorted(e.details.items()))
     return [
@@ -194,8 +184,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         object_id=args.object,
         transfer_id=args.transfer,
         peer=args.peer,
-        since=_when(args.since),
-        until=_when(args.until),
+        since=parse_when(args.since, "--since"),
+        until=parse_when(args.until, "--until"),
     )
     after = args.after
     if not args.follow:
@@ -377,8 +367,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             page = read_events(
                 cfg.audit.path,
                 after_seq=after,
-                since=_when(args.since),
-                until=_when(args.until),
+                since=parse_when(args.since, "--since"),
+                until=parse_when(args.until, "--until"),
                 limit=10_000,
             )
             for event in page:

@@ -61,72 +61,48 @@ def _paged(fetch: Callable[[str], Sequence[Any]], shared: Callable[[Any], T]) ->
         until = min(r.created_at for r in page)  # the next page: strictly older
 
 
+def _transfer(t: Any, receipt: bytes | None) -> SharedTransfer:
+    """One side's record of a transfer (a catalog row or a query answer)."""
+    return SharedTransfer(
+        t.transfer_id, t.direction, t.peer_node, t.object_id, t.size, t.status, receipt, t.batch_id
+    )
+
+
 def _remote(cfg: NodeConfig, peer_id: str) -> tuple[list[SharedTransfer], list[SharedBatch]]:
     """The peer's records of the transfers and batches it shares with this node (as a
-    peer node, this node is shown only those)."""
+    peer node, this node is shown only those), over one connection."""
+
+    def receipt(m: Any) -> bytes | None:
+        return m.receipt.SerializeToString() if m.HasField("receipt") else None
+
     creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
     with NodeClient(cfg.peer(peer_id).address, creds, node_id=peer_id) as client:
+        transfers = _paged(
+            lambda until: client.list_transfers(until=until, limit=PAGE),
+            lambda t: _transfer(t, receipt(t)),
+        )
         batches = _paged(
             lambda until: client.list_batches(until=until, limit=PAGE),
-            lambda b: SharedBatch(
-                b.batch_id,
-                b.direction,
-                b.peer_node,
-                b.status,
-                b.receipt.SerializeToString() if b.HasField("receipt") else None,
-            ),
+            lambda b: SharedBatch(b.batch_id, b.direction, b.peer_node, b.status, receipt(b)),
         )
-    return _remote_transfers(cfg, peer_id), batches
+    return transfers, batches
 
 
 def _local(cfg: NodeConfig, peer_id: str) -> tuple[list[SharedTransfer], list[SharedBatch]]:
+    """This node's records of what it shares with ``peer_id``."""
     catalog = Catalog(cfg.catalog.path)
     try:
+        transfers = _paged(
+            lambda until: catalog.list_transfers(peer=peer_id, until=until, limit=PAGE),
+            lambda t: _transfer(t, t.receipt),
+        )
         batches = _paged(
             lambda until: catalog.list_batches(peer=peer_id, until=until, limit=PAGE),
             lambda b: SharedBatch(b.batch_id, b.direction, b.peer_node, b.status, b.receipt),
         )
     finally:
         catalog.close()
-    return _local_transfers(cfg, peer_id), batches
-
-
-def _remote_transfers(cfg: NodeConfig, peer_id: str) -> list[SharedTransfer]:
-    creds = ClientCredentials.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
-    with NodeClient(cfg.peer(peer_id).address, creds, node_id=peer_id) as client:
-        return _paged(
-            lambda until: client.list_transfers(until=until, limit=PAGE),
-            lambda t: SharedTransfer(
-                t.transfer_id,
-                t.direction,
-                t.peer_node,
-                t.object_id,
-                t.size,
-                t.status,
-                t.receipt.SerializeToString() if t.HasField("receipt") else None,
-                t.batch_id,
-            ),
-        )
-
-
-def _local_transfers(cfg: NodeConfig, peer_id: str) -> list[SharedTransfer]:
-    catalog = Catalog(cfg.catalog.path)
-    try:
-        return _paged(
-            lambda until: catalog.list_transfers(peer=peer_id, until=until, limit=PAGE),
-            lambda t: SharedTransfer(
-                t.transfer_id,
-                t.direction,
-                t.peer_node,
-                t.object_id,
-                t.size,
-                t.status,
-                t.receipt,
-                t.batch_id,
-            ),
-        )
-    finally:
-        catalog.close()
+    return transfers, batches
 
 
 def reconcile_peers(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from starlette.responses import Response
 
@@ -23,6 +22,7 @@ from gateway.audit import (
     AuditEvent,
     AuditLog,
     VerifyReport,
+    parse_when,
 )
 from gateway.config import NodeConfig
 from gateway.errors import ValidationError
@@ -60,18 +60,6 @@ class OfficerServices:
     audit: AuditLog
     verify: Callable[[], VerifyReport]
     reconcile: Callable[[NodeConfig, list[str]], tuple[dict[str, list[Finding]], dict[str, str]]]
-
-
-def _when(value: str, name: str) -> datetime | None:
-    if not value:
-        return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValidationError(
-            f"{name} {value!r} is not a date/time; use e.g. 2026-12-04 or 2026-12-04T15:30"
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def core_pages(console: Console, s: OfficerServices) -> ConsolePages:
@@ -113,8 +101,8 @@ def core_pages(console: Console, s: OfficerServices) -> ConsolePages:
             "event": event or None,
             "actor": p.arg("actor") or None,
             "case_id": p.arg("case") or None,
-            "since": _when(p.arg("since"), "since"),
-            "until": _when(p.arg("until"), "until"),
+            "since": parse_when(p.arg("since"), "since"),
+            "until": parse_when(p.arg("until"), "until"),
         }
 
     @page(AUDIT)
