@@ -49,7 +49,7 @@ class Federation:
         return self._issued[node_id]
 
     def person(self, person_id: str, role: str, org: str, **kw: object) -> pki.IssuedCert:
-        key = f"person:{person_id}"
+        key = f"person:{person_id}:{role}@{org}"  # the same id in two nodes: two people
         if key not in self._issued or kw:
             out = self.root / "certs" / f"{person_id}-{len(self._issued)}"
             self._issued[key] = pki.issue_person_cert(
