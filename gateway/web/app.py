@@ -330,11 +330,8 @@ class SecurityHeaders:
 
 def _query_string(base: Mapping[str, str], **changes: object) -> str:
     """``?a=1&b=2`` of ``base`` with ``changes`` (None or "" drops a key)."""
-    merged = {**base, **{k: str(v) for k, v in changes.items() if v is not None}}
-    kept = {k: v for k, v in merged.items() if v != "" and k in merged}
-    for k, v in changes.items():
-        if v is None or v == "":
-            kept.pop(k, None)
+    merged = {**base, **{k: "" if v is None else str(v) for k, v in changes.items()}}
+    kept = {k: v for k, v in merged.items() if v != ""}
     return "?" + urlencode(kept) if kept else "?"
 
 
