@@ -107,6 +107,11 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE transfers ADD COLUMN facts TEXT NOT NULL DEFAULT '{}';
     CREATE INDEX transfers_batch ON transfers(batch_id, direction)
     """,
+    # 3: the transfer listing (console /transfers, ListTransfers) pages newest first by
+    # created_at: an index on it reads one page instead of sorting the whole table
+    """
+    CREATE INDEX transfers_created ON transfers(created_at)
+    """,
 )
 
 

@@ -146,10 +146,25 @@ def test_ready_file_reports_port(federation: Federation, tmp_path: Path) -> None
         proc.stop()
 
 
+def test_transfer_listing_reads_a_page_by_index_not_a_sorted_table(tmp_path: Path) -> None:
+    """The console's /transfers (newest first, ``until=`` cursor) walks transfers_created
+    instead of sorting every transfer (bench/console_bench.py)."""
+    from gateway.catalog import _listing
+
+    cat = Catalog(tmp_path / "c.sqlite")
+    try:
+        for until in ("", "2026-12-04T00:00:00.000000Z"):
+            sql, params = _listing("transfers", {"status": ""}, "", until, 50)
+            plan = " | ".join(r[3] for r in cat.query("EXPLAIN QUERY PLAN " + sql, params))
+            assert "transfers_created" in plan and "TEMP B-TREE" not in plan, plan
+    finally:
+        cat.close()
+
+
 def test_catalog_migrations_and_newer_schema_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
     cat = Catalog(path)
-    assert cat.schema_version == len(MIGRATIONS) == 2  # 2: batches (study exchange)
+    assert cat.schema_version == len(MIGRATIONS) == 3  # 2: batches, 3: transfers_created
     cat.close()
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 99")

@@ -12,7 +12,10 @@ the caller's certificate under a per-node-start key) and, where the browser says
 come from the console's own origin. Every response carries a strict
 Content-Security-Policy (scripts, styles, images, fonts only from the node itself; no
 inline script or style; no framing). Page functions run in a worker thread and call the
-same domain functions as the gRPC servicers.
+same domain functions as the gRPC servicers. Every page's response says how long the
+node took to answer it — admission, the page function and its template, refusals
+included — in a ``Server-Timing: app;dur=<ms>`` header (browsers show it in their
+developer tools; bench/console_bench.py reads it).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +184,14 @@ class Console:
     async def _handle(
         self, request: Request, action: str, fn: PageFunction, form: bool, max_upload: int
     ) -> Response:
+        started = time.perf_counter()
+        response = await self._answer(request, action, fn, form, max_upload)
+        response.headers["server-timing"] = server_timing(time.perf_counter() - started)
+        return response
+
+    async def _answer(
+        self, request: Request, action: str, fn: PageFunction, form: bool, max_upload: int
+    ) -> Response:
         peer = request.client.host if request.client else ""
         caller = self.callers(peer)
         pem, remote = (caller.cert_pem, caller.remote) if caller else (None, peer)
@@ -326,6 +338,11 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def server_timing(seconds: float) -> str:
+    """The ``Server-Timing`` header value of a page answered in ``seconds``."""
+    return f"app;dur={seconds * 1000:.2f}"
 
 
 def _query_string(base: Mapping[str, str], **changes: object) -> str:
