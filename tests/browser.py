@@ -44,14 +44,26 @@ def browser() -> Iterator[Any]:
 class Person:
     """One person's browser context: their certificate, pages, screenshots, errors."""
 
-    def __init__(self, browser: Any, port: int, who: pki.IssuedCert, shots: Path) -> None:
+    def __init__(
+        self,
+        browser: Any,
+        port: int,
+        who: pki.IssuedCert,
+        shots: Path,
+        pkcs12: tuple[Path, str] | None = None,
+    ) -> None:
+        """``pkcs12``: sign in with the person's .p12 and its password (what a person
+        imports into their browser) instead of the PEM certificate and key."""
         self.base = f"https://127.0.0.1:{port}"
+        cert: dict[str, str] = {"origin": self.base}
+        if pkcs12 is not None:
+            cert |= {"pfxPath": str(pkcs12[0]), "passphrase": pkcs12[1]}
+        else:
+            cert |= {"certPath": str(who.cert_path), "keyPath": str(who.key_path)}
         self.context = browser.new_context(
             ignore_https_errors=True,  # the node's certificate names no host; trust is mTLS
             viewport={"width": 1360, "height": 900},
-            client_certificates=[
-                {"origin": self.base, "certPath": str(who.cert_path), "keyPath": str(who.key_path)}
-            ],
+            client_certificates=[cert],
         )
         self.page = self.context.new_page()
         self.errors: list[str] = []

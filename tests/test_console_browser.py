@@ -111,3 +111,24 @@ def test_a_request_without_csrf_token_is_refused(
     officer.page.wait_for_selector("#refusal")
     assert "carries no valid CSRF token" in officer.page.inner_text("#refusal")
     officer.shot("csrf-refused")
+
+
+def test_a_person_signs_in_with_the_pkcs12_issue_person_wrote(
+    browser: Any, factory: InProcessNode, federation: Federation, tmp_path: Path
+) -> None:
+    who = federation.person("p12-olga", "officer", "factory-1")
+    p12, password_file = pki.write_person_pkcs12(who)
+    assert password_file is not None
+    officer = Person(
+        browser,
+        factory.node.console_port,
+        who,
+        tmp_path / "screenshots",
+        pkcs12=(p12, password_file.read_text().strip()),
+    )
+    try:
+        response = officer.open("/audit")
+        assert response is not None and response.status == 200
+        assert officer.page.inner_text("header .me").startswith("p12-olga")
+    finally:
+        officer.close()
