@@ -1,7 +1,8 @@
-"""The case pages of the console over real TLS and in real Chromium: the list, the
-verified chain, a record form with inline validation, a record signed by the person
-(the same bytes the prepare page gave, signature r||s as WebCrypto makes it), and the
-clinician's 3D design review signed in the browser with their own key file.
+"""The console's case pages over real TLS and in real Chromium.
+
+The list, the verified chain, a record form with inline validation, a record signed by
+the person (the same bytes the prepare page gave, signature r||s as WebCrypto makes
+it), and the clinician's 3D design review signed in the browser with their own key file.
 
 Two real nodes (hospital and factory, built by the composition root, consoles on), a
 real study released for each case (:meth:`tests.test_cases.Env.release`).
@@ -207,6 +208,7 @@ def test_clinician_reviews_the_design_in_3d_and_signs_the_approval_in_chromium(
         page.wait_for_url(f"**/cases/{DESIGN}?signed=1", timeout=20000)
         row = page.locator("#records tr[data-type=design_confirmation]")
         assert "clinician:cc-dr-li@hospital-1" in row.inner_text()
+        assert "appended to the chain" in page.inner_text("#signed")
         clinician.shot("case-design-confirmed")
         assert clinician.errors == []
     finally:

@@ -33,8 +33,9 @@ from gateway.cases.describe import example_value, preview
 from gateway.cases.schema import SHAPES, TYPES, Spec, is_hex64, validate_data
 from gateway.cases.signing import author_of, build_record
 from gateway.cases.views import CaseView
+from gateway.cases.workflow import Parties
 from gateway.catalog import Catalog
-from gateway.errors import CaseFormatError, NotFound, PermissionDenied, ValidationError
+from gateway.errors import CaseFormatError, NotFound, ValidationError
 from gateway.fidelity.formats import DesignFactsCache
 from gateway.fidelity.mesh import DEFAULT_MAX_MESH_BYTES, MESH_MEDIA_TYPES, canonical_media_type
 from gateway.fidelity.mesh_view import mesh_view_json
@@ -210,19 +211,16 @@ def parse_form(kind: str, form: dict[str, str]) -> tuple[dict[str, Any], dict[st
 
 # --------------------------------------------------------------------------- helpers
 def signable(p: PageRequest, view: CaseView) -> list[str]:
-    """Record types the caller may sign on this case now: their role signs them
-    (:data:`authz.RECORD_SIGNERS`) and the workflow asks for them of the caller's node."""
+    """Record types the caller may sign on this case now: those the workflow asks of the
+    caller's role at the caller's node (its next actions come from
+    :data:`authz.RECORD_SIGNERS`)."""
     me = p.ctx.identity
-    by_role = [k for k, roles in authz.RECORD_SIGNERS.items() if me.role in roles]
-    nxt = {
-        k for a in view.next if a.role == me.role and a.node == me.org_node for k in a.record_types
-    }
-    return [k for k in by_role if k in nxt]
+    kinds = [k for a in view.next if authz.asked_of(me, a.role, a.node) for k in a.record_types]
+    return list(dict.fromkeys(kinds))
 
 
 def is_mine(p: PageRequest, view: CaseView) -> bool:
-    me = p.ctx.identity
-    return any(a.role == me.role and a.node == me.org_node for a in view.next)
+    return any(authz.asked_of(p.ctx.identity, a.role, a.node) for a in view.next)
 
 
 @dataclass(frozen=True)
@@ -316,16 +314,15 @@ def case_pages(console: Console, s: CaseServices) -> ConsolePages:
         view = s.cases.show(p.ctx.identity, case_id_of(p))
         return _case(p, view)
 
-    def _case(p: PageRequest, view: CaseView, status: int = 200, **extra: Any) -> Response:
+    def _case(p: PageRequest, view: CaseView) -> Response:
         return p.render(
             "case.html",
-            status,
             view=view,
             types=TYPES,
             mine=is_mine(p, view),
             signable=signable(p, view) if p.allowed(CASES_SIGN) else [],
             designs=design_files(view, s.catalog),
-            **extra,
+            signed=p.arg("signed") == "1",
         )
 
     def _form(
@@ -352,11 +349,10 @@ def case_pages(console: Console, s: CaseServices) -> ConsolePages:
     def _check_kind(p: PageRequest, view: CaseView, kind: str) -> None:
         if kind not in TYPES:
             raise ValidationError(f"unknown record type; one of {', '.join(TYPES)}")
-        if p.ctx.identity.role not in authz.RECORD_SIGNERS[kind]:
-            raise PermissionDenied(
-                f"a {p.ctx.identity.role} does not sign {TYPES[kind].title} "
-                f"({' or '.join(sorted(authz.RECORD_SIGNERS[kind]))} only)"
-            )
+        c, t = view.case, TYPES[kind]
+        parties = Parties(c.case_id, c.hospital, c.manufacturer)
+        author = author_of(p.ctx.identity)
+        authz.authorize_signer(parties, kind, author, title=t.title, section=t.section)
 
     @page(CASES_SIGN)
     def record_new(p: PageRequest) -> Response:
