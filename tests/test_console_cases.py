@@ -178,6 +178,11 @@ def test_order_form_validates_inline_then_the_person_signed_record_is_appended(
         assert c.post(f"/cases/{ORDERED}/records", signed).status == 403  # no _csrf
         done = c.post(f"/cases/{ORDERED}/records", {**signed, "_csrf": csrf})
         assert done.status == 303 and done.headers["location"] == f"/cases/{ORDERED}?signed=1"
+    with env.client("engineer") as c:  # someone else's signed record is not theirs to submit
+        csrf = c.get("/cases").csrf
+        theirs = c.post(f"/cases/{ORDERED}/records", {**signed, "_csrf": csrf})
+        assert theirs.status == 403
+        assert "a person submits only records they signed" in theirs.refusal
     view = env.hospital.cases.view(ORDERED)
     assert [r.type for r in view.records] == ["data_confirmation", "order"]
     assert view.ok and view.stage == "design_input_review"
