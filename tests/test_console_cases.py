@@ -171,6 +171,7 @@ def test_order_form_validates_inline_then_the_person_signed_record_is_appended(
         )  # fmt: skip
         assert refused.status in (400, 409), refused.body
         assert "does not verify against the certificate of clinician:cc-dr-li" in refused.refusal
+        assert prepared_bytes(refused) == raw  # the sign step again, to pick the right key
         assert len(env.hospital.cases.view(ORDERED).records) == 1
 
         own = load_private_key(env.person("clinician").key_path)

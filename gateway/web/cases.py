@@ -30,17 +30,19 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from gateway import authz
 from gateway.cases import CaseService
 from gateway.cases.describe import example_value, preview
+from gateway.cases.records import Record
 from gateway.cases.schema import SHAPES, TYPES, Spec, is_hex64, validate_data
 from gateway.cases.signing import author_of, build_record
 from gateway.cases.views import CaseView
 from gateway.cases.workflow import Parties
 from gateway.catalog import Catalog
-from gateway.errors import CaseFormatError, NotFound, ValidationError
+from gateway.errors import CaseFormatError, NotFound, ValidationError, YigongError
 from gateway.fidelity.formats import DesignFactsCache
 from gateway.fidelity.mesh import DEFAULT_MAX_MESH_BYTES, MESH_MEDIA_TYPES, canonical_media_type
 from gateway.fidelity.mesh_view import mesh_view_json
 from gateway.storage import ObjectStore
 from gateway.web.app import Console, ConsolePages, NavEntry, PageRequest, route
+from gateway.web.status import http_status_for
 
 CASES = "/console/cases"
 CASES_SIGN = "/console/cases.sign"
@@ -382,15 +384,19 @@ def case_pages(console: Console, s: CaseServices) -> ConsolePages:
         )
         return _sign(p, view, raw)
 
-    def _sign(p: PageRequest, view: CaseView, raw: bytes) -> Response:
+    def _sign(
+        p: PageRequest, view: CaseView, raw: bytes, status: int = 200, error: str = ""
+    ) -> Response:
         record = json.loads(raw)
         return p.render(
             "case_sign.html",
+            status,
             view=view,
             record=record,
             spec=TYPES[record["type"]],
             preview=preview(record),
             record_b64=base64.b64encode(raw).decode(),
+            error=error,
         )
 
     @page(CASES_SIGN, form=True)
@@ -398,7 +404,12 @@ def case_pages(console: Console, s: CaseServices) -> ConsolePages:
         case_id = case_id_of(p)
         raw = _b64(p.form.get("record", ""), "the record")
         signature = der_signature(_b64(p.form.get("signature", ""), "the signature"))
-        s.cases.submit(p.ctx.identity, p.ctx.cert_pem, raw, signature)
+        if Record.parse(raw).case_id != case_id:
+            raise ValidationError(f"the record posted is not a record of case {case_id}")
+        try:
+            s.cases.submit(p.ctx.identity, p.ctx.cert_pem, raw, signature)
+        except YigongError as exc:  # audited by the domain; the person may sign again
+            return _sign(p, s.cases.view(case_id), raw, http_status_for(exc), str(exc))
         return RedirectResponse(f"/cases/{case_id}?signed=1", status_code=303)
 
     @page(CASES)
