@@ -453,6 +453,13 @@ def authorize_signer(
         )
 
 
+def asked_of(caller: Identity, role: str, node: str) -> bool:
+    """Whether a step the case workflow asks of a ``role`` of ``node`` (a
+    :class:`gateway.cases.workflow.NextAction`) is the caller's to take: the console
+    highlights it and offers its record types."""
+    return caller.role == role and caller.org_node == node
+
+
 def authorize_signed_content(
     parties: CaseParties, kind: str, author: Signer, data: Mapping[str, Any]
 ) -> None:

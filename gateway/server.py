@@ -44,6 +44,7 @@ from gateway.telemetry import Telemetry
 from gateway.transfer.janitor import SpoolJanitor
 from gateway.transfer.outbox import Outbox
 from gateway.transfer.receiver import Receiver
+from gateway.web.cases import CaseServices
 from gateway.web.serve import start_console
 from gateway.web.server import ConsoleServer
 from yigong.v1 import (
@@ -264,6 +265,7 @@ class Node:
                 audit=self.audit,
                 query=self.query,
                 hooks=self.hooks,
+                cases=CaseServices(self.cases, self.store, self.catalog, self.design_facts),
             )
             self.console_port = self._console.port
         self.witness_sender.start()

@@ -72,7 +72,7 @@ def env(federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> Ite
             factory,
             study_uid,
             fed.person("ed", "engineer", "factory-1"),
-            fed.person("olga", "officer", "factory-1"),
+            fed.person("cf-olga", "officer", "factory-1"),
         )
     finally:
         hospital.stop()

@@ -111,6 +111,11 @@ def template(kind: str, *, optional: bool = False) -> dict[str, Any]:
     return data
 
 
+def example_value(spec: Spec, path: str) -> Any:
+    """An example value of one field (its required parts), as in :func:`template`."""
+    return _example(spec, path, False)
+
+
 def _example(spec: Spec, path: str, optional: bool) -> Any:
     shape = SHAPES[spec]
     if shape.kind == "object":
@@ -169,6 +174,7 @@ def expand_hashes(
         if not cache:
             cache.extend(sorted(set(known() if callable(known) else known)))
         return cache
+
     expanded: list[tuple[str, str]] = []
 
     def walk(value: Any, s: Spec, path: str) -> Any:

@@ -28,6 +28,42 @@ from gateway.pki import load_certificate, load_private_key, sign
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def author_of(identity: Identity) -> Author:
+    """The author of a record signed by the person of ``identity`` (their verified
+    certificate)."""
+    i = identity
+    return Author(i.subject_id, i.role, i.org_node, i.fingerprint)
+
+
+def build_record(
+    author: Author,
+    case_id: str,
+    seq: int,
+    prev_hash: str,
+    kind: str,
+    data: dict[str, Any],
+    time: datetime | None = None,
+) -> bytes:
+    """The canonical bytes of a new record by ``author`` at ``seq`` after ``prev_hash``
+    (checked against the schema): the one construction the CLI (:class:`PersonSigner`) and
+    the console's record forms (which hand the bytes to the person's browser to sign) use.
+    No key is needed to build them."""
+    check_case_id(case_id)
+    validate_data(kind, data)
+    record = Record(
+        case_id=case_id,
+        seq=seq,
+        prev_hash=prev_hash,
+        type=kind,
+        time=iso_utc(time or datetime.now(UTC)),
+        author=author,
+        data=data,
+    )
+    raw = canonical_bytes(record.to_dict())
+    Record.parse(raw)  # the same checks the node makes
+    return raw
+
+
 @dataclass(frozen=True)
 class PersonSigner:
     """A person's certificate and private key, as used to sign case records."""
@@ -52,8 +88,7 @@ class PersonSigner:
 
     @property
     def author(self) -> Author:
-        i = self.identity
-        return Author(i.subject_id, i.role, i.org_node, i.fingerprint)
+        return author_of(self.identity)
 
     def record(
         self,
@@ -65,20 +100,7 @@ class PersonSigner:
         time: datetime | None = None,
     ) -> bytes:
         """The canonical bytes of a new record by this person (checked against the schema)."""
-        check_case_id(case_id)
-        validate_data(kind, data)
-        record = Record(
-            case_id=case_id,
-            seq=seq,
-            prev_hash=prev_hash,
-            type=kind,
-            time=iso_utc(time or datetime.now(UTC)),
-            author=self.author,
-            data=data,
-        )
-        raw = canonical_bytes(record.to_dict())
-        Record.parse(raw)  # the same checks the node makes
-        return raw
+        return build_record(self.author, case_id, seq, prev_hash, kind, data, time)
 
     def sign(self, record_bytes: bytes) -> bytes:
         """ECDSA-SHA256 (DER) signature of the record bytes with this person's key."""

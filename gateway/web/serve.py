@@ -17,6 +17,7 @@ from gateway.roles import RoleHooks
 from gateway.rpc.peer_records import reconcile_peers
 from gateway.rpc.terminator import Caller, HandshakeRefusal
 from gateway.web.app import Console
+from gateway.web.cases import CaseServices, case_pages
 from gateway.web.officer import OfficerServices, core_pages
 from gateway.web.server import ConsoleServer
 
@@ -33,8 +34,11 @@ def start_console(
     audit: AuditLog,
     query: QueryService,
     hooks: RoleHooks,
+    cases: CaseServices | None = None,
 ) -> ConsoleServer:
-    """Start the console of a node on ``[console] listen``; returns the running server."""
+    """Start the console of a node on ``[console] listen``; returns the running server.
+
+    ``cases``: the case workflow (its pages: :mod:`gateway.web.cases`)."""
     cfg = config()
     c = cfg.console
     server: ConsoleServer | None = None
@@ -63,7 +67,10 @@ def start_console(
         verify=verify,
         reconcile=reconcile_peers,
     )
-    parts = [core_pages(console, officer), *hooks.console_pages(console)]
+    parts = [core_pages(console, officer)]
+    if cases is not None:
+        parts.append(case_pages(console, cases))
+    parts.extend(hooks.console_pages(console))
     app = console.app(parts)
 
     def refused(refusal: HandshakeRefusal) -> None:
