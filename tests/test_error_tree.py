@@ -39,6 +39,8 @@ ALLOWED_OUTSIDE = {
     "hospital_node.outbound.scanners.Unscannable": "the outbound gate turns it into "
     "OutboundRefused with its check name",
     "factory_node.role._Unparseable": "becomes the receipt fact dicom.parse_error",
+    "gateway.web.cases._FieldError": "carries one form field's problem to the console's "
+    "record form, where it is shown next to that field",
 }
 
 
