@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +212,48 @@ def parse_form(kind: str, form: dict[str, str]) -> tuple[dict[str, Any], dict[st
 
 
 # --------------------------------------------------------------------------- helpers
+_FACT_LABELS: dict[str, tuple[str, str]] = {
+    # receipt fact -> (label, unit); shown in this order, then any other fact as it is
+    "mesh.triangles": ("Number of triangles", ""),
+    "mesh.vertices": ("Vertices", ""),
+    "mesh.volume_mm3": ("Volume", "mm³"),
+    "mesh.area_mm2": ("Surface area", "mm²"),
+    "mesh.watertight": ("Watertight", ""),
+    "mesh.format": ("Format", ""),
+    "mesh.unit": ("Unit in the file", ""),
+    "design.media_type": ("Media type", ""),
+}
+
+
+def readable_facts(facts: Mapping[str, str]) -> list[tuple[str, str]]:
+    """A design's facts as a person reads them: labels, units, one bounding box."""
+    out: list[tuple[str, str]] = []
+    for key, (label, unit) in _FACT_LABELS.items():
+        if key not in facts:
+            continue
+        value = facts[key]
+        if unit:
+            try:
+                value = f"{float(value):,.1f} {unit}"
+            except ValueError:
+                pass
+        elif value in ("true", "false"):
+            value = "yes" if value == "true" else "no"
+        out.append((label, value))
+    lo, hi = facts.get("mesh.bbox_min_mm"), facts.get("mesh.bbox_max_mm")
+    if lo and hi:
+        try:
+            a = [float(x) for x in lo.split(",")]
+            b = [float(x) for x in hi.split(",")]
+            size = " \u00d7 ".join(f"{y - x:.1f}" for x, y in zip(a, b, strict=True))
+            out.append(("Bounding box", f"{size} mm (from {', '.join(f'{x:g}' for x in a)})"))
+        except ValueError:
+            out.append(("Bounding box", f"{lo} to {hi} mm"))
+    shown = {*_FACT_LABELS, "mesh.bbox_min_mm", "mesh.bbox_max_mm"}
+    out += [(k, v) for k, v in sorted(facts.items()) if k not in shown]
+    return out
+
+
 def signable(p: PageRequest, view: CaseView) -> list[str]:
     """Record types the caller may sign on this case now: those the workflow asks of the
     caller's role at the caller's node (its next actions come from
@@ -423,7 +465,7 @@ def case_pages(console: Console, s: CaseServices) -> ConsolePages:
             "case_design.html",
             view=view,
             design=d,
-            facts=sorted(facts.items()),
+            facts=readable_facts(facts),
             side=side,
             can_confirm=can_confirm,
         )
