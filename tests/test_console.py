@@ -7,6 +7,7 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,21 @@ def test_revoked_certificate_is_refused_on_the_next_request_of_an_open_connectio
         assert "olga-fc" not in a.body and "Audit log" not in a.body  # no page, no navigation
     events = read_events(factory.node.cfg.audit.path, event="auth.refused")
     assert any(e.details.get("reason") == "RevokedCertificate" for e in events)
+
+
+def test_certificate_expiring_on_an_open_connection_is_refused_on_the_next_request(
+    factory: InProcessNode, federation: Federation
+) -> None:
+    officer = federation.person(
+        "brief-officer", "officer", "factory-1", not_after=datetime.now(UTC) + timedelta(seconds=3)
+    )
+    expires = pki.load_certificate(officer.cert_path).not_valid_after_utc
+    with client(factory, federation, officer) as c:
+        assert c.get("/transfers").status == 200
+        time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.3)
+        a = c.get("/transfers")  # the same keep-alive connection
+    assert a.status == 401
+    assert f"certificate for brief-officer (serial {officer.serial:x}) expired at" in a.refusal
 
 
 def test_state_change_without_csrf_token_is_refused(
