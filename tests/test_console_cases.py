@@ -13,9 +13,10 @@ from __future__ import annotations
 import base64
 import html
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -29,6 +30,7 @@ from tests.console_client import Answer, ConsoleClient, enable_console
 from tests.test_cases import (
     FACTORY,
     HOSPITAL,
+    CaseNode,
     Env,
     _point,
     _start,
@@ -55,9 +57,14 @@ class ConsoleEnv(Env):
         return ConsoleClient(node.node.console_port, self.fed.ca, self.person(who))
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleEnv]:
-    tmp = tmp_path_factory.mktemp("console-cases")
+E = TypeVar("E", bound=Env)
+
+
+@contextmanager
+def console_pair(
+    tmp: Path, make: Callable[[Federation, CaseNode, CaseNode, Path], E]
+) -> Iterator[E]:
+    """A hospital and a factory that know each other, both with their console on."""
     fed = Federation(tmp / "federation")
     unset = "127.0.0.1:9"
     configs = []
@@ -69,14 +76,19 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleEnv]:
     factory = _start(configs[1])
     _point(hospital.node, FACTORY, factory.address)
     _point(factory.node, HOSPITAL, hospital.address)
-    e = ConsoleEnv(fed, hospital, factory, tmp)
     try:
-        advance(e, ORDERED, "order")
-        advance(e, DESIGN, "design_confirmation")
-        yield e
+        yield make(fed, hospital, factory, tmp)
     finally:
         hospital.stop()
         factory.stop()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleEnv]:
+    with console_pair(tmp_path_factory.mktemp("console-cases"), ConsoleEnv) as e:
+        advance(e, ORDERED, "order")
+        advance(e, DESIGN, "design_confirmation")
+        yield e
 
 
 def flat(data: dict[str, Any], prefix: str = "data") -> dict[str, str]:

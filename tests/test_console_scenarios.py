@@ -26,9 +26,9 @@ import trimesh
 
 from gateway.pki import IssuedCert
 from tests.browser import Person
-from tests.cluster import Federation, wait_for, write_config
-from tests.console_client import enable_console
-from tests.test_cases import FACTORY, HOSPITAL, Env, _point, _start, advance
+from tests.cluster import wait_for
+from tests.test_cases import FACTORY, HOSPITAL, Env, advance
+from tests.test_console_cases import console_pair
 
 UPLOADED = "SC-UPLOAD-1"  # at design_output: the engineer uploads and signs in the console
 REJECTED = "SC-REJECT-1"  # at design_confirmation: the clinician rejects the design
@@ -59,27 +59,11 @@ class ScenarioEnv(Env):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, browser: Any) -> Iterator[ScenarioEnv]:
-    tmp = tmp_path_factory.mktemp("console-scenarios")
-    fed = Federation(tmp / "federation")
-    unset = "127.0.0.1:9"
-    configs = []
-    for node_id, role, peer in ((HOSPITAL, "hospital", FACTORY), (FACTORY, "factory", HOSPITAL)):
-        cfg = write_config(fed, tmp, node_id, role, peers={peer: unset})
-        enable_console(cfg)
-        configs.append(cfg)
-    hospital = _start(configs[0])
-    factory = _start(configs[1])
-    _point(hospital.node, FACTORY, factory.address)
-    _point(factory.node, HOSPITAL, hospital.address)
-    e = ScenarioEnv(fed, hospital, factory, tmp)
-    e.browser = browser
-    try:
+    with console_pair(tmp_path_factory.mktemp("console-scenarios"), ScenarioEnv) as e:
+        e.browser = browser
         advance(e, UPLOADED, "design_output")
         advance(e, REJECTED, "design_confirmation")
         yield e
-    finally:
-        hospital.stop()
-        factory.stop()
 
 
 def _review_design(person: Person, case_id: str, triangles: str = "") -> None:
