@@ -113,7 +113,7 @@ def fill(cfg_path: Path, sizes: Sizes, base: datetime) -> dict[str, float]:
     """Write the studies, identities, transfers and audit entries; seconds per part."""
     cfg = load_config(cfg_path)
     took: dict[str, float] = {}
-    catalog = Catalog(cfg.catalog.path)
+    catalog = Catalog.for_config(cfg)
     try:
         studies = StudyCatalog(catalog)
         assert cfg.deid.vault_key_file is not None
@@ -234,7 +234,7 @@ def cursors(cfg_path: Path, sizes: Sizes) -> Cursors:
     """Cursors 90 % of the way back in each list (read from the data, as the pages'
     "Older" links would be after paging there)."""
     cfg = load_config(cfg_path)
-    catalog = Catalog(cfg.catalog.path)
+    catalog = Catalog.for_config(cfg)
     try:
         deep = max(0, sizes.studies * 9 // 10)
         row = catalog.query(

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from gateway.catalog import Catalog, utcnow
+from gateway.db import Row
 from gateway.errors import NotFound, ValidationError
 from gateway.fidelity.series import SliceGeometry
 
@@ -159,9 +159,9 @@ class StudyStore:
         """Record a received object for ``case_id``; False if it was already recorded."""
         with self.catalog.transaction() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO factory_instances (object_id, case_id, study_uid,"
+                "INSERT INTO factory_instances (object_id, case_id, study_uid,"
                 " series_uid, sop_instance_uid, geometry, parse_error, received_at)"
-                " VALUES (?,?,?,?,?,?,?,?)",
+                " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (
                     object_id,
                     case_id,
@@ -303,7 +303,7 @@ class StudyStore:
         return [_result(r) for r in rows]
 
 
-def _instance(row: sqlite3.Row) -> ReceivedInstance:
+def _instance(row: Row) -> ReceivedInstance:
     return ReceivedInstance(
         seq=int(row["seq"]),
         object_id=row["object_id"],
@@ -317,7 +317,7 @@ def _instance(row: sqlite3.Row) -> ReceivedInstance:
     )
 
 
-def _result(row: sqlite3.Row) -> SuitabilityRecord:
+def _result(row: Row) -> SuitabilityRecord:
     return SuitabilityRecord(
         case_id=row["case_id"],
         study_uid=row["study_uid"],

@@ -1,7 +1,9 @@
-"""Catalog: metadata of every object and transfer this node holds (SQLite).
+"""Catalog: metadata of every object and transfer this node holds (SQLite or PostgreSQL,
+through :mod:`gateway.db`).
 
 Schema changes are numbered migrations applied in order and recorded in
-``PRAGMA user_version``; a database newer than this code is refused.
+``PRAGMA user_version`` (SQLite) or ``schema_versions`` (PostgreSQL); a database
+newer than this code is refused.
 The outbox is the set of outbound transfers in status ``queued``/``sending``:
 it lives here, so queued sends survive restarts.
 
@@ -17,16 +19,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sqlite3
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from gateway.db import Conn, Database, Row, SqliteDatabase, open_database
 from gateway.errors import CatalogError, NotFound, ValidationError
+
+if TYPE_CHECKING:
+    from gateway.config import NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -198,62 +202,37 @@ class HistoryEntry:
 
 
 class Catalog:
-    """Thread-safe access to the node's catalog database."""
+    """Thread-safe access to the node's catalog database (SQLite file or PostgreSQL)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-        except (sqlite3.Error, OSError) as exc:
-            raise CatalogError(f"cannot open catalog {path}: {exc}") from exc
-        self._lock = threading.RLock()
-        self._depth = 0  # nesting of _tx in the thread holding _lock
-        self._migrate()
+    def __init__(self, where: Path | Database) -> None:
+        if isinstance(where, Database):
+            self.db = where
+        else:
+            self.db = SqliteDatabase(Path(where), CatalogError, label="catalog")
+        self.path = getattr(self.db, "path", None) or Path(self.db.where)
+        self.db.migrate("schema", MIGRATIONS)
+
+    @classmethod
+    def open(cls, url: str, path: Path, *, pool_size: int = 8) -> Catalog:
+        """The catalog ``[database] url`` names (PostgreSQL, schema ``catalog``), else the
+        SQLite file ``path``."""
+        return cls(
+            open_database(
+                url, path, CatalogError, schema="catalog", label="catalog", pool_size=pool_size
+            )
+        )
+
+    @classmethod
+    def for_config(cls, cfg: NodeConfig) -> Catalog:
+        """The catalog of the node ``cfg`` configures (``[database]``, ``[catalog]``)."""
+        return cls.open(cfg.database.url, cfg.catalog.path, pool_size=cfg.database.pool_size)
 
     # -- plumbing ---------------------------------------------------------
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; a nested call joins the enclosing one (same thread)."""
-        with self._lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield self._db
-                finally:
-                    self._depth -= 1
-                return
-            self._depth = 1
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise CatalogError(f"catalog {self.path}: {exc}") from exc
-            finally:
-                self._depth = 0
+    def _tx(self) -> AbstractContextManager[Conn]:
+        return self.db.transaction()
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            try:
-                return list(self._db.execute(sql, params))
-            except sqlite3.Error as exc:
-                raise CatalogError(f"catalog {self.path}: {exc}") from exc
-
-    def _migrate(self) -> None:
-        (version,) = self._query("PRAGMA user_version")[0]
-        self._apply(
-            "schema", int(version), MIGRATIONS,
-            lambda db, number: db.execute(f"PRAGMA user_version = {number}"),
-        )  # fmt: skip
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return self.db.query(sql, params)
 
     def extend(self, namespace: str, migrations: Sequence[str]) -> None:
         """Apply a role module's own numbered migrations (e.g. ``hospital_node``).
@@ -261,59 +240,29 @@ class Catalog:
         Each namespace's version is kept in ``schema_versions``; like the core
         schema, a database newer than the code is refused.
         """
-        with self._tx() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_versions"
-                " (namespace TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-            )
-        rows = self._query("SELECT version FROM schema_versions WHERE namespace = ?", (namespace,))
-        self._apply(
-            f"{namespace} schema", int(rows[0][0]) if rows else 0, migrations,
-            lambda db, number: db.execute(
-                "INSERT INTO schema_versions VALUES (?, ?) ON CONFLICT(namespace)"
-                " DO UPDATE SET version = excluded.version",
-                (namespace, number),
-            ),
-        )  # fmt: skip
+        self.db.migrate(namespace, migrations)
 
-    def _apply(
-        self,
-        what: str,
-        version: int,
-        migrations: Sequence[str],
-        record: Callable[[sqlite3.Connection, int], object],
-    ) -> None:
-        """Run migrations ``version+1..`` in order, each in one transaction with ``record``."""
-        if version > len(migrations):
-            raise CatalogError(
-                f"catalog {self.path} has {what} version {version}, newer than this "
-                f"yigong-gateway supports ({len(migrations)}); upgrade yigong-gateway"
-            )
-        for number in range(version + 1, len(migrations) + 1):
-            log.info("catalog %s: applying %s migration %d", self.path, what, number)
-            with self._tx() as db:
-                for statement in migrations[number - 1].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                record(db, number)
-
-    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE … COMMIT) for role modules' own tables.
+    def transaction(self) -> AbstractContextManager[Conn]:
+        """A write transaction (serialised with every writer) for role modules' own tables.
 
         Catalog writes made inside it (e.g. :meth:`add_object`) join it: one commit."""
-        return self._tx()
+        return self.db.transaction()
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Read rows (for role modules' own tables); errors become CatalogError."""
-        return self._query(sql, params)
+        return self.db.query(sql, params)
+
+    @property
+    def engine(self) -> str:
+        return self.db.engine
 
     @property
     def schema_version(self) -> int:
-        return int(self._query("PRAGMA user_version")[0][0])
+        version = self.db.user_version()
+        return version if version is not None else self.db.version("schema")
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
 
     # -- objects ----------------------------------------------------------
     def add_object(
@@ -330,7 +279,7 @@ class Catalog:
         """Record an object; an object with the same id (same bytes) is kept as first seen."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO objects VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (
                     object_id,
                     size,
@@ -400,9 +349,9 @@ class Catalog:
             object_id, size, name, case_id = obj.object_id, obj.size, obj.name, obj.case_id
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO transfers (transfer_id, direction, object_id, peer_node,"
+                "INSERT INTO transfers (transfer_id, direction, object_id, peer_node,"
                 " status, size, name, case_id, header, created_at, updated_at, next_attempt_at,"
-                " batch_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " batch_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (
                     transfer_id,
                     direction,
@@ -610,9 +559,9 @@ class Catalog:
         now = utcnow()
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO batches (batch_id, direction, peer_node, case_id, kind,"
+                "INSERT INTO batches (batch_id, direction, peer_node, case_id, kind,"
                 " ref, status, sealed, expected, created_at, updated_at, next_attempt_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (
                     batch_id, direction, peer_node, case_id, kind, ref, status,
                     int(sealed), expected, now, now, now,
@@ -773,7 +722,7 @@ def _normalise_time(value: str) -> str:
     return iso_utc(parsed)
 
 
-def _object(row: sqlite3.Row) -> ObjectRecord:
+def _object(row: Row) -> ObjectRecord:
     return ObjectRecord(
         object_id=row["object_id"],
         size=row["size"],
@@ -786,7 +735,7 @@ def _object(row: sqlite3.Row) -> ObjectRecord:
     )
 
 
-def _transfer(row: sqlite3.Row) -> TransferRecord:
+def _transfer(row: Row) -> TransferRecord:
     return TransferRecord(
         transfer_id=row["transfer_id"],
         direction=row["direction"],
@@ -810,7 +759,7 @@ def _transfer(row: sqlite3.Row) -> TransferRecord:
     )
 
 
-def _batch(row: sqlite3.Row) -> BatchRecord:
+def _batch(row: Row) -> BatchRecord:
     return BatchRecord(
         batch_id=row["batch_id"],
         direction=row["direction"],

@@ -83,6 +83,17 @@ class StorageSection:
 
 
 @dataclass(frozen=True)
+class DatabaseSection:
+    """Where catalog and audit log live: empty ``url`` = the SQLite files of ``[catalog]``
+    and ``[audit]`` (embedded default); ``postgresql://user@host:port/db`` = PostgreSQL,
+    shared by every replica of the node (password from ``PGPASSWORD``/``PGPASSFILE``,
+    not from this file)."""
+
+    url: str = ""
+    pool_size: int = 8  # connections per database per process (catalog and audit each)
+
+
+@dataclass(frozen=True)
 class CatalogSection:
     path: Path = Path("catalog.sqlite")
 
@@ -228,6 +239,7 @@ class NodeConfig:
     audit: AuditSection
     transfer: TransferSection
     peers: tuple[PeerSection, ...]
+    database: DatabaseSection = field(default_factory=DatabaseSection)
     dicom: DicomSection = field(default_factory=DicomSection)
     deid: DeidSection = field(default_factory=DeidSection)
     suitability: SuitabilitySection = field(default_factory=SuitabilitySection)
@@ -369,6 +381,19 @@ def _check(cfg: NodeConfig) -> None:
             missing.append("secret_key or secret_key_env")
         if missing:
             raise ConfigError(f"{src}: storage.backend = 's3' needs storage.s3.{missing}")
+    db = cfg.database
+    if db.url and not db.url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            f"{src}: database.url must be empty (SQLite files in data_dir) or a "
+            f"postgresql:// URL, not {db.url.split('://')[0] + '://…'!r}"
+        )
+    if db.url and "@" in db.url and ":" in db.url.split("://", 1)[1].split("@")[0]:
+        raise ConfigError(
+            f"{src}: database.url carries a password; remove it and set PGPASSWORD or a "
+            "PGPASSFILE for the node (configuration files are not secrets)"
+        )
+    if not 1 <= db.pool_size <= 100:
+        raise ConfigError(f"{src}: database.pool_size must be 1..100, not {db.pool_size}")
     t = cfg.transfer
     if not 4096 <= t.chunk_bytes <= MAX_CHUNK_BYTES:
         raise ConfigError(
@@ -482,6 +507,7 @@ def load_config(path: Path | str) -> NodeConfig:
         "tls": TLSSection,
         "server": ServerSection,
         "storage": StorageSection,
+        "database": DatabaseSection,
         "catalog": CatalogSection,
         "audit": AuditSection,
         "transfer": TransferSection,

@@ -22,12 +22,12 @@ Namespace ``hospital_release`` of the node's catalog (:meth:`Catalog.extend`):
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.catalog import Catalog, utcnow
+from gateway.db import Row
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -181,7 +181,7 @@ _CONFIRMATION_COLS = ", ".join(f.name for f in dataclasses.fields(Confirmation))
 _RELEASE_COLS = ", ".join(f.name for f in dataclasses.fields(InstanceRelease))
 
 
-def _confirmation(row: sqlite3.Row) -> Confirmation:
+def _confirmation(row: Row) -> Confirmation:
     values = dict(row)
     values["auto"] = bool(values["auto"])
     values["allow_burned_in"] = bool(values["allow_burned_in"])
@@ -189,7 +189,7 @@ def _confirmation(row: sqlite3.Row) -> Confirmation:
     return Confirmation(**values)
 
 
-def _release(row: sqlite3.Row) -> InstanceRelease:
+def _release(row: Row) -> InstanceRelease:
     return InstanceRelease(**dict(row))
 
 
@@ -365,7 +365,7 @@ class ReleaseStore:
         """When the rule (called AE → destination) was first seen; recorded now if new."""
         with self.catalog.transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO hospital_auto_forward VALUES (?, ?, ?)",
+                "INSERT INTO hospital_auto_forward VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 (called_ae, destination, utcnow()),
             )
             row = db.execute(

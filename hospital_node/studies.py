@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 
 from gateway.audit import canonical_json
 from gateway.catalog import Catalog, iso_utc
+from gateway.db import Conn, Row
 from gateway.errors import NotFound, ValidationError
 from gateway.fidelity.series import SliceGeometry, analyse_series
 from gateway.hashing import sha256_hex
@@ -184,7 +184,7 @@ class StudyCatalog:
             self._touch_study(db, rec.study_uid, rec.received_at)
         return True
 
-    def _touch_study(self, db: sqlite3.Connection, study_uid: str, when: str) -> None:
+    def _touch_study(self, db: Conn, study_uid: str, when: str) -> None:
         row = db.execute(
             "SELECT status FROM dicom_studies WHERE study_uid = ?", (study_uid,)
         ).fetchone()
@@ -204,9 +204,10 @@ class StudyCatalog:
             log.info("study %s re-opened: a new instance arrived after it was received", study_uid)
         db.execute(
             "UPDATE dicom_studies SET status = 'receiving',"
-            " last_received_at = MAX(last_received_at, ?), instance_count = ?, series_count = ?,"
+            " last_received_at = CASE WHEN last_received_at > ? THEN last_received_at ELSE ?"
+            " END, instance_count = ?, series_count = ?,"
             " report_json = '', report_sha256 = '', received_at = '' WHERE study_uid = ?",
-            (when, counts[0], counts[1], study_uid),
+            (when, when, counts[0], counts[1], study_uid),
         )
 
     def tick(self, now: datetime, quiet_period_seconds: float) -> list[str]:
@@ -340,7 +341,7 @@ class StudyCatalog:
         return geometry_from_json(rows[0]["geometry"]) if rows else None
 
 
-def _instance(r: sqlite3.Row) -> InstanceRecord:
+def _instance(r: Row) -> InstanceRecord:
     return InstanceRecord(
         sop_instance_uid=r["sop_instance_uid"],
         study_uid=r["study_uid"],
@@ -361,7 +362,7 @@ def _instance(r: sqlite3.Row) -> InstanceRecord:
     )
 
 
-def _study(r: sqlite3.Row) -> StudySummary:
+def _study(r: Row) -> StudySummary:
     return StudySummary(
         study_uid=r["study_uid"],
         status=r["status"],

@@ -154,7 +154,7 @@ class StudyIdentities:
         nonce, ciphertext = self._seal.seal(_row_id(study_uid), identity.to_bytes())
         with self.catalog.transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO hospital_study_identity VALUES (?, ?, ?, ?)",
+                "INSERT INTO hospital_study_identity VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (study_uid, nonce, ciphertext, utcnow()),
             )
         self._known.add(study_uid)

@@ -86,7 +86,7 @@ def build_node(cfg: NodeConfig, roles: RoleRegistry | None = None) -> Node:
     # 2. infrastructure
     try:
         store = open_checked_store(cfg, audit)
-        catalog = Catalog(cfg.catalog.path)
+        catalog = Catalog.for_config(cfg)
         witness_store = WitnessStore(cfg.audit.path, audit)
     except BaseException:
         audit.close()

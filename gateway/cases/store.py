@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 from gateway.cases.records import ChainError
 from gateway.cases.workflow import Parties
 from gateway.catalog import Catalog, utcnow
+from gateway.db import Row
 from gateway.errors import CatalogError
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class CaseStore:
         """Insert ``case``; False when a case with that id already exists."""
         with self.catalog.transaction() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO case_cases VALUES (?,?,?,?,?)",
+                "INSERT INTO case_cases VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (case.case_id, case.hospital, case.manufacturer, case.created_at, case.created_by),
             )
             return cur.rowcount == 1
@@ -198,7 +198,10 @@ class CaseStore:
             )
             for h, seq, env in rows:
                 db.execute(
-                    "INSERT OR REPLACE INTO case_rejected VALUES (?,?,?,?,?,?,?)",
+                    "INSERT INTO case_rejected VALUES (?,?,?,?,?,?,?) ON CONFLICT(envelope_hash)"
+                    " DO UPDATE SET case_id = excluded.case_id, seq = excluded.seq,"
+                    " kind = excluded.kind, reason = excluded.reason,"
+                    " envelope = excluded.envelope, at = excluded.at",
                     (h, case_id, seq, "displaced", reason, env, now),
                 )
             db.execute(
@@ -213,7 +216,7 @@ class CaseStore:
     def add_pending(self, case_id: str, seq: int, envelope_hash: str, envelope: bytes) -> None:
         with self.catalog.transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO case_pending VALUES (?,?,?,?,?)",
+                "INSERT INTO case_pending VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (envelope_hash, case_id, seq, envelope, utcnow()),
             )
 
@@ -234,7 +237,7 @@ class CaseStore:
     ) -> None:
         with self.catalog.transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO case_rejected VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO case_rejected VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (envelope_hash, case_id, seq, "refused", reason[:1000], envelope, utcnow()),
             )
             db.execute("DELETE FROM case_pending WHERE envelope_hash = ?", (envelope_hash,))
@@ -249,7 +252,7 @@ class CaseStore:
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
 
-def _case(row: sqlite3.Row) -> CaseRow:
+def _case(row: Row) -> CaseRow:
     return CaseRow(
         row["case_id"], row["hospital"], row["manufacturer"], row["created_at"], row["created_by"]
     )

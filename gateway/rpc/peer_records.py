@@ -90,7 +90,7 @@ def _remote(cfg: NodeConfig, peer_id: str) -> tuple[list[SharedTransfer], list[S
 
 def _local(cfg: NodeConfig, peer_id: str) -> tuple[list[SharedTransfer], list[SharedBatch]]:
     """This node's records of what it shares with ``peer_id``."""
-    catalog = Catalog(cfg.catalog.path)
+    catalog = Catalog.for_config(cfg)
     try:
         transfers = _paged(
             lambda until: catalog.list_transfers(peer=peer_id, until=until, limit=PAGE),
