@@ -19,10 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,7 +119,26 @@ MIGRATIONS: Sequence[str] = (
     """
     CREATE INDEX transfers_created ON transfers(created_at)
     """,
+    # 4: replicas of one node share this catalog (PostgreSQL): each outbound send and
+    # batch is claimed by one replica (claimed_by), which heartbeats in `replicas`; the
+    # sends of a replica that stopped heartbeating are queued again for the others
+    """
+    ALTER TABLE transfers ADD COLUMN claimed_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE batches ADD COLUMN claimed_by TEXT NOT NULL DEFAULT '';
+    CREATE TABLE replicas (
+        replica_id   TEXT PRIMARY KEY,
+        host         TEXT NOT NULL,
+        pid          INTEGER NOT NULL,
+        started_at   TEXT NOT NULL,
+        heartbeat_at TEXT NOT NULL
+    )
+    """,
 )
+
+
+DEFAULT_LEASE_SECONDS = 15.0
+"""How long a replica may be silent before its claimed sends go to the others
+(``[database] replica_lease_seconds``)."""
 
 
 def iso_utc(when: datetime) -> str:
@@ -210,6 +232,8 @@ class Catalog:
         else:
             self.db = SqliteDatabase(Path(where), CatalogError, label="catalog")
         self.path = getattr(self.db, "path", None) or Path(self.db.where)
+        #: this process among the replicas sharing the database (claims carry it)
+        self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.db.migrate("schema", MIGRATIONS)
 
     @classmethod
@@ -457,39 +481,100 @@ class Catalog:
         return [_transfer(r) for r in rows]
 
     def claim_due_outbound(self, now: str, limit: int, exclude: set[str]) -> list[TransferRecord]:
-        """Queued outbound transfers whose retry time has come, marked ``sending``."""
-        with self._tx() as db:
+        """Queued outbound transfers whose retry time has come, marked ``sending`` and
+        claimed by this replica. On PostgreSQL the rows are locked ``FOR UPDATE SKIP
+        LOCKED`` (not the database-wide writer lock): replicas claiming at once each get
+        other rows, and a row is sent by exactly one of them."""
+        with self.db.transaction(serialize=False) as db:
             rows = list(
                 db.execute(
                     "SELECT * FROM transfers WHERE direction = 'outbound' AND status = 'queued'"
                     " AND batch_id = '' AND next_attempt_at <= ?"
-                    " ORDER BY next_attempt_at, created_at LIMIT ?",
+                    " ORDER BY next_attempt_at, created_at LIMIT ?" + self.db.skip_locked,
                     (now, limit + len(exclude)),
                 )
             )
             picked = [r for r in rows if r["transfer_id"] not in exclude][:limit]
             for row in picked:
                 db.execute(
-                    "UPDATE transfers SET status = 'sending', updated_at = ?"
+                    "UPDATE transfers SET status = 'sending', claimed_by = ?, updated_at = ?"
                     " WHERE transfer_id = ? AND direction = 'outbound'",
-                    (utcnow(), row["transfer_id"]),
+                    (self.replica_id, utcnow(), row["transfer_id"]),
                 )
         return [_transfer(r) for r in picked]
 
-    def requeue_interrupted(self) -> int:
-        """At start-up: outbound transfers left ``sending`` by a stop go back to ``queued``."""
+    def requeue_interrupted(self, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> int:
+        """At start-up: outbound sends and batches left ``sending`` by a stop go back to
+        ``queued``. SQLite has one process, so all of them; on a shared database only
+        those of replicas no longer alive (see :meth:`take_over_stale`)."""
+        if self.db.engine == "sqlite":
+            return self._requeue("status = 'sending'", ())
+        return self.take_over_stale(lease_seconds)
+
+    def _requeue(self, where: str, params: Sequence[Any]) -> int:
         with self._tx() as db:
+            now = utcnow()
             cur = db.execute(
-                "UPDATE transfers SET status = 'queued', updated_at = ?"
-                " WHERE direction = 'outbound' AND status = 'sending'",
-                (utcnow(),),
+                "UPDATE transfers SET status = 'queued', claimed_by = '', updated_at = ?"
+                f" WHERE direction = 'outbound' AND {where}",
+                (now, *params),
             )
             batches = db.execute(
-                "UPDATE batches SET status = 'queued', updated_at = ?"
-                " WHERE direction = 'outbound' AND status = 'sending'",
-                (utcnow(),),
+                "UPDATE batches SET status = 'queued', claimed_by = '', updated_at = ?"
+                f" WHERE direction = 'outbound' AND {where}",
+                (now, *params),
             )
-            return cur.rowcount + batches.rowcount
+            return int(cur.rowcount) + int(batches.rowcount)
+
+    # -- replicas of one node sharing this database ------------------------
+    def heartbeat(self) -> None:
+        """Say this replica is alive (registers it on first call)."""
+        now = utcnow()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO replicas VALUES (?, ?, ?, ?, ?) ON CONFLICT(replica_id)"
+                " DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (self.replica_id, socket.gethostname(), os.getpid(), now, now),
+            )
+
+    def take_over_stale(self, lease_seconds: float) -> int:
+        """Queue again the sends claimed by replicas silent for ``lease_seconds`` (killed,
+        or cut off from the database) and forget those replicas; returns how many sends.
+        A send claimed by no registered replica (a stop before this version) counts too."""
+        cutoff = iso_utc(datetime.now(UTC) - timedelta(seconds=lease_seconds))
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM replicas WHERE heartbeat_at < ? AND replica_id <> ?",
+                (cutoff, self.replica_id),
+            )
+            count = self._requeue(
+                "status = 'sending' AND claimed_by NOT IN (SELECT replica_id FROM replicas)",
+                (),
+            )
+        if count:
+            log.warning(
+                "catalog: %d send(s) of replicas silent for %.0f s queued again", count,
+                lease_seconds,
+            )  # fmt: skip
+        return count
+
+    def retire(self) -> int:
+        """At a clean stop: this replica's sends go back to the queue for the others, and
+        it leaves the replica table."""
+        with self._tx() as db:
+            count = self._requeue("status = 'sending' AND claimed_by = ?", (self.replica_id,))
+            db.execute("DELETE FROM replicas WHERE replica_id = ?", (self.replica_id,))
+        return count
+
+    def replicas(self) -> list[tuple[str, str, int, str, str]]:
+        """(replica id, host, pid, started, last heartbeat) of the registered replicas."""
+        return [
+            (r[0], r[1], int(r[2]), r[3], r[4])
+            for r in self._query(
+                "SELECT replica_id, host, pid, started_at, heartbeat_at FROM replicas"
+                " ORDER BY started_at"
+            )
+        ]
 
     def next_due_time(self) -> str | None:
         rows = self._query(
@@ -628,21 +713,23 @@ class Catalog:
         return self._manifests([_transfer(r) for r in rows])
 
     def claim_due_batch(self, now: str, exclude: set[str]) -> BatchRecord | None:
-        """One queued outbound batch whose retry time has come, marked ``sending``."""
-        with self._tx() as db:
+        """One queued outbound batch whose retry time has come, marked ``sending`` and
+        claimed by this replica (row-locked like :meth:`claim_due_outbound`)."""
+        with self.db.transaction(serialize=False) as db:
             rows = list(
                 db.execute(
                     "SELECT * FROM batches WHERE direction = 'outbound' AND status = 'queued'"
-                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, created_at LIMIT ?",
+                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, created_at LIMIT ?"
+                    + self.db.skip_locked,
                     (now, 1 + len(exclude)),
                 )
             )
             picked = [r for r in rows if r["batch_id"] not in exclude][:1]
             for row in picked:
                 db.execute(
-                    "UPDATE batches SET status = 'sending', updated_at = ?"
+                    "UPDATE batches SET status = 'sending', claimed_by = ?, updated_at = ?"
                     " WHERE batch_id = ? AND direction = 'outbound'",
-                    (utcnow(), row["batch_id"]),
+                    (self.replica_id, utcnow(), row["batch_id"]),
                 )
         return _batch(picked[0]) if picked else None
 

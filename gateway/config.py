@@ -91,6 +91,7 @@ class DatabaseSection:
 
     url: str = ""
     pool_size: int = 8  # connections per database per process (catalog and audit each)
+    replica_lease_seconds: float = 15.0  # a replica silent this long: its sends go to others
 
 
 @dataclass(frozen=True)
@@ -391,6 +392,11 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(
             f"{src}: database.url carries a password; remove it and set PGPASSWORD or a "
             "PGPASSFILE for the node (configuration files are not secrets)"
+        )
+    if not 3 <= db.replica_lease_seconds <= 3600:
+        raise ConfigError(
+            f"{src}: database.replica_lease_seconds must be 3..3600, not "
+            f"{db.replica_lease_seconds}"
         )
     if not 1 <= db.pool_size <= 100:
         raise ConfigError(f"{src}: database.pool_size must be 1..100, not {db.pool_size}")

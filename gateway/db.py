@@ -118,7 +118,7 @@ class Database:
         self._owner = 0  # thread id holding the open transaction
 
     # -- engine hooks --
-    def _begin(self) -> Conn:
+    def _begin(self, serialize: bool) -> Conn:
         raise NotImplementedError
 
     def _commit(self, conn: Conn) -> None:
@@ -144,10 +144,18 @@ class Database:
     def fail(self, what: str, exc: BaseException) -> YigongError:
         return self._error(f"{self.where}: {what}{': ' if what else ''}{exc}")
 
+    #: appended to a SELECT that claims rows: on PostgreSQL ``FOR UPDATE SKIP LOCKED`` (a
+    #: row another transaction is claiming is passed over); SQLite's writer lock suffices
+    skip_locked: str = ""
+
     @contextmanager
-    def transaction(self) -> Iterator[Conn]:
+    def transaction(self, *, serialize: bool = True) -> Iterator[Conn]:
         """One write transaction, serialised with every other writer of this database (in
-        every process); a nested call in the same thread joins the enclosing one."""
+        every process); a nested call in the same thread joins the enclosing one.
+
+        ``serialize=False`` (PostgreSQL) skips the database-wide writer lock: for
+        transactions whose correctness rests on row locks alone (outbox claims with
+        :attr:`skip_locked`). SQLite has only the one writer lock."""
         with self._lock:
             if self._depth:
                 self._depth += 1
@@ -159,7 +167,7 @@ class Database:
             self._depth, self._owner = 1, threading.get_ident()
             try:
                 try:
-                    conn = self._begin()
+                    conn = self._begin(serialize)
                 except self.driver_errors as exc:
                     raise self.fail("cannot begin a write", exc) from exc
                 try:
@@ -198,7 +206,7 @@ class Database:
         """Run ``namespace``'s numbered migrations not yet applied, each in one write
         transaction that re-reads the version (replicas starting at once migrate once).
         A database newer than the code is refused."""
-        what = what or f"{namespace} schema"
+        what = what or ("schema" if namespace == "schema" else f"{namespace} schema")
         core = namespace == "schema" and self.user_version() is not None
         if not core:
             self.version(namespace)  # creates schema_versions
@@ -260,7 +268,7 @@ class SqliteDatabase(Database):
         except (sqlite3.Error, OSError) as exc:
             raise error(f"cannot open {label} {path}: {exc}") from exc
 
-    def _begin(self) -> Conn:
+    def _begin(self, serialize: bool) -> Conn:
         self._db.execute("BEGIN IMMEDIATE")
         return self._db
 
@@ -386,6 +394,7 @@ class PostgresDatabase(Database):
     """A pool of connections to one PostgreSQL database, tables in schema ``schema``."""
 
     engine = POSTGRESQL
+    skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(
         self,
@@ -456,11 +465,12 @@ class PostgresDatabase(Database):
         conn.adapters.register_loader("numeric", _IntNumeric)
         conn.execute(f'SET search_path TO "{self.schema}"')
 
-    def _begin(self) -> Conn:
+    def _begin(self, serialize: bool) -> Conn:
         raw = self._pool.getconn()
         try:
             raw.execute("BEGIN")
-            raw.execute("SELECT pg_advisory_xact_lock(%s)", (self._key,))
+            if serialize:
+                raw.execute("SELECT pg_advisory_xact_lock(%s)", (self._key,))
         except BaseException:
             self._give_back(raw, broken=True)
             raise

@@ -164,7 +164,7 @@ def test_transfer_listing_reads_a_page_by_index_not_a_sorted_table(tmp_path: Pat
 def test_catalog_migrations_and_newer_schema_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
     cat = Catalog(path)
-    assert cat.schema_version == len(MIGRATIONS) == 3  # 2: batches, 3: transfers_created
+    assert cat.schema_version == len(MIGRATIONS) == 4  # 2: batches, 3: index, 4: replicas
     cat.close()
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 99")

@@ -134,6 +134,7 @@ def build_node(cfg: NodeConfig, roles: RoleRegistry | None = None) -> Node:
                 workers=t.workers,
                 known_peers=frozenset(p.id for p in cfg.peers),
                 allowed_peer_regions=cfg.peer_regions,
+                replica_lease_seconds=cfg.database.replica_lease_seconds,
             ),
             store,
             catalog,

@@ -24,7 +24,14 @@ from cryptography import x509
 
 from gateway.audit import AuditLog
 from gateway.backoff import Backoff
-from gateway.catalog import Catalog, ObjectRecord, TransferRecord, iso_utc, utcnow
+from gateway.catalog import (
+    DEFAULT_LEASE_SECONDS,
+    Catalog,
+    ObjectRecord,
+    TransferRecord,
+    iso_utc,
+    utcnow,
+)
 from gateway.errors import (
     CertificateError,
     ConfigError,
@@ -96,6 +103,8 @@ class OutboxSettings:
     workers: int
     known_peers: frozenset[str]
     allowed_peer_regions: frozenset[str]
+    #: replicas sharing the catalog: silent this long, a replica's sends go to the others
+    replica_lease_seconds: float = DEFAULT_LEASE_SECONDS
 
 
 class _SendState:
@@ -237,13 +246,32 @@ class Outbox:
 
     # -- workers ----------------------------------------------------------
     def start(self) -> None:
-        requeued = self.catalog.requeue_interrupted()
+        shared = self.catalog.engine != "sqlite"
+        if shared:
+            self.catalog.heartbeat()  # registered before claiming: claims of the living stay
+        requeued = self.catalog.requeue_interrupted(self.settings.replica_lease_seconds)
         if requeued:
             log.info("outbox: %d interrupted send(s) queued again", requeued)
         for n in range(self.settings.workers):
             thread = threading.Thread(target=self._worker, name=f"outbox-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        if shared:
+            thread = threading.Thread(target=self._replica, name="outbox-replica", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _replica(self) -> None:
+        """Heartbeat this replica; queue again the sends of replicas gone silent."""
+        lease = self.settings.replica_lease_seconds
+        while not self._stop.wait(lease / 3):
+            try:
+                self.catalog.heartbeat()
+                if self.catalog.take_over_stale(lease):
+                    self._wake.set()
+                    self.batches.notify()
+            except YigongError as exc:
+                log.warning("outbox: replica heartbeat failed: %s", exc)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop workers; a send in progress is cut at a chunk boundary and stays queued."""
@@ -254,6 +282,14 @@ class Outbox:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
+        if self.catalog.engine != "sqlite":
+            try:
+                handed = self.catalog.retire()
+            except YigongError as exc:
+                log.warning("outbox: could not hand this replica's sends back: %s", exc)
+            else:
+                if handed:
+                    log.info("outbox: %d send(s) handed back to the other replicas", handed)
 
     def wake(self) -> None:
         self._wake.set()
