@@ -121,7 +121,8 @@ MIGRATIONS: Sequence[str] = (
     """,
     # 4: replicas of one node share this catalog (PostgreSQL): each outbound send and
     # batch is claimed by one replica (claimed_by), which heartbeats in `replicas`; the
-    # sends of a replica that stopped heartbeating are queued again for the others
+    # sends of a replica that stopped heartbeating are queued again for the others;
+    # verified prefixes of inbound transfers copied to the shared store (transfer/shared_prefix.py)
     """
     ALTER TABLE transfers ADD COLUMN claimed_by TEXT NOT NULL DEFAULT '';
     ALTER TABLE batches ADD COLUMN claimed_by TEXT NOT NULL DEFAULT '';
@@ -131,6 +132,13 @@ MIGRATIONS: Sequence[str] = (
         pid          INTEGER NOT NULL,
         started_at   TEXT NOT NULL,
         heartbeat_at TEXT NOT NULL
+    );
+    CREATE TABLE inbound_segments (
+        transfer_id TEXT NOT NULL,
+        start       INTEGER NOT NULL,
+        size        INTEGER NOT NULL,
+        key         TEXT NOT NULL,
+        PRIMARY KEY (transfer_id, start)
     )
     """,
 )
@@ -565,6 +573,29 @@ class Catalog:
             count = self._requeue("status = 'sending' AND claimed_by = ?", (self.replica_id,))
             db.execute("DELETE FROM replicas WHERE replica_id = ?", (self.replica_id,))
         return count
+
+    # -- verified prefixes of inbound transfers in the shared store -----------
+    def add_segment(self, transfer_id: str, start: int, size: int, key: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO inbound_segments VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (transfer_id, start, size, key),
+            )
+
+    def segments(self, transfer_id: str) -> list[tuple[int, int, str]]:
+        """(start, size, store key) of a transfer's shared segments, in order."""
+        return [
+            (int(r[0]), int(r[1]), str(r[2]))
+            for r in self._query(
+                "SELECT start, size, key FROM inbound_segments WHERE transfer_id = ?"
+                " ORDER BY start",
+                (transfer_id,),
+            )
+        ]
+
+    def drop_segments(self, transfer_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM inbound_segments WHERE transfer_id = ?", (transfer_id,))
 
     def replicas(self) -> list[tuple[str, str, int, str, str]]:
         """(replica id, host, pid, started, last heartbeat) of the registered replicas."""

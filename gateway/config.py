@@ -119,6 +119,9 @@ class TransferSection:
     inbound_expiry_seconds: float = 24 * 3600.0
     max_open_inbound_per_peer: int = 64
     max_spooled_bytes_per_peer: int = 128 * 1024**3
+    # replicas on a shared database: copy each 64 MiB of a large inbound object's verified
+    # bytes to the shared store, so a sender cut off resumes at another replica (0: never)
+    shared_segment_bytes: int = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -401,6 +404,11 @@ def _check(cfg: NodeConfig) -> None:
     if not 1 <= db.pool_size <= 100:
         raise ConfigError(f"{src}: database.pool_size must be 1..100, not {db.pool_size}")
     t = cfg.transfer
+    if t.shared_segment_bytes and t.shared_segment_bytes < 1024**2:
+        raise ConfigError(
+            f"{src}: transfer.shared_segment_bytes must be 0 (off) or at least 1048576, "
+            f"not {t.shared_segment_bytes}"
+        )
     if not 4096 <= t.chunk_bytes <= MAX_CHUNK_BYTES:
         raise ConfigError(
             f"{src}: transfer.chunk_bytes must be between 4096 and {MAX_CHUNK_BYTES}, "

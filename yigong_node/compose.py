@@ -169,6 +169,7 @@ def build_node(cfg: NodeConfig, roles: RoleRegistry | None = None) -> Node:
                 max_object_bytes=t.max_object_bytes,
                 max_open_per_peer=t.max_open_inbound_per_peer,
                 max_spooled_bytes_per_peer=t.max_spooled_bytes_per_peer,
+                shared_segment_bytes=t.shared_segment_bytes,
             ),
             store,
             catalog,

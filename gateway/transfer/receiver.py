@@ -66,6 +66,7 @@ from gateway.transfer.model import (
 )
 from gateway.transfer.readback import SpoolReadback
 from gateway.transfer.receipts import make_receipt
+from gateway.transfer.shared_prefix import SharedPrefix
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class ReceiverSettings:
     max_object_bytes: int
     max_open_per_peer: int = 64
     max_spooled_bytes_per_peer: int = 128 * 1024**3
+    #: replicas sharing catalog and store: copy every this many verified bytes of a
+    #: large inbound object to the shared store (0: never; transfer/shared_prefix.py)
+    shared_segment_bytes: int = 0
 
 
 class Receiver:
@@ -116,6 +120,11 @@ class Receiver:
         )
         self._audit_thread.start()
         self.batches = BatchReceiver(self)
+        self.prefix = (
+            SharedPrefix(store, catalog, settings.shared_segment_bytes)
+            if settings.shared_segment_bytes and catalog.engine != "sqlite"
+            else None
+        )
 
     # -- helpers ----------------------------------------------------------
     def _part(self, transfer_id: str) -> Path:
@@ -145,6 +154,8 @@ class Receiver:
         self, sender: Identity, transfer_id: str, announce: Announce, started_at: str
     ) -> bytes:
         """Catalogue a stored, verified object and sign the receipt."""
+        if self.prefix is not None and self._shares(announce):
+            self.prefix.discard(transfer_id)
         obj = self.catalog.add_object(
             object_id=announce.object_id,
             size=announce.size,
@@ -233,6 +244,10 @@ class Receiver:
             if offset > announce.size:
                 part.unlink()
                 offset = 0
+            restore = not offset and self._shares(announce) and transfer_id not in self._active
+        if restore:  # outside the lock: may copy many MiB from the shared store
+            offset = self.prefix.restore(transfer_id, part) if self.prefix else 0
+        with self._lock:
             self.catalog.update_transfer(
                 transfer_id,
                 "inbound",
@@ -241,6 +256,10 @@ class Receiver:
                 history=("resume", f"offset {offset}") if offset else None,
             )
         return OfferResult(offset, False, None)
+
+    def _shares(self, announce: Announce) -> bool:
+        """Whether this transfer's verified prefix is copied for the other replicas."""
+        return self.prefix is not None and announce.size >= self.prefix.segment_bytes
 
     def _receipt_for_deliverer(
         self, sender: Identity, transfer_id: str, announce: Announce
@@ -446,6 +465,7 @@ class Receiver:
         )
         expected = offset
         reported = time.monotonic()
+        shared = self._shared_start(transfer_id, announce, offset)
         try:
             for item in items:
                 if self.stopping.is_set():
@@ -457,6 +477,13 @@ class Receiver:
                     verifier.check(item.offset, item.data, item.sha256)
                     spool.write(item.data)
                     expected += len(item.data)
+                    if (
+                        self.prefix
+                        and shared >= 0
+                        and expected - shared >= self.prefix.segment_bytes
+                    ):
+                        self.prefix.save(transfer_id, spool.path, shared, expected)
+                        shared = expected
                     if time.monotonic() - reported >= PROGRESS_SECONDS:
                         self.catalog.update_transfer(transfer_id, "inbound", bytes_done=expected)
                         reported = time.monotonic()
@@ -468,6 +495,23 @@ class Receiver:
         finally:
             spool.sync()  # what was received is durable: a resume starts there
             self.catalog.update_transfer(transfer_id, "inbound", bytes_done=expected)
+
+    def _shared_start(self, transfer_id: str, announce: Announce, offset: int) -> int:
+        """Where the next shared segment starts (-1: this transfer is not shared): the end
+        of the contiguous segments, or 0 after discarding them if they run past ``offset``
+        (another replica got further; this spool is what counts now)."""
+        if self.prefix is None or not self._shares(announce):
+            return -1
+        covered = 0
+        for start, size, _key in self.catalog.segments(transfer_id):
+            if start != covered:
+                break
+            covered += size
+        if covered > offset or offset == 0:
+            if covered:
+                self.prefix.discard(transfer_id)
+            return 0
+        return covered
 
     def _store_verified(
         self, sender: Identity, transfer_id: str, announce: Announce, part: Path
@@ -521,6 +565,8 @@ class Receiver:
             part = self._part(record.transfer_id)
             spooled = part.stat().st_size if part.exists() else 0
             part.unlink(missing_ok=True)
+            if self.prefix is not None:
+                self.prefix.discard(record.transfer_id)
             self.catalog.update_transfer(
                 record.transfer_id,
                 "inbound",
@@ -556,6 +602,8 @@ class Receiver:
         whole: bool = False,
     ) -> NoReturn:
         what = "object SHA-256/size" if whole else f"chunk at offset {offset}"
+        if whole and self.prefix is not None:
+            self.prefix.discard(transfer_id)
         self.catalog.update_transfer(
             transfer_id,
             "inbound",
