@@ -260,8 +260,8 @@ class Catalog:
         return cls.open(cfg.database.url, cfg.catalog.path, pool_size=cfg.database.pool_size)
 
     # -- plumbing ---------------------------------------------------------
-    def _tx(self) -> AbstractContextManager[Conn]:
-        return self.db.transaction()
+    def _tx(self, *, serialize: bool = True) -> AbstractContextManager[Conn]:
+        return self.db.transaction(serialize=serialize)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return self.db.query(sql, params)
@@ -309,7 +309,7 @@ class Catalog:
         labels: Mapping[str, str] | None = None,
     ) -> ObjectRecord:
         """Record an object; an object with the same id (same bytes) is kept as first seen."""
-        with self._tx() as db:
+        with self._tx(serialize=False) as db:  # keyed row writes: row locks suffice
             db.execute(
                 "INSERT INTO objects VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (
@@ -379,7 +379,7 @@ class Catalog:
         now = utcnow()
         if obj is not None:
             object_id, size, name, case_id = obj.object_id, obj.size, obj.name, obj.case_id
-        with self._tx() as db:
+        with self._tx(serialize=False) as db:  # keyed row writes: row locks suffice
             db.execute(
                 "INSERT INTO transfers (transfer_id, direction, object_id, peer_node,"
                 " status, size, name, case_id, header, created_at, updated_at, next_attempt_at,"
@@ -446,7 +446,7 @@ class Catalog:
             fields["facts"] = json.dumps(dict(fields["facts"]), sort_keys=True)
         now = utcnow()
         sets = ", ".join(f"{k} = ?" for k in fields)
-        with self._tx() as db:
+        with self._tx(serialize=False) as db:  # keyed row writes: row locks suffice
             cur = db.execute(
                 f"UPDATE transfers SET {sets}{', ' if sets else ''}updated_at = ?"
                 " WHERE transfer_id = ? AND direction = ?",
@@ -538,7 +538,7 @@ class Catalog:
     def heartbeat(self) -> None:
         """Say this replica is alive (registers it on first call)."""
         now = utcnow()
-        with self._tx() as db:
+        with self._tx(serialize=False) as db:  # keyed row writes: row locks suffice
             db.execute(
                 "INSERT INTO replicas VALUES (?, ?, ?, ?, ?) ON CONFLICT(replica_id)"
                 " DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
@@ -576,7 +576,7 @@ class Catalog:
 
     # -- verified prefixes of inbound transfers in the shared store -----------
     def add_segment(self, transfer_id: str, start: int, size: int, key: str) -> None:
-        with self._tx() as db:
+        with self._tx(serialize=False) as db:  # keyed row writes: row locks suffice
             db.execute(
                 "INSERT INTO inbound_segments VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (transfer_id, start, size, key),
@@ -594,7 +594,7 @@ class Catalog:
         ]
 
     def drop_segments(self, transfer_id: str) -> None:
-        with self._tx() as db:
+        with self._tx(serialize=False) as db:  # keyed row writes: row locks suffice
             db.execute("DELETE FROM inbound_segments WHERE transfer_id = ?", (transfer_id,))
 
     def replicas(self) -> list[tuple[str, str, int, str, str]]:
@@ -673,7 +673,7 @@ class Catalog:
     ) -> BatchRecord:
         """Record a batch (kept as first recorded if it exists)."""
         now = utcnow()
-        with self._tx() as db:
+        with self._tx(serialize=False) as db:  # keyed row writes: row locks suffice
             db.execute(
                 "INSERT INTO batches (batch_id, direction, peer_node, case_id, kind,"
                 " ref, status, sealed, expected, created_at, updated_at, next_attempt_at)"
@@ -720,7 +720,7 @@ class Catalog:
             raise CatalogError(f"cannot update batch column(s) {sorted(bad)}")
         now = utcnow()
         sets = ", ".join(f"{k} = ?" for k in fields)
-        with self._tx() as db:
+        with self._tx(serialize=False) as db:  # keyed row writes: row locks suffice
             cur = db.execute(
                 f"UPDATE batches SET {sets}{', ' if sets else ''}updated_at = ?"
                 " WHERE batch_id = ? AND direction = ?",

@@ -441,7 +441,6 @@ class PostgresDatabase(Database):
             max_size=pool_size,
             kwargs={"autocommit": True, "row_factory": _pg_row_factory},
             configure=self._configure,
-            check=psycopg_pool.ConnectionPool.check_connection,
             timeout=connect_timeout,
             name=f"yigong-{schema}",
             open=False,
@@ -451,6 +450,7 @@ class PostgresDatabase(Database):
         except psycopg_pool.PoolTimeout as exc:
             raise error(f"cannot open {label} at {redact_url(url)}: {exc}") from exc
         self._conn: Any = None  # the connection of the open transaction
+        self._writer: Any = None  # the one connection this process writes on
 
     def _configure(self, conn: Any) -> None:
         from psycopg.types.numeric import NumericLoader
@@ -465,53 +465,72 @@ class PostgresDatabase(Database):
         conn.adapters.register_loader("numeric", _IntNumeric)
         conn.execute(f'SET search_path TO "{self.schema}"')
 
+    def _connect_writer(self) -> Any:
+        raw = self._psycopg.connect(
+            self.url, autocommit=True, row_factory=_pg_row_factory, connect_timeout=10
+        )
+        self._configure(raw)
+        return raw
+
     def _begin(self, serialize: bool) -> Conn:
-        raw = self._pool.getconn()
-        try:
-            raw.execute("BEGIN")
-            if serialize:
-                raw.execute("SELECT pg_advisory_xact_lock(%s)", (self._key,))
-        except BaseException:
-            self._give_back(raw, broken=True)
-            raise
-        self._conn = _PgConn(raw)
+        """BEGIN (and the writer lock) on the process's one writer connection, reconnected
+        when PostgreSQL dropped it. One round trip: both in one simple-protocol message."""
+        begin = "BEGIN" + (f"; SELECT pg_advisory_xact_lock({int(self._key)})" if serialize else "")
+        for attempt in (1, 2):
+            if self._writer is None or self._writer.closed or self._writer.broken:
+                self._close_writer()
+                self._writer = self._connect_writer()
+            try:
+                self._writer.execute(begin)
+                break
+            except self._psycopg.OperationalError:
+                self._close_writer()
+                if attempt == 2:
+                    raise
+                log.warning("%s: connection lost; reconnecting", self.where)
+        self._conn = _PgConn(self._writer)
         return self._conn
 
-    def _give_back(self, raw: Any, *, broken: bool = False) -> None:
-        if broken:
+    def _close_writer(self) -> None:
+        if self._writer is not None:
             try:
-                raw.execute("ROLLBACK")
+                self._writer.close()
             except self._psycopg.Error:
                 pass
-        self._pool.putconn(raw)
+        self._writer = None
 
     def _commit(self, conn: Conn) -> None:
-        raw = self._conn.raw
         self._conn = None
         try:
-            raw.execute("COMMIT")
+            self._writer.execute("COMMIT")
         except BaseException:
-            self._give_back(raw, broken=True)
+            self._rollback(conn)
             raise
-        self._give_back(raw)
 
     def _rollback(self, conn: Conn) -> None:
-        raw = self._conn.raw
         self._conn = None
-        self._give_back(raw, broken=True)
+        try:
+            self._writer.execute("ROLLBACK")
+        except self._psycopg.Error:
+            self._close_writer()  # state unknown: the next transaction reconnects
 
     def _tx_conn(self) -> Conn:
         return self._conn
 
     def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        with self._pool.connection() as raw:
-            return list(_PgConn(raw).execute(sql, params))
+        try:
+            with self._pool.connection() as raw:
+                return list(_PgConn(raw).execute(sql, params))
+        except self._psycopg.OperationalError:  # a pooled connection PostgreSQL dropped
+            with self._pool.connection() as raw:
+                return list(_PgConn(raw).execute(sql, params))
 
     def ddl(self, statement: str) -> str:
         return pg_ddl(statement)
 
     def close(self) -> None:
         with self._lock:
+            self._close_writer()
             self._pool.close()
 
 

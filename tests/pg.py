@@ -96,9 +96,10 @@ def _run(cmd: list[str], run_as: str | None, **kw: object) -> subprocess.Complet
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload,no-any-return]
 
 
-def start_pg(base: Path) -> PgServer:
+def start_pg(base: Path, *, durable: bool = False) -> PgServer:
     """initdb + pg_ctl start under ``base`` (created, and handed to the postgres user
-    when running as root)."""
+    when running as root). The tests' server skips fsync (they test behaviour, not
+    durability); ``durable=True`` (benchmarks) keeps PostgreSQL's durable defaults."""
     bin_dir = find_postgres_bin()
     if bin_dir is None:
         raise FileNotFoundError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
@@ -122,9 +123,10 @@ def start_pg(base: Path) -> PgServer:
     log_path = base / "postgres.log"
     opts = (
         f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base}"
-        " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         " -c max_connections=200 -c shared_buffers=64MB"
     )
+    if not durable:
+        opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     _run(
         [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log_path), "-o", opts, "-w",
          "-t", "60", "start"],
