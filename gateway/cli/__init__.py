@@ -1,7 +1,8 @@
 """The ``yigong`` command line: the core's part (the CLI adapters of ``gateway/``).
 
 Each command group lives in its own module of this package exposing
-``register(subparsers)`` (``audit``, ``cases``, ``config``, ``demo``, ``node``, ``pki``;
+``register(subparsers)`` (``audit``, ``cases``, ``config``, ``db``, ``demo``, ``node``,
+``pki``;
 ``connect``, ``download``, ``send``, ``progress`` are their shared helpers);
 this module puts the core's groups and the roles' groups it is given in order, prints
 :class:`~gateway.errors.YigongError` messages as ``error: ...`` and exits with status 2
@@ -69,14 +70,14 @@ def build_parser(
     sub.required = True
     # Command groups, in the order of the help text. Role commands (study, factory)
     # live with their role and come in as role_groups; the rest are the shared core's.
-    from gateway.cli import audit, cases, config, demo, node, pki
+    from gateway.cli import audit, cases, config, db, demo, node, pki
 
     pki.register(sub)
     node.register(sub, build_node=build_node)
     demo.register(sub)
     for register in role_groups:
         register(sub)
-    for group in (cases, audit, config):
+    for group in (cases, audit, config, db):
         group.register(sub)
     return parser
 
