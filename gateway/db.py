@@ -431,9 +431,10 @@ class PostgresDatabase(Database):
                 finally:
                     c.execute("SELECT pg_advisory_unlock(%s)", (lock_key("yigong:create-schema"),))
         except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise error(
-                f"cannot open {label} at {redact_url(url)}: {exc}".strip()
-                + " (is PostgreSQL running, and may this user connect and create a schema?)"
+                f"cannot open {label} at {redact_url(url)} (is PostgreSQL running there, and "
+                f"may this user connect and create a schema?): {first}"
             ) from exc
         self._pool = psycopg_pool.ConnectionPool(
             url,

@@ -138,3 +138,24 @@ def test_a_password_in_the_url_is_refused_and_never_printed(
     out = yigong("db", "status", "--config", str(fconf))
     assert out.returncode == 2 and "PGPASSWORD" in out.stderr
     assert "s3cret" not in out.stderr + out.stdout
+
+
+def test_config_check_names_the_database_and_says_when_it_is_unreachable(
+    federation: Federation, tmp_path: Path, pg_url: str
+) -> None:
+    fconf = write_config(
+        federation, tmp_path, "factory-1", "factory", extra=f'[database]\nurl = "{pg_url}"'
+    )
+    ok = yigong("config", "check", str(fconf), "--no-peers")
+    assert ok.returncode == 0, ok.stdout
+    assert any(
+        line.startswith("OK") and "  database: " in line and "PostgreSQL" in line
+        and "writable" in line
+        for line in ok.stdout.splitlines()
+    ), ok.stdout  # fmt: skip
+    assert "  catalog: " not in ok.stdout  # no SQLite file is checked
+    fconf.write_text(fconf.read_text().replace(pg_url, "postgresql://gw@127.0.0.1:1/nodb"))
+    bad = yigong("config", "check", str(fconf), "--no-peers")
+    assert bad.returncode == 1
+    (fail,) = [line for line in bad.stdout.splitlines() if line.startswith("FAIL")]
+    assert "database" in fail and "127.0.0.1:1" in fail and "is PostgreSQL running" in fail

@@ -8,7 +8,8 @@ One line per check, ``OK``, ``WARN`` or ``FAIL``, each failure with what to do:
   and its node id, role and region are those of ``[node]``;
 - the CRL: present, signed by the CA, the node's own certificate not in it (a warning
   when it is past its renewal time);
-- storage, catalog and audit locations: reachable and writable;
+- storage, catalog and audit locations (or the PostgreSQL database): reachable and
+  writable;
 - every peer: one mTLS handshake (the peer must present its own node certificate) and a
   gRPC health check, each with a short timeout.
 
@@ -100,8 +101,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     cert_ok = checks.run("node certificate", lambda: _node_cert(cfg))
     checks.run("revocation list", lambda: _crl(cfg))
     checks.run("storage", lambda: _storage(cfg))
-    for what, path in (("catalog", cfg.catalog.path), ("audit log", cfg.audit.path)):
-        checks.run(what, functools.partial(_writable_file, path))
+    if cfg.database.url:
+        checks.run("database", lambda: _database(cfg))
+    else:
+        for what, path in (("catalog", cfg.catalog.path), ("audit log", cfg.audit.path)):
+            checks.run(what, functools.partial(_writable_file, path))
     if args.no_peers or not cert_ok:
         why = "--no-peers" if args.no_peers else "fix the node certificate first"
         checks.line("WARN", "peers", f"not contacted ({why})")
@@ -115,6 +119,21 @@ def cmd_check(args: argparse.Namespace) -> int:
         + ("every check passed" if not checks.failed else f"{checks.failed} check(s) FAILED")
     )
     return 1 if checks.failed else 0
+
+
+def _database(cfg: NodeConfig) -> str:
+    """PostgreSQL: reachable, this user may write (a temporary table), the server version."""
+    from gateway.db import PostgresDatabase, redact_url
+    from gateway.errors import CatalogError
+
+    db = PostgresDatabase(cfg.database.url, CatalogError, schema="catalog", pool_size=1)
+    try:
+        with db.transaction() as conn:
+            conn.execute("CREATE TEMPORARY TABLE yigong_check (x INTEGER) ON COMMIT DROP")
+        version = db.query("SHOW server_version")[0][0]
+    finally:
+        db.close()
+    return f"{redact_url(cfg.database.url)}: PostgreSQL {version}, writable"
 
 
 def _ca(cfg: NodeConfig) -> str:
