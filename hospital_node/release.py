@@ -412,6 +412,7 @@ class Releaser:
         if state == "sealed":
             self._audit_confirmation(c, self.records.releases(cid))
             self.records.set_progress(cid, state="done")
+            self.records.release_owner(cid)
         return queued
 
     def _deidentify_all(
@@ -624,13 +625,20 @@ class Releaser:
     def _seal_batch(self, batch_id: str, expected: int) -> None:
         self.outbox.seal_batch(batch_id, expected=expected)
 
-    def resume(self) -> int:
+    def resume(self, *, orphans_only: bool = False) -> int:
         """At start-up: finish every release cut short (de-identify what is pending,
-        queue what was released, seal, audit); returns the transfers queued."""
+        queue what was released, seal, audit); returns the transfers queued.
+
+        With replicas on a shared catalog only releases no live replica owns are taken
+        (each by one replica); ``orphans_only``: the periodic pass of a running replica,
+        which keeps its scratch files (its own releases may be running)."""
         count = 0
         with self._lock:
-            clear_scratch(self.scratch)
+            if not orphans_only:
+                clear_scratch(self.scratch)
             for c in self.records.unfinished():
+                if not self.records.claim(c.confirmation_id):
+                    continue  # a live replica is working on it
                 try:
                     count += len(self._release(c))
                 except YigongError:

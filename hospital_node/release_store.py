@@ -80,6 +80,16 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at      TEXT NOT NULL
     )
     """,
+    # 3: replicas sharing a PostgreSQL catalog — which replica works on
+    # an unfinished release, so that a replica starting (or finding one whose owner went
+    # silent) takes only releases nobody alive is working on
+    """
+    CREATE TABLE hospital_release_owner (
+        confirmation_id TEXT PRIMARY KEY,
+        replica_id      TEXT NOT NULL,
+        claimed_at      TEXT NOT NULL
+    )
+    """,
 )
 PENDING = "pending"
 """Status of an instance row recorded with its confirmation, not yet de-identified."""
@@ -202,9 +212,15 @@ class ReleaseStore:
         self, c: Confirmation, rows: Sequence[InstanceRelease], *, releasing: bool = False
     ) -> None:
         """Store a confirmation and its instance rows in one transaction (``releasing``:
-        with a progress row, the instances still ``pending``)."""
+        with a progress row, the instances still ``pending``; on a shared database the
+        release is owned by this replica from the same transaction on)."""
         now = utcnow()
         with self.catalog.transaction() as db:
+            if releasing and self.shared:
+                db.execute(
+                    "INSERT INTO hospital_release_owner VALUES (?, ?, ?)",
+                    (c.confirmation_id, self.catalog.replica_id, now),
+                )
             if releasing:
                 db.execute(
                     "INSERT INTO hospital_release_progress VALUES (?, 'releasing', '', ?)",
@@ -285,6 +301,43 @@ class ReleaseStore:
             " ORDER BY created_at, confirmation_id"
         )
         return [_confirmation(r) for r in rows]
+
+    @property
+    def shared(self) -> bool:
+        """Replicas may share this catalog (PostgreSQL): releases have owners."""
+        return self.catalog.engine != "sqlite"
+
+    def claim(self, confirmation_id: str) -> bool:
+        """Make this replica the owner of an unfinished release unless a live replica
+        (one in the catalog's ``replicas`` table) owns it; True when this replica may work
+        on it. Always True on SQLite (one process)."""
+        if not self.shared:
+            return True
+        me = self.catalog.replica_id
+        with self.catalog.transaction() as db:
+            row = db.execute(
+                "SELECT o.replica_id, r.replica_id FROM hospital_release_owner o"
+                " LEFT JOIN replicas r ON r.replica_id = o.replica_id"
+                " WHERE o.confirmation_id = ?",
+                (confirmation_id,),
+            ).fetchone()
+            if row is not None and (row[0] == me or row[1] is not None):
+                return bool(row[0] == me)
+            db.execute(
+                "INSERT INTO hospital_release_owner VALUES (?, ?, ?) ON CONFLICT(confirmation_id)"
+                " DO UPDATE SET replica_id = excluded.replica_id, claimed_at = excluded.claimed_at",
+                (confirmation_id, me, utcnow()),
+            )
+        return True
+
+    def release_owner(self, confirmation_id: str) -> None:
+        """The release is done: nobody owns it any more."""
+        if self.shared:
+            with self.catalog.transaction() as db:
+                db.execute(
+                    "DELETE FROM hospital_release_owner WHERE confirmation_id = ?",
+                    (confirmation_id,),
+                )
 
     def progress(self, confirmation_id: str) -> tuple[str, str]:
         """(state, outbox batch id) of a confirmation's release; ("done", "") if untracked."""

@@ -352,6 +352,7 @@ class HospitalRole(RoleHooks):
         if d.auto_forward_called_ae and d.auto_forward_to:  # rule first seen: before any tick
             self.release_records.auto_forward_since(d.auto_forward_called_ae, d.auto_forward_to)
         self._auto_thread: threading.Thread | None = None
+        self._orphan_thread: threading.Thread | None = None
 
     def console_pages(self, console: Console) -> Sequence[ConsolePages]:
         from hospital_node.wire.console import hospital_pages  # the console's adapter
@@ -372,6 +373,13 @@ class HospitalRole(RoleHooks):
 
     def _start_release(self) -> None:
         self.releaser.resume()
+        if self.release_records.shared:
+            # replicas on one catalog: releases whose replica went silent are finished here
+            self._auto_stop.clear()
+            self._orphan_thread = threading.Thread(
+                target=self._orphan_loop, name="release-orphans", daemon=True
+            )
+            self._orphan_thread.start()
         d = self.cfg.dicom
         if not (d.auto_forward_called_ae and d.auto_forward_to):
             return
@@ -434,11 +442,21 @@ class HospitalRole(RoleHooks):
                 log.error("auto-forward of study %s to %s refused: %s", uid, destination, exc)
         return done
 
+    def _orphan_loop(self) -> None:
+        lease = self.cfg.database.replica_lease_seconds
+        while not self._auto_stop.wait(lease):
+            try:
+                if queued := self.releaser.resume(orphans_only=True):
+                    log.info("release: %d send(s) of a silent replica's release queued", queued)
+            except Exception:  # keep looking; the next round retries
+                log.exception("release: taking over a silent replica's release failed")
+
     def _stop_release(self) -> None:
         self._auto_stop.set()
-        if self._auto_thread is not None:
-            self._auto_thread.join(10.0)
-            self._auto_thread = None
+        for thread in (self._auto_thread, self._orphan_thread):
+            if thread is not None:
+                thread.join(10.0)
+        self._auto_thread = self._orphan_thread = None
         self.releaser.close()  # the de-identification workers
 
     # --- design export: approved designs into the hospital's PACS (Encapsulated STL) -----

@@ -1,10 +1,11 @@
-"""Replicas of one node share the catalog's outbox (issue #13, PostgreSQL).
+"""Replicas of one node share the catalog's outbox and releases (issue #13, PostgreSQL).
 
 Each queued send is claimed by exactly one replica (``FOR UPDATE SKIP LOCKED``, no
 database-wide lock); a replica that stops heartbeating has its claimed sends queued again
 for the others; a replica that stops cleanly hands its sends back at once; a live
-replica's claims are never taken. Real PostgreSQL (tests/pg.py), one ``Catalog`` object
-per replica as each ``yigong serve`` process has.
+replica's claims are never taken; a hospital's unfinished release is finished by its
+owner, or by another replica once the owner falls silent. Real PostgreSQL (tests/pg.py),
+one ``Catalog`` object per replica as each ``yigong serve`` process has.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from gateway.catalog import Catalog
+from hospital_node.release_store import PENDING, Confirmation, InstanceRelease, ReleaseStore
 
 
 def _queue(cat: Catalog, n: int, *, batch: str = "") -> list[str]:
@@ -147,3 +149,47 @@ def test_sqlite_restart_requeues_every_interrupted_send(tmp_path: Path) -> None:
     assert again.requeue_interrupted() == 3  # one process per SQLite file: all of them
     assert len(again.claim_due_outbound("9999", 3, set())) == 3
     again.close()
+
+
+def _confirmation(cid: str) -> Confirmation:
+    return Confirmation(
+        confirmation_id=cid, study_uid="1.2.3", case_id="C-1", destination="factory-1",
+        actor="clinician:dr-li@hospital-1", cert_serial="1", cert_fingerprint="f" * 64,
+        auto=False, allow_burned_in=False, record="{}", signature=b"s", created_at="2026",
+    )  # fmt: skip
+
+
+def test_a_hospital_release_is_worked_on_by_its_owner_and_taken_over_when_it_falls_silent(
+    pg_url: str, tmp_path: Path
+) -> None:
+    a_cat, b_cat = (Catalog.open(pg_url, tmp_path / "unused") for _ in range(2))
+    try:
+        a, b = ReleaseStore(a_cat), ReleaseStore(b_cat)
+        assert a.shared and b.shared
+        for cat in (a_cat, b_cat):
+            cat.heartbeat()
+        pending = [InstanceRelease("o" * 64, "1.2.3.4", "1.2.3.5", 1, PENDING)]
+        a.add(_confirmation("c1"), pending, releasing=True)  # replica A confirms: A owns it
+        assert [c.confirmation_id for c in b.unfinished()] == ["c1"]
+        assert b.claim("c1") is False  # A is alive and working on it
+        assert a.claim("c1") is True
+        time.sleep(1.2)
+        b_cat.heartbeat()
+        b_cat.take_over_stale(lease_seconds=1.0)  # A fell silent: it leaves the replica table
+        assert b.claim("c1") is True  # B finishes A's release ...
+        assert a.claim("c1") is False  # ... and A, were it to wake up, leaves it to B
+        b.release_owner("c1")
+        assert b_cat.query("SELECT COUNT(*) FROM hospital_release_owner")[0][0] == 0
+    finally:
+        a_cat.close()
+        b_cat.close()
+
+
+def test_sqlite_releases_have_no_owners(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite")
+    store = ReleaseStore(cat)
+    assert not store.shared
+    store.add(_confirmation("c1"), [], releasing=True)
+    assert store.claim("c1") is True
+    assert cat.query("SELECT COUNT(*) FROM hospital_release_owner")[0][0] == 0
+    cat.close()
