@@ -59,9 +59,10 @@ def test_clinician_confirms_a_storescu_study_after_seeing_its_previews(
         assert page.inner_text("#instance-count").startswith(f"{N} in 1 series")
         page.wait_for_selector("#preview-axial")
         for view in ("axial", "coronal", "sagittal"):
-            page.wait_for_function(
-                f"document.getElementById('preview-{view}').naturalWidth > 0", timeout=15_000
-            )
+            # polled from here: Playwright's wait_for_function evaluates a string in the
+            # page, which the console's CSP (no 'unsafe-eval') refuses once it must poll
+            natural = f"document.getElementById('preview-{view}').naturalWidth"
+            wait_for(lambda natural=natural: page.evaluate(natural) > 0, 15, what=view)
         assert page.locator("img.thumb").count() > 0
         assert page.locator(".slice-plot svg").count() == 1
         clinician.shot("clinician-study")
