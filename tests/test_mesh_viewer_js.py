@@ -34,6 +34,7 @@ import trimesh
 
 import gateway.web
 from gateway.fidelity.mesh_view import mesh_view_json
+from tests.cluster import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 playwright_sync = pytest.importorskip("playwright.sync_api")
@@ -276,7 +277,9 @@ def test_viewer_starts_in_content_swapped_in_by_htmx(browser, site) -> None:
     )
     page, messages = open_page(browser, f"{base}/index.html")
     try:
-        page.wait_for_function("window.htmx !== undefined")
+        # polled from here: wait_for_function's polling evaluates a string in the page,
+        # which this CSP (no 'unsafe-eval') refuses
+        wait_for(lambda: page.evaluate("window.htmx !== undefined"), 15, what="htmx loaded")
         page.locator("#load").click()
         page.wait_for_selector("#swapped[data-mesh-viewer-state=ready] canvas", timeout=30_000)
         info = page.locator("#swapped .mesh-viewer-info").inner_text()
