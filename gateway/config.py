@@ -10,6 +10,7 @@ reference" for every key.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import tomllib
@@ -48,6 +49,10 @@ class ServerSection:
     tls_terminator: str = "gateway"  # "gateway": audited handshakes; "grpc": gRPC's own TLS
     max_pending_handshakes: int = 256  # "gateway" terminator: connections mid-handshake
     max_pending_handshakes_per_address: int = 16
+    # load balancers (addresses or networks) whose connections to the gRPC and console
+    # ports begin with a PROXY protocol header (HAProxy send-proxy-v2): the client's
+    # address is then the one audited and capped (docs/scaling.md)
+    proxy_protocol_from: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,10 @@ class DicomSection:
     listen: str = "127.0.0.1:11112"
     allowed_calling_aes: tuple[str, ...] = ()
     allowed_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
+    # load balancers whose connections begin with a PROXY protocol header (HAProxy
+    # send-proxy-v2): allowed_addresses and the per-address cap then apply to the PACS
+    # named in the header (docs/scaling.md)
+    proxy_protocol_from: tuple[str, ...] = ()
     max_associations: int = 8
     max_associations_per_address: int = 4
     idle_timeout_seconds: float = 15.0
@@ -369,6 +378,19 @@ def _check(cfg: NodeConfig) -> None:
             raise ConfigError(
                 f"{src}: server.{key} must be at least 1, not {getattr(cfg.server, key)}"
             )
+    for entry in cfg.server.proxy_protocol_from:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{src}: server.proxy_protocol_from: {entry!r} is not an IP address or "
+                "network (e.g. \"10.0.0.5\" or \"10.0.0.0/24\")"
+            ) from exc
+    if cfg.server.proxy_protocol_from and cfg.server.tls_terminator != "gateway":
+        raise ConfigError(
+            f"{src}: server.proxy_protocol_from needs server.tls_terminator = 'gateway' "
+            "(gRPC's own TLS cannot read a PROXY header)"
+        )
     if cfg.server.tls_terminator not in {"gateway", "grpc"}:
         raise ConfigError(
             f"{src}: server.tls_terminator must be 'gateway' (the node does the TLS handshake "

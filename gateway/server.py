@@ -199,6 +199,7 @@ class Node:
             on_refused=refused,
             max_pending=cfg.server.max_pending_handshakes,
             max_pending_per_address=cfg.server.max_pending_handshakes_per_address,
+            proxy_from=cfg.server.proxy_protocol_from,
         )
 
     def _start(self, cfg: NodeConfig, gate: Gatekeeper, terminator: TlsTerminator | None) -> int:

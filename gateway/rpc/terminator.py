@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import itertools
 import logging
 import os
@@ -49,7 +50,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +69,7 @@ from gateway.errors import (
     UntrustedCertificate,
 )
 from gateway.pki import TrustStore
+from gateway.rpc.proxy_protocol import ProxyHeaderError, read_header
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +209,13 @@ class TlsTerminator:
         max_pending_per_address: int = MAX_PENDING_PER_ADDRESS,
         alpn: bytes = ALPN,
         backend_name: str = "grpc.sock",
+        proxy_from: Sequence[str] = (),
     ) -> None:
         self.listen = listen
+        # Load balancers whose connections begin with a PROXY protocol header naming the
+        # real client (gateway/rpc/proxy_protocol.py); nobody else's first bytes are read
+        # as one.
+        self.proxy_from = tuple(ipaddress.ip_network(n, strict=False) for n in proxy_from)
         # The one application protocol the port speaks (h2: gRPC; http/1.1: the web
         # console) and the name of the backend's Unix socket in the private directory.
         self.alpn = alpn
@@ -317,23 +324,34 @@ class TlsTerminator:
                 continue
             remote = _peer_string(addr)
             host = str(addr[0]).removeprefix("::ffff:")
-            if not self._admit(host):
+            proxied = self._is_proxy(host)
+            if not self._admit(host, per_address=not proxied):
                 with contextlib.suppress(OSError):
                     sock.close()
                 continue
             threading.Thread(
-                target=self._serve, args=(sock, remote, host), name=f"tls {remote}", daemon=True
-            ).start()
+                target=self._serve, args=(sock, remote, host, proxied), name=f"tls {remote}",
+                daemon=True,
+            ).start()  # fmt: skip
 
-    def _admit(self, host: str) -> bool:
+    def _is_proxy(self, host: str) -> bool:
+        if not self.proxy_from:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in net for net in self.proxy_from)
+
+    def _admit(self, host: str, *, per_address: bool = True) -> bool:
         """Count a new connection from ``host`` as pending its handshake, unless that
-        exceeds ``max_pending`` or ``max_pending_per_address``. Dropped connections are
-        logged at most every DROP_LOG_SECONDS (not audited one by one: a flood of them
-        must not become a flood of audit writes)."""
+        exceeds ``max_pending`` or ``max_pending_per_address`` (a load balancer's
+        connections are capped per *client* once its PROXY header is read). Dropped
+        connections are logged at most every DROP_LOG_SECONDS (not audited one by one: a
+        flood of them must not become a flood of audit writes)."""
         with self._lock:
-            if (
-                sum(self._pending.values()) < self.max_pending
-                and self._pending.get(host, 0) < self.max_pending_per_address
+            if sum(self._pending.values()) < self.max_pending and (
+                not per_address or self._pending.get(host, 0) < self.max_pending_per_address
             ):
                 self._pending[host] = self._pending.get(host, 0) + 1
                 return True
@@ -351,6 +369,28 @@ class TlsTerminator:
             host,
         )
         return False
+
+    def _behind_proxy(self, client: socket.socket, remote: str, host: str) -> tuple[str, str]:
+        """Read the PROXY header of a load balancer's connection: the client's (remote,
+        host), its pending handshake now counted against that client's address. Raises
+        ``OSError``/``ProxyHeaderError`` (connection to be closed) without the header or
+        when that client is at its per-address cap."""
+        real = read_header(client, self.handshake_timeout)
+        if real is None:  # LOCAL/UNKNOWN: the balancer's own health check
+            return remote, host
+        new_remote = _peer_string(real)
+        new_host = real[0].removeprefix("::ffff:")
+        with self._lock:
+            if self._pending.get(new_host, 0) >= self.max_pending_per_address:
+                raise ProxyHeaderError(
+                    f"client {new_host} (via {host}) has {self.max_pending_per_address} "
+                    "handshakes pending already"
+                )
+            self._pending[host] = self._pending.get(host, 0) - 1
+            if self._pending[host] <= 0:
+                self._pending.pop(host)
+            self._pending[new_host] = self._pending.get(new_host, 0) + 1
+        return new_remote, new_host
 
     def _handshake_over(self, host: str) -> None:
         with self._lock:
@@ -372,10 +412,16 @@ class TlsTerminator:
                 self._open.discard(sock)
                 self._drained.notify_all()
 
-    def _serve(self, client: socket.socket, remote: str, host: str) -> None:
+    def _serve(self, client: socket.socket, remote: str, host: str, proxied: bool) -> None:
         self._track(client, True)
         try:
             try:
+                if proxied:
+                    try:
+                        remote, host = self._behind_proxy(client, remote, host)
+                    except (ProxyHeaderError, OSError) as exc:
+                        log.warning("connection from %s closed: %s", remote, exc)
+                        return
                 conn = self._handshake(client, remote)
             finally:
                 self._handshake_over(host)

@@ -86,6 +86,7 @@ def start_console(
         max_pending=c.max_pending_handshakes,
         max_pending_per_address=c.max_pending_handshakes_per_address,
         idle_seconds=c.idle_seconds,
+        proxy_from=cfg.server.proxy_protocol_from,
     )
     port = server.start()
     log.info("web console of node %s on https://%s", cfg.node.id, _url_host(c.listen, port))

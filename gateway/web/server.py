@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import uvicorn
@@ -56,6 +56,7 @@ class ConsoleServer:
         max_pending: int,
         max_pending_per_address: int,
         idle_seconds: float,
+        proxy_from: Sequence[str] = (),
     ) -> None:
         self.terminator = TlsTerminator(
             listen,
@@ -67,6 +68,7 @@ class ConsoleServer:
             max_pending_per_address=max_pending_per_address,
             alpn=ALPN_HTTP1,
             backend_name="console.sock",
+            proxy_from=proxy_from,
         )
         config = uvicorn.Config(
             app,

@@ -59,6 +59,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from gateway.audit import DICOM_ASSOCIATION_ACCEPTED, DICOM_ASSOCIATION_REFUSED, AuditLog
 from gateway.config import DicomSection
 from gateway.errors import ConfigError, ShuttingDown, YigongError
+from gateway.rpc.proxy_protocol import ProxyHeaderError, read_header
 from gateway.telemetry import Telemetry
 from hospital_node.ingest import wrap_dataset
 from hospital_node.spool import DicomSpool
@@ -112,17 +113,46 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def parse_networks(entries: tuple[str, ...]) -> tuple[Network, ...]:
+def parse_networks(
+    entries: tuple[str, ...], key: str = "dicom.allowed_addresses"
+) -> tuple[Network, ...]:
     nets: list[Network] = []
     for entry in entries:
         try:
             nets.append(ipaddress.ip_network(entry.strip(), strict=False))
         except ValueError as exc:
             raise ConfigError(
-                f"dicom.allowed_addresses: {entry!r} is not an IP address or network "
+                f"{key}: {entry!r} is not an IP address or network "
                 "(e.g. 10.1.2.3 or 10.1.2.0/24)"
             ) from exc
     return tuple(nets)
+
+
+PROXY_HEADER_SECONDS = 2.0
+"""How long a listed load balancer has to send its PROXY header."""
+
+
+class ProxiedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's server, reading a PROXY protocol header first on connections from a
+    listed load balancer: the PACS's address in it becomes the association's requestor
+    address (checked against ``dicom.allowed_addresses``, capped, audited). A listed
+    balancer's connection without a valid header is closed; nobody else's first bytes
+    are read as one."""
+
+    proxy_from: tuple[Network, ...] = ()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        if not _address_allowed(str(address[0]), self.proxy_from) or not self.proxy_from:
+            return client, address
+        try:
+            real = read_header(client, PROXY_HEADER_SECONDS)
+        except (ProxyHeaderError, OSError) as exc:
+            log.warning("DICOM connection from %s closed: %s", address[0], exc)
+            client.close()
+            raise OSError(f"no PROXY header from {address[0]}") from exc
+        client.settimeout(None)
+        return client, (real if real is not None else address)
 
 
 def _address_allowed(address: str, nets: tuple[Network, ...]) -> bool:
@@ -250,10 +280,20 @@ class DicomServer:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         host, port = parse_listen(cfg.listen)
+        proxies = parse_networks(cfg.proxy_protocol_from, "dicom.proxy_protocol_from")
+        server_class = type(
+            "ProxiedServer", (ProxiedAssociationServer,), {"proxy_from": proxies}
+        )
         try:
-            server = ae.start_server(
-                (host, port), block=False, evt_handlers=handlers, ae_title=cfg.ae_title
-            )
+            # start_server(block=False) with our server class: make_server + a thread
+            server = ae.make_server(
+                (host, port), evt_handlers=handlers, ae_title=cfg.ae_title,
+                server_class=server_class,
+            )  # fmt: skip
+            threading.Thread(
+                target=server.serve_forever, name="dicom-accept", daemon=True
+            ).start()
+            ae._servers.append(server)  # as start_server does: its shutdown() removes it
         except OSError as exc:
             raise ConfigError(
                 f"dicom.listen {cfg.listen}: cannot listen ({exc.strerror or exc}); "
