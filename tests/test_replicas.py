@@ -1,0 +1,262 @@
+"""One node on several machines (#13): three ``yigong serve`` replicas of factory-1 with
+one PostgreSQL database and one S3 bucket, behind HAProxy in TCP mode (mTLS end to end).
+
+Hospitals are single processes (their own SQLite) whose peer address for factory-1 is
+HAProxy's gRPC frontend. Each scenario proves, from both nodes' own records at the end:
+
+- every object arrived exactly once: one done inbound transfer per outbound transfer,
+  one catalogued object per distinct payload, nothing else in the bucket;
+- bit-identical: the SHA-256 of every object in the S3 bucket is its name, and it is the
+  SHA-256 of the file the hospital sent;
+- one receipt per transfer, held by both sides byte for byte;
+- the load went through HAProxy to more than one replica (HAProxy's own log).
+
+A replica SIGKILLed at a seeded random point of the run (two seeds) must change none of
+that: HAProxy's health check takes it out, the hospital's outbox retries on another
+replica, the killed replica restarts on its ports and rejoins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.catalog import Catalog
+from gateway.config import load_config
+from tests.cluster import Federation, InProcessNode, wait_for, write_config
+from tests.outbound_files import clean_pdf
+from tests.replicas import ReplicaSet
+from tests.s3server import S3Server, new_bucket_name, remove_bucket
+
+OBJECTS = 50
+REPLICAS = 3
+FACTORY = "factory-1"
+PACE = "max_bytes_per_second = 4000000\n"  # a Push lasts long enough for a kill to land in it
+HOSPITAL_TRANSFER = (
+    "[transfer]\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0\n"
+    "connect_timeout_seconds = 3\n" + PACE
+)
+
+
+def payloads(rng: random.Random, n: int, tag: str) -> list[bytes]:
+    """``n`` distinct clean PDFs (what a hospital may send) of 20-200 KB."""
+    return [
+        clean_pdf(rng.randbytes(rng.randint(20_000, 200_000)), text=f"{tag} {i}") for i in range(n)
+    ]
+
+
+def hospital_node(
+    federation: Federation, tmp_path: Path, node_id: str, factory: ReplicaSet
+) -> InProcessNode:
+    return InProcessNode(
+        write_config(
+            federation,
+            tmp_path / node_id,
+            node_id,
+            "hospital",
+            peers={FACTORY: factory.address},
+            extra=HOSPITAL_TRANSFER,
+        )
+    )
+
+
+def send_all(hospital: InProcessNode, files: list[bytes], where: Path) -> dict[str, str]:
+    """Submit every file to factory-1; {transfer id: SHA-256 of the file}."""
+    where.mkdir(parents=True, exist_ok=True)
+    sent: dict[str, str] = {}
+    with hospital.self_client() as client:
+        for i, data in enumerate(files):
+            src = where / f"doc-{i:03d}.pdf"
+            src.write_bytes(data)
+            tid = client.submit(src, [FACTORY], case_id="case-replicas").queued[0].transfer_id
+            sent[tid] = hashlib.sha256(data).hexdigest()
+    return sent
+
+
+def outbound_done(hospital: InProcessNode) -> int:
+    rows = hospital.node.catalog.list_transfers(direction="outbound", limit=10_000)
+    return sum(1 for t in rows if t.status == "done")
+
+
+def wait_delivered(hospital: InProcessNode, n: int, factory: ReplicaSet, timeout: float) -> None:
+    try:
+        wait_for(lambda: outbound_done(hospital) >= n, timeout=timeout, interval=0.1,
+                 what=f"{n} transfers done at {hospital.node.cfg.node.id}")  # fmt: skip
+    except AssertionError:
+        rows = hospital.node.catalog.list_transfers(direction="outbound", limit=10_000)
+        late = [(t.transfer_id, t.status, t.attempts, t.last_error) for t in rows
+                if t.status != "done"]  # fmt: skip
+        raise AssertionError(f"not delivered: {late[:5]}\n{factory.logs()}") from None
+
+
+def check_exchange(
+    factory: ReplicaSet,
+    s3: S3Server,
+    bucket: str,
+    hospitals: list[tuple[InProcessNode, dict[str, str]]],
+) -> None:
+    """The end state from both sides' own records (see the module docstring)."""
+    catalog = Catalog.for_config(load_config(factory.configs[0]))
+    try:
+        inbound = catalog.list_transfers(direction="inbound", limit=10_000)
+        objects = catalog.list_objects(limit=10_000)
+    finally:
+        catalog.close()
+    by_tid = Counter(t.transfer_id for t in inbound)
+    assert [tid for tid, n in by_tid.items() if n > 1] == [], "a transfer recorded twice"
+    inbound_by_tid = {t.transfer_id: t for t in inbound}
+    expected_objects: set[str] = set()
+    for hospital, sent in hospitals:
+        hid = hospital.node.cfg.node.id
+        outbound = {
+            t.transfer_id: t
+            for t in hospital.node.catalog.list_transfers(direction="outbound", limit=10_000)
+        }
+        assert set(outbound) == set(sent)
+        for tid, digest in sent.items():
+            out, got = outbound[tid], inbound_by_tid.get(tid)
+            assert out.status == "done" and out.object_id == digest
+            assert got is not None, f"{tid} of {hid} unknown at the factory"
+            assert got.status == "done" and got.peer_node == hid and got.object_id == digest
+            assert out.receipt and got.receipt == out.receipt, f"{tid}: receipts differ"
+        expected_objects |= set(sent.values())
+    assert set(inbound_by_tid) == {tid for _, sent in hospitals for tid in sent}
+    ids = [o.object_id for o in objects]
+    assert sorted(ids) == sorted(expected_objects), "catalogued objects != sent payloads"
+    client = s3.client()
+    names = sorted(o.object_name or "" for o in client.list_objects(bucket, recursive=True))
+    assert names == sorted(expected_objects), "bucket holds other objects than those sent"
+    for name in names:
+        obj = client.get_object(bucket, name)
+        try:
+            assert hashlib.sha256(obj.read()).hexdigest() == name
+        finally:
+            obj.close()
+            obj.release_conn()
+
+
+def served_by(factory: ReplicaSet) -> Counter[str]:
+    """Connections HAProxy's log shows per replica (tcplog: ``grpc grpc_replicas/r1``)."""
+    assert factory.haproxy_log is not None
+    return Counter(re.findall(r"grpc_replicas/(r\d+)", factory.haproxy_log.read_text()))
+
+
+@pytest.fixture
+def factory_replicas(
+    pg_url: str, s3_server: S3Server, replica_set: Callable[..., ReplicaSet]
+) -> Iterator[tuple[ReplicaSet, str]]:
+    """factory-1 as three replicas on a fresh PostgreSQL database and S3 bucket (the
+    replicas stop before the database is dropped and the bucket removed)."""
+    bucket = new_bucket_name()
+    rs = replica_set(
+        FACTORY, "factory", database_url=pg_url, s3=s3_server, bucket=bucket, count=REPLICAS
+    )
+    yield rs, bucket
+    rs.stop()
+    remove_bucket(s3_server, bucket)
+
+
+def test_three_factory_replicas_behind_haproxy_receive_each_object_once(
+    federation: Federation,
+    tmp_path: Path,
+    factory_replicas: tuple[ReplicaSet, str],
+    s3_server: S3Server,
+) -> None:
+    """50 objects from one hospital through HAProxy to three factory replicas (one
+    PostgreSQL catalog, one S3 bucket): each arrives once, bit-identical, one receipt
+    per transfer held by both sides; more than one replica took connections."""
+    factory, bucket = factory_replicas
+    hospital = hospital_node(federation, tmp_path, "hospital-1", factory)
+    try:
+        sent = send_all(hospital, payloads(random.Random(1), OBJECTS, "a"), tmp_path / "out")
+        wait_delivered(hospital, OBJECTS, factory, timeout=60)
+        check_exchange(factory, s3_server, bucket, [(hospital, sent)])
+    finally:
+        hospital.stop()
+    assert len(served_by(factory)) > 1, served_by(factory)
+
+
+@pytest.mark.parametrize("seed", [20261204, 413])
+def test_replica_killed_mid_run_changes_nothing(
+    federation: Federation,
+    tmp_path: Path,
+    factory_replicas: tuple[ReplicaSet, str],
+    s3_server: S3Server,
+    seed: int,
+) -> None:
+    """As above, with one replica SIGKILLed when a seeded random number of transfers are
+    done (a replica HAProxy sent connections to), restarted a moment later."""
+    factory, bucket = factory_replicas
+    rng = random.Random(seed)
+    kill_at = rng.randint(OBJECTS // 10, OBJECTS * 7 // 10)
+    hospital = hospital_node(federation, tmp_path, "hospital-1", factory)
+    try:
+        files = payloads(rng, OBJECTS, f"b{seed}")
+        sender = threading.Thread(
+            target=lambda: sent.update(send_all(hospital, files, tmp_path / "out")), daemon=True
+        )
+        sent: dict[str, str] = {}
+        sender.start()
+        wait_for(lambda: outbound_done(hospital) >= kill_at, timeout=60, interval=0.01,
+                 what=f"{kill_at} transfers done")  # fmt: skip
+        busy = sorted(served_by(factory)) or [f"r{i}" for i in range(REPLICAS)]
+        victim = int(rng.choice(busy)[1:])
+        factory.kill(victim)
+        killed_at = outbound_done(hospital)
+        time.sleep(rng.uniform(0.5, 2.0))
+        factory.restart(victim)
+        sender.join(60)
+        assert not sender.is_alive()
+        wait_delivered(hospital, OBJECTS, factory, timeout=90)
+        assert killed_at < OBJECTS, "the kill came after the run"
+        check_exchange(factory, s3_server, bucket, [(hospital, sent)])
+    finally:
+        hospital.stop()
+
+
+def test_two_hospitals_send_at_once_to_the_replicated_factory(
+    federation: Federation,
+    tmp_path: Path,
+    factory_replicas: tuple[ReplicaSet, str],
+    s3_server: S3Server,
+) -> None:
+    """Two hospitals send 25 objects each at the same time, 5 of them the same bytes
+    from both: the replicas race on the same object ids in one catalog and bucket; each
+    transfer still arrives once with its own receipt, each distinct object is stored once."""
+    factory, bucket = factory_replicas
+    rng = random.Random(7)
+    shared = payloads(rng, 5, "shared")
+    files = {
+        "hospital-1": shared + payloads(rng, 20, "h1"),
+        "hospital-2": shared + payloads(rng, 20, "h2"),
+    }
+    hospitals = {h: hospital_node(federation, tmp_path, h, factory) for h in files}
+    sent: dict[str, dict[str, str]] = {}
+    try:
+        threads = [
+            threading.Thread(
+                target=lambda h=h: sent.__setitem__(  # type: ignore[misc]
+                    h, send_all(hospitals[h], files[h], tmp_path / f"out-{h}")
+                ),
+                daemon=True,
+            )
+            for h in files
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for h, node in hospitals.items():
+            wait_delivered(node, len(files[h]), factory, timeout=60)
+        check_exchange(factory, s3_server, bucket, [(hospitals[h], sent[h]) for h in files])
+    finally:
+        for node in hospitals.values():
+            node.stop()
