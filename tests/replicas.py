@@ -191,6 +191,7 @@ class ReplicaSet:
     haproxy_dicom_port: int | None = None
     haproxy_cfg: Path | None = None
     haproxy_log: Path | None = None
+    haproxy_stats: Path | None = None  # HAProxy's runtime API (stats socket)
     _haproxy: subprocess.Popen[bytes] | None = None
 
     # -- start -----------------------------------------------------------
@@ -241,6 +242,7 @@ class ReplicaSet:
                 self.haproxy_dicom_port = free_port()
         self.haproxy_cfg = self.workdir / "haproxy.cfg"
         self.haproxy_log = self.workdir / "haproxy.log"
+        self.haproxy_stats = self.workdir / "haproxy.sock"
         self.haproxy_cfg.write_text(
             haproxy_config(
                 self.address,
@@ -250,6 +252,7 @@ class ReplicaSet:
                 if self.haproxy_dicom_port
                 else None,
                 balance=self.balance,
+                stats_socket=self.haproxy_stats,
             )
         )
         check = subprocess.run(
@@ -292,6 +295,29 @@ class ReplicaSet:
     @property
     def configs(self) -> list[Path]:
         return [r.config for r in self.replicas]
+
+    def haproxy_command(self, command: str) -> str:
+        """One command of HAProxy's runtime API (e.g. ``show stat``); its answer."""
+        assert self.haproxy_stats is not None
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.haproxy_stats))
+            s.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def sessions(self, backend: str = "grpc_replicas") -> list[int]:
+        """Connections open right now from HAProxy to each replica (``scur``)."""
+        lines = self.haproxy_command("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        scur = {}
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(","), strict=False))
+            if row.get("pxname") == backend and row.get("svname", "").startswith("r"):
+                scur[int(row["svname"][1:])] = int(row["scur"] or 0)
+        return [scur.get(i, 0) for i in range(len(self.replicas))]
 
     # -- faults ----------------------------------------------------------
     def kill(self, i: int) -> None:

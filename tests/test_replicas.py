@@ -207,8 +207,14 @@ def test_replica_killed_mid_run_changes_nothing(
         sender.start()
         wait_for(lambda: outbound_done(hospital) >= kill_at, timeout=60, interval=0.01,
                  what=f"{kill_at} transfers done")  # fmt: skip
-        busy = sorted(served_by(factory)) or [f"r{i}" for i in range(REPLICAS)]
-        victim = int(rng.choice(busy)[1:])
+        # a replica with a connection open through HAProxy right now (a transfer on it)
+        busy = wait_for(
+            lambda: [i for i, n in enumerate(factory.sessions()) if n],
+            timeout=10,
+            interval=0.005,
+            what="a replica with an open connection",
+        )
+        victim = rng.choice(busy)
         factory.kill(victim)
         killed_at = outbound_done(hospital)
         time.sleep(rng.uniform(0.5, 2.0))
@@ -217,6 +223,13 @@ def test_replica_killed_mid_run_changes_nothing(
         assert not sender.is_alive()
         wait_delivered(hospital, OBJECTS, factory, timeout=90)
         assert killed_at < OBJECTS, "the kill came after the run"
+        cut = [
+            (t.transfer_id, h.detail)
+            for t in hospital.node.catalog.list_transfers(direction="outbound", limit=10_000)
+            for h in hospital.node.catalog.history(t.transfer_id, "outbound")
+            if h.kind == "attempt_failed"
+        ]
+        assert cut, f"the kill of replica {victim} at {killed_at} done cut no transfer"
         check_exchange(factory, s3_server, bucket, [(hospital, sent)])
     finally:
         hospital.stop()
