@@ -273,3 +273,33 @@ def test_two_hospitals_send_at_once_to_the_replicated_factory(
     finally:
         for node in hospitals.values():
             node.stop()
+
+
+def test_hospital_replicas_take_dicom_through_haproxy(
+    pg_url: str, s3_server: S3Server, replica_set: Callable[..., ReplicaSet]
+) -> None:
+    """Two replicas of hospital-1 (one PostgreSQL database, one bucket) behind HAProxy's
+    DICOM frontend: a PACS's associations (C-ECHO) are accepted through it and spread
+    over both replicas."""
+    from pynetdicom import AE
+
+    bucket = new_bucket_name()
+    hospital = replica_set(
+        "hospital-1", "hospital", database_url=pg_url, s3=s3_server, bucket=bucket, count=2
+    )
+    try:
+        assert hospital.dicom_address is not None
+        host, port = hospital.dicom_address.rsplit(":", 1)
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+        for _ in range(4):
+            assoc = ae.associate(host, int(port), ae_title="YIGONG")
+            assert assoc.is_established, hospital.logs()
+            assert assoc.send_c_echo().Status == 0
+            assoc.release()
+        assert hospital.haproxy_log is not None
+        seen = Counter(re.findall(r"dicom_replicas/(r\d+)", hospital.haproxy_log.read_text()))
+        assert set(seen) == {"r0", "r1"}, seen
+    finally:
+        hospital.stop()
+        remove_bucket(s3_server, bucket)
