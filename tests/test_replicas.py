@@ -1,5 +1,7 @@
-"""One node on several machines (#13): three ``yigong serve`` replicas of factory-1 with
-one PostgreSQL database and one S3 bucket, behind HAProxy in TCP mode (mTLS end to end).
+"""One node on several machines (#13): replicas on one PostgreSQL and one S3 bucket behind HAProxy.
+
+Three ``yigong serve`` replicas of factory-1 share one PostgreSQL database and one S3
+bucket, behind HAProxy in TCP mode (mTLS end to end).
 
 Hospitals are single processes (their own SQLite) whose peer address for factory-1 is
 HAProxy's gRPC frontend. Each scenario proves, from both nodes' own records at the end:
@@ -170,9 +172,10 @@ def test_three_factory_replicas_behind_haproxy_receive_each_object_once(
     factory_replicas: tuple[ReplicaSet, str],
     s3_server: S3Server,
 ) -> None:
-    """50 objects from one hospital through HAProxy to three factory replicas (one
-    PostgreSQL catalog, one S3 bucket): each arrives once, bit-identical, one receipt
-    per transfer held by both sides; more than one replica took connections."""
+    """50 objects through HAProxy to three factory replicas: each arrives once, bit-identical.
+
+    One hospital, one PostgreSQL catalog, one S3 bucket; one receipt per transfer held by
+    both sides byte for byte; more than one replica took connections."""
     factory, bucket = factory_replicas
     hospital = hospital_node(federation, tmp_path, "hospital-1", factory)
     try:
@@ -192,8 +195,10 @@ def test_replica_killed_mid_run_changes_nothing(
     s3_server: S3Server,
     seed: int,
 ) -> None:
-    """As above, with one replica SIGKILLed when a seeded random number of transfers are
-    done (a replica HAProxy sent connections to), restarted a moment later."""
+    """A replica SIGKILLed mid-run with a transfer on it: still each object once, bit-identical.
+
+    The kill comes when a seeded random number of transfers are done, on a replica HAProxy
+    has a connection open to; it must cut a transfer; the replica restarts a moment later."""
     factory, bucket = factory_replicas
     rng = random.Random(seed)
     kill_at = rng.randint(OBJECTS // 10, OBJECTS * 7 // 10)
@@ -241,9 +246,10 @@ def test_two_hospitals_send_at_once_to_the_replicated_factory(
     factory_replicas: tuple[ReplicaSet, str],
     s3_server: S3Server,
 ) -> None:
-    """Two hospitals send 25 objects each at the same time, 5 of them the same bytes
-    from both: the replicas race on the same object ids in one catalog and bucket; each
-    transfer still arrives once with its own receipt, each distinct object is stored once."""
+    """Two hospitals send at once, 5 of 25 objects the same bytes: each distinct object stored once.
+
+    The replicas race on the same object ids in one catalog and bucket; each transfer
+    still arrives once with its own receipt, held by both sides."""
     factory, bucket = factory_replicas
     rng = random.Random(7)
     shared = payloads(rng, 5, "shared")
@@ -278,9 +284,9 @@ def test_two_hospitals_send_at_once_to_the_replicated_factory(
 def test_hospital_replicas_take_dicom_through_haproxy(
     pg_url: str, s3_server: S3Server, replica_set: Callable[..., ReplicaSet]
 ) -> None:
-    """Two replicas of hospital-1 (one PostgreSQL database, one bucket) behind HAProxy's
-    DICOM frontend: a PACS's associations (C-ECHO) are accepted through it and spread
-    over both replicas."""
+    """A PACS's associations through HAProxy's DICOM frontend reach both hospital replicas.
+
+    Two replicas of hospital-1 on one PostgreSQL database and one bucket; C-ECHO."""
     from pynetdicom import AE
 
     bucket = new_bucket_name()
