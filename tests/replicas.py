@@ -36,6 +36,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -241,7 +242,8 @@ class ReplicaSet:
                 self.haproxy_dicom_port = free_port()
         self.haproxy_cfg = self.workdir / "haproxy.cfg"
         self.haproxy_log = self.workdir / "haproxy.log"
-        self.haproxy_stats = self.workdir / "haproxy.sock"
+        # a Unix socket path has at most 107 bytes: pytest's tmp paths can be longer
+        self.haproxy_stats = Path(tempfile.mkdtemp(prefix="yg-haproxy-")) / "admin.sock"
         self.haproxy_cfg.write_text(
             haproxy_config(
                 self.address,
@@ -350,6 +352,8 @@ class ReplicaSet:
             except subprocess.TimeoutExpired:
                 self._haproxy.kill()
                 self._haproxy.wait(10)
+        if self.haproxy_stats is not None:
+            shutil.rmtree(self.haproxy_stats.parent, ignore_errors=True)
         # together: a graceful stop takes seconds (a hospital's DICOM SCP ~6 s)
         with ThreadPoolExecutor(max(1, len(self.replicas))) as pool:
             for r in self.replicas:
