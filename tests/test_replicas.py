@@ -262,7 +262,7 @@ def test_two_hospitals_send_at_once_to_the_replicated_factory(
     try:
         threads = [
             threading.Thread(
-                target=lambda h=h: sent.__setitem__(  # type: ignore[misc]
+                target=lambda h=h: sent.__setitem__(
                     h, send_all(hospitals[h], files[h], tmp_path / f"out-{h}")
                 ),
                 daemon=True,
