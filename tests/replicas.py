@@ -129,7 +129,7 @@ def haproxy_config(
         "    timeout check 2s",
         # a connection refused by a dead replica is retried on another one
         "    retries 3",
-        "    option redispatch",
+        "    option redispatch 1",  # every retry on another replica, not the dead one
         "",
         "frontend grpc",
         f"    bind {grpc_bind}",
