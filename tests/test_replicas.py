@@ -20,6 +20,7 @@ replica, the killed replica restarts on its ports and rejoins.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import re
@@ -322,3 +323,41 @@ def test_hospital_replicas_take_dicom_through_haproxy(
     finally:
         hospital.stop()
         remove_bucket(s3_server, bucket)
+
+
+def test_push_cut_while_the_replica_stores_ends_with_one_receipt(
+    federation: Federation,
+    tmp_path: Path,
+    factory_replicas: tuple[ReplicaSet, str],
+    s3_server: S3Server,
+) -> None:
+    """A Push cut after its last byte, while the replica stores it: both sides end with one receipt.
+
+    HAProxy cuts the hospital's connection (runtime API ``shutdown sessions``) the moment
+    a replica's spool holds the whole object; that replica goes on storing and signs,
+    while the sender's retry may land on another replica and push it again."""
+    factory, bucket = factory_replicas
+    hospital = hospital_node(federation, tmp_path, "hospital-1", factory)
+    try:
+        data = clean_pdf(random.Random(5).randbytes(12 * 1024 * 1024))
+        sent = send_all(hospital, [data], tmp_path / "out")
+        (tid,) = sent
+        parts = [
+            load_config(cfg).data_dir / "spool" / "inbound" / f"{tid}.part"
+            for cfg in factory.configs
+        ]
+
+        def full() -> int | None:
+            for i, part in enumerate(parts):
+                with contextlib.suppress(OSError):
+                    if part.stat().st_size >= len(data):
+                        return i + 1
+            return None
+
+        receiving = wait_for(full, timeout=60, interval=0.002, what="the whole object spooled")
+        factory.haproxy_command(f"shutdown sessions server grpc_replicas/r{receiving - 1}")
+        wait_delivered(hospital, 1, factory, timeout=60)
+        time.sleep(2)  # the cut replica may still be finishing
+        check_exchange(factory, s3_server, bucket, [(hospital, sent)], spools_empty=False)
+    finally:
+        hospital.stop()
