@@ -305,7 +305,15 @@ def test_hospital_replicas_take_dicom_through_haproxy(
 
     bucket = new_bucket_name()
     hospital = replica_set(
-        "hospital-1", "hospital", database_url=pg_url, s3=s3_server, bucket=bucket, count=2
+        "hospital-1",
+        "hospital",
+        database_url=pg_url,
+        s3=s3_server,
+        bucket=bucket,
+        count=2,
+        # health-check connections linger as associations until the ACSE timeout, and a
+        # graceful stop waits for them (see docs/scale-out.md): short here
+        dicom={"idle_timeout_seconds": 2.0},
     )
     try:
         assert hospital.dicom_address is not None
