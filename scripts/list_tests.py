@@ -37,6 +37,7 @@ FEATURES: list[tuple[str, list[str]]] = [
     ),
     ("Object storage (filesystem and S3)", ["test_storage_contract.py"]),
     ("Node process, configuration, catalog", ["test_node.py", "test_allocator.py"]),
+    ("One node on several machines: replicas behind HAProxy", ["test_replicas.py"]),
     ("Command line and demo", ["test_cli.py", "test_cli_usability.py", "test_demo.py"]),
     (
         "Command line: progress, waiting, bulk download",

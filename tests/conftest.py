@@ -7,7 +7,7 @@ import pytest
 
 from tests.cluster import Federation, InProcessNode, write_config
 
-pytest_plugins = ["tests.s3server", "tests.pg"]
+pytest_plugins = ["tests.s3server", "tests.pg", "tests.replicas"]
 
 
 @pytest.fixture(scope="session")

@@ -159,7 +159,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         _stop(proc)
 
 
-def _remove_bucket(server: S3Server, bucket: str) -> None:
+def remove_bucket(server: S3Server, bucket: str) -> None:
     client = server.client()
     with contextlib.suppress(Exception):
         for obj in client.list_objects(bucket, recursive=True):
@@ -176,4 +176,4 @@ def s3_store(s3_server: S3Server) -> Iterator[S3Store]:
     try:
         yield store
     finally:
-        _remove_bucket(s3_server, bucket)
+        remove_bucket(s3_server, bucket)
