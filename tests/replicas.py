@@ -99,15 +99,19 @@ def haproxy_config(
     balance: str = "roundrobin",
     check_inter: str = "500ms",
     stats_socket: Path | None = None,
+    send_proxy: bool = True,
 ) -> str:
-    """HAProxy in TCP mode in front of the replicas (see docs/haproxy.cfg.example)."""
+    """HAProxy in TCP mode in front of the replicas (see docs/haproxy.cfg.example);
+    ``send_proxy``: each connection to a replica opens with a PROXY v2 header naming the
+    client (the replicas list HAProxy in ``proxy_protocol_from``)."""
 
     def backend(name: str, servers: list[str]) -> list[str]:
         return [
             f"backend {name}",
             f"    balance {balance}",
             # a plain TCP connect: the replica is up when its port accepts
-            f"    default-server check inter {check_inter} fall 2 rise 1",
+            f"    default-server check inter {check_inter} fall 2 rise 1"
+            + (" send-proxy-v2" if send_proxy else ""),
             *(f"    server r{i} {addr}" for i, addr in enumerate(servers)),
             "",
         ]
@@ -186,6 +190,7 @@ class ReplicaSet:
     extra: str = ""  # e.g. a [transfer] section; database and storage are added
     dicom: dict[str, object] | None = None  # hospital: [dicom] keys beyond listen
     balance: str = "roundrobin"
+    proxy_protocol: bool = True  # HAProxy sends PROXY v2; the replicas read it
     replicas: list[Replica] = field(default_factory=list)
     haproxy_port: int = 0
     haproxy_dicom_port: int | None = None
@@ -212,8 +217,12 @@ class ReplicaSet:
     def _write(self, i: int, *, port: int, dicom_port: int | None) -> Replica:
         wd = self.workdir / f"replica-{i}"
         dicom = None
+        proxies = ["127.0.0.1"] if self.proxy_protocol else []
         if self.role == "hospital":
-            dicom = {**(self.dicom or {}), "listen": f"127.0.0.1:{dicom_port or 0}"}
+            dicom = {
+                **(self.dicom or {}), "listen": f"127.0.0.1:{dicom_port or 0}",
+                **({"proxy_protocol_from": proxies} if proxies else {}),
+            }  # fmt: skip
         cfg = write_config(
             self.federation,
             wd,
@@ -224,6 +233,16 @@ class ReplicaSet:
             extra=replica_extra(self.database_url, self.s3, self.bucket, self.extra),
             dicom=dicom,
         )
+        if proxies:  # HAProxy (on loopback here) opens every connection with PROXY v2
+            text = cfg.read_text()
+            assert "[server]\n" in text
+            cfg.write_text(
+                text.replace(
+                    "[server]\n",
+                    f"[server]\nproxy_protocol_from = {proxies!r}\n".replace("'", '"'),
+                    1,
+                )
+            )
         if i < len(self.replicas):
             return self.replicas[i]
         return Replica(i, cfg, NodeProcess(cfg, wd / "serve.log"))
@@ -254,6 +273,7 @@ class ReplicaSet:
                 else None,
                 balance=self.balance,
                 stats_socket=self.haproxy_stats,
+                send_proxy=self.proxy_protocol,
             )
         )
         check = subprocess.run(

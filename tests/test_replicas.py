@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import random
 import re
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -36,7 +37,7 @@ from gateway.catalog import Catalog
 from gateway.config import load_config
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.outbound_files import clean_pdf
-from tests.replicas import ReplicaSet
+from tests.replicas import ReplicaSet, haproxy_bin
 from tests.s3server import S3Server, new_bucket_name, remove_bucket
 
 OBJECTS = 50
@@ -369,3 +370,16 @@ def test_push_cut_while_the_replica_stores_ends_with_one_receipt(
         check_exchange(factory, s3_server, bucket, [(hospital, sent)], spools_empty=False)
     finally:
         hospital.stop()
+
+
+def test_the_documented_haproxy_configuration_is_valid_and_sends_proxy_headers() -> None:
+    """docs/haproxy.cfg.example passes HAProxy's own check, and every server line sends
+    the PROXY v2 header the replicas read (server/dicom.proxy_protocol_from)."""
+    exe = haproxy_bin()
+    if exe is None:
+        pytest.skip("HAProxy is not installed: apt-get install haproxy (.ci/run does)")
+    example = Path(__file__).parent.parent / "docs" / "haproxy.cfg.example"
+    check = subprocess.run([str(exe), "-c", "-f", str(example)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    servers = [line for line in example.read_text().splitlines() if "default-server" in line]
+    assert len(servers) == 2 and all("send-proxy-v2" in line for line in servers)

@@ -27,7 +27,14 @@ V1_MAX = 107  # the longest v1 line, CRLF included (the specification's figure)
 
 class ProxyHeaderError(Exception):
     """The bytes are not a PROXY protocol header (control flow: the terminator closes
-    the connection and logs why; never leaves gateway/rpc/terminator.py)."""
+    the connection and logs why; never leaves gateway/rpc/terminator.py).
+
+    ``empty``: the connection closed without sending a byte — a load balancer's TCP
+    health check, logged at debug level only."""
+
+    def __init__(self, message: str, *, empty: bool = False) -> None:
+        super().__init__(message)
+        self.empty = empty
 
 
 def _peek(sock: socket.socket, want: int, deadline: float) -> bytes:
@@ -62,7 +69,7 @@ def read_header(sock: socket.socket, timeout: float) -> tuple[str, int] | None:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         head = sock.recv(16, socket.MSG_PEEK)
         if not head:
-            raise ProxyHeaderError("connection closed before its PROXY header")
+            raise ProxyHeaderError("connection closed before its PROXY header", empty=True)
         if head.startswith(b"PROXY "):
             return _v1(sock, deadline)
         if len(head) >= 16 and head.startswith(V2_SIGNATURE):

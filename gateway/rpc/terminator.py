@@ -420,7 +420,11 @@ class TlsTerminator:
                     try:
                         remote, host = self._behind_proxy(client, remote, host)
                     except (ProxyHeaderError, OSError) as exc:
-                        log.warning("connection from %s closed: %s", remote, exc)
+                        quiet = isinstance(exc, ProxyHeaderError) and exc.empty
+                        log.log(
+                            logging.DEBUG if quiet else logging.WARNING,
+                            "connection from %s closed: %s", remote, exc,
+                        )  # fmt: skip
                         return
                 conn = self._handshake(client, remote)
             finally:

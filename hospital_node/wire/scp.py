@@ -148,7 +148,11 @@ class ProxiedAssociationServer(ThreadedAssociationServer):
         try:
             real = read_header(client, PROXY_HEADER_SECONDS)
         except (ProxyHeaderError, OSError) as exc:
-            log.warning("DICOM connection from %s closed: %s", address[0], exc)
+            quiet = isinstance(exc, ProxyHeaderError) and exc.empty  # a health check
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "DICOM connection from %s closed: %s", address[0], exc,
+            )  # fmt: skip
             client.close()
             raise OSError(f"no PROXY header from {address[0]}") from exc
         client.settimeout(None)
