@@ -247,6 +247,8 @@ def test_migrations_and_newer_schema_refused(engine: Catalog, tmp_path: Path) ->
     (row,) = engine.query("SELECT k, n, b FROM t_one")
     assert (row[0], row["n"], bytes(row["b"])) == ("x", BIG, b"\x00\xff")
     assert isinstance(row["n"], int)
+    (total,) = engine.query("SELECT SUM(n) AS total, COUNT(*) FROM t_one WHERE k = ?", ("x",))
+    assert tuple(total) == (BIG, 1) and isinstance(total["total"], int)  # not a Decimal
     # a namespace newer than the code is refused, and says so
     with pytest.raises(CatalogError, match="newer than this yigong-gateway supports"):
         engine.extend("test_ns", ("CREATE TABLE t_one (k TEXT PRIMARY KEY)",))
