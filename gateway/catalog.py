@@ -612,7 +612,7 @@ class Catalog:
             "SELECT MIN(t) FROM (SELECT MIN(next_attempt_at) AS t FROM transfers"
             " WHERE direction = 'outbound' AND status = 'queued' AND batch_id = ''"
             " UNION ALL SELECT MIN(next_attempt_at) FROM batches"
-            " WHERE direction = 'outbound' AND status = 'queued')"
+            " WHERE direction = 'outbound' AND status = 'queued') AS due"
         )
         value = rows[0][0] if rows else None
         return str(value) if value else None

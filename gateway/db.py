@@ -35,7 +35,6 @@ Errors of either driver become the error class the owner passes (``CatalogError`
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import re
 import sqlite3
@@ -48,6 +47,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.errors import ConfigError, YigongError
+from gateway.hashing import sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def is_postgresql_url(url: str) -> bool:
 
 def lock_key(name: str) -> int:
     """A stable signed 64-bit advisory-lock key for ``name`` (e.g. ``yigong:catalog``)."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    return int.from_bytes(sha256_bytes(name.encode())[:8], "big", signed=True)
 
 
 class Database:

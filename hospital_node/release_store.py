@@ -285,7 +285,7 @@ class ReleaseStore:
     def releases(self, confirmation_id: str) -> list[InstanceRelease]:
         rows = self.catalog.query(
             f"SELECT {_RELEASE_COLS} FROM hospital_releases WHERE confirmation_id = ?"
-            " ORDER BY series_uid, instance_number, sop_instance_uid",
+            " ORDER BY series_uid, instance_number NULLS FIRST, sop_instance_uid",
             (confirmation_id,),
         )
         return [_release(r) for r in rows]

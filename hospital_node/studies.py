@@ -304,7 +304,7 @@ class StudyCatalog:
     def instances(self, study_uid: str) -> list[InstanceRecord]:
         rows = self.catalog.query(
             "SELECT * FROM dicom_instances WHERE study_uid = ?"
-            " ORDER BY series_uid, instance_number, sop_instance_uid, received_at",
+            " ORDER BY series_uid, instance_number NULLS FIRST, sop_instance_uid, received_at",
             (study_uid,),
         )
         return [_instance(r) for r in rows]

@@ -96,8 +96,30 @@ def write_config(
             peers=sorted((peers or {}).items()),
             extra=extra or "[transfer]\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0",
         )
+        + pg_database_section(extra)
     )
     return path
+
+
+#: opt-in sweep of the whole-node tests on PostgreSQL: the server's base URL, e.g.
+#: ``postgresql://postgres@127.0.0.1:5432`` (each written config gets a fresh database)
+PG_URL_BASE_ENV = "YIGONG_TEST_PG_URL_BASE"
+
+
+def pg_database_section(extra: str = "") -> str:
+    """``[database] url`` of a fresh PostgreSQL database when ``YIGONG_TEST_PG_URL_BASE``
+    is set (and the test's own ``extra`` has no ``[database]``); else nothing (SQLite)."""
+    base = os.environ.get(PG_URL_BASE_ENV, "").rstrip("/")
+    if not base or "[database]" in extra:
+        return ""
+    import uuid
+
+    import psycopg
+
+    name = f"node_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f'\n[database]\nurl = "{base}/{name}"\n'
 
 
 def pin_port(config: Path, port: int) -> None:

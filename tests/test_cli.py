@@ -114,7 +114,10 @@ def test_officer_cannot_download(
 
 
 def test_missing_connection_options_explained(capsys: pytest.CaptureFixture[str]) -> None:
-    env_keys = [k for k in os.environ if k.startswith("YIGONG_")]
+    # the CLI reads no YIGONG_* option here (YIGONG_TEST_*: the test harness's own)
+    env_keys = [
+        k for k in os.environ if k.startswith("YIGONG_") and not k.startswith("YIGONG_TEST_")
+    ]
     assert not env_keys
     assert main(["query", "objects"]) == 2
     assert "--config NODE.toml, or --address HOST:PORT" in capsys.readouterr().err
