@@ -15,6 +15,10 @@ receipt=…)`` with a history entry) — four write transactions per object.
   ``synchronous_commit=on``: durable like SQLite's FULL): one process, and four
   processes (four replicas of one node sharing the database: each write transaction takes
   the database-wide advisory lock, so this shows what that serialisation costs).
+* **Audit appends** (``AuditLog.record``, one durable transaction each, the chain head
+  read under the writer lock; a checkpoint signed every 100): one process, and four
+  processes appending to one chain — on SQLite one file, on PostgreSQL the replicas'
+  shared schema serialised by ``pg_advisory_xact_lock``. Appends per second.
 * **Outbox claims**: 2,000 queued sends drained by three replicas at once with
   ``FOR UPDATE SKIP LOCKED`` (no database-wide lock): claims per second, and the check
   that every send was claimed exactly once.
@@ -43,8 +47,8 @@ from pathlib import Path
 from bench import BenchOptions, Metric, add_report_options
 from gateway.catalog import Catalog
 
-FULL = {"objects": 2000, "claims": 2000}
-QUICK = {"objects": 100, "claims": 100}
+FULL = {"objects": 2000, "claims": 2000, "audit_seconds": 5.0}
+QUICK = {"objects": 100, "claims": 100, "audit_seconds": 0.5}
 
 
 def log(msg: str) -> None:
@@ -101,6 +105,47 @@ def objects_per_second(where: str, processes: int, per_process: int) -> float:
     return processes * per_process / seconds
 
 
+def append_audit(where: str, worker: int, seconds: float) -> int:
+    """Append audit events for ``seconds``; returns how many."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from gateway.audit import TRANSFER_QUEUED, AuditLog
+    from gateway.db import PostgresDatabase
+    from gateway.errors import AuditError
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    database = (
+        PostgresDatabase(where, AuditError, schema="audit", label="audit log", pool_size=1)
+        if where.startswith("postgresql://") else None
+    )  # fmt: skip
+    path = Path(where) if database is None else Path("unused")
+    log = AuditLog(
+        path, "factory-1", database=database, checkpoint_every=100,
+        signer=lambda data: key.sign(data, ec.ECDSA(hashes.SHA256())),
+    )  # fmt: skip
+    count, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        log.record(TRANSFER_QUEUED, actor=f"node:w{worker}", object_id=f"{count:064x}")
+        count += 1
+    log.close()
+    return count
+
+
+def _audit_worker(args: tuple[str, int, float]) -> int:
+    return append_audit(*args)
+
+
+def appends_per_second(where: str, processes: int, seconds: float) -> float:
+    append_audit(where, 99, 0.0)  # create the schema outside the timing
+    if processes == 1:
+        return append_audit(where, 0, seconds) / seconds
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(processes) as pool:
+        counts = pool.map(_audit_worker, [(where, w, seconds) for w in range(processes)])
+    return sum(counts) / seconds
+
+
 def claims_per_second(url: str, count: int) -> tuple[float, bool]:
     """Three replicas drain ``count`` queued sends; (claims/s, each claimed once)."""
     replicas = [_open(url) for _ in range(3)]
@@ -139,7 +184,9 @@ def claims_per_second(url: str, count: int) -> tuple[float, bool]:
             r.close()
 
 
-def measure(objects: int, claims: int, reps: int, workdir: Path) -> list[Metric]:
+def measure(
+    objects: int, claims: int, reps: int, workdir: Path, audit_seconds: float = 5.0
+) -> list[Metric]:
     from tests.pg import start_pg, stop_pg
 
     server = start_pg(workdir / "pg", durable=True)
@@ -173,6 +220,33 @@ def measure(objects: int, claims: int, reps: int, workdir: Path) -> list[Metric]
                 f"db.postgresql.{procs}p.ratio", f"PostgreSQL / SQLite, {procs} process(es)",
                 pg / ref, "x",
             ))  # fmt: skip
+        audit: dict[str, list[float]] = {}
+        for rep in range(reps):
+            for engine in ("sqlite", "postgresql"):
+                for procs in (1, 4):
+                    if engine == "sqlite":
+                        where = str(workdir / f"audit-{rep}-{procs}.sqlite")
+                    else:
+                        where = server.create_database()
+                    rate = appends_per_second(where, procs, audit_seconds)
+                    audit.setdefault(f"{engine}.{procs}", []).append(rate)
+                    log(f"rep {rep + 1}: audit, {engine}, {procs} process(es): {rate:.0f}/s")
+        for procs in (1, 4):
+            ref = statistics.median(audit[f"sqlite.{procs}"])
+            pg = statistics.median(audit[f"postgresql.{procs}"])
+            metrics.append(Metric(
+                f"db.audit.sqlite.{procs}p.per_s", f"audit appends, SQLite, {procs} process(es)",
+                ref, "entries/s", note="reference", samples=audit[f"sqlite.{procs}"],
+            ))  # fmt: skip
+            metrics.append(Metric(
+                f"db.audit.postgresql.{procs}p.per_s",
+                f"audit appends, PostgreSQL, {procs} process(es)", pg, "entries/s",
+                samples=audit[f"postgresql.{procs}"],
+            ))  # fmt: skip
+            metrics.append(Metric(
+                f"db.audit.postgresql.{procs}p.ratio",
+                f"audit PostgreSQL / SQLite, {procs} process(es)", pg / ref, "x",
+            ))  # fmt: skip
         rates, every_once = [], True
         for _ in range(reps):
             rate, once = claims_per_second(server.create_database(), claims)
@@ -192,7 +266,10 @@ def run(options: BenchOptions) -> list[Metric]:
     sizes = QUICK if options.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="db-bench-", dir=options.workdir))
     try:
-        return measure(sizes["objects"], sizes["claims"], min(options.reps, 3), work)
+        return measure(
+            int(sizes["objects"]), int(sizes["claims"]), min(options.reps, 3), work,
+            sizes["audit_seconds"],
+        )  # fmt: skip
     finally:
         if not options.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -202,14 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.db_bench")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run", help="measure and print")
-    p.add_argument("--objects", type=int, default=FULL["objects"])
-    p.add_argument("--claims", type=int, default=FULL["claims"])
+    p.add_argument("--objects", type=int, default=int(FULL["objects"]))
+    p.add_argument("--claims", type=int, default=int(FULL["claims"]))
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--audit-seconds", type=float, default=FULL["audit_seconds"])
     add_report_options(p)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="db-bench-", dir=args.workdir))
     try:
-        metrics = measure(args.objects, args.claims, args.reps, work)
+        metrics = measure(args.objects, args.claims, args.reps, work, args.audit_seconds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for m in metrics:

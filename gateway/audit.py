@@ -2,7 +2,12 @@
 
 Format
     A separate SQLite file (WAL, ``synchronous=FULL``; schema version in
-    ``PRAGMA user_version``). Table ``events`` holds one row per event::
+    ``PRAGMA user_version``) or, with ``[database] url``, schema ``audit`` of the node's
+    PostgreSQL database (:mod:`gateway.db`; version in ``schema_versions``), shared by
+    every replica of the node: one chain, each append reading the head inside the
+    database-wide writer lock (``pg_advisory_xact_lock``), so concurrent writers in
+    several processes extend it one after the other. Table ``events`` holds one row per
+    event::
 
         seq, time, event, actor, outcome, object_id, transfer_id, peer, case_id,
         details, prev_hash, entry_hash
@@ -21,8 +26,9 @@ Guarantees
     * an entry :meth:`AuditLog.record` returned a seq for is durable;
     * :meth:`AuditLog.verify` detects an edited, deleted, inserted or reordered
       entry, and truncation below a checkpoint; signatures make checkpoints
-      unforgeable without the node key. SQLite triggers refuse UPDATE and DELETE
-      (and inserts that do not extend the chain) as defence in depth; verification
+      unforgeable without the node key. Triggers (SQLite, or PL/pgSQL on PostgreSQL)
+      refuse UPDATE and DELETE (and inserts that do not extend the chain) as defence
+      in depth, and a missing or disabled one is restored with an alert; verification
       never relies on them. Someone with write access who rewrites the whole chain
       *and* drops the checkpoints is only caught by a checkpoint exported earlier
       (:meth:`AuditLog.export_checkpoint`, kept by the peer or a security officer,
@@ -49,14 +55,18 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
+from gateway.db import Conn, Database, SqliteDatabase, open_database, redact_url
 from gateway.errors import AuditError, ValidationError
 from gateway.hashing import sha256_hex
+
+if TYPE_CHECKING:
+    from gateway.config import NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +180,32 @@ _TRIGGER_SQL: Final = "".join(
     "(SELECT value FROM meta WHERE key = 'genesis')) BEGIN "
     "SELECT RAISE(ABORT, 'audit log is append-only: a new entry must extend the chain'); END;\n"
 )
+
+
+_PG_TRIGGER_SQL: Final = (
+    "CREATE OR REPLACE FUNCTION audit_refuse() RETURNS trigger LANGUAGE plpgsql "
+    "SET search_path FROM CURRENT AS $$ BEGIN "
+    "RAISE EXCEPTION 'audit log is append-only: % of % is not allowed', TG_OP, TG_TABLE_NAME; "
+    "END $$",
+    "CREATE OR REPLACE FUNCTION audit_extend() RETURNS trigger LANGUAGE plpgsql "
+    "SET search_path FROM CURRENT AS $$ BEGIN "  # the log's schema, whoever's session
+    "IF NEW.seq IS DISTINCT FROM (SELECT COALESCE(MAX(seq), 0) + 1 FROM events) "
+    "OR NEW.prev_hash IS DISTINCT FROM COALESCE((SELECT entry_hash FROM events "
+    "WHERE seq = NEW.seq - 1), (SELECT value FROM meta WHERE key = 'genesis')) THEN "
+    "RAISE EXCEPTION 'audit log is append-only: a new entry must extend the chain'; "
+    "END IF; RETURN NEW; END $$",
+    *(
+        f"CREATE OR REPLACE TRIGGER {table}_no_{op} BEFORE {op.upper()} ON {table} "
+        "FOR EACH ROW EXECUTE FUNCTION audit_refuse()"
+        for table in _TABLES
+        for op in ("update", "delete")
+    ),
+    "CREATE OR REPLACE TRIGGER events_append_only BEFORE INSERT ON events "
+    "FOR EACH ROW EXECUTE FUNCTION audit_extend()",
+    *(f"ALTER TABLE {table} ENABLE TRIGGER ALL" for table in _TABLES),
+)
+"""The same rules on PostgreSQL (``CREATE OR REPLACE``: re-run at every start, which also
+restores a dropped trigger; ``ENABLE``: a disabled one counts as missing)."""
 
 
 # --- pure functions: the format -------------------------------------------------------------
@@ -331,9 +367,24 @@ class VerifyReport:
 
 
 # --- verification ---------------------------------------------------------------------------
-def _missing_triggers(conn: sqlite3.Connection) -> list[str]:
-    present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+def _missing_triggers(conn: Any) -> list[str]:
+    """The append-only triggers absent (or, on PostgreSQL, disabled) in ``conn``'s log."""
+    if isinstance(conn, sqlite3.Connection):
+        sql = "SELECT name FROM sqlite_master WHERE type='trigger'"
+    else:
+        sql = (
+            "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = current_schema() AND NOT t.tgisinternal AND t.tgenabled <> 'D'"
+        )
+    present = {r[0] for r in conn.execute(sql)}
     return [name for name in _TRIGGERS if name not in present]
+
+
+def _rows(conn: Any, sql: str) -> Iterable[Sequence[Any]]:
+    """A long scan: streamed by a server-side cursor on PostgreSQL, SQLite's own cursor."""
+    stream = getattr(conn, "stream", None)
+    return stream(sql) if stream is not None else conn.execute(sql)
 
 
 def _true_seq(row: Sequence[Any]) -> int | None:
@@ -384,7 +435,7 @@ def _checkpoint_fault(
 
 
 def _stored_checkpoints(
-    conn: sqlite3.Connection, node_id: str
+    conn: Any, node_id: str
 ) -> tuple[list[Checkpoint], tuple[int | None, str] | None]:
     """The ``checkpoints`` table, and (seq, reason) naming the first malformed row."""
     out: list[Checkpoint] = []
@@ -395,12 +446,12 @@ def _stored_checkpoints(
             why = "seq is not a positive integer"
         elif not isinstance(head, str) or not re.fullmatch(r"[0-9a-f]{64}", head):
             why = "head_hash is not 64 lowercase hex digits"
-        elif not isinstance(sig, bytes) or not sig:
+        elif not isinstance(sig, bytes | memoryview) or not sig:
             why = "signature is not a non-empty blob"
         elif not isinstance(when, str):
             why = "time is not text"
         else:
-            out.append(Checkpoint(node_id, seq, when, head, sig))
+            out.append(Checkpoint(node_id, seq, when, head, bytes(sig)))
             continue
         bad = seq if isinstance(seq, int) and seq >= 1 else None
         return out, (bad, f"{what}: malformed — {why} (edited outside the gateway)")
@@ -439,8 +490,8 @@ def _chain_fault_after(
 
 
 def _select_events(
-    conn: sqlite3.Connection,
-    path: Path,
+    conn: Any,
+    path: Path | str,
     *,
     event: str | None = None,
     actor: str | None = None,
@@ -461,7 +512,7 @@ def _select_events(
         raise AuditError(f"unknown audit event type {event!r}; see gateway.audit.EVENT_TYPES")
     if not 1 <= limit <= 100_000:
         raise AuditError(f"audit query limit must be 1-100000, not {limit}")
-    where: list[str] = ["1"]
+    where: list[str] = ["1 = 1"]
     args: list[str | int] = []
     equal = dict(event=event, actor=actor, object_id=object_id, transfer_id=transfer_id)
     for column, value in (*equal.items(), ("peer", peer), ("case_id", case_id)):
@@ -483,7 +534,7 @@ def _select_events(
     order = "DESC" if newest else "ASC"
     sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?"
     try:
-        rows = conn.execute(sql, (*args, limit)).fetchall()
+        rows = list(conn.execute(sql, (*args, limit)).fetchall())
         if newest:
             rows.reverse()
     except sqlite3.Error as exc:
@@ -513,48 +564,104 @@ def parse_when(value: str | None, name: str = "") -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def read_events(path: Path, **filters: Any) -> list[AuditEvent]:
-    """:meth:`AuditLog.events` on a log file, read-only (safe while the node runs)."""
-    if not Path(path).exists():
+AuditSource: TypeAlias = "Path | Database | NodeConfig"
+"""Where a log is read from: its SQLite file, the :class:`~gateway.db.Database` (schema
+``audit``) that holds it, or a node's configuration (whichever of the two it names)."""
+
+
+@contextmanager
+def reading(source: AuditSource) -> Iterator[tuple[Any, str]]:
+    """(a read-only connection seeing one snapshot of the log, the log's name)."""
+    if not isinstance(source, Path | str | Database):  # a node's configuration
+        with audit_source(source) as opened, reading(opened) as got:
+            yield got
+        return
+    if isinstance(source, Database):
+        with source.snapshot() as conn:
+            yield conn, source.where
+        return
+    path = Path(source)
+    if not path.exists():
         raise AuditError(f"audit log {path} does not exist")
-    conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
     try:
-        return _select_events(conn, Path(path), **filters)
-    finally:
-        conn.close()
-
-
-def latest_checkpoint(path: Path) -> Checkpoint | None:
-    """The newest signed checkpoint of a log file, read-only (to hand to an officer)."""
-    conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        conn.execute("BEGIN")  # one snapshot for checkpoints and events
+    except sqlite3.Error as exc:
+        raise AuditError(f"cannot open audit log {path}: {exc}") from exc
     try:
-        row = conn.execute(
-            "SELECT seq, time, head_hash, signature FROM checkpoints ORDER BY seq DESC LIMIT 1"
-        ).fetchone()
-        node = conn.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
+        yield conn, f"audit log {path}"
     except sqlite3.Error as exc:
         raise AuditError(f"cannot read audit log {path}: {exc}") from exc
     finally:
         conn.close()
+
+
+def describe(cfg: NodeConfig) -> str:
+    """The audit log of ``cfg``'s node, named for people (file or database, no password)."""
+    if cfg.database.url:
+        return f"audit log {redact_url(cfg.database.url)} (schema audit)"
+    return f"audit log {cfg.audit.path}"
+
+
+def open_audit_database(cfg: NodeConfig) -> Path | Database:
+    """Where ``cfg``'s node keeps its audit log, for reading: the SQLite file, or (with
+    ``[database] url``) a PostgreSQL database the caller closes (:func:`close_source`)."""
+    if not cfg.database.url:
+        return cfg.audit.path
+    return open_database(
+        cfg.database.url, cfg.audit.path, AuditError, schema="audit", label="audit log",
+        pool_size=1,
+    )  # fmt: skip
+
+
+def close_source(source: Path | Database) -> None:
+    if isinstance(source, Database):
+        source.close()
+
+
+@contextmanager
+def audit_source(cfg: NodeConfig) -> Iterator[Path | Database]:
+    """:func:`open_audit_database` for the length of a block."""
+    source = open_audit_database(cfg)
+    try:
+        yield source
+    finally:
+        close_source(source)
+
+
+def read_events(source: AuditSource, **filters: Any) -> list[AuditEvent]:
+    """:meth:`AuditLog.events` on a log, read-only (safe while the node runs)."""
+    with reading(source) as (conn, name):
+        return _select_events(conn, name, **filters)
+
+
+def latest_checkpoint(source: AuditSource) -> Checkpoint | None:
+    """The newest signed checkpoint of a log, read-only (to hand to an officer)."""
+    with reading(source) as (conn, name):
+        row = conn.execute(
+            "SELECT seq, time, head_hash, signature FROM checkpoints ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        node = conn.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
     if row is None:
         return None
-    if not isinstance(row[3], bytes) or not isinstance(row[2], str):
+    if not isinstance(row[3], bytes | memoryview) or not isinstance(row[2], str):
         raise AuditError(
-            f"audit log {path}: checkpoint row at entry {row[0]!r} is malformed; "
+            f"{name}: checkpoint row at entry {row[0]!r} is malformed; "
             "run 'yigong audit verify' to see what was changed"
         )
     return Checkpoint(node[0] if node else "", int(row[0]), row[1], row[2], bytes(row[3]))
 
 
 def verify_log(
-    path: Path,
+    source: AuditSource,
     node_id: str,
     *,
     verify_signature: Verifier | None = None,
     extra_checkpoints: Sequence[Checkpoint] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
-    """Verify the audit log file at ``path`` (read-only; safe while a writer is running).
+    """Verify the audit log at ``source`` (read-only, one snapshot; safe while writers
+    run).
 
     ``progress(entries_checked, entries_total)`` reports a long verification.
 
@@ -563,24 +670,17 @@ def verify_log(
     ``verify_signature(data, signature)`` (which raises when it does not verify)
     if given. Without ``verify_signature`` checkpoints are consistency checks only.
     """
-    if not Path(path).exists():
-        raise AuditError(f"audit log {path} does not exist")
-    try:
-        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise AuditError(f"cannot open audit log {path}: {exc}") from exc
-    try:
-        conn.execute("BEGIN")  # one snapshot for checkpoints and events
+    with reading(source) as (conn, name):
         if missing := _missing_triggers(conn):
-            log.warning("audit log %s: append-only triggers missing: %s", path, missing)
+            log.warning("%s: append-only triggers missing: %s", name, missing)
         stored, malformed = _stored_checkpoints(conn, node_id)
         cps = sorted([*stored, *extra_checkpoints], key=lambda c: c.seq)
-        n_entries = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        n_entries = int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
         if malformed is not None:
             return VerifyReport(False, n_entries, len(cps), malformed[0], malformed[1])
 
         fault = _checkpoint_fault(cps, node_id, verify_signature) or _chain_fault_after(
-            conn.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq"),
+            _rows(conn, f"SELECT {_COLUMNS} FROM events ORDER BY seq"),
             genesis_hash(node_id),
             0,
             cps,
@@ -591,15 +691,33 @@ def verify_log(
             return VerifyReport(False, n_entries, len(cps), fault[0], fault[1], newest)
         reason = f"ok: {n_entries} entries, {len(cps)} checkpoints verified"
         return VerifyReport(True, n_entries, len(cps), None, reason, newest)
-    except sqlite3.Error as exc:
-        raise AuditError(f"cannot read audit log {path}: {exc}") from exc
-    finally:
-        conn.close()
+
+
+class _QueryConn:
+    """A Database read through the execute/fetchall shape the query helpers take."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Fetched:
+        return _Fetched(self.db.query(sql, params))
+
+
+class _Fetched:
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows
+
+    def fetchall(self) -> list[Any]:
+        return self.rows
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
 
 
 # --- the writer -----------------------------------------------------------------------------
 class AuditLog:
-    """The one writer of a node's audit log. Thread-safe; one instance per file per process."""
+    """The one writer of a node's audit log. Thread-safe; one instance per process (on
+    PostgreSQL, several processes — replicas — write one chain)."""
 
     def __init__(
         self,
@@ -608,6 +726,7 @@ class AuditLog:
         *,
         signer: Signer | None = None,
         checkpoint_every: int = 1000,
+        database: Database | None = None,
     ) -> None:
         if not node_id or not isinstance(node_id, str) or "\n" in node_id:
             raise AuditError(f"invalid audit node id {node_id!r}")
@@ -618,18 +737,18 @@ class AuditLog:
         self._signer = signer
         self._checkpoint_every = checkpoint_every
         self._lock = threading.RLock()
-        self._batch: sqlite3.Connection | None = None  # open batch() transaction
+        self._batch: Conn | None = None  # open batch() transaction
         self._genesis = genesis_hash(node_id)
-        new_file = not self.path.exists()
+        self._closed = False
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=30
-            )
-            if new_file:
-                os.chmod(self.path, 0o600)
+            if database is None:
+                new_file = not self.path.exists()
+                database = SqliteDatabase(self.path, AuditError, label="audit log")
+                if new_file:
+                    os.chmod(self.path, 0o600)
+            self.db: Database = database
             self._open_schema()
-        except (sqlite3.Error, OSError) as exc:
+        except OSError as exc:
             self._close_conn()
             raise AuditError(f"cannot open audit log {self.path}: {exc}") from exc
         except AuditError:
@@ -638,6 +757,29 @@ class AuditLog:
         if signer is not None:
             self._startup_checkpoint()
 
+    @classmethod
+    def for_config(
+        cls, cfg: NodeConfig, *, signer: Signer | None = None, checkpoint_every: int = 1000
+    ) -> AuditLog:
+        """The audit log of the node ``cfg`` configures: ``[audit] path`` (SQLite) or,
+        with ``[database] url``, schema ``audit`` of that PostgreSQL database."""
+        database = open_audit_database(cfg)
+        return cls(
+            cfg.audit.path, cfg.node.id, signer=signer, checkpoint_every=checkpoint_every,
+            database=database if isinstance(database, Database) else None,
+        )  # fmt: skip
+
+    @property
+    def where(self) -> str:
+        """The log's name in messages ("audit log /data/audit.sqlite", or the database)."""
+        db = getattr(self, "db", None)
+        return db.where if db is not None else f"audit log {self.path}"
+
+    @property
+    def source(self) -> AuditSource:
+        """What the read-only functions (:func:`verify_log`, ...) read this log from."""
+        return self.db if self.db.engine != "sqlite" else self.path
+
     def _startup_checkpoint(self) -> None:
         """Sign whatever the previous run left unsigned (a crash, a kill -9): from now
         on cutting those entries contradicts a signature (and, once witnessed, a peer)."""
@@ -645,39 +787,55 @@ class AuditLog:
             try:
                 self._checkpoint_locked()
             except AuditError as exc:
-                log.error("audit log %s: start-up checkpoint refused: %s", self.path, exc)
+                log.error("%s: start-up checkpoint refused: %s", self.where, exc)
                 alert: dict[str, Scalar] = {"reason": "start-up checkpoint refused"}
                 self.record(SECURITY_ALERT, outcome="failure", details=alert)
 
     def _open_schema(self) -> None:
-        conn = self._db()
-        if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-            raise AuditError(f"audit log {self.path}: cannot enable WAL journal mode")
-        conn.execute("PRAGMA synchronous=FULL")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        sqlite = self.db.engine == "sqlite"
+        if sqlite:
+            version = int(self.db.query("PRAGMA user_version")[0][0])
+        else:
+            version = self.db.version("audit")
         if version > SCHEMA_VERSION:
             raise AuditError(
-                f"audit log {self.path} has schema version {version}; this "
+                f"{self.where} has schema version {version}; this "
                 f"gateway reads up to {SCHEMA_VERSION}: upgrade the gateway"
             )
         with self._tx() as c:
             existed = version == SCHEMA_VERSION
-            missing = _missing_triggers(c) if existed else []
-            for stmt in (_SCHEMA + _TRIGGER_SQL).split(";\n"):
-                if stmt.strip():
-                    c.execute(stmt)
-            c.execute("INSERT OR IGNORE INTO meta VALUES ('node_id', ?)", (self.node_id,))
-            c.execute("INSERT OR IGNORE INTO meta VALUES ('genesis', ?)", (self._genesis,))
+            if sqlite:
+                missing = _missing_triggers(c) if existed else []
+                statements = [s for s in (_SCHEMA + _TRIGGER_SQL).split(";\n") if s.strip()]
+            else:
+                missing = _missing_triggers(c) if existed else []
+                schema = [self.db.ddl(s) for s in _SCHEMA.split(";\n") if s.strip()]
+                statements = [*schema, *_PG_TRIGGER_SQL]
+            for stmt in statements:
+                c.execute(stmt)
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES ('node_id', ?) ON CONFLICT DO NOTHING",
+                (self.node_id,),
+            )
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES ('genesis', ?) ON CONFLICT DO NOTHING",
+                (self._genesis,),
+            )
             owner = c.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()[0]
             if owner != self.node_id:
-                raise AuditError(
-                    f"audit log {self.path} belongs to node {owner!r}, not {self.node_id!r}"
+                raise AuditError(f"{self.where} belongs to node {owner!r}, not {self.node_id!r}")
+            if sqlite:
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            else:
+                c.execute(
+                    "INSERT INTO schema_versions VALUES ('audit', ?) ON CONFLICT(namespace)"
+                    " DO UPDATE SET version = excluded.version",
+                    (SCHEMA_VERSION,),
                 )
-            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             row = c.execute("SELECT MAX(seq) FROM checkpoints").fetchone()
             self._last_checkpoint = row[0] or 0
         if missing:
-            log.error("audit log %s: restored missing triggers %s", self.path, missing)
+            log.error("%s: restored missing triggers %s", self.where, missing)
             alert: dict[str, Scalar] = {
                 "reason": "audit triggers missing",
                 "restored": len(missing),
@@ -685,35 +843,21 @@ class AuditLog:
             self.record(SECURITY_ALERT, outcome="failure", details=alert)
 
     # -- plumbing --
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise AuditError(f"audit log {self.path} is closed")
-        return self._conn
+    def _db(self) -> Database:
+        if self._closed:
+            raise AuditError(f"{self.where} is closed")
+        return self.db
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._db()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise AuditError(f"audit log {self.path}: cannot begin a write: {exc}") from exc
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.warning("audit log %s: rollback failed", self.path)
-            if isinstance(exc, sqlite3.Error):
-                raise AuditError(f"audit log {self.path}: write failed: {exc}") from exc
-            raise
+    def _tx(self) -> AbstractContextManager[Conn]:
+        """One write transaction, serialised with every writer of this log (in every
+        process: SQLite's file lock, PostgreSQL's advisory lock)."""
+        return self._db().transaction()
 
     def _close_conn(self) -> None:
-        conn = getattr(self, "_conn", None)
-        if conn is not None:
-            conn.close()
-        self._conn = None
+        db = getattr(self, "db", None)
+        if db is not None and not self._closed:
+            db.close()
+        self._closed = True
 
     # -- writing --
     def record(
@@ -772,12 +916,12 @@ class AuditLog:
                     yield
                 finally:
                     self._batch = None
-            head = conn.execute(_HEAD_SQL).fetchone()
-            if head is not None:
-                self._maybe_checkpoint(head[0])
+            head = self.db.query(_HEAD_SQL)
+            if head:
+                self._maybe_checkpoint(head[0][0])
 
     def _append(
-        self, conn: sqlite3.Connection, event: str, refs: tuple[str | None, ...], details: str
+        self, conn: Conn, event: str, refs: tuple[str | None, ...], details: str
     ) -> int:
         head = conn.execute(_HEAD_SQL).fetchone()
         seq, prev = (head[0] + 1, head[1]) if head else (1, self._genesis)
@@ -793,7 +937,7 @@ class AuditLog:
             try:
                 self._checkpoint_locked()
             except AuditError:
-                log.exception("audit log %s: checkpoint at %d failed", self.path, seq)
+                log.exception("%s: checkpoint at %d failed", self.where, seq)
 
     def checkpoint(self) -> Checkpoint | None:
         """Sign the current chain head; None when no signer is configured or the log is empty.
@@ -814,17 +958,17 @@ class AuditLog:
                 "SELECT time, head_hash, signature FROM checkpoints WHERE seq = ?", (seq,)
             ).fetchone()
             if row is not None:
-                return Checkpoint(self.node_id, seq, row[0], row[1], row[2])
+                return Checkpoint(self.node_id, seq, row[0], row[1], bytes(row[2]))
             # never sign over a chain that does not extend the last signed head
             last_seq, last_head = conn.execute(
                 "SELECT seq, head_hash FROM checkpoints ORDER BY seq DESC LIMIT 1"
             ).fetchone() or (0, self._genesis)
             sql = f"SELECT {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq"
-            rows = conn.execute(sql, (last_seq,))
+            rows = conn.execute(sql, (last_seq,)).fetchall()
             fault = _chain_fault_after(rows, last_head, last_seq)
             if fault is not None or last_seq > seq:
                 why = fault[1] if fault else f"log truncated below checkpoint {last_seq}"
-                raise AuditError(f"audit log {self.path}: refusing to sign a checkpoint: {why}")
+                raise AuditError(f"{self.where}: refusing to sign a checkpoint: {why}")
             try:
                 signature = self._signer(checkpoint_signing_bytes(self.node_id, seq, head_hash))
             except Exception as exc:
@@ -837,7 +981,7 @@ class AuditLog:
                 (cp.seq, cp.time, cp.head_hash, cp.signature),
             )
         self._last_checkpoint = seq
-        log.info("audit log %s: checkpoint at entry %d", self.path, seq)
+        log.info("%s: checkpoint at entry %d", self.where, seq)
         return cp
 
     def export_checkpoint(self) -> dict[str, Any]:
@@ -877,8 +1021,8 @@ class AuditLog:
         ``after_seq=last.seq``, backwards with ``before_seq=first.seq, newest=True``."""
         with self._lock:
             return _select_events(
-                self._db(),
-                self.path,
+                _QueryConn(self._db()),
+                self.where,
                 event=event,
                 actor=actor,
                 since=since,
@@ -896,23 +1040,16 @@ class AuditLog:
     def checkpoints(self, *, after_seq: int = 0, limit: int = 500) -> list[Checkpoint]:
         """Signed checkpoints at entries after ``after_seq``, oldest first."""
         with self._lock:
-            try:
-                rows = (
-                    self._db()
-                    .execute(
-                        "SELECT seq, time, head_hash, signature FROM checkpoints WHERE seq > ? "
-                        "ORDER BY seq LIMIT ?",
-                        (after_seq, limit),
-                    )
-                    .fetchall()
-                )
-            except sqlite3.Error as exc:
-                raise AuditError(f"cannot read audit log {self.path}: {exc}") from exc
+            rows = self._db().query(
+                "SELECT seq, time, head_hash, signature FROM checkpoints WHERE seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            )
         return [Checkpoint(self.node_id, int(r[0]), r[1], r[2], bytes(r[3])) for r in rows]
 
     def verify(self, verify_signature: Verifier | None = None) -> VerifyReport:
         """Recompute the whole chain and check every checkpoint; see :func:`verify_log`."""
-        return verify_log(self.path, self.node_id, verify_signature=verify_signature)
+        return verify_log(self.source, self.node_id, verify_signature=verify_signature)
 
     def check_against_checkpoint(
         self,
@@ -922,8 +1059,9 @@ class AuditLog:
         """Verify the log and that an exported checkpoint still matches it."""
         exported = Checkpoint.from_dict(cp)
         report = verify_log(
-            self.path, self.node_id, verify_signature=verify_signature, extra_checkpoints=[exported]
-        )
+            self.source, self.node_id, verify_signature=verify_signature,
+            extra_checkpoints=[exported],
+        )  # fmt: skip
         if report.ok:
             reason = f"ok: matches the exported checkpoint at entry {exported.seq}; {report.reason}"
             return dataclasses.replace(report, reason=reason)
@@ -932,13 +1070,13 @@ class AuditLog:
     def close(self) -> None:
         """Checkpoint entries not yet covered (if a signer is configured) and close."""
         with self._lock:
-            if self._conn is None:
+            if self._closed:
                 return
             try:
                 if self._signer is not None:
                     self._checkpoint_locked()
             except AuditError:
-                log.exception("audit log %s: final checkpoint failed", self.path)
+                log.exception("%s: final checkpoint failed", self.where)
             finally:
                 self._close_conn()
 

@@ -39,7 +39,6 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,9 +47,10 @@ from typing import Protocol
 from cryptography import x509
 
 from gateway import authz
-from gateway.audit import QUERY, SECURITY_ALERT, AuditLog, Checkpoint
+from gateway.audit import QUERY, SECURITY_ALERT, AuditLog, AuditSource, Checkpoint
+from gateway.audit import reading as audit_reading
 from gateway.authz import RequestContext
-from gateway.errors import AuditError, ValidationError, YigongError
+from gateway.errors import ValidationError, YigongError
 from gateway.pki import verify_signature
 
 log = logging.getLogger(__name__)
@@ -60,16 +60,31 @@ MAX_BATCH = 500
 MAX_READ = 10_000
 """Checkpoints per GetWitnessed call."""
 
-_SCHEMA = """
+_TABLE = """
 CREATE TABLE IF NOT EXISTS witnessed (
     node_id TEXT NOT NULL, seq INTEGER NOT NULL, time TEXT NOT NULL, head_hash TEXT NOT NULL,
     signature BLOB NOT NULL, certificate BLOB NOT NULL, received_at TEXT NOT NULL,
-    PRIMARY KEY (node_id, seq));
-CREATE TRIGGER IF NOT EXISTS witnessed_no_update BEFORE UPDATE ON witnessed BEGIN
-SELECT RAISE(ABORT, 'witnessed checkpoints are append-only: UPDATE is not allowed'); END;
-CREATE TRIGGER IF NOT EXISTS witnessed_no_delete BEFORE DELETE ON witnessed BEGIN
-SELECT RAISE(ABORT, 'witnessed checkpoints are append-only: DELETE is not allowed'); END;
-"""
+    PRIMARY KEY (node_id, seq))"""
+_SQLITE_TRIGGERS = (
+    "CREATE TRIGGER IF NOT EXISTS witnessed_no_update BEFORE UPDATE ON witnessed BEGIN "
+    "SELECT RAISE(ABORT, 'witnessed checkpoints are append-only: UPDATE is not allowed'); END",
+    "CREATE TRIGGER IF NOT EXISTS witnessed_no_delete BEFORE DELETE ON witnessed BEGIN "
+    "SELECT RAISE(ABORT, 'witnessed checkpoints are append-only: DELETE is not allowed'); END",
+)
+_PG_TRIGGERS = tuple(
+    f"CREATE OR REPLACE TRIGGER witnessed_no_{op} BEFORE {op.upper()} ON witnessed "
+    "FOR EACH ROW EXECUTE FUNCTION audit_refuse()"  # defined by the audit log's schema
+    for op in ("update", "delete")
+)
+
+
+class _Conflict(Exception):
+    """Control flow inside :meth:`WitnessStore._store`: the transaction is rolled back,
+    then the alert is written and the ValidationError raised."""
+
+    def __init__(self, cp: Checkpoint, held: str) -> None:
+        super().__init__(cp.seq)
+        self.cp, self.held = cp, held
 
 
 def _now() -> str:
@@ -91,18 +106,15 @@ class WitnessStore:
     def __init__(self, path: Path, audit: AuditLog) -> None:
         self.path = Path(path)
         self.audit = audit
+        self.db = audit.db  # the audit log's own database (file or PostgreSQL schema)
         self._lock = threading.Lock()
-        try:
-            self._conn = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=30
-            )
-            self._conn.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise AuditError(f"cannot open witnessed checkpoints in {self.path}: {exc}") from exc
+        triggers = _SQLITE_TRIGGERS if self.db.engine == "sqlite" else _PG_TRIGGERS
+        with self.db.transaction() as conn:
+            for stmt in (self.db.ddl(_TABLE), *triggers):
+                conn.execute(stmt)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        """Nothing of its own to close: the database is the audit log's."""
 
     def witness(self, ctx: RequestContext, checkpoints: Sequence[Checkpoint]) -> tuple[int, int]:
         """Keep the calling node's checkpoints; returns (newly stored, newest seq held).
@@ -134,17 +146,18 @@ class WitnessStore:
         with self._lock:
             try:
                 return self._store(node, cert_pem, checkpoints)
-            except sqlite3.Error as exc:
-                raise AuditError(
-                    f"cannot store witnessed checkpoints in {self.path}: {exc}"
-                ) from exc
+            except _Conflict as c:
+                self._alert(node, c.cp, "conflicting witnessed checkpoint", c.held)
+                raise ValidationError(
+                    f"audit checkpoint of {node} at entry {c.cp.seq} has head hash "
+                    f"{c.cp.head_hash[:16]}…, but this node witnessed {c.held[:16]}… for the "
+                    "same entry: the log was rewritten; refused and alerted"
+                ) from None
 
     def _store(
         self, node: str, cert_pem: bytes, checkpoints: Sequence[Checkpoint]
     ) -> tuple[int, int]:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self.db.transaction() as conn:
             accepted = 0
             for cp in checkpoints:
                 held = conn.execute(
@@ -153,26 +166,16 @@ class WitnessStore:
                 if held is not None and held[0] == cp.head_hash:
                     continue
                 if held is not None:
-                    conn.execute("ROLLBACK")
-                    self._alert(node, cp, "conflicting witnessed checkpoint", held[0])
-                    raise ValidationError(
-                        f"audit checkpoint of {node} at entry {cp.seq} has head hash "
-                        f"{cp.head_hash[:16]}…, but this node witnessed {held[0][:16]}… for the "
-                        "same entry: the log was rewritten; refused and alerted"
-                    )
+                    raise _Conflict(cp, str(held[0]))  # rolls the whole batch back
                 conn.execute(
-                    "INSERT INTO witnessed VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO witnessed (node_id, seq, time, head_hash, signature,"
+                    " certificate, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (node, cp.seq, cp.time, cp.head_hash, cp.signature, cert_pem, _now()),
                 )
                 accepted += 1
             newest = conn.execute(
                 "SELECT COALESCE(MAX(seq), 0) FROM witnessed WHERE node_id = ?", (node,)
             ).fetchone()[0]
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         if accepted:
             log.debug("witnessed %d audit checkpoint(s) of %s, newest %d", accepted, node, newest)
         return accepted, int(newest)
@@ -207,16 +210,11 @@ class WitnessStore:
         if not 1 <= limit <= MAX_READ:
             raise ValidationError(f"GetWitnessed limit must be 1-{MAX_READ}, not {limit}")
         with self._lock:
-            try:
-                rows = self._conn.execute(
-                    "SELECT seq, time, head_hash, signature, received_at, certificate "
-                    "FROM witnessed WHERE node_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                    (node_id, after_seq, limit),
-                ).fetchall()
-            except sqlite3.Error as exc:
-                raise AuditError(
-                    f"cannot read witnessed checkpoints in {self.path}: {exc}"
-                ) from exc
+            rows = self.db.query(
+                "SELECT seq, time, head_hash, signature, received_at, certificate "
+                "FROM witnessed WHERE node_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (node_id, after_seq, limit),
+            )
         self.audit.record(
             QUERY,
             actor=caller.label(),
@@ -229,9 +227,9 @@ class WitnessStore:
         ]
 
 
-def count_witnessed(path: Path, node_id: str) -> int:
-    """How many checkpoints of ``node_id`` the audit database at ``path`` holds (read-only)."""
-    with closing(sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)) as conn:
+def count_witnessed(source: AuditSource, node_id: str) -> int:
+    """How many checkpoints of ``node_id`` the audit log at ``source`` holds (read-only)."""
+    with audit_reading(source) as (conn, _name):
         try:
             row = conn.execute(
                 "SELECT COUNT(*) FROM witnessed WHERE node_id = ?", (node_id,)

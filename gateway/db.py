@@ -35,12 +35,13 @@ Errors of either driver become the error class the owner passes (``CatalogError`
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -193,6 +194,11 @@ class Database:
         except self.driver_errors as exc:
             raise self.fail("", exc) from exc
 
+    def snapshot(self) -> AbstractContextManager[Conn]:
+        """A read-only connection seeing one consistent state of the database for the
+        whole block (long reads such as verifying the audit chain); writers go on."""
+        raise NotImplementedError
+
     def version(self, namespace: str) -> int:
         with self.transaction() as db:
             db.execute(
@@ -288,6 +294,20 @@ class SqliteDatabase(Database):
     def user_version(self) -> int | None:
         return int(self.query("PRAGMA user_version")[0][0])
 
+    @contextmanager
+    def snapshot(self) -> Iterator[Conn]:
+        try:
+            conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise self.fail("cannot open for reading", exc) from exc
+        try:
+            conn.execute("BEGIN")  # one snapshot (WAL) for every read of the block
+            yield conn
+        except sqlite3.Error as exc:
+            raise self.fail("", exc) from exc
+        finally:
+            conn.close()
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -371,6 +391,9 @@ def pg_ddl(statement: str) -> str:
     return out
 
 
+_CURSORS = itertools.count(1)
+
+
 def _pg_params(params: Sequence[Any]) -> Sequence[Any] | None:
     if not params:
         return None
@@ -388,6 +411,16 @@ class _PgConn:
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         params = _pg_params(parameters)
         return self.raw.execute(pg_sql(sql) if params is not None else sql, params)
+
+    def stream(self, sql: str, parameters: Sequence[Any] = ()) -> Iterator[Any]:
+        """Rows of one query fetched in batches by a server-side cursor (inside a
+        transaction, e.g. :meth:`PostgresDatabase.snapshot`): a long scan in bounded
+        memory."""
+        params = _pg_params(parameters)
+        with self.raw.cursor(name=f"stream_{id(self)}_{next(_CURSORS)}") as cur:
+            cur.itersize = 5000
+            cur.execute(pg_sql(sql) if params is not None else sql, params)
+            yield from cur
 
 
 class PostgresDatabase(Database):
@@ -528,6 +561,18 @@ class PostgresDatabase(Database):
 
     def ddl(self, statement: str) -> str:
         return pg_ddl(statement)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Conn]:
+        try:
+            with self._pool.connection() as raw:
+                raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                try:
+                    yield _PgConn(raw)
+                finally:
+                    raw.execute("ROLLBACK")
+        except self.driver_errors as exc:
+            raise self.fail("", exc) from exc
 
     def close(self) -> None:
         with self._lock:

@@ -66,6 +66,7 @@ caught there and translated into a YigongError above, or into a fallback::
     ├── hospital_node.deid.fast.FastPathUnsupported the engine de-identifies instead
     ├── hospital_node.outbound.scanners.Unscannable becomes OutboundRefused (check names why)
     ├── factory_node.role._Unparseable              becomes the receipt's dicom.parse_error
+    ├── gateway.audit_witness._Conflict             rolls back, then alert + ValidationError
     ├── gateway.rpc.proxy_protocol.ProxyHeaderError the terminator closes that connection
     └── gateway.web.cases._FieldError               shown next to its field in a record form
 

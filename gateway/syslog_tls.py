@@ -348,7 +348,7 @@ _HASHED: Final = "seq time event actor outcome object_id transfer_id peer case_i
 
 def deliver_events(
     sender: SyslogTLSSender,
-    audit_path: Path,
+    audit_path: audit.AuditSource,
     after_seq: int,
     *,
     node_id: str,
@@ -392,7 +392,7 @@ class AtnaForwarder:
 
     def __init__(
         self,
-        audit_path: Path,
+        audit_path: audit.AuditSource,
         node_id: str,
         federation: str,
         sender: SyslogTLSSender,
@@ -405,7 +405,7 @@ class AtnaForwarder:
     ) -> None:
         if poll_seconds <= 0:
             raise AuditError(f"ATNA poll interval must be positive, not {poll_seconds}")
-        self.audit_path, self.node_id, self.federation = Path(audit_path), node_id, federation
+        self.audit_path, self.node_id, self.federation = audit_path, node_id, federation
         self.sender, self.state_file, self.msgid = sender, Path(state_file), msgid
         self.poll_seconds, self.max_backoff_seconds = poll_seconds, max_backoff_seconds
         self.peer_addresses = dict(peer_addresses or {})

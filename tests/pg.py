@@ -93,7 +93,7 @@ class PgServer:
 def _run(cmd: list[str], run_as: str | None, **kw: object) -> subprocess.CompletedProcess[str]:
     if run_as:
         cmd = ["runuser", "-u", run_as, "--", *cmd]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload,no-any-return]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
 
 
 def start_pg(base: Path, *, durable: bool = False) -> PgServer:

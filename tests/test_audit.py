@@ -154,7 +154,7 @@ def test_stored_format_is_the_documented_one(path: Path, signer: Signer) -> None
 
 def test_record_is_durable_and_the_chain_continues_after_reopen(path: Path, signer: Signer) -> None:
     log = AuditLog(path, NODE, signer=signer)
-    assert log._conn is not None and log._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert int(log.db.query("PRAGMA synchronous")[0][0]) == 2  # FULL: durable at commit
     assert log.record(audit.NODE_START) == 1
     log.close()
     log.close()  # idempotent

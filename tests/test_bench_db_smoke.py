@@ -16,7 +16,7 @@ from tests.pg import find_postgres_bin
 @pytest.mark.skipif(find_postgres_bin() is None, reason="PostgreSQL not installed")
 def test_db_bench_runs_small_and_reports_every_configuration(tmp_path: Path) -> None:
     out = tmp_path / "db.json"
-    argv = ["run", "--objects", "16", "--claims", "30", "--reps", "1"]
+    argv = ["run", "--objects", "16", "--claims", "30", "--reps", "1", "--audit-seconds", "0.3"]
     assert db_bench.main([*argv, "--json", str(out), "--workdir", str(tmp_path)]) == 0
     metrics = json.loads(out.read_text())["metrics"]
     for procs in (1, 4):
@@ -24,6 +24,9 @@ def test_db_bench_runs_small_and_reports_every_configuration(tmp_path: Path) -> 
             m = metrics[f"db.{engine}.{procs}p.objects_per_s"]
             assert m["value"] > 0 and len(m["samples"]) == 1
         assert metrics[f"db.postgresql.{procs}p.ratio"]["value"] > 0
+        for engine in ("sqlite", "postgresql"):
+            assert metrics[f"db.audit.{engine}.{procs}p.per_s"]["value"] > 0
+        assert metrics[f"db.audit.postgresql.{procs}p.ratio"]["value"] > 0
     claims = metrics["db.postgresql.claims_per_s"]
     assert claims["value"] > 0 and claims["note"] == "every send claimed exactly once"
     assert [p for p in tmp_path.iterdir() if p.name.startswith("db-bench-")] == []

@@ -41,6 +41,8 @@ ALLOWED_OUTSIDE = {
     "factory_node.role._Unparseable": "becomes the receipt fact dicom.parse_error",
     "gateway.web.cases._FieldError": "carries one form field's problem to the console's "
     "record form, where it is shown next to that field",
+    "gateway.audit_witness._Conflict": "a contradicting witnessed checkpoint: leaves the "
+    "store's transaction (rolled back) before the alert and the ValidationError",
     "gateway.rpc.proxy_protocol.ProxyHeaderError": "a load balancer's connection without a "
     "valid PROXY header: the terminator logs why and closes that connection",
 }

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, AuditSource
 from gateway.audit_witness import WitnessLink, WitnessSender, WitnessStore
 from gateway.cases import CaseService, case_facts_hook
 from gateway.catalog import Catalog
@@ -77,11 +77,11 @@ def build_node(cfg: NodeConfig, roles: RoleRegistry | None = None) -> Node:
         otlp_insecure=tel.otlp_insecure,
         metrics_interval_seconds=tel.metrics_interval_seconds,
     )
-    audit = AuditLog(
-        cfg.audit.path, node_id, signer=keys.sign, checkpoint_every=cfg.audit.checkpoint_every
+    audit = AuditLog.for_config(
+        cfg, signer=keys.sign, checkpoint_every=cfg.audit.checkpoint_every
     )
     previous = previous_run(audit)
-    atna = _atna(cfg, keys.trust.federation_name)
+    atna = _atna(cfg, keys.trust.federation_name, audit.source)
 
     # 2. infrastructure
     try:
@@ -268,7 +268,7 @@ def _witness_links(
     return link
 
 
-def _atna(cfg: NodeConfig, federation: str) -> AtnaForwarder | None:
+def _atna(cfg: NodeConfig, federation: str, source: AuditSource) -> AtnaForwarder | None:
     """Forwarding of the audit log to an ATNA repository, if ``[atna]`` enables it."""
     a = cfg.atna
     if not a.enabled:
@@ -283,7 +283,7 @@ def _atna(cfg: NodeConfig, federation: str) -> AtnaForwarder | None:
         facility=a.facility,
     )
     return AtnaForwarder(
-        cfg.audit.path,
+        source,
         cfg.node.id,
         federation,
         sender,

@@ -30,6 +30,9 @@ from gateway.audit import (
     read_events,
     verify_log,
 )
+from gateway.audit import (
+    describe as describe_audit,
+)
 from gateway.audit_witness import Witnessed
 from gateway.cli.node import _table
 from gateway.cli.progress import Reporter, add_progress_options
@@ -189,7 +192,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     )
     after = args.after
     if not args.follow:
-        events = read_events(cfg.audit.path, after_seq=after, limit=args.limit or 1000, **filters)
+        events = read_events(cfg, after_seq=after, limit=args.limit or 1000, **filters)
         if args.json:
             for e in events:
                 print(_event_json(e))
@@ -198,7 +201,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     # --follow: the last N matching events, then every new one, in fixed columns
     events = read_events(
-        cfg.audit.path, after_seq=after, limit=args.limit or 10, newest=True, **filters
+        cfg, after_seq=after, limit=args.limit or 10, newest=True, **filters
     )
     rows = [_event_row(e) for e in events]
     widths = [
@@ -213,12 +216,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     after = events[-1].seq if events else after
     if after is None:  # nothing matched yet: follow from the current end of the log
-        newest = read_events(cfg.audit.path, limit=1, newest=True)
+        newest = read_events(cfg, limit=1, newest=True)
         after = newest[-1].seq if newest else 0
     try:
         while True:
             time.sleep(1.0)
-            while new := read_events(cfg.audit.path, after_seq=after, limit=1000, **filters):
+            while new := read_events(cfg, after_seq=after, limit=1000, **filters):
                 for e in new:
                     print(_event_json(e) if args.json else _row_text(_event_row(e), widths))
                 sys.stdout.flush()
@@ -229,7 +232,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _verdict(cfg: NodeConfig, report: VerifyReport, proven: str = "") -> str:
     """One line: ``OK: …`` / ``FAILED: …`` naming the log, what was checked, what is not."""
-    where = f"audit log {cfg.audit.path}"
+    where = describe_audit(cfg)
     if not report.ok:
         bad = f" (first bad entry: {report.first_bad_seq})" if report.first_bad_seq else ""
         return f"FAILED: {where}: {report.reason}{bad}"
@@ -260,7 +263,7 @@ def _verify_showing_progress(
     with Reporter.for_args(args) as reporter:
         task = reporter.task("verify audit log", unit="entries")
         report = verify_log(
-            cfg.audit.path,
+            cfg,
             cfg.node.id,
             verify_signature=node_verifier(cfg),
             extra_checkpoints=extra,
@@ -314,7 +317,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    cp = latest_checkpoint(cfg.audit.path)
+    cp = latest_checkpoint(cfg)
     if cp is None:
         print(
             "error: the audit log has no signed checkpoint yet (one is made at start-up, "
@@ -338,7 +341,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValidationError(f"{args.checkpoint} is not an exported checkpoint: {exc}") from exc
     report = verify_log(
-        cfg.audit.path,
+        cfg,
         cfg.node.id,
         verify_signature=node_verifier(cfg),
         extra_checkpoints=[exported],
@@ -365,7 +368,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         while True:
             page = read_events(
-                cfg.audit.path,
+                cfg,
                 after_seq=after,
                 since=parse_when(args.since, "--since"),
                 until=parse_when(args.until, "--until"),

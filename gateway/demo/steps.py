@@ -325,10 +325,10 @@ class Story:
                 (FACTORY, "transfer.received"),
             ):
                 cfg = load_config(self.demo.nodes[node_id].config)
-                events = read_events(cfg.audit.path, event=event, limit=10_000)
+                events = read_events(cfg, event=event, limit=10_000)
                 counts[node_id] = len({e.transfer_id for e in events} & set(self.transfer_ids))
                 cert = pki.load_certificate(cfg.tls.cert)
-                report = verify_log(cfg.audit.path, node_id, verify_signature=_verifier(cert))
+                report = verify_log(cfg, node_id, verify_signature=_verifier(cert))
                 ok = (
                     self.check(
                         report.ok,

@@ -127,7 +127,7 @@ def reconcile_peers(
             continue
         held = found[peer]
         report = verify_log(
-            cfg.audit.path,
+            cfg,
             cfg.node.id,
             verify_signature=node_verifier(cfg),
             extra_checkpoints=[w.checkpoint for w in held],
