@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gateway.audit import read_events
 from gateway.catalog import Catalog
 from tests.cluster import Federation, InProcessNode, wait_for, write_config
 from tests.outbound_files import clean_pdf
@@ -79,22 +80,30 @@ def test_migrate_sqlite_catalog_to_postgresql_and_serve_from_it(
     done = yigong("db", "migrate-to-postgresql", "--config", str(fconf), "--to", pg_url, "--yes")
     assert done.returncode == 0, done.stderr
     assert "copied and compared" in done.stdout and f'url = "{pg_url}"' in done.stdout
+    assert "chain verified on PostgreSQL" in done.stdout
     tables["schema_versions"] += 1  # SQLite's PRAGMA user_version becomes a row there
     for table, count in tables.items():
         (got,) = pg_server.sql(pg_url, f"SELECT COUNT(*) FROM catalog.{table}")
         assert got[0] == count, table
     # a second copy never merges into what is there
     again = yigong("db", "migrate-to-postgresql", "--config", str(fconf), "--to", pg_url, "--yes")
-    assert again.returncode == 2 and "already holds table(s)" in again.stderr
+    assert again.returncode == 2 and "already holds" in again.stderr and "empty" in again.stderr
 
     fconf.write_text(fconf.read_text() + f'\n[database]\nurl = "{pg_url}"\n')
     status = yigong("db", "status", "--config", str(fconf), "--json")
     assert status.returncode == 0, status.stderr
     out = json.loads(status.stdout)
     assert out["engine"] == "postgresql" and out["schema_versions"]["schema"] == 4
+    sqlite_entries = len(read_events(tmp_path / "factory-1-data" / "audit.sqlite", limit=100_000))
+    verified = yigong("audit", "verify", "--config", str(fconf))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert f"{sqlite_entries} entries" in verified.stdout and "(schema audit)" in verified.stdout
     factory = InProcessNode(fconf)
     try:
         assert factory.node.catalog.engine == "postgresql"
+        assert factory.node.audit.db.engine == "postgresql"  # the chain goes on there
+        seq = factory.node.audit.record("query", actor="node:factory-1")
+        assert seq > sqlite_entries
         rec = factory.node.catalog.get_transfer(tid, "inbound")
         assert rec.status == "done" and rec.receipt == receipt and rec.object_id == digest
         with factory.self_client() as fc:

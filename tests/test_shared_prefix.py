@@ -166,3 +166,20 @@ def test_small_objects_and_sqlite_nodes_copy_nothing(
         single.close()
     finally:
         lone.close()
+
+
+def test_two_replicas_finishing_one_transfer_hold_one_receipt(
+    replicas: tuple[Receiver, Receiver, Catalog, S3Store],
+) -> None:
+    """A sender's retry reached replica B while A was still storing the same transfer:
+    both verified the whole object, but only the first to commit signs the receipt both
+    sides keep; the other answers with that one."""
+    a, b, catalog, _store = replicas
+    data = os.urandom(SEGMENT // 4)
+    oid = hashlib.sha256(data).hexdigest()
+    announce = Announce(oid, len(data), "scan.bin", "application/octet-stream")
+    tid = "aa" * 16
+    a.offer(_sender(), tid, announce)
+    first = a.receive(_sender(), _stream(tid, data, announce, 0))
+    late = b._finish(_sender(), tid, announce, "2026-12-04T00:00:00.000000Z")
+    assert late == first == catalog.get_transfer(tid, "inbound").receipt

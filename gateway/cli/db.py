@@ -25,11 +25,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.audit import AuditLog, latest_checkpoint, verify_log
+from gateway.audit_witness import WitnessStore
 from gateway.catalog import Catalog
 from gateway.config import NodeConfig, load_config
 from gateway.db import PostgresDatabase, is_postgresql_url, open_database, redact_url
 from gateway.dbcopy import CopyReport, copy_sqlite_to_postgres
-from gateway.errors import CatalogError, ConfigError
+from gateway.errors import AuditError, CatalogError, ConfigError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -181,6 +183,19 @@ def migrate(cfg: NodeConfig, url: str) -> tuple[CopyReport, CopyReport | None]:
         )
     if not is_postgresql_url(url):
         raise ConfigError(f"--to {redact_url(url)!r}: give a postgresql:// URL")
+    audit_db = PostgresDatabase(url, AuditError, schema="audit", label="audit log", pool_size=1)
+    try:  # both checked before anything is copied
+        held = audit_db.query(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'audit'"
+            " AND table_name = 'events'"
+        )[0][0]
+    finally:
+        audit_db.close()
+    if held and cfg.audit.path.exists():
+        raise CatalogError(
+            f"{redact_url(url)} already holds an audit log (schema audit): copy into an "
+            "empty database"
+        )
     catalog_db = PostgresDatabase(url, CatalogError, schema="catalog", label="catalog",
                                   pool_size=2)  # fmt: skip
     try:
@@ -193,8 +208,39 @@ def migrate(cfg: NodeConfig, url: str) -> tuple[CopyReport, CopyReport | None]:
 
 
 def copy_audit(cfg: NodeConfig, url: str) -> CopyReport | None:
-    """The audit log's copy (None when this version keeps the audit log in SQLite)."""
-    return None
+    """Copy the audit log file into schema ``audit``: the log's own tables (with their
+    append-only triggers, which check every copied entry extends the chain) are made by
+    :class:`~gateway.audit.AuditLog` first; then every row in order; then the chain is
+    verified on PostgreSQL and its head compared with the file's. None without a file."""
+    if not cfg.audit.path.exists():
+        return None
+    target = PostgresDatabase(url, AuditError, schema="audit", label="audit log", pool_size=2)
+    try:
+        tables = {str(r[0]) for r in target.query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'audit'"
+        )}  # fmt: skip
+        if tables & {"events", "checkpoints", "witnessed"}:
+            raise CatalogError(
+                f"{target.where} already holds an audit log: copy into an empty database"
+            )
+        log = AuditLog(cfg.audit.path, cfg.node.id, database=target)  # schema, no signer
+        WitnessStore(cfg.audit.path, log)
+        report = copy_sqlite_to_postgres(
+            cfg.audit.path, target, core_namespace=None,
+            precreated=("meta", "events", "checkpoints", "witnessed"), skip_existing=("meta",),
+        )  # fmt: skip
+        before = latest_checkpoint(cfg.audit.path)
+        after = verify_log(target, cfg.node.id)
+        if not after.ok:
+            raise AuditError(f"the copied audit log does not verify: {after.reason}")
+        copied = latest_checkpoint(target)
+        if (before and copied and before.head_hash != copied.head_hash) or bool(before) != bool(
+            copied
+        ):
+            raise AuditError("the copied audit log's newest checkpoint differs from the file's")
+        return report
+    finally:
+        target.close()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

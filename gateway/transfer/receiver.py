@@ -182,15 +182,23 @@ class Receiver:
             facts=facts,
         )
         self._record_inbound(sender, transfer_id, announce)
-        self.catalog.update_transfer(
-            transfer_id,
-            "inbound",
-            status="done",
-            bytes_done=announce.size,
-            completed_at=utcnow(),
-            receipt=receipt,
-            history=("done", f"sha256 {announce.object_id}"),
-        )
+        # One receipt per transfer, also when two replicas finished the same transfer at
+        # once (a sender's retry reached another replica while this one still stored
+        # it): the first to commit wins; the other answers with that receipt.
+        with self.catalog.transaction():
+            held = self.catalog.find_transfer(transfer_id, "inbound")
+            if held is not None and held.status == "done" and held.receipt:
+                log.info("transfer %s was completed by another replica: its receipt", transfer_id)
+                return held.receipt
+            self.catalog.update_transfer(
+                transfer_id,
+                "inbound",
+                status="done",
+                bytes_done=announce.size,
+                completed_at=utcnow(),
+                receipt=receipt,
+                history=("done", f"sha256 {announce.object_id}"),
+            )
         self.audit.record(
             "transfer.received",
             actor=sender.label(),
