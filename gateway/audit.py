@@ -182,6 +182,7 @@ _TRIGGER_SQL: Final = "".join(
 )
 
 
+_PG_TRIGGERS: Final = (*_TRIGGERS, *(f"{t}_no_truncate" for t in _TABLES))
 _PG_TRIGGER_SQL: Final = (
     "CREATE OR REPLACE FUNCTION audit_refuse() RETURNS trigger LANGUAGE plpgsql "
     "SET search_path FROM CURRENT AS $$ BEGIN "
@@ -202,6 +203,11 @@ _PG_TRIGGER_SQL: Final = (
     ),
     "CREATE OR REPLACE TRIGGER events_append_only BEFORE INSERT ON events "
     "FOR EACH ROW EXECUTE FUNCTION audit_extend()",
+    *(  # TRUNCATE skips row triggers: a statement trigger each
+        f"CREATE OR REPLACE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse()"
+        for table in _TABLES
+    ),
     *(f"ALTER TABLE {table} ENABLE TRIGGER ALL" for table in _TABLES),
 )
 """The same rules on PostgreSQL (``CREATE OR REPLACE``: re-run at every start, which also
@@ -378,7 +384,8 @@ def _missing_triggers(conn: Any) -> list[str]:
             " WHERE n.nspname = current_schema() AND NOT t.tgisinternal AND t.tgenabled <> 'D'"
         )
     present = {r[0] for r in conn.execute(sql)}
-    return [name for name in _TRIGGERS if name not in present]
+    names = _TRIGGERS if isinstance(conn, sqlite3.Connection) else _PG_TRIGGERS
+    return [name for name in names if name not in present]
 
 
 def _rows(conn: Any, sql: str) -> Iterable[Sequence[Any]]:
@@ -721,7 +728,7 @@ class AuditLog:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | Database,
         node_id: str,
         *,
         signer: Signer | None = None,
@@ -732,6 +739,11 @@ class AuditLog:
             raise AuditError(f"invalid audit node id {node_id!r}")
         if checkpoint_every < 1:
             raise AuditError(f"checkpoint_every must be >= 1, not {checkpoint_every}")
+        # ``database=``: this log's own store (closed with it); a Database given in place
+        # of the path stays the caller's (not closed: it may outlive this object)
+        self._owns_db = not isinstance(path, Database)
+        if isinstance(path, Database):
+            database, path = path, getattr(path, "path", Path("audit.sqlite"))
         self.path = Path(path)
         self.node_id = node_id
         self._signer = signer
@@ -855,7 +867,7 @@ class AuditLog:
 
     def _close_conn(self) -> None:
         db = getattr(self, "db", None)
-        if db is not None and not self._closed:
+        if db is not None and not self._closed and self._owns_db:
             db.close()
         self._closed = True
 
@@ -933,7 +945,12 @@ class AuditLog:
         return int(seq)
 
     def _maybe_checkpoint(self, seq: int) -> None:
-        if self._signer is not None and seq - self._last_checkpoint >= self._checkpoint_every:
+        if self._signer is None or seq - self._last_checkpoint < self._checkpoint_every:
+            return
+        if self.db.engine != "sqlite":  # another replica may have signed meanwhile
+            newest = self.db.query("SELECT MAX(seq) FROM checkpoints")[0][0] or 0
+            self._last_checkpoint = max(self._last_checkpoint, int(newest))
+        if seq - self._last_checkpoint >= self._checkpoint_every:
             try:
                 self._checkpoint_locked()
             except AuditError:

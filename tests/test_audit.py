@@ -8,7 +8,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import audit
 from gateway.audit import AuditLog
+from gateway.db import Database, open_database
 from gateway.errors import AuditError
 
 NODE = "hospital-1"
@@ -45,6 +46,27 @@ def verifier(key: ec.EllipticCurvePrivateKey) -> Callable[[bytes, bytes], None]:
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
     return tmp_path / "audit" / "audit.sqlite"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | Database]:
+    """The log's store on either engine: an SQLite file, or a PostgreSQL database (schema
+    ``audit``) that outlives the AuditLog objects opened on it."""
+    if request.param == "sqlite":
+        yield tmp_path / "audit" / "audit.sqlite"
+        return
+    url = request.getfixturevalue("pg_url")
+    db = open_database(url, Path("-"), AuditError, schema="audit", label="audit log")
+    yield db
+    db.close()
+
+
+def stored(where: Path | Database, sql: str) -> list[Any]:
+    """Rows of one read of the store, on either engine."""
+    if isinstance(where, Database):
+        return [tuple(r) for r in where.query(sql)]
+    with closing(sqlite3.connect(where)) as conn:
+        return list(conn.execute(sql))
 
 
 def fill(log: AuditLog, n: int) -> None:
@@ -101,16 +123,16 @@ def rehash_from(conn: sqlite3.Connection, start: int) -> None:
 
 # --- an honest log -------------------------------------------------------------------------
 def test_untouched_log_verifies_with_signed_checkpoints(
-    path: Path, signer: Signer, verifier: Verifier
+    where: Path | Database, signer: Signer, verifier: Verifier
 ) -> None:
-    with AuditLog(path, NODE, signer=signer, checkpoint_every=10) as log:
+    with AuditLog(where, NODE, signer=signer, checkpoint_every=10) as log:
         fill(log, 25)
         report = log.verify(verifier)
     assert report.ok, report.reason
     assert (report.entries, report.checkpoints, report.first_bad_seq) == (25, 2, None)
     report = log.verify(verifier)  # verify also works on a closed log
     assert report.ok and report.checkpoints == 3  # closing added a checkpoint at 25
-    assert audit.verify_log(path, NODE, verify_signature=verifier) == report
+    assert audit.verify_log(where, NODE, verify_signature=verifier) == report
 
 
 def test_long_verification_reports_its_progress(
@@ -165,10 +187,10 @@ def test_record_is_durable_and_the_chain_continues_after_reopen(path: Path, sign
     assert log.verify().ok
 
 
-def test_log_of_another_node_is_refused(path: Path) -> None:
-    AuditLog(path, NODE).close()
+def test_log_of_another_node_is_refused(where: Path | Database) -> None:
+    AuditLog(where, NODE).close()
     with pytest.raises(AuditError, match="belongs to node 'hospital-1'"):
-        AuditLog(path, "factory-1")
+        AuditLog(where, "factory-1")
 
 
 # --- tampering -----------------------------------------------------------------------------
@@ -374,24 +396,22 @@ def test_exported_checkpoint_detects_truncation(path: Path, signer: Signer) -> N
     )
 
 
-def test_checkpoints_without_a_signer(path: Path) -> None:
-    with AuditLog(path, NODE) as log:
+def test_checkpoints_without_a_signer(where: Path | Database) -> None:
+    with AuditLog(where, NODE) as log:
         fill(log, 3)
         assert log.checkpoint() is None
         with pytest.raises(AuditError, match="no signer"):
             log.export_checkpoint()
 
 
-def test_automatic_checkpoints(path: Path, signer: Signer, verifier: Verifier) -> None:
-    with AuditLog(path, NODE, signer=signer, checkpoint_every=10) as log:
+def test_automatic_checkpoints(where: Path | Database, signer: Signer, verifier: Verifier) -> None:
+    with AuditLog(where, NODE, signer=signer, checkpoint_every=10) as log:
         assert log.checkpoint() is None  # empty log
         fill(log, 25)
         first = log.checkpoint()
         assert first is not None and first.seq == 25
         assert log.checkpoint() == first  # head already covered: no duplicate
-    conn = sqlite3.connect(path)
-    assert [r[0] for r in conn.execute("SELECT seq FROM checkpoints")] == [10, 20, 25]
-    conn.close()
+    assert [r[0] for r in stored(where, "SELECT seq FROM checkpoints")] == [10, 20, 25]
 
 
 # --- what may go in ------------------------------------------------------------------------
@@ -431,9 +451,9 @@ def test_details_that_could_carry_patient_data_are_refused(
         assert log.events() == []
 
 
-def test_events_are_filtered_and_paged(path: Path) -> None:
+def test_events_are_filtered_and_paged(where: Path | Database) -> None:
     before = datetime.now(UTC) - timedelta(seconds=1)
-    with AuditLog(path, NODE) as log:
+    with AuditLog(where, NODE) as log:
         fill(log, 9)
         log.record(audit.AUTH_REFUSED, outcome="failure", peer="stranger", details={"x": None})
         assert [e.seq for e in log.events(transfer_id="tr-1")] == [2, 5, 8]
@@ -455,9 +475,9 @@ def test_events_are_filtered_and_paged(path: Path) -> None:
 
 
 def test_concurrent_records_form_one_valid_chain(
-    path: Path, signer: Signer, verifier: Verifier
+    where: Path | Database, signer: Signer, verifier: Verifier
 ) -> None:
-    log = AuditLog(path, NODE, signer=signer, checkpoint_every=50)
+    log = AuditLog(where, NODE, signer=signer, checkpoint_every=50)
     seqs: list[int] = []
     lock = threading.Lock()
 
