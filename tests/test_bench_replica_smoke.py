@@ -20,7 +20,7 @@ from tests.replicas import haproxy_bin
 )
 def test_replica_bench_runs_small_and_reports_each_configuration(tmp_path: Path) -> None:
     out = tmp_path / "replicas.json"
-    argv = ["run", "--instances", "6", "--reps", "1", "--json", str(out)]
+    argv = ["run", "--instances", "10", "--reps", "1", "--json", str(out)]
     assert replica_bench.main([*argv, "--workdir", str(tmp_path)]) == 0
     metrics = json.loads(out.read_text())["metrics"]
     assert metrics["replicas.reference.s"]["value"] > 0
