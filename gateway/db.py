@@ -458,6 +458,15 @@ class PostgresDatabase(Database):
             with psycopg.connect(
                 url, autocommit=True, connect_timeout=max(1, round(connect_timeout))
             ) as c:
+                (collate,) = c.execute(
+                    "SELECT datcollate FROM pg_database WHERE datname = current_database()"
+                ).fetchone()
+                if str(collate).split(".")[0] not in ("C", "POSIX"):
+                    log.warning(
+                        "%s: database collation %s sorts text unlike SQLite (listings page by "
+                        "UIDs and times); create it with LC_COLLATE 'C' (docs/scaling.md)",
+                        redact_url(url), collate,
+                    )  # fmt: skip
                 c.execute("SELECT pg_advisory_lock(%s)", (lock_key("yigong:create-schema"),))
                 try:
                     c.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
