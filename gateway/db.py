@@ -458,9 +458,10 @@ class PostgresDatabase(Database):
             with psycopg.connect(
                 url, autocommit=True, connect_timeout=max(1, round(connect_timeout))
             ) as c:
-                (collate,) = c.execute(
+                row = c.execute(
                     "SELECT datcollate FROM pg_database WHERE datname = current_database()"
                 ).fetchone()
+                collate = row[0] if row else "C"
                 if str(collate).split(".")[0] not in ("C", "POSIX"):
                     log.warning(
                         "%s: database collation %s sorts text unlike SQLite (listings page by "
