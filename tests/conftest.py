@@ -7,7 +7,7 @@ import pytest
 
 from tests.cluster import Federation, InProcessNode, write_config
 
-pytest_plugins = ["tests.s3server", "tests.pg", "tests.replicas"]
+pytest_plugins = ["tests.s3server", "tests.pg", "tests.replicas", "tests.audit_keys"]
 
 
 @pytest.fixture(scope="session")

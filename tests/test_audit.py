@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import audit
 from gateway.audit import AuditLog
@@ -26,21 +24,6 @@ NODE = "hospital-1"
 Signer = Callable[[bytes], bytes]
 Verifier = Callable[[bytes, bytes], None]
 
-
-@pytest.fixture(scope="module")
-def key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-@pytest.fixture
-def signer(key: ec.EllipticCurvePrivateKey) -> Callable[[bytes], bytes]:
-    return lambda data: key.sign(data, ec.ECDSA(hashes.SHA256()))
-
-
-@pytest.fixture
-def verifier(key: ec.EllipticCurvePrivateKey) -> Callable[[bytes, bytes], None]:
-    public = key.public_key()
-    return lambda data, sig: public.verify(sig, data, ec.ECDSA(hashes.SHA256()))
 
 
 @pytest.fixture

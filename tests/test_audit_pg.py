@@ -49,21 +49,6 @@ def _log(url: str, tmp: Path, signer: Callable[[bytes], bytes] | None, **kw: int
     return AuditLog(tmp / "unused.sqlite", NODE, signer=signer, database=_db(url), **kw)
 
 
-@pytest.fixture(scope="module")
-def key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-@pytest.fixture
-def signer(key: ec.EllipticCurvePrivateKey) -> Callable[[bytes], bytes]:
-    return lambda data: key.sign(data, ec.ECDSA(hashes.SHA256()))
-
-
-@pytest.fixture
-def verifier(key: ec.EllipticCurvePrivateKey) -> Callable[[bytes, bytes], None]:
-    return lambda data, sig: key.public_key().verify(sig, data, ec.ECDSA(hashes.SHA256()))
-
-
 @pytest.fixture
 def pglog(
     pg_url: str, tmp_path: Path, signer: Callable[[bytes], bytes]
