@@ -145,8 +145,9 @@ def _writer(url: str, tag: str, seconds: float, key_pem: bytes, done: mp.Queue) 
 
 
 def test_four_processes_append_to_one_intact_chain(
-    pg_url: str, key: ec.EllipticCurvePrivateKey, verifier: Callable[[bytes, bytes], None]
-) -> None:
+    pg_url: str, pg_server: PgServer, key: ec.EllipticCurvePrivateKey,
+    verifier: Callable[[bytes, bytes], None],
+) -> None:  # fmt: skip
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
@@ -173,6 +174,12 @@ def test_four_processes_append_to_one_intact_chain(
         assert per_writer == {f"node:{tag}": n for tag, n in reported.items()}
         assert all(n > 0 for n in reported.values())
         assert report.checkpoints >= WRITERS  # each signed its start-up/stop checkpoint
+        # an edited row of that chain is still named
+        middle = len(events) // 2
+        pg_server.sql(pg_url, "ALTER TABLE audit.events DISABLE TRIGGER ALL")
+        pg_server.sql(pg_url, f"UPDATE audit.events SET actor = 'node:x' WHERE seq = {middle}")
+        tampered = verify_log(db, NODE, verify_signature=verifier)
+        assert not tampered.ok and tampered.first_bad_seq == middle, tampered.reason
     finally:
         db.close()
     print(f"\n{WRITERS} writers, {SECONDS:g} s: {len(events)} entries "
