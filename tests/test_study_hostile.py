@@ -346,9 +346,13 @@ def test_hostile_manifest_with_altered_facts_is_refused_for_good_as_a_security_a
         assert r.status == "failed" and r.receipt is None
         assert f"batch {batch.batch_id} refused" in r.last_error
     audit = s.hospital.node.audit
-    alerts = [e for e in audit.events(event="security.alert")
-              if e.details.get("batch_id") == batch.batch_id]  # fmt: skip
-    assert [e.details["reason"] for e in alerts] == ["FactsDisagree"]
+
+    def alerts() -> list[str]:  # audited right after the batch is marked failed: poll
+        return [e.details["reason"] for e in audit.events(event="security.alert")
+                if e.details.get("batch_id") == batch.batch_id]  # fmt: skip
+
+    wait_for(alerts, timeout=15, what="the security alert")
+    assert alerts() == ["FactsDisagree"]
     assert not audit.events(event="transfer.batch.completed")
     assert all(not audit.events(event="transfer.completed", transfer_id=t) for t in tids)
     seen = s.switch.seen
