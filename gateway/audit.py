@@ -119,7 +119,6 @@ from gateway.audit_read import (  # noqa: F401  (re-exported)
     AuditSource,
     _chain_fault_after,
     _missing_triggers,
-    _QueryConn,
     _select_events,
     audit_source,
     close_source,
@@ -234,12 +233,10 @@ class AuditLog:
                 f"gateway reads up to {SCHEMA_VERSION}: upgrade the gateway"
             )
         with self._tx() as c:
-            existed = version == SCHEMA_VERSION
+            missing = _missing_triggers(c) if version == SCHEMA_VERSION else []
             if sqlite:
-                missing = _missing_triggers(c) if existed else []
                 statements = [s for s in (_SCHEMA + _TRIGGER_SQL).split(";\n") if s.strip()]
             else:
-                missing = _missing_triggers(c) if existed else []
                 schema = [self.db.ddl(s) for s in _SCHEMA.split(";\n") if s.strip()]
                 statements = [*schema, *_PG_TRIGGER_SQL]
             for stmt in statements:
@@ -455,7 +452,7 @@ class AuditLog:
         ``after_seq=last.seq``, backwards with ``before_seq=first.seq, newest=True``."""
         with self._lock:
             return _select_events(
-                _QueryConn(self._db()),
+                self._db().query,
                 self.where,
                 event=event,
                 actor=actor,

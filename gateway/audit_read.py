@@ -162,8 +162,12 @@ def _chain_fault_after(
     return None
 
 
+Query = Callable[[str, Sequence[Any]], list[Any]]
+"""Rows of one read: ``Database.query``, or a read on an open snapshot connection."""
+
+
 def _select_events(
-    conn: Any,
+    query: Query,
     path: Path | str,
     *,
     event: str | None = None,
@@ -207,7 +211,7 @@ def _select_events(
     order = "DESC" if newest else "ASC"
     sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?"
     try:
-        rows = list(conn.execute(sql, (*args, limit)).fetchall())
+        rows = list(query(sql, (*args, limit)))
         if newest:
             rows.reverse()
     except sqlite3.Error as exc:
@@ -305,7 +309,7 @@ def audit_source(cfg: NodeConfig) -> Iterator[Path | Database]:
 def read_events(source: AuditSource, **filters: Any) -> list[AuditEvent]:
     """:meth:`AuditLog.events` on a log, read-only (safe while the node runs)."""
     with reading(source) as (conn, name):
-        return _select_events(conn, name, **filters)
+        return _select_events(lambda sql, p: conn.execute(sql, p).fetchall(), name, **filters)
 
 
 def latest_checkpoint(source: AuditSource) -> Checkpoint | None:
@@ -364,24 +368,3 @@ def verify_log(
             return VerifyReport(False, n_entries, len(cps), fault[0], fault[1], newest)
         reason = f"ok: {n_entries} entries, {len(cps)} checkpoints verified"
         return VerifyReport(True, n_entries, len(cps), None, reason, newest)
-
-
-class _QueryConn:
-    """A Database read through the execute/fetchall shape the query helpers take."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Fetched:
-        return _Fetched(self.db.query(sql, params))
-
-
-class _Fetched:
-    def __init__(self, rows: list[Any]) -> None:
-        self.rows = rows
-
-    def fetchall(self) -> list[Any]:
-        return self.rows
-
-    def fetchone(self) -> Any:
-        return self.rows[0] if self.rows else None

@@ -194,6 +194,13 @@ class Database:
         except self.driver_errors as exc:
             raise self.fail("", exc) from exc
 
+    def tables(self) -> set[str]:
+        """The tables this database holds (its schema's, on PostgreSQL)."""
+        raise NotImplementedError
+
+    def has_column(self, table: str, column: str) -> bool:
+        raise NotImplementedError
+
     def snapshot(self) -> AbstractContextManager[Conn]:
         """A read-only connection seeing one consistent state of the database for the
         whole block (long reads such as verifying the audit chain); writers go on."""
@@ -293,6 +300,15 @@ class SqliteDatabase(Database):
 
     def user_version(self) -> int | None:
         return int(self.query("PRAGMA user_version")[0][0])
+
+    def tables(self) -> set[str]:
+        rows = self.query(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        )
+        return {str(r[0]) for r in rows}
+
+    def has_column(self, table: str, column: str) -> bool:
+        return any(r[1] == column for r in self.query(f'PRAGMA table_info("{table}")'))
 
     @contextmanager
     def snapshot(self) -> Iterator[Conn]:
@@ -571,6 +587,22 @@ class PostgresDatabase(Database):
 
     def ddl(self, statement: str) -> str:
         return pg_ddl(statement)
+
+    def tables(self) -> set[str]:
+        rows = self.query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = ?",
+            (self.schema,),
+        )
+        return {str(r[0]) for r in rows}
+
+    def has_column(self, table: str, column: str) -> bool:
+        return bool(
+            self.query(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = ?"
+                " AND table_name = ? AND column_name = ?",
+                (self.schema, table, column),
+            )
+        )
 
     @contextmanager
     def snapshot(self) -> Iterator[Conn]:

@@ -1,4 +1,6 @@
-"""Copy a node's SQLite database into PostgreSQL: ``yigong db migrate-to-postgresql``.
+"""Copy a node's SQLite databases into PostgreSQL: ``yigong db migrate-to-postgresql``
+(:func:`migrate_node`: the catalog, then the audit log, each with
+:func:`copy_sqlite_to_postgres`).
 
 A node that outgrows one machine moves its catalog (and audit log) from the SQLite files
 of its data directory into the PostgreSQL database its replicas will share. The copy is
@@ -27,10 +29,16 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.db import PostgresDatabase, pg_ddl, pg_sql
-from gateway.errors import CatalogError
+from gateway.audit import AuditLog, latest_checkpoint, verify_log
+from gateway.audit_witness import WitnessStore
+from gateway.catalog import Catalog
+from gateway.db import PostgresDatabase, is_postgresql_url, pg_ddl, pg_sql, redact_url
+from gateway.errors import AuditError, CatalogError, ConfigError
+
+if TYPE_CHECKING:
+    from gateway.config import NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +132,7 @@ def copy_sqlite_to_postgres(
     try:
         tables = _source_tables(src)
         names = [t for t, _ in tables]
-        present = {
-            str(r[0])
-            for r in target.query(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = ?",
-                (target.schema,),
-            )
-        }
+        present = target.tables()
         clash = sorted((set(names) & present) - set(precreated))
         if clash:
             raise CatalogError(
@@ -235,3 +237,68 @@ def _compare(
 def src_name(src: sqlite3.Connection) -> str:
     row = src.execute("PRAGMA database_list").fetchone()
     return str(row[2]) if row else "the SQLite file"
+
+
+def count_rows(path: Path) -> int:
+    """Rows in every table of the SQLite file ``path`` (0 when there is none)."""
+    if not path.exists():
+        return 0
+    conn = _open_source(path)
+    try:
+        return sum(
+            int(conn.execute(f'SELECT COUNT(*) FROM "{name}"').fetchone()[0])
+            for name, _sql in _source_tables(conn)
+        )
+    finally:
+        conn.close()
+
+
+def migrate_node(cfg: NodeConfig, url: str) -> tuple[CopyReport, CopyReport | None]:
+    """``yigong db migrate-to-postgresql``: copy the catalog and the audit log of ``cfg``'s
+    SQLite files into the empty PostgreSQL database ``url`` (both targets are checked
+    before anything is copied)."""
+    if cfg.database.url:
+        raise ConfigError(
+            f"{cfg.source}: database.url already names {redact_url(cfg.database.url)}; "
+            "this node is on PostgreSQL already"
+        )
+    if not is_postgresql_url(url):
+        raise ConfigError(f"--to {redact_url(url)!r}: give a postgresql:// URL")
+    audit_db = PostgresDatabase(url, AuditError, schema="audit", label="audit log", pool_size=2)
+    try:
+        if cfg.audit.path.exists() and audit_db.tables() & {"events", "checkpoints", "witnessed"}:
+            raise CatalogError(
+                f"{redact_url(url)} already holds an audit log (schema audit): copy into an "
+                "empty database"
+            )
+        catalog_db = PostgresDatabase(url, CatalogError, schema="catalog", label="catalog",
+                                      pool_size=2)  # fmt: skip
+        try:
+            catalog = copy_sqlite_to_postgres(cfg.catalog.path, catalog_db)
+        finally:
+            catalog_db.close()
+        Catalog.open(url, cfg.catalog.path).close()  # later migrations, if the file was older
+        audit = _copy_audit(cfg, audit_db) if cfg.audit.path.exists() else None
+    finally:
+        audit_db.close()
+    return catalog, audit
+
+
+def _copy_audit(cfg: NodeConfig, target: PostgresDatabase) -> CopyReport:
+    """The audit log file into schema ``audit``: the log's own tables (with their
+    append-only triggers, which check every copied entry extends the chain) are made by
+    :class:`~gateway.audit.AuditLog` first; then every row in order; then the chain is
+    verified on PostgreSQL and its newest checkpoint compared with the file's."""
+    log = AuditLog(target, cfg.node.id)  # the schema; no signer: nothing is written
+    WitnessStore(cfg.audit.path, log)
+    report = copy_sqlite_to_postgres(
+        cfg.audit.path, target, core_namespace=None,
+        precreated=("meta", "events", "checkpoints", "witnessed"), skip_existing=("meta",),
+    )  # fmt: skip
+    after = verify_log(target, cfg.node.id)
+    if not after.ok:
+        raise AuditError(f"the copied audit log does not verify: {after.reason}")
+    before, copied = latest_checkpoint(cfg.audit.path), latest_checkpoint(target)
+    if (before.head_hash if before else None) != (copied.head_hash if copied else None):
+        raise AuditError("the copied audit log's newest checkpoint differs from the file's")
+    return report

@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.audit import AuditLog, latest_checkpoint, verify_log
-from gateway.audit_witness import WitnessStore
-from gateway.catalog import Catalog
 from gateway.config import NodeConfig, load_config
-from gateway.db import PostgresDatabase, is_postgresql_url, open_database, redact_url
-from gateway.dbcopy import CopyReport, copy_sqlite_to_postgres
-from gateway.errors import AuditError, CatalogError, ConfigError
+from gateway.db import open_database, redact_url
+from gateway.dbcopy import count_rows, migrate_node
+from gateway.errors import CatalogError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,7 +76,7 @@ def status(cfg: NodeConfig) -> dict[str, Any]:
         uv = db.user_version()
         if uv is not None:
             versions["schema"] = uv
-        tables = _tables(db)
+        tables = db.tables()
         if "schema_versions" in tables:
             versions.update(
                 {
@@ -101,7 +97,7 @@ def status(cfg: NodeConfig) -> dict[str, Any]:
             ]  # fmt: skip
         out["outbox"] = []
         if "transfers" in tables:
-            claimed = "claimed_by" if _has_column(db, "transfers", "claimed_by") else "''"
+            claimed = "claimed_by" if db.has_column("transfers", "claimed_by") else "''"
             out["outbox"] = [
                 {"status": r[0], "claimed_by": r[1], "count": int(r[2])}
                 for r in db.query(
@@ -113,29 +109,6 @@ def status(cfg: NodeConfig) -> dict[str, Any]:
         return out
     finally:
         db.close()
-
-
-def _tables(db: Any) -> set[str]:
-    if db.engine == "sqlite":
-        rows = db.query("SELECT name FROM sqlite_master WHERE type = 'table'")
-    else:
-        rows = db.query(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = ?",
-            (db.schema,),
-        )
-    return {str(r[0]) for r in rows}
-
-
-def _has_column(db: Any, table: str, column: str) -> bool:
-    if db.engine == "sqlite":
-        return any(r[1] == column for r in db.query(f"PRAGMA table_info({table})"))
-    return bool(
-        db.query(
-            "SELECT 1 FROM information_schema.columns WHERE table_schema = ?"
-            " AND table_name = ? AND column_name = ?",
-            (db.schema, table, column),
-        )
-    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -159,95 +132,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sqlite_rows(path: Path) -> int:
-    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
-    try:
-        total = 0
-        for (name,) in list(
-            conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-            )
-        ):
-            total += int(conn.execute(f'SELECT COUNT(*) FROM "{name}"').fetchone()[0])
-        return total
-    finally:
-        conn.close()
-
-
-def migrate(cfg: NodeConfig, url: str) -> tuple[CopyReport, CopyReport | None]:
-    """Copy catalog (and audit log) of ``cfg``'s SQLite files into ``url``."""
-    if cfg.database.url:
-        raise ConfigError(
-            f"{cfg.source}: database.url already names {redact_url(cfg.database.url)}; "
-            "this node is on PostgreSQL already"
-        )
-    if not is_postgresql_url(url):
-        raise ConfigError(f"--to {redact_url(url)!r}: give a postgresql:// URL")
-    audit_db = PostgresDatabase(url, AuditError, schema="audit", label="audit log", pool_size=1)
-    try:  # both checked before anything is copied
-        held = audit_db.query(
-            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'audit'"
-            " AND table_name = 'events'"
-        )[0][0]
-    finally:
-        audit_db.close()
-    if held and cfg.audit.path.exists():
-        raise CatalogError(
-            f"{redact_url(url)} already holds an audit log (schema audit): copy into an "
-            "empty database"
-        )
-    catalog_db = PostgresDatabase(url, CatalogError, schema="catalog", label="catalog",
-                                  pool_size=2)  # fmt: skip
-    try:
-        catalog = copy_sqlite_to_postgres(cfg.catalog.path, catalog_db)
-    finally:
-        catalog_db.close()
-    Catalog.open(url, cfg.catalog.path).close()  # later migrations, if the file was older
-    audit = copy_audit(cfg, url)
-    return catalog, audit
-
-
-def copy_audit(cfg: NodeConfig, url: str) -> CopyReport | None:
-    """Copy the audit log file into schema ``audit``: the log's own tables (with their
-    append-only triggers, which check every copied entry extends the chain) are made by
-    :class:`~gateway.audit.AuditLog` first; then every row in order; then the chain is
-    verified on PostgreSQL and its head compared with the file's. None without a file."""
-    if not cfg.audit.path.exists():
-        return None
-    target = PostgresDatabase(url, AuditError, schema="audit", label="audit log", pool_size=2)
-    try:
-        tables = {str(r[0]) for r in target.query(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'audit'"
-        )}  # fmt: skip
-        if tables & {"events", "checkpoints", "witnessed"}:
-            raise CatalogError(
-                f"{target.where} already holds an audit log: copy into an empty database"
-            )
-        log = AuditLog(cfg.audit.path, cfg.node.id, database=target)  # schema, no signer
-        WitnessStore(cfg.audit.path, log)
-        report = copy_sqlite_to_postgres(
-            cfg.audit.path, target, core_namespace=None,
-            precreated=("meta", "events", "checkpoints", "witnessed"), skip_existing=("meta",),
-        )  # fmt: skip
-        before = latest_checkpoint(cfg.audit.path)
-        after = verify_log(target, cfg.node.id)
-        if not after.ok:
-            raise AuditError(f"the copied audit log does not verify: {after.reason}")
-        copied = latest_checkpoint(target)
-        if (before and copied and before.head_hash != copied.head_hash) or bool(before) != bool(
-            copied
-        ):
-            raise AuditError("the copied audit log's newest checkpoint differs from the file's")
-        return report
-    finally:
-        target.close()
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if not args.yes:
-        rows = _sqlite_rows(cfg.catalog.path) if cfg.catalog.path.exists() else 0
-        arows = _sqlite_rows(cfg.audit.path) if cfg.audit.path.exists() else 0
+        rows, arows = count_rows(cfg.catalog.path), count_rows(cfg.audit.path)
         print(
             f"would copy {rows} catalog rows from {cfg.catalog.path} and {arows} audit rows "
             f"from {cfg.audit.path} into {redact_url(args.to)} (an empty database).\n"
@@ -255,7 +143,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    catalog, audit = migrate(cfg, args.to)
+    catalog, audit = migrate_node(cfg, args.to)
     print(f"catalog: {catalog.rows} rows in {len(catalog.tables)} tables copied and compared")
     if audit is not None:
         print(f"audit log: {audit.rows} rows copied; chain verified on PostgreSQL")

@@ -181,12 +181,11 @@ class Receiver:
             case_id=announce.case_id,
             facts=facts,
         )
-        self._record_inbound(sender, transfer_id, announce)
         # One receipt per transfer, also when two replicas finished the same transfer at
         # once (a sender's retry reached another replica while this one still stored
         # it): the first to commit wins; the other answers with that receipt.
         with self.catalog.transaction():
-            held = self.catalog.find_transfer(transfer_id, "inbound")
+            held = self._record_inbound(sender, transfer_id, announce)
             if held is not None and held.status == "done" and held.receipt:
                 log.info("transfer %s was completed by another replica: its receipt", transfer_id)
                 return held.receipt
@@ -210,7 +209,10 @@ class Receiver:
         )
         return receipt
 
-    def _record_inbound(self, sender: Identity, transfer_id: str, announce: Announce) -> None:
+    def _record_inbound(
+        self, sender: Identity, transfer_id: str, announce: Announce
+    ) -> TransferRecord | None:
+        """Record the inbound transfer unless it is known; the known row (None: new)."""
         existing = self.catalog.find_transfer(transfer_id, "inbound")
         if existing is None:
             self.catalog.add_transfer(
@@ -229,6 +231,7 @@ class Receiver:
                 f"transfer {transfer_id} was announced by {existing.peer_node} for object "
                 f"{existing.object_id}; a different sender or object may not reuse its id"
             )
+        return existing
 
     # -- protocol ---------------------------------------------------------
     def offer(self, sender: Identity, transfer_id: str, announce: Announce) -> OfferResult:
